@@ -1,0 +1,3 @@
+from omotool.cli import main
+
+main()

@@ -1,0 +1,290 @@
+"""Task vectors: ``τ = θ_sft − θ_base``, tensor by tensor, and their statistics.
+
+``compute_delta`` streams both models one tensor at a time (memory: a few tensors), computes
+each difference in float32, optionally sparsifies it with a rule from ``omotool.merging``, and
+writes it atomically as safetensors with the SFT model's tensor names, plus ``omotool.json``:
+inputs, their fingerprints, dtype, sparsification, seed, version and the resolved config.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omotool import __version__
+from omotool.config import config_dict, parse_size
+from omotool.errors import InputError, UsageError
+from omotool.io import ModelReader, ModelWriter, check_output, fingerprint
+from omotool.merging import RESCALES, SPARSIFIERS, keyed_generator
+
+METADATA_FILE = "omotool.json"
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+VOCAB_MISMATCH = ("error", "truncate")
+
+
+@dataclass
+class DeltaConfig:
+    """Options of ``omotool delta`` (recipe keys and CLI flags have these names)."""
+
+    base: str
+    sft: str
+    out: str
+    dtype: str | None = None  # None: the SFT model's dtype
+    sparsify: str = "none"
+    density: float = 1.0
+    rescale: str | None = None  # None: the sparsifier's default (DARE: inverse, 1/density)
+    seed: int = 0
+    shard_size: str = "5GB"
+    vocab_mismatch: str = "error"
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` for options out of range, before anything is read."""
+        SPARSIFIERS.get(self.sparsify)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UsageError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        if not 0.0 < self.density <= 1.0:
+            raise UsageError(f"density must be in (0, 1] (the fraction kept), got {self.density}.")
+        if self.sparsify == "none" and self.density != 1.0:
+            raise UsageError("density needs a sparsifier: add --sparsify dare or magnitude.")
+        if self.rescale is not None and self.rescale not in RESCALES:
+            raise UsageError(f"rescale {self.rescale!r} is not one of {', '.join(RESCALES)}.")
+        if self.vocab_mismatch not in VOCAB_MISMATCH:
+            raise UsageError(f"vocab-mismatch must be one of {', '.join(VOCAB_MISMATCH)}.")
+        parse_size(self.shard_size)
+
+    @property
+    def resolved_rescale(self) -> str:
+        return self.rescale or SPARSIFIERS.get(self.sparsify).default_rescale
+
+
+@dataclass
+class TensorChange:
+    name: str
+    numel: int
+    tau_norm: float
+    base_norm: float
+
+    @property
+    def relative(self) -> float:
+        return self.tau_norm / self.base_norm if self.base_norm > 0 else math.inf
+
+
+@dataclass
+class DeltaSummary:
+    """What ``compute_delta`` wrote and measured."""
+
+    out: Path
+    tensors: int
+    parameters: int
+    tau_norm: float  # ‖τ‖ as written (after sparsification)
+    dense_tau_norm: float  # ‖θ_sft − θ_base‖ before sparsification
+    base_norm: float
+    kept_fraction: float  # nonzero entries of the written τ / parameters
+    dtype: str
+    changes: list[TensorChange] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    truncated: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def relative_norm(self) -> float:
+        return self.tau_norm / self.base_norm if self.base_norm > 0 else math.inf
+
+    def top_changes(self, count: int = 10) -> list[TensorChange]:
+        """Tensors with the largest ``‖τ_i‖ / ‖θ_base,i‖``."""
+        return sorted(self.changes, key=lambda c: c.relative, reverse=True)[:count]
+
+    def to_dict(self, top: int = 10) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "tensors": self.tensors,
+            "parameters": self.parameters,
+            "tau_norm": self.tau_norm,
+            "dense_tau_norm": self.dense_tau_norm,
+            "base_norm": self.base_norm,
+            "relative_norm": self.relative_norm,
+            "kept_fraction": self.kept_fraction,
+            "dtype": self.dtype,
+            "skipped": self.skipped,
+            "truncated": self.truncated,
+            "top_changes": [
+                {
+                    "name": c.name,
+                    "numel": c.numel,
+                    "tau_norm": c.tau_norm,
+                    "base_norm": c.base_norm,
+                    "relative": c.relative,
+                }
+                for c in self.top_changes(top)
+            ],
+        }
+
+
+@dataclass
+class _Plan:
+    names: list[str]  # SFT tensor names to difference
+    truncated: dict[str, list[int]]  # name -> [sft_rows, base_rows]
+
+
+def plan_delta(base: ModelReader, sft: ModelReader, vocab_mismatch: str = "error") -> _Plan:
+    """Check that the two models line up (names, shapes, dtypes) before anything is computed."""
+    only_base = sorted(base.logical_names() - sft.logical_names())
+    only_sft = sorted(sft.logical_names() - base.logical_names())
+    if only_base or only_sft:
+        parts = []
+        if only_sft:
+            parts.append(f"only in the SFT model: {_listing(only_sft)}")
+        if only_base:
+            parts.append(f"only in the base model: {_listing(only_base)}")
+        raise InputError(
+            f"{base.path} and {sft.path} do not have the same tensors ({'; '.join(parts)}). "
+            "A task vector needs two models of the same architecture."
+        )
+    truncated: dict[str, list[int]] = {}
+    mismatched = []
+    for name in sft.names:
+        b_shape, s_shape = base.shape(name), sft.shape(name)
+        if b_shape == s_shape:
+            continue
+        added_rows = (
+            len(b_shape) == len(s_shape) >= 1
+            and b_shape[1:] == s_shape[1:]
+            and s_shape[0] > b_shape[0]
+        )
+        if added_rows and vocab_mismatch == "truncate":
+            truncated[name] = [s_shape[0], b_shape[0]]
+        else:
+            mismatched.append(f"{name} {list(s_shape)} (SFT) vs {list(b_shape)} (base)")
+    if mismatched:
+        hint = (
+            " The SFT model seems to add vocabulary rows: pass --vocab-mismatch truncate to "
+            "take τ over the rows both models have."
+            if vocab_mismatch == "error"
+            else ""
+        )
+        raise InputError(f"shapes differ: {_listing(mismatched)}.{hint}")
+    for name in sft.names:
+        b_float, s_float = base.dtype(name).is_floating_point, sft.dtype(name).is_floating_point
+        if b_float != s_float:
+            raise InputError(
+                f"tensor {name} is {sft.dtype(name)} in the SFT model and {base.dtype(name)} in "
+                "the base model; both must be floating point (dequantize quantized models first)."
+            )
+    return _Plan(names=list(sft.names), truncated=truncated)
+
+
+def compute_delta(
+    config: DeltaConfig, progress: Callable[[str, int, int], None] | None = None
+) -> DeltaSummary:
+    """Write ``τ = θ_sft − θ_base`` (optionally sparsified) to ``config.out``; see module doc.
+
+    ``progress(name, done, total)`` is called after each tensor. Raises ``InputError`` for
+    inputs that do not line up or hold NaN/inf, ``OutputError`` for an output that exists or
+    cannot be written; in every failure nothing is left at ``config.out``.
+    """
+    config.validate()
+    check_output(config.out, config.overwrite, [config.base, config.sft])
+    sparsifier = SPARSIFIERS.get(config.sparsify)
+    rescale_mode = config.resolved_rescale
+    with (
+        ModelReader(config.base, config.allow_pickle) as base,
+        ModelReader(config.sft, config.allow_pickle) as sft,
+    ):
+        plan = plan_delta(base, sft, config.vocab_mismatch)
+        out_dtype = DTYPES[config.dtype] if config.dtype else sft.dominant_dtype()
+        summary = DeltaSummary(
+            out=Path(config.out),
+            tensors=0,
+            parameters=0,
+            tau_norm=0.0,
+            dense_tau_norm=0.0,
+            base_norm=0.0,
+            kept_fraction=1.0,
+            dtype=str(out_dtype).removeprefix("torch."),
+            truncated=plan.truncated,
+        )
+        metadata = {
+            "kind": "task_vector",
+            "omotool_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "base": {"path": str(base.path.absolute()), "fingerprint": fingerprint(base)},
+            "sft": {"path": str(sft.path.absolute()), "fingerprint": fingerprint(sft)},
+            "dtype": summary.dtype,
+            "sparsify": {
+                "method": config.sparsify,
+                "density": config.density,
+                "rescale": rescale_mode,
+                "seed": config.seed,
+            },
+            "tied": sft.aliases,
+            "truncated": plan.truncated,
+            "config": config_dict(config),
+        }
+        squares = {"tau": 0.0, "dense": 0.0, "base": 0.0}
+        nonzero = 0
+        with ModelWriter(
+            config.out, parse_size(config.shard_size), config.overwrite, [config.base, config.sft]
+        ) as writer:
+            for done, name in enumerate(plan.names, start=1):
+                theta_base, theta_sft = base.get(name), sft.get(name)
+                if not theta_sft.dtype.is_floating_point:
+                    if not torch.equal(theta_base, theta_sft):
+                        raise InputError(f"non-floating tensor {name} differs between the models.")
+                    summary.skipped.append(name)
+                    continue
+                _check_finite(theta_base, name, base)
+                _check_finite(theta_sft, name, sft)
+                if name in plan.truncated:
+                    theta_sft = theta_sft[: plan.truncated[name][1]]
+                dense = theta_sft.float() - theta_base.float()
+                generator = keyed_generator(config.seed, "delta", name)
+                tau = sparsifier.apply(dense, config.density, generator, rescale_mode)
+                tau = tau.to(out_dtype)
+                writer.add(name, tau)
+                change = TensorChange(name, dense.numel(), _norm(tau), _norm(theta_base))
+                summary.changes.append(change)
+                squares["tau"] += change.tau_norm**2
+                squares["dense"] += _norm(dense) ** 2
+                squares["base"] += change.base_norm**2
+                nonzero += int(torch.count_nonzero(tau))
+                summary.tensors += 1
+                summary.parameters += dense.numel()
+                if progress is not None:
+                    progress(name, done, len(plan.names))
+            metadata["skipped"] = summary.skipped
+            metadata["tensors"] = summary.tensors
+            metadata["parameters"] = summary.parameters
+            writer.write_json(METADATA_FILE, metadata)
+    summary.tau_norm = math.sqrt(squares["tau"])
+    summary.dense_tau_norm = math.sqrt(squares["dense"])
+    summary.base_norm = math.sqrt(squares["base"])
+    summary.kept_fraction = nonzero / summary.parameters if summary.parameters else 0.0
+    return summary
+
+
+def _check_finite(tensor: torch.Tensor, name: str, reader: ModelReader) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise InputError(
+            f"{reader.path}: tensor {name} holds NaN or inf values. The model is broken; "
+            "re-export it from a good checkpoint."
+        )
+
+
+def _norm(tensor: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tensor.float()))
+
+
+def _listing(items: list[str], limit: int = 5) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

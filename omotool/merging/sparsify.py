@@ -1,0 +1,163 @@
+"""Sparsifiers ``F(·)``: which entries of a delta survive, and how survivors are rescaled.
+
+- DARE (Yu et al. 2024), ``F_R``: keep each entry independently with probability ``p``
+  (Bernoulli), zero the rest; rescale the survivors (``1/p`` by default, so ``E[F_R(x)] = x``).
+- Magnitude top-k (the TIES trim, Yadav et al. 2023), ``F_K``: keep the ``k = kept_count(n, p)``
+  entries of largest ``|x|``, exactly ``k`` of them, ties broken toward lower flat indices.
+
+Randomness always comes from an explicit ``torch.Generator`` (see ``keyed_generator``), never
+from the global RNG, so data-parallel ranks and resumed runs draw identical masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from omotool.registry import Registry
+
+RESCALES = ("none", "inverse", "l1")
+"""Rescale modes: ``none``; ``inverse`` multiplies survivors by ``1/p`` (DARE, and the released
+optimizer's dropout); ``l1`` scales survivors so ``‖F(x)‖₁ = ‖x‖₁`` (mergekit's DARE)."""
+
+_EXACT_BELOW = 1 << 16  # below this many entries a plain kthvalue is already fast
+_SAMPLE = 1 << 14  # sample size for the threshold estimate of large tensors
+
+
+def kept_count(numel: int, density: float) -> int:
+    """``k = ⌊p·n⌋`` entries kept by magnitude top-k, at least 1 for ``p > 0`` and ``n > 0``.
+
+    mergekit uses ``⌊p·n⌋`` and refuses ``k = 0``; the released OnTIES code leaves a tensor
+    dense when ``k < 1``. Keeping one entry never erases a tensor and never keeps it whole.
+    """
+    if numel == 0 or density <= 0:
+        return 0
+    if density >= 1:
+        return numel
+    return min(numel, max(1, int(density * numel)))
+
+
+def keyed_generator(seed: int, *key: object, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded from ``(seed, *key)``, e.g. ``(seed, step, tensor_name)``.
+
+    The same key gives the same stream on every process and in every run, with no communication
+    and independent of the order in which tensors are visited.
+    """
+    digest = hashlib.sha256(repr((int(seed), *key)).encode()).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return generator
+
+
+def bernoulli_mask(
+    shape: torch.Size | tuple[int, ...],
+    density: float,
+    generator: torch.Generator,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Boolean mask, each entry True independently with probability ``density``."""
+    if density >= 1:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    return torch.rand(shape, generator=generator, device=device) < density
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact ``k``-th largest entry of the 1-D float tensor ``values`` (1 ≤ k ≤ n).
+
+    Large tensors avoid a full sort or selection: a fixed-seed sample gives a threshold a few
+    standard errors below the k-th largest, the candidates at or above it are selected exactly.
+    If the sample was unlucky (fewer than ``k`` candidates) the full selection runs instead, so
+    the result is always exact; only the speed depends on the sample. Inputs must be finite.
+    """
+    n = values.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} is outside 1..{n}")
+    if n <= _EXACT_BELOW:
+        return torch.kthvalue(values, n - k + 1).values
+    generator = torch.Generator(device=values.device).manual_seed(0)
+    sample = values[torch.randint(n, (_SAMPLE,), generator=generator, device=values.device)]
+    above = k / n
+    margin = 4.0 * math.sqrt(above * (1.0 - above) / _SAMPLE) + 2.0 / _SAMPLE
+    rank = math.ceil(min(1.0, above + margin) * _SAMPLE)  # rank-th largest of the sample
+    low = torch.kthvalue(sample, _SAMPLE - rank + 1).values
+    candidates = values[values >= low]
+    if candidates.numel() < k:
+        return torch.kthvalue(values, n - k + 1).values
+    return torch.kthvalue(candidates, candidates.numel() - k + 1).values
+
+
+def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask of exactly ``kept_count(n, density)`` entries of largest ``|tensor|``."""
+    magnitudes = tensor.detach().abs().flatten().float()
+    n = magnitudes.numel()
+    k = kept_count(n, density)
+    if k >= n:
+        return torch.ones_like(tensor, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros_like(tensor, dtype=torch.bool)
+    threshold = kth_largest(magnitudes, k)
+    mask = magnitudes > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:  # entries equal to the threshold fill the remaining places
+        mask[torch.nonzero(magnitudes == threshold).flatten()[:missing]] = True
+    return mask.view(tensor.shape)
+
+
+def rescale(kept: torch.Tensor, original: torch.Tensor, mode: str, density: float) -> torch.Tensor:
+    """Rescale the survivors ``kept = mask ⊙ original`` (see ``RESCALES``)."""
+    if mode == "none":
+        return kept
+    if mode == "inverse":
+        return kept / density
+    if mode == "l1":
+        before, after = original.abs().sum(), kept.abs().sum()
+        if before < 1e-12 or after < 1e-12:
+            return kept
+        return kept * (before / after)
+    raise ValueError(f"unknown rescale mode {mode!r}; choose one of {', '.join(RESCALES)}")
+
+
+def dare(
+    tensor: torch.Tensor,
+    density: float,
+    generator: torch.Generator,
+    rescale_mode: str = "inverse",
+) -> torch.Tensor:
+    """DARE drop-and-rescale ``F_R``: ``rescale(m ⊙ x)`` with ``m_i ~ Bernoulli(p)``."""
+    if density >= 1:
+        return tensor.clone()
+    mask = bernoulli_mask(tensor.shape, density, generator, device=tensor.device)
+    return rescale(torch.where(mask, tensor, 0), tensor, rescale_mode, density)
+
+
+def magnitude(tensor: torch.Tensor, density: float, rescale_mode: str = "none") -> torch.Tensor:
+    """Magnitude trim ``F_K``: ``rescale(m ⊙ x)`` with ``m`` the exact top-k of ``|x|``."""
+    if density >= 1:
+        return tensor.clone()
+    mask = magnitude_mask(tensor, density)
+    return rescale(torch.where(mask, tensor, 0), tensor, rescale_mode, density)
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """A registry entry: ``apply(tensor, density, generator, rescale_mode) -> tensor``."""
+
+    apply: Callable[[torch.Tensor, float, torch.Generator, str], torch.Tensor]
+    default_rescale: str
+    random: bool
+
+
+SPARSIFIERS: Registry[Sparsifier] = Registry("sparsifier")
+SPARSIFIERS.register("none", help="keep every entry")(
+    Sparsifier(lambda x, p, g, r: x, default_rescale="none", random=False)
+)
+SPARSIFIERS.register("dare", help="random drop with probability 1-density, rescale (DARE)")(
+    Sparsifier(dare, default_rescale="inverse", random=True)
+)
+SPARSIFIERS.register("magnitude", help="keep the top density fraction by |value| (TIES trim)")(
+    Sparsifier(lambda x, p, g, r: magnitude(x, p, r), default_rescale="none", random=False)
+)

@@ -1,0 +1,62 @@
+"""Name → entry tables for the things users pick by name (sparsifiers, merge methods, ...).
+
+Adding a method is one ``register`` call next to its implementation; an unknown name gets the
+closest known names in its error message.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from omotool.errors import UsageError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """An ordered mapping from names to entries of one kind, with helpful lookup errors."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+        self._help: dict[str, str] = {}
+
+    def register(self, name: str, help: str = "") -> Callable[[T], T]:
+        """Decorator: ``@REGISTRY.register("ties", help="...")`` adds the decorated entry."""
+
+        def add(entry: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = entry
+            self._help[name] = help
+            return entry
+
+        return add
+
+    def get(self, name: str) -> T:
+        """The entry called ``name``; a UsageError naming close matches otherwise."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise UsageError(
+                f"Unknown {self.kind} {name!r}. Choose one of: {', '.join(self._entries)}.{hint}"
+            ) from None
+
+    def help(self, name: str) -> str:
+        return self._help[name]
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny real models built from configs (no downloads), and a CLI runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from omotool.cli import app
+from omotool.tiny_models import build_pair
+
+
+@pytest.fixture(scope="session")
+def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Untied Llama base + SFT, single-file safetensors."""
+    return build_pair(tmp_path_factory.mktemp("llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def sharded_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Llama base + SFT stored as several shards with an index."""
+    return build_pair(tmp_path_factory.mktemp("sharded"), arch="llama", max_shard_size="100KB")
+
+
+@pytest.fixture(scope="session")
+def tied_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Qwen2 with tied embeddings: no lm_head.weight on disk."""
+    return build_pair(tmp_path_factory.mktemp("qwen2"), arch="qwen2", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def gpt2_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """GPT-2 (tied, transformer.* names)."""
+    return build_pair(tmp_path_factory.mktemp("gpt2"), arch="gpt2", tie_word_embeddings=True)
+
+
+def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
+    """The model's parameters as transformers loads them (the reference for comparisons)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return {name: p.detach().clone() for name, p in model.state_dict().items()}
+
+
+class Cli:
+    """Runs ``omotool ARGS`` in-process; returns the result with ``exit_code`` and ``output``."""
+
+    def __init__(self) -> None:
+        self.runner = CliRunner()
+
+    def __call__(self, *args: object, expect: int | None = 0):
+        result = self.runner.invoke(app, [str(a) for a in args])
+        if expect is not None:
+            assert result.exit_code == expect, (result.exit_code, result.output, result.exception)
+        return result
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Hidden temporary folders left by an interrupted write."""
+    return [p.name for p in parent.iterdir() if ".omotool-" in p.name]

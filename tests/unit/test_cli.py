@@ -1,0 +1,59 @@
+"""The CLI shell: subcommands, version, planned commands, help kept in step with the configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from omotool import __version__
+from omotool.delta import DeltaConfig
+from omotool.merging import SPARSIFIERS
+
+
+def test_help_lists_every_subcommand(cli) -> None:
+    out = cli("--help").output
+    for name in ("delta", "train", "merge-offline", "eval"):
+        assert name in out
+    assert "--install-completion" in out
+
+
+def test_version(cli) -> None:
+    assert cli("--version").output.strip() == f"omotool {__version__}"
+
+
+@pytest.mark.parametrize("name", ["train", "merge-offline", "eval"])
+def test_planned_commands_say_so_and_fail(cli, name) -> None:
+    result = cli(name, "--anything", "x", expect=1)
+    assert "not built yet" in result.output
+
+
+def test_delta_help_defaults_match_config_and_registry(cli) -> None:
+    text = " ".join(cli("delta", "--help").output.split())
+    for name in SPARSIFIERS.names():
+        assert name in text
+    for field in dataclasses.fields(DeltaConfig):
+        if field.default in (dataclasses.MISSING, None, False):
+            continue
+        option = "--" + field.name.replace("_", "-")
+        pattern = re.escape(option) + r".*?\[default: ([^\]]+)\]"
+        shown = re.search(pattern, text)
+        assert shown and shown.group(1).strip() == str(field.default), option
+
+
+def test_unknown_option_is_usage_error(cli) -> None:
+    assert cli("delta", "a", "b", "--bogus", expect=2).exit_code == 2
+
+
+def test_public_api_is_reexported_lazily() -> None:
+    import subprocess
+    import sys
+
+    import omotool
+
+    assert omotool.compute_delta.__module__ == "omotool.delta"
+    assert omotool.ModelReader.__module__ == "omotool.io"
+    code = "import sys, omotool.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # --help does not pay for importing torch

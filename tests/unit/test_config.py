@@ -1,0 +1,78 @@
+"""Recipes and configs: sizes, YAML loading, key validation, type checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from omotool.config import build_config, load_recipe, parse_size
+from omotool.delta import DeltaConfig
+from omotool.errors import InputError, UsageError
+
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("2GiB", 2 * 2**30),
+        ("1.5kb", 1500),
+        (1024, 1024),
+    ],
+)
+def test_parse_size(text, size) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "5XB", "0", "-1GB", ""])
+def test_parse_size_rejects(text) -> None:
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+def test_recipe_keys_with_dashes_and_overrides(tmp_path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: a\nsft: b\nout: c\nshard-size: 1GB\ndensity: 1\n")
+    config = build_config(DeltaConfig, load_recipe(recipe), {"seed": 5})
+    assert config == DeltaConfig(base="a", sft="b", out="c", shard_size="1GB", seed=5)
+    assert isinstance(config.density, float)
+
+
+def test_unknown_key_suggests(tmp_path) -> None:
+    with pytest.raises(UsageError, match="Did you mean 'density'"):
+        build_config(DeltaConfig, {"base": "a", "sft": "b", "out": "c", "densty": 0.5}, {})
+
+
+def test_wrong_type_names_option() -> None:
+    with pytest.raises(UsageError, match="'seed' must be int"):
+        build_config(DeltaConfig, {"base": "a", "sft": "b", "out": "c", "seed": "x"}, {})
+
+
+def test_bad_yaml_and_non_mapping(tmp_path) -> None:
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+    with pytest.raises(InputError, match="mapping"):
+        load_recipe(tmp_path / "list.yaml")
+    with pytest.raises(InputError, match="cannot be read"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_loads_and_validates(recipe: Path) -> None:
+    kinds = {"delta": DeltaConfig}
+    config_cls = kinds[recipe.parent.name]
+    values = load_recipe(recipe)
+    required = {
+        f.name: "x" for f in dataclasses.fields(config_cls) if f.default is dataclasses.MISSING
+    }
+    build_config(config_cls, {**required, **values}, {}).validate()
+
+
+def test_recipes_exist() -> None:
+    assert RECIPES, "recipes/ ships at least one recipe"
