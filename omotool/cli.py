@@ -35,7 +35,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 stdout = Console()
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # messages stay one line when piped
 
 DEBUG_HELP = "Show the full traceback on errors."
 DebugOption = typer.Option(False, "--debug", help=DEBUG_HELP)

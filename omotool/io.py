@@ -115,10 +115,8 @@ class ModelReader:
 
     def __init__(self, spec: str | os.PathLike[str], allow_pickle: bool = False) -> None:
         self.path = resolve_model_path(spec)
-        folder = self.path if self.path.is_dir() else self.path.parent
-        self.config: dict[str, Any] = (
-            _read_json(folder / "config.json") if ((folder / "config.json").is_file()) else {}
-        )
+        config_path = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
+        self.config: dict[str, Any] = _read_json(config_path) if config_path.is_file() else {}
         self._files = self._locate_files(allow_pickle)
         self.format = "pickle" if self._files[0].suffix in (".bin", ".pt") else "safetensors"
         self._where: dict[str, Path] = {}

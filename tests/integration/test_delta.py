@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -300,3 +303,75 @@ def test_debug_shows_traceback(llama_pair, cli, tmp_path) -> None:
         "--debug", "delta", llama_pair[0], tmp_path / "x" / "y", "-o", tmp_path / "t", expect=1
     )
     assert result.exception is not None and type(result.exception).__name__ == "InputError"
+
+
+def test_base_tied_sft_untied_lines_up(tied_pair, cli, tmp_path) -> None:
+    base, tied_sft = tied_pair
+    sft = copy_model(tied_sft, tmp_path / "sft")
+    edit_weights(sft, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"] * 2))
+    config = json.loads((sft / "config.json").read_text())
+    (sft / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    cli("delta", base, sft, "-o", tmp_path / "t")
+    tau = load_tau(tmp_path / "t")
+    embed_base = load_file(str(base / "model.safetensors"))["model.embed_tokens.weight"]
+    embed_sft = load_file(str(sft / "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(tau["lm_head.weight"], 2 * embed_sft - embed_base)
+
+
+def test_hub_id_unreachable_is_a_clear_error(tmp_path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "omotool",
+            "delta",
+            "no-such-org/base",
+            "no-such-org/sft",
+            "-o",
+            str(tmp_path / "t"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "could not be fetched from the Hugging Face Hub" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_ctrl_c_mid_write_leaves_nothing(tmp_path) -> None:
+    from omotool.tiny_models import build_pair
+
+    base, sft = build_pair(
+        tmp_path / "m", hidden_size=512, layers=4, vocab_size=8000, intermediate_size=1024
+    )
+    out = tmp_path / "t"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "omotool",
+            "delta",
+            str(base),
+            str(sft),
+            "-o",
+            str(out),
+            "--shard-size",
+            "1MB",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".t.omotool-tmp-*/*.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline, "delta ended before a shard"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not out.exists() and leftovers(tmp_path) == []
