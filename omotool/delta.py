@@ -71,10 +71,14 @@ class DeltaConfig:
 
 @dataclass
 class TensorChange:
+    """One tensor's task vector, measured."""
+
     name: str
     numel: int
-    tau_norm: float
-    base_norm: float
+    tau_norm: float  # ‖τ_i‖ as written (after sparsification and cast)
+    base_norm: float  # ‖θ_base,i‖
+    dense_norm: float  # ‖θ_sft,i − θ_base,i‖ before sparsification
+    kept: int  # entries the sparsifier kept
 
     @property
     def relative(self) -> float:
@@ -83,19 +87,37 @@ class TensorChange:
 
 @dataclass
 class DeltaSummary:
-    """What ``compute_delta`` wrote and measured."""
+    """What ``compute_delta`` wrote and measured; totals are derived from ``changes``."""
 
     out: Path
-    tensors: int
-    parameters: int
-    tau_norm: float  # ‖τ‖ as written (after sparsification)
-    dense_tau_norm: float  # ‖θ_sft − θ_base‖ before sparsification
-    base_norm: float
-    kept_fraction: float  # nonzero entries of the written τ / parameters
     dtype: str
     changes: list[TensorChange] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # non-float tensors, equal in both
     truncated: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> int:
+        return len(self.changes)
+
+    @property
+    def parameters(self) -> int:
+        return sum(c.numel for c in self.changes)
+
+    @property
+    def tau_norm(self) -> float:
+        return math.sqrt(sum(c.tau_norm**2 for c in self.changes))
+
+    @property
+    def dense_tau_norm(self) -> float:
+        return math.sqrt(sum(c.dense_norm**2 for c in self.changes))
+
+    @property
+    def base_norm(self) -> float:
+        return math.sqrt(sum(c.base_norm**2 for c in self.changes))
+
+    @property
+    def kept_fraction(self) -> float:
+        return sum(c.kept for c in self.changes) / self.parameters if self.parameters else 0.0
 
     @property
     def relative_norm(self) -> float:
@@ -133,8 +155,9 @@ class DeltaSummary:
 
 @dataclass
 class _Plan:
-    names: list[str]  # SFT tensor names to difference
+    names: list[str]  # SFT tensor names, in order
     truncated: dict[str, list[int]]  # name -> [sft_rows, base_rows]
+    float_names: list[str]  # the names τ is written for (non-float tensors are only compared)
 
 
 def plan_delta(base: ModelReader, sft: ModelReader, vocab_mismatch: str = "error") -> _Plan:
@@ -181,7 +204,8 @@ def plan_delta(base: ModelReader, sft: ModelReader, vocab_mismatch: str = "error
                 f"tensor {name} is {sft.dtype(name)} in the SFT model and {base.dtype(name)} in "
                 "the base model; both must be floating point (dequantize quantized models first)."
             )
-    return _Plan(names=list(sft.names), truncated=truncated)
+    float_names = [name for name in sft.names if sft.dtype(name).is_floating_point]
+    return _Plan(names=list(sft.names), truncated=truncated, float_names=float_names)
 
 
 def compute_delta(
@@ -195,8 +219,6 @@ def compute_delta(
     """
     config.validate()
     check_output(config.out, config.overwrite, [config.base, config.sft])
-    sparsifier = SPARSIFIERS.get(config.sparsify)
-    rescale_mode = config.resolved_rescale
     with (
         ModelReader(config.base, config.allow_pickle) as base,
         ModelReader(config.sft, config.allow_pickle) as sft,
@@ -205,12 +227,6 @@ def compute_delta(
         out_dtype = DTYPES[config.dtype] if config.dtype else sft.dominant_dtype()
         summary = DeltaSummary(
             out=Path(config.out),
-            tensors=0,
-            parameters=0,
-            tau_norm=0.0,
-            dense_tau_norm=0.0,
-            base_norm=0.0,
-            kept_fraction=1.0,
             dtype=str(out_dtype).removeprefix("torch."),
             truncated=plan.truncated,
         )
@@ -224,61 +240,75 @@ def compute_delta(
             "sparsify": {
                 "method": config.sparsify,
                 "density": config.density,
-                "rescale": rescale_mode,
+                "rescale": config.resolved_rescale,
                 "seed": config.seed,
             },
             "tied": sft.aliases,
             "truncated": plan.truncated,
             "config": config_dict(config),
         }
-        squares = {"tau": 0.0, "dense": 0.0, "base": 0.0}
-        nonzero = 0
+        layout = {name: (base.shape(name), out_dtype) for name in plan.float_names}
         with ModelWriter(
-            config.out, parse_size(config.shard_size), config.overwrite, [config.base, config.sft]
+            config.out,
+            layout,
+            parse_size(config.shard_size),
+            config.overwrite,
+            [config.base, config.sft],
         ) as writer:
             for done, name in enumerate(plan.names, start=1):
-                theta_base, theta_sft = base.get(name), sft.get(name)
-                if not theta_sft.dtype.is_floating_point:
-                    if not torch.equal(theta_base, theta_sft):
+                if name not in layout:
+                    if not torch.equal(base.get(name), sft.get(name)):
                         raise InputError(f"non-floating tensor {name} differs between the models.")
                     summary.skipped.append(name)
                     continue
-                _check_finite(theta_base, name, base)
-                _check_finite(theta_sft, name, sft)
-                if name in plan.truncated:
-                    theta_sft = theta_sft[: plan.truncated[name][1]]
-                dense = theta_sft.float() - theta_base.float()
-                generator = keyed_generator(config.seed, "delta", name)
-                tau = sparsifier.apply(dense, config.density, generator, rescale_mode)
-                tau = tau.to(out_dtype)
+                rows = plan.truncated.get(name, [None, None])[1]
+                tau, change = delta_tensor(base, sft, name, config, out_dtype, rows)
                 writer.add(name, tau)
-                change = TensorChange(name, dense.numel(), _norm(tau), _norm(theta_base))
+                del tau  # before the next pair is read: peak memory stays at two tensors
                 summary.changes.append(change)
-                squares["tau"] += change.tau_norm**2
-                squares["dense"] += _norm(dense) ** 2
-                squares["base"] += change.base_norm**2
-                nonzero += int(torch.count_nonzero(tau))
-                summary.tensors += 1
-                summary.parameters += dense.numel()
                 if progress is not None:
                     progress(name, done, len(plan.names))
-            metadata["skipped"] = summary.skipped
-            metadata["tensors"] = summary.tensors
-            metadata["parameters"] = summary.parameters
+            metadata.update(
+                skipped=summary.skipped, tensors=summary.tensors, parameters=summary.parameters
+            )
             writer.write_json(METADATA_FILE, metadata)
-    summary.tau_norm = math.sqrt(squares["tau"])
-    summary.dense_tau_norm = math.sqrt(squares["dense"])
-    summary.base_norm = math.sqrt(squares["base"])
-    summary.kept_fraction = nonzero / summary.parameters if summary.parameters else 0.0
     return summary
 
 
-def _check_finite(tensor: torch.Tensor, name: str, reader: ModelReader) -> None:
-    if not bool(torch.isfinite(tensor).all()):
+def delta_tensor(
+    base: ModelReader,
+    sft: ModelReader,
+    name: str,
+    config: DeltaConfig,
+    out_dtype: torch.dtype,
+    rows: int | None = None,
+) -> tuple[torch.Tensor, TensorChange]:
+    """``τ_i = F(θ_sft,i[:rows] − θ_base,i)`` in float32, cast to ``out_dtype``, and its stats.
+
+    ``F`` is ``config.sparsify`` with a generator keyed by ``(seed, "delta", name)``.
+    """
+    theta_base = base.get(name)
+    # In place on the SFT buffer (readers hand out fresh buffers): two live tensors at most.
+    dense = sft.get(name)[:rows].float().sub_(theta_base)
+    dense_norm = _norm(dense)
+    if not math.isfinite(dense_norm) and not bool(torch.isfinite(dense).all()):
+        broken = sft if bool(torch.isfinite(theta_base).all()) else base
         raise InputError(
-            f"{reader.path}: tensor {name} holds NaN or inf values. The model is broken; "
+            f"{broken.path}: tensor {name} holds NaN or inf values. The model is broken; "
             "re-export it from a good checkpoint."
         )
+    base_norm = _norm(theta_base)
+    del theta_base
+    if config.sparsify == "none":
+        tau, kept = dense, dense.numel()
+    else:
+        generator = keyed_generator(config.seed, "delta", name)
+        sparsifier = SPARSIFIERS.get(config.sparsify)
+        tau = sparsifier.apply(dense, config.density, generator, config.resolved_rescale)
+        kept = int(torch.count_nonzero(tau))
+    tau = tau.to(out_dtype)
+    tau_norm = dense_norm if tau is dense else _norm(tau)
+    return tau, TensorChange(name, dense.numel(), tau_norm, base_norm, dense_norm, kept)
 
 
 def _norm(tensor: torch.Tensor) -> float:

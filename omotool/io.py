@@ -2,18 +2,21 @@
 
 Every command reads and writes models through this module, so the rules live here once:
 - Hugging Face folders with ``model.safetensors`` or shards + ``model.safetensors.index.json``
-  are read lazily (memory-mapped), one tensor at a time, by name; only files the index names
-  are read, so stale shards left in a folder are ignored.
+  are read lazily, one tensor at a time, by name, with positioned reads into a fresh buffer:
+  unlike a memory map, pages already read do not stay in the process's resident memory, so
+  peak RSS is a few tensors. Only files the index names are read (stale shards are ignored).
 - Pickle checkpoints (``*.bin``, ``*.pt``) are refused unless ``allow_pickle``; then they load
   with ``torch.load(weights_only=True)``, which never runs code from the file.
 - Tied embeddings: a model with ``tie_word_embeddings`` may store no ``lm_head.weight``;
   ``ModelReader.get`` resolves such a name to the embedding it is tied to.
 - Outputs are written into a hidden temporary folder next to the target and renamed into place
-  only when complete; memory stays at one tensor (shard data streams through a body file).
+  only when complete. The writer is given the layout (names, shapes, dtypes) up front, so each
+  shard's header is written first and every tensor goes straight to its place on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -22,12 +25,11 @@ import re
 import shutil
 import struct
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from omotool.errors import InputError, OutputError
 
@@ -79,7 +81,10 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
-_CORRUPT = (SafetensorError, OSError, ValueError, RuntimeError, json.JSONDecodeError)
+_MAX_HEADER = 100 * 1024 * 1024
+
+TensorLayout = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+"""Names (in writing order) → (shape, dtype) of the tensors a ``ModelWriter`` will receive."""
 
 
 def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
@@ -121,7 +126,7 @@ class ModelReader:
         self.format = "pickle" if self._files[0].suffix in (".bin", ".pt") else "safetensors"
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._handles: dict[Path, Any] = {}
+        self._open: dict[Path, SafetensorsFile] = {}
         self._pickled: tuple[Path, dict[str, torch.Tensor]] | None = None
         for file in self._files:
             for name, meta in self._scan(file).items():
@@ -181,17 +186,7 @@ class ModelReader:
     def _scan(self, file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         if self.format == "pickle":
             return {n: (tuple(t.shape), t.dtype) for n, t in self._load_pickle(file).items()}
-        handle = self._handle(file)
-        meta = {}
-        for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-            tensor_slice = handle.get_slice(name)
-            dtype = _ST_DTYPES.get(tensor_slice.get_dtype())
-            if dtype is None:
-                raise InputError(
-                    f"{file}: tensor {name} has unsupported dtype {tensor_slice.get_dtype()}."
-                )
-            meta[name] = (tuple(tensor_slice.get_shape()), dtype)
-        return meta
+        return {name: (e.shape, e.dtype) for name, e in self._safetensors(file).entries.items()}
 
     def _tied_aliases(self) -> dict[str, str]:
         if not _config_ties_embeddings(self.config):
@@ -219,6 +214,10 @@ class ModelReader:
     def dtype(self, name: str) -> torch.dtype:
         return self._meta[self.aliases.get(name, name)][1]
 
+    def layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Stored names → (shape, dtype): the layout a ``ModelWriter`` copy of this model has."""
+        return dict(self._meta)
+
     def numel(self) -> int:
         """Number of stored parameters (tied aliases not counted twice)."""
         return sum(_numel(shape) for shape, _ in self._meta.values())
@@ -232,20 +231,14 @@ class ModelReader:
         return max(counts, key=counts.__getitem__) if counts else torch.float32
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` (or the tensor a tied alias points to), loaded on its own."""
+        """The tensor ``name`` (or the one a tied alias points to) in a fresh buffer it owns."""
         stored = self.aliases.get(name, name)
         file = self._where.get(stored)
         if file is None:
             raise KeyError(name)
-        try:
-            if self.format == "pickle":
-                return self._load_pickle(file)[stored]
-            return self._handle(file).get_tensor(stored)
-        except _CORRUPT as exc:
-            raise InputError(
-                f"{file}: could not read tensor {stored} ({type(exc).__name__}: {exc}). "
-                "The file may be corrupted or truncated; download or copy it again."
-            ) from exc
+        if self.format == "pickle":
+            return self._load_pickle(file)[stored].clone()
+        return self._safetensors(file).read(stored)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:
@@ -261,11 +254,13 @@ class ModelReader:
         if self.format == "pickle":
             full = self.get(name)
             return b"".join(_tensor_bytes(full[r : r + 1]) for r in rows)
-        tensor_slice = self._handle(self._where[stored]).get_slice(stored)
-        return b"".join(_tensor_bytes(tensor_slice[r : r + 1]) for r in rows)
+        file = self._safetensors(self._where[stored])
+        return b"".join(_tensor_bytes(file.read(stored, rows=(r, r + 1))) for r in rows)
 
     def close(self) -> None:
-        self._handles.clear()
+        for file in self._open.values():
+            file.close()
+        self._open.clear()
         self._pickled = None
 
     def __enter__(self) -> ModelReader:
@@ -274,16 +269,10 @@ class ModelReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _handle(self, file: Path) -> Any:
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            except _CORRUPT as exc:
-                raise InputError(
-                    f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc}). "
-                    "It may be corrupted or truncated; download or copy it again."
-                ) from exc
-        return self._handles[file]
+    def _safetensors(self, file: Path) -> SafetensorsFile:
+        if file not in self._open:
+            self._open[file] = SafetensorsFile(file)
+        return self._open[file]
 
     def _load_pickle(self, file: Path) -> dict[str, torch.Tensor]:
         # One pickle file at a time is held; weights_only=True refuses anything but tensors.
@@ -308,6 +297,94 @@ class ModelReader:
         return self._pickled[1]
 
 
+class _Entry:
+    __slots__ = ("dtype", "shape", "start", "nbytes")
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], start: int, nbytes: int):
+        self.dtype, self.shape, self.start, self.nbytes = dtype, shape, start, nbytes
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: header validated on open, tensors read by positioned reads.
+
+    Format: 8-byte little-endian header length, a JSON header mapping each name to its dtype,
+    shape and ``data_offsets`` (relative to the data section), then the data. Every damage
+    that a truncated download or a wrong file produces is reported as an ``InputError``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                prefix = f.read(8)
+                length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+                if not 0 < length <= min(size - 8, _MAX_HEADER):
+                    raise self._damaged("the header length is impossible")
+                header = json.loads(f.read(length))
+        except OSError as exc:
+            raise InputError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._damaged("the header is not valid JSON") from exc
+        if not isinstance(header, dict):
+            raise self._damaged("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        self.data_start = 8 + length
+        self.entries: dict[str, _Entry] = {}
+        end = 0
+        for name, spec in header.items():
+            try:
+                dtype = _ST_DTYPES[spec["dtype"]]
+                shape = tuple(int(d) for d in spec["shape"])
+                begin, stop = (int(o) for o in spec["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise self._damaged(f"tensor {name} has an unreadable entry ({spec!r})") from exc
+            nbytes = _numel(shape) * dtype.itemsize
+            if begin < 0 or stop - begin != nbytes:
+                raise self._damaged(f"tensor {name} has inconsistent offsets")
+            self.entries[name] = _Entry(dtype, shape, self.data_start + begin, nbytes)
+            end = max(end, stop)
+        if self.data_start + end != size:
+            raise self._damaged(
+                f"the header describes {self.data_start + end:,} bytes but the file has {size:,}"
+            )
+
+    def _damaged(self, why: str) -> InputError:
+        return InputError(
+            f"{self.path}: not a valid safetensors file ({why}). It may be corrupted or "
+            "truncated; download or copy it again."
+        )
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name`` (or its rows ``[start, stop)``) in a fresh buffer."""
+        entry = self.entries[name]
+        shape, start, nbytes = entry.shape, entry.start, entry.nbytes
+        if rows is not None:
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            shape = (rows[1] - rows[0], *shape[1:])
+            start, nbytes = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        try:
+            if self._file is None:
+                self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (see close)
+            self._file.seek(start)
+            while done < nbytes:
+                count = self._file.readinto(view[done:])
+                if not count:
+                    raise self._damaged(f"tensor {name} ends past the end of the file")
+                done += count
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot be read ({exc.strerror or exc}).") from exc
+        return buffer.view(entry.dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def fingerprint(reader: ModelReader) -> str:
     """``sha256:<hex>`` over every stored tensor's name, dtype, shape and sampled rows.
 
@@ -322,17 +399,21 @@ def fingerprint(reader: ModelReader) -> str:
 
 
 class ModelWriter:
-    """Writes tensors as sharded safetensors (+ index) into ``out``, atomically.
+    """Writes the tensors of ``layout`` as sharded safetensors (+ index) into ``out``, atomically.
 
-    Use as a context manager: tensors and files go to a hidden temporary folder next to
-    ``out``; a clean exit renames it into place (replacing an old ``out`` only if
-    ``overwrite``), an exception or Ctrl-C removes it. One shard is ``model.safetensors``;
-    several are ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``.
+    Use as a context manager. Shards are planned from the layout (a new shard starts when the
+    next tensor would pass ``shard_size``), so each file's header is written first and
+    ``add`` writes a tensor straight to its place: memory is one tensor. Everything goes to a
+    hidden temporary folder next to ``out``; a clean exit checks that every tensor arrived and
+    renames the folder into place (replacing an old ``out`` only if ``overwrite``); an
+    exception or Ctrl-C removes it. One shard is ``model.safetensors``; several are
+    ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``.
     """
 
     def __init__(
         self,
         out: str | os.PathLike[str],
+        layout: TensorLayout,
         shard_size: int = DEFAULT_SHARD_SIZE,
         overwrite: bool = False,
         inputs: Iterable[str | os.PathLike[str]] = (),
@@ -341,13 +422,23 @@ class ModelWriter:
         check_output(self.out, overwrite, inputs)
         if shard_size <= 0:
             raise InputError(f"shard size must be positive, got {shard_size}.")
-        self.shard_size = shard_size
         self.tmp = self.out.parent / f".{self.out.name}.omotool-tmp-{uuid.uuid4().hex[:8]}"
-        self._shards: list[tuple[Path, list[str]]] = []
-        self._entries: dict[str, dict[str, Any]] = {}
-        self._body: Any = None
-        self._body_bytes = 0
-        self.total_bytes = 0
+        self._layout = {name: (tuple(shape), dtype) for name, (shape, dtype) in layout.items()}
+        self._shards = _plan_shards(self._layout, shard_size)
+        self._where = {name: shard for shard, names in enumerate(self._shards) for name in names}
+        self._offsets: dict[str, int] = {}
+        self._pending = [set(names) for names in self._shards]
+        self._files: dict[int, Any] = {}
+        self.total_bytes = sum(
+            _numel(shape) * dtype.itemsize for shape, dtype in self._layout.values()
+        )
+
+    @property
+    def shard_names(self) -> list[str]:
+        count = len(self._shards)
+        if count <= 1:
+            return [SAFE_SINGLE]
+        return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
     def __enter__(self) -> ModelWriter:
         try:
@@ -362,9 +453,9 @@ class ModelWriter:
             try:
                 self._commit()
                 return
-            except OSError as exc:
+            except OSError as error:
                 self._abort()
-                raise _output_error(self.out, exc) from exc
+                raise _output_error(self.out, error) from error
             except BaseException:
                 self._abort()
                 raise
@@ -376,27 +467,29 @@ class ModelWriter:
         return self.tmp
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Append one tensor; it is written to disk before this returns."""
-        if name in self._entries or any(name in names for _, names in self._shards):
+        """Write one tensor of the layout to disk (any order; each name once)."""
+        if name not in self._layout:
+            raise ValueError(f"tensor {name} is not in the writer's layout")
+        shape, dtype = self._layout[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(
+                f"tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, "
+                f"the layout says {shape} {dtype}"
+            )
+        shard = self._where[name]
+        if name not in self._pending[shard]:
             raise ValueError(f"tensor {name} written twice")
         data = _tensor_array(tensor)
         try:
-            if self._body is not None and self._body_bytes + data.nbytes > self.shard_size:
-                self._close_shard()
-            if self._body is None:
-                body = self.tmp / f".body-{len(self._shards) + 1:05d}"
-                self._body = open(body, "wb")  # noqa: SIM115 (closed in _close_shard/_abort)
-                self._body_bytes = 0
-            self._body.write(data.data)
+            file = self._shard_file(shard)
+            file.seek(self._offsets[name])
+            _write_all(file, memoryview(data))
+            self._pending[shard].discard(name)
+            if not self._pending[shard]:
+                file.close()
+                del self._files[shard]
         except OSError as exc:
             raise _output_error(self.out, exc) from exc
-        self._entries[name] = {
-            "dtype": _ST_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [self._body_bytes, self._body_bytes + data.nbytes],
-        }
-        self._body_bytes += data.nbytes
-        self.total_bytes += data.nbytes
 
     def write_json(self, name: str, obj: Any) -> None:
         """Write ``obj`` as ``name`` into the output folder."""
@@ -422,55 +515,83 @@ class ModelWriter:
         return copied
 
     # -- internals -------------------------------------------------------------------------
-    def _close_shard(self) -> None:
-        body_path = Path(self._body.name)
-        self._body.close()
-        self._body = None
-        index = len(self._shards) + 1
-        shard = self.tmp / f".shard-{index:05d}.safetensors"
-        header = json.dumps(
-            {"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")
-        )
+    def _shard_file(self, shard: int) -> Any:
+        """Open a shard, writing its header on first use."""
+        if shard in self._files:
+            return self._files[shard]
+        entries, offset = {}, 0
+        for name in self._shards[shard]:
+            shape, dtype = self._layout[name]
+            nbytes = _numel(shape) * dtype.itemsize
+            entries[name] = {
+                "dtype": _ST_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":"))
         header_bytes = header.encode()
         header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned
-        with open(shard, "wb") as out, open(body_path, "rb") as body:
-            out.write(struct.pack("<Q", len(header_bytes)))
-            out.write(header_bytes)
-            shutil.copyfileobj(body, out, length=16 * 1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
-        body_path.unlink()
-        self._shards.append((shard, list(self._entries)))
-        self._entries = {}
+        data_start = 8 + len(header_bytes)
+        for name, entry in entries.items():
+            self._offsets[name] = data_start + entry["data_offsets"][0]
+        # Unbuffered: nothing is left to flush (and to fail) on close.
+        file = open(self.tmp / self.shard_names[shard], "wb", buffering=0)  # noqa: SIM115
+        _write_all(file, struct.pack("<Q", len(header_bytes)) + header_bytes)
+        self._files[shard] = file
+        return file
 
     def _commit(self) -> None:
-        if self._body is not None:
-            self._close_shard()
-        count = len(self._shards)
-        weight_map = {}
-        for i, (shard, names) in enumerate(self._shards, start=1):
-            final = SAFE_SINGLE if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
-            shard.rename(self.tmp / final)
-            weight_map.update(dict.fromkeys(names, final))
-        if count > 1:
+        missing = [name for names in self._pending for name in names]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} tensors of the layout were never written, e.g. {missing[:3]}"
+            )
+        for shard in range(len(self._shards)):  # a layout with no tensors still gets its file
+            if not (self.tmp / self.shard_names[shard]).exists():
+                self._shard_file(shard).close()
+        if len(self._shards) > 1:
+            weight_map = {name: self.shard_names[self._where[name]] for name in self._layout}
             self.write_json(
                 SAFE_INDEX, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             )
-        _fsync_dir(self.tmp)
+        for path in self.tmp.iterdir():
+            _fsync_path(path)
+        _fsync_path(self.tmp)
         old = None
         if self.out.exists() or self.out.is_symlink():
             old = self.out.parent / f".{self.out.name}.omotool-old-{uuid.uuid4().hex[:8]}"
             self.out.rename(old)
         self.tmp.rename(self.out)
-        _fsync_dir(self.out.parent)
+        _fsync_path(self.out.parent)
         if old is not None:
             shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
     def _abort(self) -> None:
-        if self._body is not None:
-            self._body.close()
-            self._body = None
+        for file in self._files.values():
+            with contextlib.suppress(OSError):
+                file.close()
+        self._files.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _write_all(file: Any, data: bytes | memoryview) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += file.write(view[done:])
+
+
+def _plan_shards(layout: dict[str, tuple[tuple[int, ...], torch.dtype]], shard_size: int):
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, (shape, dtype) in layout.items():
+        nbytes = _numel(shape) * dtype.itemsize
+        if shards[-1] and filled + nbytes > shard_size:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += nbytes
+    return shards
 
 
 def check_output(
@@ -530,7 +651,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

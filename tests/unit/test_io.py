@@ -129,8 +129,9 @@ def test_fingerprint_ignores_sharding_and_sees_weight_changes(llama_pair, sharde
     base, sft = llama_pair
     assert fingerprint(ModelReader(base)) != fingerprint(ModelReader(sft))
     resharded = tmp_path / "resharded"
-    with ModelWriter(resharded, shard_size=50_000) as writer:
-        for name, tensor in ModelReader(base).tensors():
+    reader = ModelReader(base)
+    with ModelWriter(resharded, reader.layout(), shard_size=50_000) as writer:
+        for name, tensor in reader.tensors():
             writer.add(name, tensor)
     assert fingerprint(ModelReader(resharded)) == fingerprint(ModelReader(base))
 
@@ -140,8 +141,9 @@ def test_writer_shards_index_and_loads_with_transformers(llama_pair, tmp_path) -
 
     _, sft = llama_pair
     out = tmp_path / "out"
-    with ModelWriter(out, shard_size=60_000) as writer:
-        for name, tensor in ModelReader(sft).tensors():
+    reader = ModelReader(sft)
+    with ModelWriter(out, reader.layout(), shard_size=60_000) as writer:
+        for name, tensor in reversed(list(reader.tensors())):  # any order
             writer.add(name, tensor)
         copied = writer.copy_model_files(sft)
     assert {"config.json", "tokenizer.json", "chat_template.jinja"} <= set(copied)
@@ -163,7 +165,8 @@ def test_writer_shards_index_and_loads_with_transformers(llama_pair, tmp_path) -
 
 
 def test_writer_single_shard_has_no_index(tmp_path) -> None:
-    with ModelWriter(tmp_path / "o") as writer:
+    layout = {"a": ((2, 3), torch.bfloat16), "b": ((), torch.float32)}
+    with ModelWriter(tmp_path / "o", layout) as writer:
         writer.add("a", torch.arange(6, dtype=torch.bfloat16).view(2, 3))
         writer.add("b", torch.tensor(3.0))
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["model.safetensors"]
@@ -171,9 +174,29 @@ def test_writer_single_shard_has_no_index(tmp_path) -> None:
     assert loaded["a"].dtype == torch.bfloat16 and loaded["b"].shape == ()
 
 
+ONE = {"a": ((3,), torch.float32)}
+
+
+def test_writer_checks_layout_and_completeness(tmp_path) -> None:
+    layout = {"a": ((3,), torch.float32), "b": ((2,), torch.float32)}
+    with pytest.raises(ValueError, match="never written"), ModelWriter(tmp_path / "o", layout) as w:
+        w.add("a", torch.ones(3))
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+    with ModelWriter(tmp_path / "p", layout) as writer:
+        with pytest.raises(ValueError, match="layout says"):
+            writer.add("a", torch.ones(4))
+        with pytest.raises(ValueError, match="not in the writer's layout"):
+            writer.add("c", torch.ones(3))
+        writer.add("a", torch.ones(3))
+        with pytest.raises(ValueError, match="twice"):
+            writer.add("a", torch.ones(3))
+        writer.add("b", torch.zeros(2))
+    assert torch.equal(load_file(str(tmp_path / "p" / "model.safetensors"))["b"], torch.zeros(2))
+
+
 def test_writer_failure_leaves_nothing(tmp_path) -> None:
     out = tmp_path / "o"
-    with pytest.raises(RuntimeError), ModelWriter(out) as writer:
+    with pytest.raises(RuntimeError), ModelWriter(out, ONE) as writer:
         writer.add("a", torch.ones(3))
         raise RuntimeError("crash mid-write")
     assert not out.exists() and leftovers(tmp_path) == []
@@ -181,9 +204,9 @@ def test_writer_failure_leaves_nothing(tmp_path) -> None:
 
 def test_writer_keyboard_interrupt_keeps_old_output(tmp_path) -> None:
     out = tmp_path / "o"
-    with ModelWriter(out) as writer:
+    with ModelWriter(out, ONE) as writer:
         writer.add("a", torch.ones(3))
-    with pytest.raises(KeyboardInterrupt), ModelWriter(out, overwrite=True) as writer:
+    with pytest.raises(KeyboardInterrupt), ModelWriter(out, ONE, overwrite=True) as writer:
         writer.add("a", torch.zeros(3))
         raise KeyboardInterrupt
     assert torch.equal(load_file(str(out / "model.safetensors"))["a"], torch.ones(3))
@@ -195,9 +218,9 @@ def test_overwrite_replaces_whole_folder(tmp_path) -> None:
     out.mkdir()
     (out / "model-00001-of-00002.safetensors").write_text("stale")
     with pytest.raises(OutputError, match="--overwrite"):
-        ModelWriter(out)
-    with ModelWriter(out, overwrite=True) as writer:
-        writer.add("a", torch.ones(1))
+        ModelWriter(out, ONE)
+    with ModelWriter(out, ONE, overwrite=True) as writer:
+        writer.add("a", torch.ones(3))
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
 
 
@@ -224,7 +247,8 @@ def tiny_disk(tmp_path):
 
 def test_disk_full_reports_and_leaves_nothing(tiny_disk) -> None:
     out = tiny_disk / "o"
-    with pytest.raises(OutputError, match="no space left"), ModelWriter(out) as writer:
+    layout = {f"t{i}": ((64 * 1024,), torch.float32) for i in range(8)}
+    with pytest.raises(OutputError, match="no space left"), ModelWriter(out, layout) as writer:
         for i in range(8):
             writer.add(f"t{i}", torch.ones(64 * 1024))  # 256 KB each: 2 MB in all
     assert not out.exists() and leftovers(tiny_disk) == []
