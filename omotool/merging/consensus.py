@@ -44,12 +44,13 @@ def disjoint_merge(
     election: str | None = "weighted",
     sign_method: str = "sum",
     normalize: bool = False,
-) -> torch.Tensor:
+    return_mask: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``Σ_i m_i·w_i·δ_i`` (divided by ``Σ_i m_i·w_i`` if ``normalize``; 0 divisors count as 1).
 
     ``m_i`` is the agreement with the sign elected on ``w_i·δ_i`` (``election="weighted"``,
     mergekit and the TIES paper) or on ``δ_i`` (``"unweighted"``, the released OnTIES code);
-    ``election=None`` keeps every entry (task arithmetic).
+    ``election=None`` keeps every entry (task arithmetic). ``return_mask`` also returns ``m``.
     """
     w = torch.as_tensor(weights, dtype=deltas.dtype, device=deltas.device)
     w = w.view(-1, *([1] * (deltas.dim() - 1)))
@@ -65,4 +66,4 @@ def disjoint_merge(
     if normalize:
         divisor = (w * mask).sum(dim=0)
         merged = merged / torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    return merged
+    return (merged, mask) if return_mask else merged

@@ -53,16 +53,34 @@ def keyed_generator(seed: int, *key: object, device: str | torch.device = "cpu")
     return generator
 
 
-def bernoulli_mask(
-    shape: torch.Size | tuple[int, ...],
+def bernoulli_indices(
+    numel: int,
     density: float,
     generator: torch.Generator,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Boolean mask, each entry True independently with probability ``density``."""
+    """Sorted flat indices kept by a Bernoulli(``density``) mask over ``numel`` entries.
+
+    Sampled by geometric skips (the gap between kept entries is Geometric(p)), which draws the
+    same law as ``rand(numel) < p`` in O(p·n) work instead of O(n): at p = 0.01 the mask of a
+    large tensor costs about 1/50 of a dense draw. Same generator state, same indices, on
+    every process and however the tensor is sharded.
+    """
+    if numel <= 0 or density <= 0:
+        return torch.empty(0, dtype=torch.long, device=device)
     if density >= 1:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    return torch.rand(shape, generator=generator, device=device) < density
+        return torch.arange(numel, device=device)
+    expected = numel * density
+    chunk = int(expected + 6.0 * math.sqrt(expected) + 16)
+    pieces, last = [], -1
+    while last < numel - 1:
+        gaps = torch.empty(chunk, dtype=torch.float64, device=device)
+        gaps.geometric_(density, generator=generator)
+        positions = last + torch.cumsum(gaps.to(torch.long), dim=0)
+        pieces.append(positions)
+        last = int(positions[-1])
+    indices = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return indices[indices < numel]
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -127,11 +145,14 @@ def dare(
     generator: torch.Generator,
     rescale_mode: str = "inverse",
 ) -> torch.Tensor:
-    """DARE drop-and-rescale ``F_R``: ``rescale(m ⊙ x)`` with ``m_i ~ Bernoulli(p)``."""
+    """DARE drop-and-rescale ``F_R``: ``rescale(m ⊙ x)`` with ``m_i ~ Bernoulli(p)`` i.i.d."""
     if density >= 1:
         return tensor.clone()
-    mask = bernoulli_mask(tensor.shape, density, generator, device=tensor.device)
-    return rescale(torch.where(mask, tensor, 0), tensor, rescale_mode, density)
+    flat = tensor.reshape(-1)
+    kept = bernoulli_indices(flat.numel(), density, generator, device=tensor.device)
+    out = torch.zeros_like(flat)
+    out[kept] = flat[kept]
+    return rescale(out.view_as(tensor), tensor, rescale_mode, density)
 
 
 def magnitude(tensor: torch.Tensor, density: float, rescale_mode: str = "none") -> torch.Tensor:

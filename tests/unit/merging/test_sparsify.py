@@ -13,7 +13,7 @@ from omotool.errors import UsageError
 from omotool.merging import sparsify
 from omotool.merging.sparsify import (
     SPARSIFIERS,
-    bernoulli_mask,
+    bernoulli_indices,
     dare,
     kept_count,
     keyed_generator,
@@ -117,8 +117,35 @@ def test_dare_does_not_touch_global_rng() -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_bernoulli_mask_full_density() -> None:
-    assert bool(bernoulli_mask((4, 5), 1.0, keyed_generator(0)).all())
+def test_bernoulli_indices_full_and_empty() -> None:
+    assert torch.equal(bernoulli_indices(5, 1.0, keyed_generator(0)), torch.arange(5))
+    assert bernoulli_indices(5, 0.0, keyed_generator(0)).numel() == 0
+    assert bernoulli_indices(0, 0.5, keyed_generator(0)).numel() == 0
+
+
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.3, 0.9])
+def test_bernoulli_indices_law(density: float) -> None:
+    # Sorted, unique, in range; count ~ Binomial(n, p); positions uniform (mean of index).
+    n, draws = 50_000, 20
+    counts, means = [], []
+    for seed in range(draws):
+        idx = bernoulli_indices(n, density, keyed_generator(seed, "law"))
+        assert bool((idx[1:] > idx[:-1]).all()) and int(idx.min()) >= 0 and int(idx.max()) < n
+        counts.append(idx.numel())
+        means.append(float(idx.double().mean()))
+    sd = math.sqrt(n * density * (1 - density))
+    assert abs(sum(counts) / draws - n * density) < 5 * sd / math.sqrt(draws)
+    assert abs(sum(means) / draws - (n - 1) / 2) < 0.02 * n
+
+
+def test_bernoulli_indices_per_entry_frequency() -> None:
+    # Every position is kept with probability p, including the first and the last.
+    n, p, draws = 40, 0.25, 4000
+    hits = torch.zeros(n)
+    for seed in range(draws):
+        hits[bernoulli_indices(n, p, keyed_generator(seed, "freq"))] += 1
+    freq = hits / draws
+    assert float((freq - p).abs().max()) < 5 * math.sqrt(p * (1 - p) / draws)
 
 
 def test_rescale_modes() -> None:

@@ -1,0 +1,318 @@
+"""The online-merging AdamW step as pure functions over tensors (cf. ``torch/optim/adamw.py``).
+
+For one parameter ``θ`` (float32 working copy) with gradient ``g`` at step ``t``:
+
+Adam, with ``torch.optim.AdamW``'s conventions::
+
+    θ ← θ·(1 − η·λ)                                  decoupled weight decay, before the update
+    m ← β1·m + (1 − β1)·g        v ← β2·v + (1 − β2)·g²
+    Δθ = −η/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
+
+Step-K (Alg. 2): on steps with ``t mod K ≠ 0``: ``θ ← θ + Δθ``, ``c ← c + Δθ`` (plain Adam,
+applied updates cached); on ``t mod K = 0``: ``θ ← θ − c``, ``Δθ ← Δθ + c``, ``c ← 0``, merge.
+
+Merge (Eq. 2: ``θ ← θ + F(Δθ) ⊕ F(τ_r)``), with ``T = F(τ_r)`` fixed at the start
+(``prepare_reference``):
+
+- OnDARE (Eq. 3, 4): ``θ ← θ + (1 − α)·F_R(Δθ) + α·T``, ``F_R`` a fresh Bernoulli(p) mask every
+  step from a generator keyed by ``(seed, "update", t, name)``; only the kept entries of
+  ``Δθ`` are ever computed.
+- OnTIES (Eq. 5–7): ``θ ← θ + (1 − α)·F_K(Δθ) ⊕ α·T``, ``F_K`` the exact top-p of ``|Δθ|``,
+  ``⊕`` the TIES disjoint merge of ``omotool.merging`` (elected sign per entry, entries that
+  disagree with it dropped) on the entries where ``T`` is kept; elsewhere ``F_K(Δθ)`` is alone
+  and always agrees with itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from omotool.errors import UsageError
+from omotool.merging import (
+    RESCALES,
+    bernoulli_indices,
+    dare,
+    disjoint_merge,
+    keyed_generator,
+    magnitude,
+    magnitude_mask,
+    rescale,
+)
+from omotool.merging.consensus import ELECTIONS
+from omotool.optim.task_vector import FlatDelta
+from omotool.registry import Registry
+
+METHODS = ("none", "dare", "ties")
+DEFAULT_RESCALE = {"none": "none", "dare": "inverse", "ties": "none"}
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How updates are merged with the SFT task vector (see module docstring).
+
+    - ``method``: ``none`` (AdamW), ``dare`` (OnDARE) or ``ties`` (OnTIES).
+    - ``reserve_p``: fraction ``p`` of entries kept by ``F`` (of ``Δθ`` and of ``τ_r``).
+    - ``alpha``: weight ``α`` of the SFT delta; ``1 − α`` weighs the update.
+    - ``online_step``: ``K`` of step-K merging; 1 merges at every step.
+    - ``rescale``: survivors of ``F`` scaled by ``1/p`` (``inverse``, the released code's
+      dropout, default for DARE), left as they are (``none``, the paper's text, default for
+      TIES), or scaled to the dense L1 norm (``l1``); applied to ``Δθ`` and ``τ_r`` alike.
+    - ``election``: TIES sign election on ``T + F(Δθ)`` (``unweighted``, the released code)
+      or on ``α·T + (1 − α)·F(Δθ)`` (``weighted``, the paper's Eq. 7).
+    - ``tau_clip``: DARE clamps ``T`` to ``[−c, c]`` after rescaling (released code: 1);
+      ``None`` disables. TIES never clips.
+    - ``seed``: keys every random mask, with the step and the parameter name.
+    """
+
+    method: str = "dare"
+    reserve_p: float = 0.01
+    alpha: float = 1e-7
+    online_step: int = 1
+    rescale: str | None = None
+    election: str = "unweighted"
+    tau_clip: float | None = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"method {self.method!r} is not one of {', '.join(METHODS)}.")
+        if not 0.0 < self.reserve_p <= 1.0:
+            raise UsageError(f"reserve_p must be in (0, 1] (fraction kept), got {self.reserve_p}.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"alpha must be in [0, 1], got {self.alpha}.")
+        if not isinstance(self.online_step, int) or self.online_step < 1:
+            raise UsageError(f"online_step must be a positive integer, got {self.online_step}.")
+        if self.rescale is not None and self.rescale not in RESCALES:
+            raise UsageError(f"rescale {self.rescale!r} is not one of {', '.join(RESCALES)}.")
+        if self.election not in ELECTIONS:
+            raise UsageError(f"election {self.election!r} is not one of {', '.join(ELECTIONS)}.")
+        if self.tau_clip is not None and self.tau_clip <= 0:
+            raise UsageError(f"tau_clip must be positive or None, got {self.tau_clip}.")
+
+    @property
+    def resolved_rescale(self) -> str:
+        return self.rescale or DEFAULT_RESCALE[self.method]
+
+    @property
+    def merges(self) -> bool:
+        return self.method != "none"
+
+
+@dataclass
+class StepStats:
+    """Counts and squared norms summed over the tensors of one step (for logging)."""
+
+    entries: int = 0  # entries of Δθ considered for merging
+    kept: int = 0  # entries of Δθ kept by F
+    overlap: int = 0  # kept entries of Δθ where T is kept too (TIES)
+    conflicts: int = 0  # of those, entries dropped by the sign election (TIES)
+    update_sq: float = 0.0  # ‖applied (1 − α)·F(Δθ)‖²
+    tau_sq: float = 0.0  # ‖applied α·T‖²
+    merged: bool = False  # whether this step merged (false on the K − 1 plain steps)
+
+    def as_dict(self, skipped_steps: int) -> dict[str, float]:
+        """Metric names as logged by ``train``."""
+        return {
+            "merge/kept_fraction": self.kept / self.entries if self.entries else 0.0,
+            "merge/sign_conflict_fraction": self.conflicts / self.kept if self.kept else 0.0,
+            "merge/update_norm": math.sqrt(self.update_sq),
+            "merge/tau_norm": math.sqrt(self.tau_sq),
+            "merge/skipped_steps": float(skipped_steps),
+        }
+
+
+def prepare_reference(tau: torch.Tensor, name: str, options: MergeOptions) -> FlatDelta:
+    """``T = F(τ_r)`` for one parameter, fixed for the run (sparse when few entries are kept).
+
+    DARE: ``clip(rescale(F_R(τ_r)))`` with a mask keyed by ``(seed, "tau", name)``;
+    TIES: ``rescale(F_K(τ_r))``.
+    """
+    p, mode = options.reserve_p, options.resolved_rescale
+    tau = tau.float()
+    if options.method == "dare":
+        reference = dare(tau, p, keyed_generator(options.seed, "tau", name), mode)
+        if options.tau_clip is not None:
+            reference.clamp_(-options.tau_clip, options.tau_clip)
+    elif options.method == "ties":
+        reference = magnitude(tau, p, mode)
+    else:
+        raise ValueError(f"method {options.method!r} has no reference term")
+    return FlatDelta.from_dense(reference)
+
+
+def adam_moments_(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float
+) -> None:
+    """``m ← β1·m + (1 − β1)·g``, ``v ← β2·v + (1 − β2)·g²``, in place (as torch's AdamW)."""
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def adam_direction(
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``Δθ = −η/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε)``, flat at ``index`` or full-shaped."""
+    m, v = exp_avg, exp_avg_sq
+    if index is not None:
+        m, v = m.reshape(-1)[index], v.reshape(-1)[index]
+    denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    return (m / denom).mul_(-lr / (1 - beta1**step))
+
+
+Direction = Callable[[torch.Tensor | None], torch.Tensor]
+"""``direction(index)``: Adam's ``Δθ`` at flat ``index`` (1-D), or whole when ``None``."""
+
+MergeRule = Callable[..., None]
+MERGE_RULES: Registry[MergeRule] = Registry("merge rule")
+
+
+@MERGE_RULES.register("dare", help="OnDARE: random drop of the update, plus alpha * T")
+def merge_dare_(
+    param: torch.Tensor,
+    direction: Direction,
+    reference: FlatDelta | None,
+    *,
+    name: str,
+    step: int,
+    options: MergeOptions,
+    stats: StepStats,
+) -> None:
+    """``θ ← θ + (1 − α)·F_R(Δθ) + α·T`` (Eq. 3, 4), computing ``Δθ`` only where kept."""
+    flat, p, alpha = param.view(-1), options.reserve_p, options.alpha
+    if p >= 1:
+        kept_values = direction(None).reshape(-1)
+        flat.add_(kept_values, alpha=1 - alpha)
+    else:
+        generator = keyed_generator(options.seed, "update", step, name, device=param.device)
+        index = bernoulli_indices(flat.numel(), p, generator, device=param.device)
+        mode = options.resolved_rescale
+        if mode == "l1":
+            dense = direction(None).reshape(-1)
+            kept_values = rescale(dense[index], dense, mode, p)
+        else:
+            kept_values = rescale(direction(index), torch.empty(0), mode, p)
+        flat.index_add_(0, index, kept_values, alpha=1 - alpha)
+    stats.entries += flat.numel()
+    stats.kept += kept_values.numel()
+    stats.update_sq += (1 - alpha) ** 2 * float(kept_values.square().sum())
+    if reference is not None and alpha > 0:
+        values = reference.flat_values()
+        if reference.indices is None:
+            flat.add_(values, alpha=alpha)
+        else:
+            flat.index_add_(0, reference.indices, values, alpha=alpha)
+        stats.tau_sq += alpha**2 * float(values.square().sum())
+
+
+@MERGE_RULES.register("ties", help="OnTIES: top-p of the update, TIES merge with alpha * T")
+def merge_ties_(
+    param: torch.Tensor,
+    direction: Direction,
+    reference: FlatDelta | None,
+    *,
+    name: str,
+    step: int,
+    options: MergeOptions,
+    stats: StepStats,
+) -> None:
+    """``θ ← θ + (1 − α)·F_K(Δθ) ⊕ α·T`` (Eq. 5–7) with the shared TIES disjoint merge."""
+    flat, p, alpha = param.view(-1), options.reserve_p, options.alpha
+    update = direction(None).reshape(-1)  # TIES needs every |Δθ| to find the top p
+    kept_index = torch.nonzero(magnitude_mask(update, p)).flatten()
+    kept_values = rescale(update[kept_index], update, options.resolved_rescale, p)
+    stats.entries += flat.numel()
+    stats.kept += kept_index.numel()
+    if reference is None:
+        flat.index_add_(0, kept_index, kept_values, alpha=1 - alpha)
+        stats.update_sq += (1 - alpha) ** 2 * float(kept_values.square().sum())
+        return
+    # F_K(Δθ) as a dense vector (in the direction's buffer), to read it where T is kept.
+    update.zero_()
+    update[kept_index] = kept_values
+    tau_index, tau_values = reference.flat_indices(), reference.flat_values()
+    update_at_tau = update[tau_index]
+    merged, agree = disjoint_merge(
+        torch.stack([tau_values, update_at_tau]),
+        [alpha, 1 - alpha],
+        election=options.election,
+        return_mask=True,
+    )
+    update[tau_index] = 0  # those entries arrive through `merged`
+    flat.index_add_(0, kept_index, update[kept_index], alpha=1 - alpha)
+    flat.index_add_(0, tau_index, merged)
+    present = update_at_tau != 0
+    dropped = present & ~agree[1]
+    stats.overlap += int(present.sum())
+    stats.conflicts += int(dropped.sum())
+    stats.update_sq += (1 - alpha) ** 2 * (
+        float(kept_values.square().sum()) - float(update_at_tau[dropped].square().sum())
+    )
+    stats.tau_sq += alpha**2 * float(tau_values[agree[0]].square().sum())
+
+
+def online_merging_adamw_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    cache: torch.Tensor | None,
+    reference: FlatDelta | None,
+    *,
+    name: str,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    options: MergeOptions,
+    stats: StepStats,
+) -> None:
+    """One step for one float32 parameter (see module docstring); ``step`` counts from 1.
+
+    ``options.method == "none"``, or a parameter without a τ under ``missing="adamw"``
+    (``reference is None`` and ``cache is None``), is exactly ``torch.optim.AdamW``.
+    """
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    adam_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)
+    if not options.merges:
+        # The same operations as torch's single-tensor AdamW, so trajectories match exactly.
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+        return
+
+    def direction(index: torch.Tensor | None) -> torch.Tensor:
+        return adam_direction(
+            exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, index=index
+        )
+
+    if cache is not None:
+        update = direction(None)
+        if step % options.online_step != 0:  # plain Adam, applied update cached
+            param.add_(update)
+            cache.add_(update)
+            return
+        param.sub_(cache)  # roll back the K − 1 plain steps, merge their sum with this one
+        update.add_(cache)
+        cache.zero_()
+
+        def direction(index: torch.Tensor | None, update: torch.Tensor = update) -> torch.Tensor:
+            return update if index is None else update.reshape(-1)[index]
+
+    stats.merged = True
+    MERGE_RULES.get(options.method)(
+        param, direction, reference, name=name, step=step, options=options, stats=stats
+    )

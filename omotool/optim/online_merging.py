@@ -1,0 +1,295 @@
+"""``OnlineMergingAdamW``: AdamW whose every update is merged with the SFT task vector.
+
+A thin class over ``omotool.optim.functional`` (as ``torch.optim.AdamW`` over its functional
+core): it gathers parameters, names and state, checks gradients, and calls one functional step
+per parameter. Usage::
+
+    opt = OnlineMergingAdamW(model.named_parameters(), task_vector=TaskVector.load("runs/tau"),
+                             method="dare", reserve_p=0.01, alpha=1e-7, lr=1e-6)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from omotool.errors import InputError, UsageError
+from omotool.optim.functional import (
+    MergeOptions,
+    StepStats,
+    online_merging_adamw_,
+    prepare_reference,
+)
+from omotool.optim.task_vector import FlatDelta, TaskVector
+
+NAN_POLICIES = ("skip", "raise")
+MISSING_POLICIES = ("error", "adamw")
+_FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "master", "cache")  # kept in float32 on load
+_PLAIN_ADAMW = MergeOptions(method="none")
+
+
+class OnlineMergingAdamW(torch.optim.Optimizer):
+    """AdamW with online merging (OnDARE / OnTIES), step-K, NaN skipping and exact resume.
+
+    Args:
+        params: ``model.named_parameters()`` or param groups whose ``params`` are
+            ``(name, tensor)`` pairs; names are how each tensor finds its ``τ``.
+        task_vector: a ``TaskVector``, a ``{name: tensor}`` mapping, or an ``omotool delta``
+            output folder. Not needed for ``method="none"``.
+        method, reserve_p, alpha, online_step, rescale, election, tau_clip, seed: see
+            ``omotool.optim.functional.MergeOptions`` (the equations are in that module).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (per group where given).
+        missing: a parameter with no entry in the task vector is an error (``"error"``) or
+            trained with plain AdamW (``"adamw"``). A shape mismatch is always an error.
+        nan_policy: a non-finite gradient anywhere skips the whole step and counts it
+            (``"skip"``) or raises ``FloatingPointError`` (``"raise"``); parameters are never
+            written with non-finite values.
+        master_weights: keep a float32 copy of bf16/fp16 parameters so that updates far below
+            the parameter's precision accumulate (moments and merges are float32 anyway).
+        track_stats: compute ``last_stats`` (costs a few reductions per tensor).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        task_vector: TaskVector | Mapping[str, torch.Tensor] | str | os.PathLike[str] | None = None,
+        method: str = "dare",
+        reserve_p: float = 0.01,
+        alpha: float = 1e-7,
+        online_step: int = 1,
+        lr: float = 1e-6,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        rescale: str | None = None,
+        election: str = "unweighted",
+        tau_clip: float | None = 1.0,
+        missing: str = "error",
+        nan_policy: str = "skip",
+        master_weights: bool = True,
+        track_stats: bool = True,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise UsageError(
+                f"invalid AdamW setting: lr={lr}, betas={betas}, eps={eps}, "
+                f"weight_decay={weight_decay}."
+            )
+        if nan_policy not in NAN_POLICIES:
+            raise UsageError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}.")
+        if missing not in MISSING_POLICIES:
+            raise UsageError(f"missing must be one of {', '.join(MISSING_POLICIES)}.")
+        self.options = MergeOptions(
+            method=method,
+            reserve_p=reserve_p,
+            alpha=alpha,
+            online_step=online_step,
+            rescale=rescale,
+            election=election,
+            tau_clip=tau_clip,
+            seed=seed,
+        )
+        self.options.validate()
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.nan_policy = nan_policy
+        self.missing = missing
+        self.master_weights = master_weights
+        self.track_stats = track_stats
+        self.skipped_steps = 0
+        self.last_stats = StepStats()
+        self.references: dict[str, FlatDelta] = {}
+        self.task_vector_fingerprint: str | None = None
+        if self.options.merges:
+            if task_vector is None:
+                raise UsageError(f"method {method!r} needs a task_vector (τ = θ_sft − θ_base).")
+            self._prepare_references(TaskVector.coerce(task_vector))
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _named_params(self) -> list[tuple[str, torch.Tensor]]:
+        named = []
+        for group in self.param_groups:
+            names = group.get("param_names")
+            if names is None:
+                raise UsageError(
+                    "online merging needs parameter names: pass model.named_parameters() (or "
+                    "param groups of (name, parameter) pairs) instead of model.parameters()."
+                )
+            named.extend(zip(names, group["params"], strict=True))
+        return named
+
+    def _prepare_references(self, task_vector: TaskVector) -> None:
+        named = self._named_params()
+        absent = [name for name, _ in named if name not in task_vector]
+        if absent and self.missing == "error":
+            listed = ", ".join(absent[:5]) + (
+                f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+            )
+            raise InputError(
+                f"the task vector has no entry for {len(absent)} parameter(s): {listed}. "
+                "Use the task vector of this model, or missing='adamw' to train those "
+                "parameters with plain AdamW."
+            )
+        for name, param in named:
+            if name in absent:
+                continue
+            shape = tuple(task_vector.shape(name))
+            if shape != tuple(param.shape):
+                raise InputError(
+                    f"parameter {name} has shape {list(param.shape)} but its task-vector entry "
+                    f"has shape {list(shape)}: the task vector belongs to another model."
+                )
+            reference = prepare_reference(task_vector.get(name), name, self.options)
+            self.references[name] = reference.to(param.device)
+        self.task_vector_fingerprint = task_vector.sft_fingerprint
+
+    def _state_for(self, param: torch.Tensor, merges: bool) -> dict[str, Any]:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+            if self.master_weights and param.dtype != torch.float32:
+                state["master"] = param.detach().to(torch.float32, copy=True)
+            if merges and self.options.online_step > 1:
+                state["cache"] = torch.zeros_like(param, dtype=torch.float32)
+        return state
+
+    # -- the step --------------------------------------------------------------------------
+    def _gradients_finite(self) -> bool:
+        peaks = [
+            torch.linalg.vector_norm(p.grad, ord=float("inf"))
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        return not peaks or bool(torch.isfinite(torch.stack(peaks)).all())
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One step for every parameter with a gradient (all or none of them: see nan_policy)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._gradients_finite():
+            if self.nan_policy == "raise":
+                raise FloatingPointError("non-finite gradient; no parameter was changed")
+            self.skipped_steps += 1
+            self.last_stats = StepStats()
+            return loss
+        stats = StepStats()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, param in zip(names, group["params"], strict=True):
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise UsageError("sparse gradients are not supported")
+                reference = self.references.get(name) if name is not None else None
+                merges = self.options.merges and reference is not None
+                state = self._state_for(param, merges)
+                state["step"] += 1
+                work = state.get("master")
+                if work is None:
+                    work = param if param.dtype == torch.float32 else param.float()
+                online_merging_adamw_(
+                    work,
+                    param.grad.float(),
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    state.get("cache"),
+                    reference,
+                    name=name or "",
+                    step=int(state["step"]),
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    options=self.options if merges else _PLAIN_ADAMW,
+                    stats=stats,
+                )
+                if work is not param:
+                    param.copy_(work)
+        if stats.merged:  # plain steps of step-K leave the last merge's figures in place
+            self.last_stats = stats
+        return loss
+
+    def stats(self) -> dict[str, float]:
+        """Metrics of the last merging step: kept and sign-conflict fractions, norms, skips."""
+        return self.last_stats.as_dict(self.skipped_steps)
+
+    # -- memory ----------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, float]:
+        """Bytes held by the optimizer, by kind, and per parameter beyond AdamW's moments."""
+        parameters = sum(p.numel() for group in self.param_groups for p in group["params"])
+        kinds = {"moments": 0, "master": 0, "cache": 0}
+        for state in self.state.values():
+            kinds["moments"] += sum(
+                state[k].numel() * 4 for k in ("exp_avg", "exp_avg_sq") if k in state
+            )
+            kinds["master"] += state["master"].numel() * 4 if "master" in state else 0
+            kinds["cache"] += state["cache"].numel() * 4 if "cache" in state else 0
+        kinds["task_vector"] = sum(ref.nbytes for ref in self.references.values())
+        extra = kinds["master"] + kinds["cache"] + kinds["task_vector"]
+        return {
+            "parameters": parameters,
+            **{f"{kind}_bytes": float(size) for kind, size in kinds.items()},
+            "extra_bytes_per_parameter": extra / parameters if parameters else 0.0,
+            "task_vector_bytes_per_parameter": (
+                kinds["task_vector"] / parameters if parameters else 0.0
+            ),
+        }
+
+    # -- resume ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus ``online_merging``: options, skipped steps, τ identity.
+
+        The masks need no RNG state: they are keyed by (seed, step, name); ``T`` is rebuilt
+        from the task vector and the seed when the optimizer is constructed.
+        """
+        state = super().state_dict()
+        state["online_merging"] = {
+            "options": dataclasses.asdict(self.options),
+            "skipped_steps": self.skipped_steps,
+            "task_vector_fingerprint": self.task_vector_fingerprint,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = copy.copy(state_dict)
+        extra = state_dict.pop("online_merging", None)
+        if extra is not None:
+            saved = MergeOptions(**extra["options"])
+            if saved != self.options:
+                raise InputError(
+                    f"the checkpoint was made with merge options {saved}, this optimizer has "
+                    f"{self.options}; resume with the same options."
+                )
+            fingerprint = extra.get("task_vector_fingerprint")
+            if (
+                fingerprint
+                and self.task_vector_fingerprint
+                and fingerprint != self.task_vector_fingerprint
+            ):
+                raise InputError("the checkpoint was made with a different task vector.")
+            self.skipped_steps = int(extra.get("skipped_steps", 0))
+        # torch would cast every state tensor to the parameter's dtype; ours stay float32.
+        kept: dict[int, dict[str, torch.Tensor]] = {}
+        inner_state = {}
+        for key, values in state_dict["state"].items():
+            kept[key] = {k: v for k, v in values.items() if k in _FLOAT32_STATE}
+            inner_state[key] = {k: v for k, v in values.items() if k not in _FLOAT32_STATE}
+        super().load_state_dict({**state_dict, "state": inner_state})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for key, values in kept.items():
+            param = params[key]
+            for name, value in values.items():
+                self.state[param][name] = value.to(param.device, torch.float32, copy=True)
