@@ -299,9 +299,31 @@ def online_merging_adamw_(
             exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, index=index
         )
 
+    merge_update_(
+        param, direction, cache, reference, name=name, step=step, options=options, stats=stats
+    )
+
+
+def merge_update_(
+    param: torch.Tensor,
+    direction: Direction,
+    cache: torch.Tensor | None,
+    reference: FlatDelta | None,
+    *,
+    name: str,
+    step: int,
+    options: MergeOptions,
+    stats: StepStats,
+) -> None:
+    """Apply the update ``direction`` to ``param`` merged per ``options``, with step-K.
+
+    ``cache`` (``None`` when K = 1) accumulates the plain updates of the K − 1 steps between
+    merges. Used by ``OnlineMergingAdamW`` (Adam's ``Δθ``) and ``OnlineMerging`` (any inner
+    optimizer's ``Δθ``).
+    """
     if cache is not None:
         update = direction(None)
-        if step % options.online_step != 0:  # plain Adam, applied update cached
+        if step % options.online_step != 0:  # plain step, applied update cached
             param.add_(update)
             cache.add_(update)
             return

@@ -108,46 +108,12 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         if self.options.merges:
             if task_vector is None:
                 raise UsageError(f"method {method!r} needs a task_vector (τ = θ_sft − θ_base).")
-            self._prepare_references(TaskVector.coerce(task_vector))
+            tv = TaskVector.coerce(task_vector)
+            named = named_parameters(self.param_groups)
+            self.references = build_references(named, tv, self.options, missing)
+            self.task_vector_fingerprint = tv.sft_fingerprint
 
     # -- set-up ----------------------------------------------------------------------------
-    def _named_params(self) -> list[tuple[str, torch.Tensor]]:
-        named = []
-        for group in self.param_groups:
-            names = group.get("param_names")
-            if names is None:
-                raise UsageError(
-                    "online merging needs parameter names: pass model.named_parameters() (or "
-                    "param groups of (name, parameter) pairs) instead of model.parameters()."
-                )
-            named.extend(zip(names, group["params"], strict=True))
-        return named
-
-    def _prepare_references(self, task_vector: TaskVector) -> None:
-        named = self._named_params()
-        absent = [name for name, _ in named if name not in task_vector]
-        if absent and self.missing == "error":
-            listed = ", ".join(absent[:5]) + (
-                f" and {len(absent) - 5} more" if len(absent) > 5 else ""
-            )
-            raise InputError(
-                f"the task vector has no entry for {len(absent)} parameter(s): {listed}. "
-                "Use the task vector of this model, or missing='adamw' to train those "
-                "parameters with plain AdamW."
-            )
-        for name, param in named:
-            if name in absent:
-                continue
-            shape = tuple(task_vector.shape(name))
-            if shape != tuple(param.shape):
-                raise InputError(
-                    f"parameter {name} has shape {list(param.shape)} but its task-vector entry "
-                    f"has shape {list(shape)}: the task vector belongs to another model."
-                )
-            reference = prepare_reference(task_vector.get(name), name, self.options)
-            self.references[name] = reference.to(param.device)
-        self.task_vector_fingerprint = task_vector.sft_fingerprint
-
     def _state_for(self, param: torch.Tensor, merges: bool) -> dict[str, Any]:
         state = self.state[param]
         if not state:
@@ -161,15 +127,6 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         return state
 
     # -- the step --------------------------------------------------------------------------
-    def _gradients_finite(self) -> bool:
-        peaks = [
-            torch.linalg.vector_norm(p.grad, ord=float("inf"))
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-        return not peaks or bool(torch.isfinite(torch.stack(peaks)).all())
-
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One step for every parameter with a gradient (all or none of them: see nan_policy)."""
@@ -177,7 +134,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._gradients_finite():
+        if not gradients_finite(self.param_groups):
             if self.nan_policy == "raise":
                 raise FloatingPointError("non-finite gradient; no parameter was changed")
             self.skipped_steps += 1
@@ -293,3 +250,57 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             param = params[key]
             for name, value in values.items():
                 self.state[param][name] = value.to(param.device, torch.float32, copy=True)
+
+
+def named_parameters(param_groups: list[dict[str, Any]]) -> list[tuple[str, torch.Tensor]]:
+    """``(name, parameter)`` of every group; names are required for merging."""
+    named = []
+    for group in param_groups:
+        names = group.get("param_names")
+        if names is None:
+            raise UsageError(
+                "online merging needs parameter names: pass model.named_parameters() (or "
+                "param groups of (name, parameter) pairs) instead of model.parameters()."
+            )
+        named.extend(zip(names, group["params"], strict=True))
+    return named
+
+
+def build_references(
+    named: list[tuple[str, torch.Tensor]],
+    task_vector: TaskVector,
+    options: MergeOptions,
+    missing: str = "error",
+) -> dict[str, FlatDelta]:
+    """``T = F(τ)`` for every named parameter, checked against the parameter's shape."""
+    absent = [name for name, _ in named if name not in task_vector]
+    if absent and missing == "error":
+        more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+        raise InputError(
+            f"the task vector has no entry for {len(absent)} parameter(s): "
+            f"{', '.join(absent[:5])}{more}. Use the task vector of this model, or "
+            "missing='adamw' to train those parameters without merging."
+        )
+    references = {}
+    for name, param in named:
+        if name in absent:
+            continue
+        shape = tuple(task_vector.shape(name))
+        if shape != tuple(param.shape):
+            raise InputError(
+                f"parameter {name} has shape {list(param.shape)} but its task-vector entry "
+                f"has shape {list(shape)}: the task vector belongs to another model."
+            )
+        references[name] = prepare_reference(task_vector.get(name), name, options).to(param.device)
+    return references
+
+
+def gradients_finite(param_groups: list[dict[str, Any]]) -> bool:
+    """Whether every gradient is free of NaN and inf (one max-abs reduction per tensor)."""
+    peaks = [
+        torch.linalg.vector_norm(p.grad, ord=float("inf"))
+        for group in param_groups
+        for p in group["params"]
+        if p.grad is not None
+    ]
+    return not peaks or bool(torch.isfinite(torch.stack(peaks)).all())

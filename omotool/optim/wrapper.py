@@ -1,0 +1,171 @@
+"""``OnlineMerging``: online merging around any torch optimizer (SGD, Adafactor, RMSprop, ...).
+
+``Δθ`` is what the inner optimizer would apply (its own momentum, scaling and weight decay
+included): each step snapshots the parameters, lets the inner optimizer step, takes the
+difference, restores the snapshot and applies the merged update
+(``omotool.optim.functional.merge_update_``). The snapshot costs one float32 copy of the
+parameters during the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from omotool.errors import InputError, UsageError
+from omotool.optim.functional import MergeOptions, StepStats, merge_update_
+from omotool.optim.online_merging import (
+    MISSING_POLICIES,
+    NAN_POLICIES,
+    build_references,
+    gradients_finite,
+    named_parameters,
+)
+from omotool.optim.task_vector import TaskVector
+
+
+class OnlineMerging(torch.optim.Optimizer):
+    """Wraps ``optimizer`` (built on ``model.named_parameters()``) with online merging.
+
+    The merge options, ``missing`` and ``nan_policy`` mean what they mean for
+    ``OnlineMergingAdamW``. Learning-rate schedulers see the inner optimizer's param groups.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        task_vector: TaskVector | Mapping[str, torch.Tensor] | str | os.PathLike[str],
+        method: str = "dare",
+        reserve_p: float = 0.01,
+        alpha: float = 1e-7,
+        online_step: int = 1,
+        seed: int = 0,
+        rescale: str | None = None,
+        election: str = "unweighted",
+        tau_clip: float | None = 1.0,
+        missing: str = "error",
+        nan_policy: str = "skip",
+    ) -> None:
+        # No Optimizer.__init__: the inner optimizer owns the param groups and their state.
+        if nan_policy not in NAN_POLICIES or missing not in MISSING_POLICIES:
+            raise UsageError(
+                f"nan_policy must be one of {', '.join(NAN_POLICIES)} and missing one of "
+                f"{', '.join(MISSING_POLICIES)}."
+            )
+        self.optimizer = optimizer
+        self.options = MergeOptions(
+            method=method,
+            reserve_p=reserve_p,
+            alpha=alpha,
+            online_step=online_step,
+            rescale=rescale,
+            election=election,
+            tau_clip=tau_clip,
+            seed=seed,
+        )
+        self.options.validate()
+        self.nan_policy = nan_policy
+        self.skipped_steps = 0
+        self.last_stats = StepStats()
+        self.merge_state: dict[str, dict[str, Any]] = {}
+        tv = TaskVector.coerce(task_vector)
+        named = named_parameters(optimizer.param_groups)
+        self.references = (
+            build_references(named, tv, self.options, missing) if (self.options.merges) else {}
+        )
+        self.task_vector_fingerprint = tv.sft_fingerprint
+
+    # torch.optim.Optimizer's attributes, forwarded to the inner optimizer.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise UsageError("add parameter groups to the inner optimizer before wrapping it.")
+
+    def __repr__(self) -> str:
+        return f"OnlineMerging({self.options}, {self.optimizer!r})"
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Inner step, then each updated parameter is rolled back and given the merged update."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not gradients_finite(self.param_groups):
+            if self.nan_policy == "raise":
+                raise FloatingPointError("non-finite gradient; no parameter was changed")
+            self.skipped_steps += 1
+            return loss
+        merging = [
+            (name, param)
+            for name, param in named_parameters(self.param_groups)
+            if param.grad is not None and name in self.references
+        ]
+        before = {name: param.detach().to(torch.float32, copy=True) for name, param in merging}
+        self.optimizer.step()
+        stats = StepStats()
+        for name, param in merging:
+            work = before[name]
+            update = param.detach().float() - work
+            state = self.merge_state.setdefault(name, {"step": 0})
+            state["step"] += 1
+            if self.options.online_step > 1 and "cache" not in state:
+                state["cache"] = torch.zeros_like(work)
+            merge_update_(
+                work,
+                lambda index, update=update: update if index is None else update.reshape(-1)[index],
+                state.get("cache"),
+                self.references[name],
+                name=name,
+                step=state["step"],
+                options=self.options,
+                stats=stats,
+            )
+            param.copy_(work)
+        if stats.merged:
+            self.last_stats = stats
+        return loss
+
+    def stats(self) -> dict[str, float]:
+        return self.last_stats.as_dict(self.skipped_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "inner": self.optimizer.state_dict(),
+            "online_merging": {
+                "options": dataclasses.asdict(self.options),
+                "skipped_steps": self.skipped_steps,
+                "task_vector_fingerprint": self.task_vector_fingerprint,
+                "state": copy.deepcopy(self.merge_state),
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict["online_merging"]
+        if MergeOptions(**extra["options"]) != self.options:
+            raise InputError("the checkpoint was made with other merge options.")
+        self.optimizer.load_state_dict(state_dict["inner"])
+        self.skipped_steps = int(extra["skipped_steps"])
+        self.merge_state = copy.deepcopy(extra["state"])
