@@ -12,7 +12,7 @@ Step-K (Alg. 2): on steps with ``t mod K ≠ 0``: ``θ ← θ + Δθ``, ``c ← 
 applied updates cached); on ``t mod K = 0``: ``θ ← θ − c``, ``Δθ ← Δθ + c``, ``c ← 0``, merge.
 
 Merge (Eq. 2: ``θ ← θ + F(Δθ) ⊕ F(τ_r)``), with ``T = F(τ_r)`` fixed at the start
-(``prepare_reference``):
+(``reference_tensor``):
 
 - OnDARE (Eq. 3, 4): ``θ ← θ + (1 − α)·F_R(Δθ) + α·T``, ``F_R`` a fresh Bernoulli(p) mask every
   step from a generator keyed by ``(seed, "update", t, name)``; only the kept entries of
@@ -43,6 +43,7 @@ from omotool.merging import (
     rescale,
 )
 from omotool.merging.consensus import ELECTIONS
+from omotool.optim.distributed import Shard, sharded_magnitude_mask
 from omotool.optim.task_vector import FlatDelta
 from omotool.registry import Registry
 
@@ -125,8 +126,8 @@ class StepStats:
         }
 
 
-def prepare_reference(tau: torch.Tensor, name: str, options: MergeOptions) -> FlatDelta:
-    """``T = F(τ_r)`` for one parameter, fixed for the run (sparse when few entries are kept).
+def reference_tensor(tau: torch.Tensor, name: str, options: MergeOptions) -> torch.Tensor:
+    """``T = F(τ_r)`` for one whole parameter, fixed for the run (dense float32).
 
     DARE: ``clip(rescale(F_R(τ_r)))`` with a mask keyed by ``(seed, "tau", name)``;
     TIES: ``rescale(F_K(τ_r))``.
@@ -141,7 +142,7 @@ def prepare_reference(tau: torch.Tensor, name: str, options: MergeOptions) -> Fl
         reference = magnitude(tau, p, mode)
     else:
         raise ValueError(f"method {options.method!r} has no reference term")
-    return FlatDelta.from_dense(reference)
+    return reference
 
 
 def adam_moments_(
@@ -188,15 +189,22 @@ def merge_dare_(
     step: int,
     options: MergeOptions,
     stats: StepStats,
+    shard: Shard | None = None,
 ) -> None:
-    """``θ ← θ + (1 − α)·F_R(Δθ) + α·T`` (Eq. 3, 4), computing ``Δθ`` only where kept."""
+    """``θ ← θ + (1 − α)·F_R(Δθ) + α·T`` (Eq. 3, 4), computing ``Δθ`` only where kept.
+
+    With a ``shard``, the mask is drawn over the whole tensor and this shard's part is used.
+    """
     flat, p, alpha = param.view(-1), options.reserve_p, options.alpha
     if p >= 1:
         kept_values = direction(None).reshape(-1)
         flat.add_(kept_values, alpha=1 - alpha)
     else:
         generator = keyed_generator(options.seed, "update", step, name, device=param.device)
-        index = bernoulli_indices(flat.numel(), p, generator, device=param.device)
+        numel = shard.numel if shard is not None else flat.numel()
+        index = bernoulli_indices(numel, p, generator, device=param.device)
+        if shard is not None:
+            index = shard.local_indices(index, flat.numel())
         mode = options.resolved_rescale
         if mode == "l1":
             dense = direction(None).reshape(-1)
@@ -226,11 +234,19 @@ def merge_ties_(
     step: int,
     options: MergeOptions,
     stats: StepStats,
+    shard: Shard | None = None,
 ) -> None:
-    """``θ ← θ + (1 − α)·F_K(Δθ) ⊕ α·T`` (Eq. 5–7) with the shared TIES disjoint merge."""
+    """``θ ← θ + (1 − α)·F_K(Δθ) ⊕ α·T`` (Eq. 5–7) with the shared TIES disjoint merge.
+
+    With a ``shard``, ``F_K`` is the top p of the whole tensor (see ``optim.distributed``).
+    """
     flat, p, alpha = param.view(-1), options.reserve_p, options.alpha
     update = direction(None).reshape(-1)  # TIES needs every |Δθ| to find the top p
-    kept_index = torch.nonzero(magnitude_mask(update, p)).flatten()
+    if shard is not None:
+        kept = sharded_magnitude_mask(update, p, shard)
+    else:
+        kept = magnitude_mask(update, p)
+    kept_index = torch.nonzero(kept).flatten()
     kept_values = rescale(update[kept_index], update, options.resolved_rescale, p)
     stats.entries += flat.numel()
     stats.kept += kept_index.numel()
@@ -279,6 +295,7 @@ def online_merging_adamw_(
     weight_decay: float,
     options: MergeOptions,
     stats: StepStats,
+    shard: Shard | None = None,
 ) -> None:
     """One step for one float32 parameter (see module docstring); ``step`` counts from 1.
 
@@ -300,7 +317,15 @@ def online_merging_adamw_(
         )
 
     merge_update_(
-        param, direction, cache, reference, name=name, step=step, options=options, stats=stats
+        param,
+        direction,
+        cache,
+        reference,
+        name=name,
+        step=step,
+        options=options,
+        stats=stats,
+        shard=shard,
     )
 
 
@@ -314,6 +339,7 @@ def merge_update_(
     step: int,
     options: MergeOptions,
     stats: StepStats,
+    shard: Shard | None = None,
 ) -> None:
     """Apply the update ``direction`` to ``param`` merged per ``options``, with step-K.
 
@@ -336,5 +362,12 @@ def merge_update_(
 
     stats.merged = True
     MERGE_RULES.get(options.method)(
-        param, direction, reference, name=name, step=step, options=options, stats=stats
+        param,
+        direction,
+        reference,
+        name=name,
+        step=step,
+        options=options,
+        stats=stats,
+        shard=shard,
     )

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from omotool.errors import InputError, UsageError
+from omotool.optim.distributed import any_rank, local_tensors
 from omotool.optim.functional import (
     MergeOptions,
     StepStats,
     online_merging_adamw_,
-    prepare_reference,
+    reference_tensor,
 )
 from omotool.optim.task_vector import FlatDelta, TaskVector
 
@@ -114,16 +115,17 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             self.task_vector_fingerprint = tv.sft_fingerprint
 
     # -- set-up ----------------------------------------------------------------------------
-    def _state_for(self, param: torch.Tensor, merges: bool) -> dict[str, Any]:
+    def _state_for(self, param: torch.Tensor, local: torch.Tensor, merges: bool) -> dict[str, Any]:
+        """Lazily created state; tensors are shaped like the local shard, in float32."""
         state = self.state[param]
         if not state:
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
-            if self.master_weights and param.dtype != torch.float32:
-                state["master"] = param.detach().to(torch.float32, copy=True)
+            state["exp_avg"] = torch.zeros_like(local, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(local, dtype=torch.float32)
+            if self.master_weights and local.dtype != torch.float32:
+                state["master"] = local.detach().to(torch.float32, copy=True)
             if merges and self.options.online_step > 1:
-                state["cache"] = torch.zeros_like(param, dtype=torch.float32)
+                state["cache"] = torch.zeros_like(local, dtype=torch.float32)
         return state
 
     # -- the step --------------------------------------------------------------------------
@@ -145,20 +147,21 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             names = group.get("param_names") or [None] * len(group["params"])
             for name, param in zip(names, group["params"], strict=True):
-                if param.grad is None:
+                local, grad, shard = local_tensors(param)
+                if grad is None:
                     continue
-                if param.grad.is_sparse:
+                if grad.is_sparse:
                     raise UsageError("sparse gradients are not supported")
                 reference = self.references.get(name) if name is not None else None
                 merges = self.options.merges and reference is not None
-                state = self._state_for(param, merges)
+                state = self._state_for(param, local, merges)
                 state["step"] += 1
                 work = state.get("master")
                 if work is None:
-                    work = param if param.dtype == torch.float32 else param.float()
+                    work = local if local.dtype == torch.float32 else local.float()
                 online_merging_adamw_(
                     work,
-                    param.grad.float(),
+                    grad.float(),
                     state["exp_avg"],
                     state["exp_avg_sq"],
                     state.get("cache"),
@@ -172,9 +175,10 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                     weight_decay=group["weight_decay"],
                     options=self.options if merges else _PLAIN_ADAMW,
                     stats=stats,
+                    shard=shard,
                 )
-                if work is not param:
-                    param.copy_(work)
+                if work is not local:
+                    local.copy_(work)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
             self.last_stats = stats
         return loss
@@ -291,16 +295,29 @@ def build_references(
                 f"parameter {name} has shape {list(param.shape)} but its task-vector entry "
                 f"has shape {list(shape)}: the task vector belongs to another model."
             )
-        references[name] = prepare_reference(task_vector.get(name), name, options).to(param.device)
+        local, _, shard = local_tensors(param)
+        if shard is not None and options.resolved_rescale == "l1":
+            raise UsageError("rescale='l1' is not supported with sharded (FSDP) parameters.")
+        reference = reference_tensor(task_vector.get(name), name, options)
+        if shard is not None:  # each rank keeps its own run of the whole T
+            reference = shard.local_part(reference, local.numel()).clone()
+        references[name] = FlatDelta.from_dense(reference.view(local.shape)).to(local.device)
     return references
 
 
 def gradients_finite(param_groups: list[dict[str, Any]]) -> bool:
-    """Whether every gradient is free of NaN and inf (one max-abs reduction per tensor)."""
-    peaks = [
-        torch.linalg.vector_norm(p.grad, ord=float("inf"))
-        for group in param_groups
-        for p in group["params"]
-        if p.grad is not None
-    ]
-    return not peaks or bool(torch.isfinite(torch.stack(peaks)).all())
+    """Whether every gradient, on every rank, is free of NaN and inf.
+
+    One max-abs reduction per local gradient; with sharded parameters the verdict is agreed
+    across ranks (one all-reduce), so that all ranks skip a step together.
+    """
+    peaks, groups = [], []
+    for group in param_groups:
+        for param in group["params"]:
+            _, grad, shard = local_tensors(param)
+            if grad is not None:
+                peaks.append(torch.linalg.vector_norm(grad, ord=float("inf")))
+            if shard is not None and shard.group not in groups:
+                groups.append(shard.group)
+    bad = bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all())
+    return not any_rank(bad, groups) if groups else not bad

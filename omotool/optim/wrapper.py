@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from omotool.errors import InputError, UsageError
+from omotool.optim.distributed import local_tensors
 from omotool.optim.functional import MergeOptions, StepStats, merge_update_
 from omotool.optim.online_merging import (
     MISSING_POLICIES,
@@ -75,6 +76,11 @@ class OnlineMerging(torch.optim.Optimizer):
         self.merge_state: dict[str, dict[str, Any]] = {}
         tv = TaskVector.coerce(task_vector)
         named = named_parameters(optimizer.param_groups)
+        if any(local_tensors(param)[2] is not None for _, param in named):
+            raise UsageError(
+                "OnlineMerging does not support sharded (FSDP) parameters; use "
+                "OnlineMergingAdamW, or DDP."
+            )
         self.references = (
             build_references(named, tv, self.options, missing) if (self.options.merges) else {}
         )

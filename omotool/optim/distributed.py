@@ -1,0 +1,116 @@
+"""Sharded parameters (FSDP2 / DTensor): each rank merges its own shard, exactly as one rank would.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every parameter along dim 0: rank ``r``
+holds a contiguous run of rows, i.e. a contiguous run ``[offset, offset + n_local)`` of the
+row-major flattened tensor. With that geometry:
+
+- DARE masks are drawn over the whole tensor (O(p·n) by geometric skips) and each rank keeps
+  the indices inside its run, so the mask does not depend on the sharding;
+- ``T = F(τ)`` is computed from the whole τ (one tensor at a time, at set-up) and each rank keeps
+  its run only;
+- the TIES top-k is the top-k of the whole tensor: its exact threshold comes from the union of
+  the ranks' local candidates, and ties at the threshold go to the lowest global indices, as
+  in ``omotool.merging.magnitude_mask``.
+Replicated DTensors (and plain tensors, e.g. under DDP) need none of this.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from omotool.errors import UsageError
+from omotool.merging import kept_count, kth_largest
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where a rank's local tensor sits in the whole parameter (flattened, row-major)."""
+
+    numel: int  # entries of the whole tensor
+    offset: int  # flat index of the first local entry
+    group: Any  # process group of the ranks sharing the tensor
+
+    def local_indices(self, indices: torch.Tensor, local_numel: int) -> torch.Tensor:
+        """The whole-tensor ``indices`` that fall in this shard, made local."""
+        inside = (indices >= self.offset) & (indices < self.offset + local_numel)
+        return indices[inside] - self.offset
+
+    def local_part(self, whole: torch.Tensor, local_numel: int) -> torch.Tensor:
+        return whole.reshape(-1)[self.offset : self.offset + local_numel]
+
+
+def local_tensors(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Shard | None]:
+    """``(local parameter, local gradient, shard)``; ``shard`` is None when not sharded."""
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import Shard as ShardPlacement
+
+    if not isinstance(param, DTensor):
+        return param, param.grad, None
+    grad = param.grad.to_local() if param.grad is not None else None
+    placements = tuple(param.placements)
+    if all(isinstance(p, Replicate) for p in placements):
+        return param.to_local(), grad, None
+    if len(placements) != 1 or placements[0] != ShardPlacement(0):
+        raise UsageError(
+            f"parameters sharded as {placements} are not supported; online merging supports "
+            "FSDP2's dim-0 sharding on a 1-D mesh, replicated parameters and DDP."
+        )
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, placements)
+    row = math.prod(param.shape[1:])
+    shard = Shard(numel=param.numel(), offset=offset[0] * row, group=param.device_mesh.get_group())
+    return param.to_local(), grad, shard
+
+
+def any_rank(flag: bool, groups: list[Any]) -> bool:
+    """Whether ``flag`` is true on any rank of any of ``groups`` (one tiny all-reduce each)."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    for group in groups:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item() > 0)
+
+
+def sharded_magnitude_mask(local: torch.Tensor, density: float, shard: Shard) -> torch.Tensor:
+    """Local part of ``magnitude_mask`` of the whole tensor (exactly k entries across ranks)."""
+    magnitudes = local.detach().abs().flatten().float()
+    k = kept_count(shard.numel, density)
+    # The global top-k lies within the union of each rank's local top-min(k, n_local).
+    local_k = min(k, magnitudes.numel())
+    candidates = (
+        magnitudes[magnitudes >= kth_largest(magnitudes, local_k)]
+        if local_k > 0
+        else magnitudes[:0]
+    )
+    gathered = _all_gather_ragged(candidates, shard.group)
+    threshold = kth_largest(gathered, k)
+    mask = magnitudes > threshold
+    ties = torch.nonzero(magnitudes == threshold).flatten()
+    counts = torch.tensor([int(mask.sum()), ties.numel()], dtype=torch.long)
+    per_rank = [torch.zeros_like(counts) for _ in range(dist.get_world_size(shard.group))]
+    dist.all_gather(per_rank, counts, group=shard.group)
+    rank = dist.get_rank(shard.group)
+    above = sum(int(c[0]) for c in per_rank)
+    ties_before = sum(int(c[1]) for c in per_rank[:rank])  # ranks hold increasing indices
+    take = min(max(k - above - ties_before, 0), ties.numel())
+    mask[ties[:take]] = True
+    return mask.view(local.shape)
+
+
+def _all_gather_ragged(values: torch.Tensor, group: Any) -> torch.Tensor:
+    """Concatenation of every rank's 1-D ``values`` (sizes may differ)."""
+    world = dist.get_world_size(group)
+    size = torch.tensor([values.numel()], dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    longest = max(int(s) for s in sizes)
+    padded = torch.full((longest,), -1.0, dtype=values.dtype)
+    padded[: values.numel()] = values
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([piece[: int(s)] for piece, s in zip(pieces, sizes, strict=True)])

@@ -1,0 +1,79 @@
+"""2-process CPU (gloo) runs under torchrun: DDP and FSDP2 end where one process ends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+METHODS = ("dare", "ties")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[2])}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    commands = [[sys.executable, str(WORKER), "single", str(out)]] + [
+        [*torchrun, str(WORKER), mode, str(out)] for mode in ("ddp", "fsdp")
+    ]
+    processes = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c in commands
+    ]
+    for command, process in zip(commands, processes, strict=True):
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, (command, output[-3000:])
+    return out
+
+
+def load(runs: Path, method: str, mode: str, rank: int = 0) -> dict[str, torch.Tensor]:
+    return load_file(str(runs / f"{method}-{mode}-rank{rank}.safetensors"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_ranks_hold_identical_parameters(runs, method, mode) -> None:
+    rank0, rank1 = load(runs, method, mode, 0), load(runs, method, mode, 1)
+    assert set(rank0) == set(rank1)
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_end_where_one_ends(runs, method, mode) -> None:
+    single, sharded = load(runs, method, "single"), load(runs, method, mode)
+    assert set(single) == set(sharded)
+    for name in single:
+        assert torch.allclose(sharded[name], single[name], rtol=0, atol=1e-6), name
+
+
+def test_sharded_top_k_equals_whole_tensor_top_k_with_ties(runs) -> None:
+    # Written by the FSDP run: every rank's mask equals its part of the single-process mask.
+    for rank in (0, 1):
+        assert (runs / f"topk-rank{rank}.ok").read_text() == "ok"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_moved_the_parameters(runs, method) -> None:
+    # Guards against a vacuous comparison: all runs must differ from the initial model.
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import build_model
+
+    initial = dict(build_model().named_parameters())
+    single = load(runs, method, "single")
+    moved = sum(int((single[n] != initial[n].detach()).sum()) for n in single)
+    assert moved > 0
