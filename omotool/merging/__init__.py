@@ -16,6 +16,7 @@ from omotool.merging.sparsify import (
     kth_largest,
     magnitude,
     magnitude_mask,
+    magnitude_topk_indices,
     rescale,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "kth_largest",
     "magnitude",
     "magnitude_mask",
+    "magnitude_topk_indices",
     "rescale",
 ]

@@ -61,10 +61,10 @@ def bernoulli_indices(
 ) -> torch.Tensor:
     """Sorted flat indices kept by a Bernoulli(``density``) mask over ``numel`` entries.
 
-    Sampled by geometric skips (the gap between kept entries is Geometric(p)), which draws the
-    same law as ``rand(numel) < p`` in O(p·n) work instead of O(n): at p = 0.01 the mask of a
-    large tensor costs about 1/50 of a dense draw. Same generator state, same indices, on
-    every process and however the tensor is sharded.
+    Sampled by geometric skips: the gaps between kept entries are i.i.d. Geometric(p), drawn as
+    ``⌊log(1 − u) / log(1 − p)⌋ + 1`` from uniforms ``u`` (the same law as ``rand(n) < p``) in
+    O(p·n) work instead of O(n). Same generator state, same indices, on every process and
+    however the tensor is sharded.
     """
     if numel <= 0 or density <= 0:
         return torch.empty(0, dtype=torch.long, device=device)
@@ -72,56 +72,103 @@ def bernoulli_indices(
         return torch.arange(numel, device=device)
     expected = numel * density
     chunk = int(expected + 6.0 * math.sqrt(expected) + 16)
-    pieces, last = [], -1
+    # float32 gaps are exact integers below 2**24; tiny densities draw longer gaps.
+    dtype = torch.float32 if density >= 1e-4 else torch.float64
+    log_keep = math.log1p(-density)
+    pieces, last = [], -1.0
     while last < numel - 1:
-        gaps = torch.empty(chunk, dtype=torch.float64, device=device)
-        gaps.geometric_(density, generator=generator)
-        positions = last + torch.cumsum(gaps.to(torch.long), dim=0)
+        uniforms = torch.rand(chunk, generator=generator, device=device, dtype=dtype)
+        gaps = torch.log1p(uniforms.neg_()).div_(log_keep).floor_().add_(1)
+        positions = torch.cumsum(gaps, dim=0, dtype=torch.float64).add_(last)  # exact to 2**53
         pieces.append(positions)
-        last = int(positions[-1])
-    indices = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    return indices[indices < numel]
+        last = float(positions[-1])
+    positions = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    inside = int(torch.searchsorted(positions, float(numel)))  # positions are increasing
+    return positions[:inside].to(torch.long)
+
+
+def _candidates(
+    magnitudes: torch.Tensor, k: int, mask_out: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(indices, values)`` of a subset of the 1-D ``magnitudes`` holding its ``k`` largest.
+
+    Large inputs avoid a full selection: a strided sample gives a floor a few standard errors
+    below the k-th largest, and only entries at or above it are kept (about ``k`` of them).
+    The stride is coprime with ``n``, hence with the row length, so the sample visits every
+    column. ``indices is None`` means all entries (small inputs, or an unlucky sample).
+    """
+    n = magnitudes.numel()
+    if n <= _EXACT_BELOW:
+        return None, magnitudes
+    stride = n // _SAMPLE
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    sample = magnitudes[::stride]
+    size = sample.numel()
+    above = k / n
+    margin = 4.0 * math.sqrt(above * (1.0 - above) / size) + 2.0 / size
+    rank = max(1, math.ceil(min(1.0, above + margin) * size))  # rank-th largest of the sample
+    floor = torch.kthvalue(sample, size - rank + 1).values
+    mask = (
+        torch.ge(magnitudes, floor, out=mask_out) if mask_out is not None else magnitudes >= floor
+    )
+    indices = torch.nonzero(mask).flatten()
+    if indices.numel() < k:
+        return None, magnitudes
+    return indices, magnitudes.index_select(0, indices)
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The exact ``k``-th largest entry of the 1-D float tensor ``values`` (1 ≤ k ≤ n).
 
-    Large tensors avoid a full sort or selection: a fixed-seed sample gives a threshold a few
-    standard errors below the k-th largest, the candidates at or above it are selected exactly.
-    If the sample was unlucky (fewer than ``k`` candidates) the full selection runs instead, so
-    the result is always exact; only the speed depends on the sample. Inputs must be finite.
+    Selection runs on the sampled candidate set (see ``_candidates``), so the result is
+    exact and only the speed depends on the sample. Inputs must be finite.
     """
     n = values.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} is outside 1..{n}")
-    if n <= _EXACT_BELOW:
-        return torch.kthvalue(values, n - k + 1).values
-    generator = torch.Generator(device=values.device).manual_seed(0)
-    sample = values[torch.randint(n, (_SAMPLE,), generator=generator, device=values.device)]
-    above = k / n
-    margin = 4.0 * math.sqrt(above * (1.0 - above) / _SAMPLE) + 2.0 / _SAMPLE
-    rank = math.ceil(min(1.0, above + margin) * _SAMPLE)  # rank-th largest of the sample
-    low = torch.kthvalue(sample, _SAMPLE - rank + 1).values
-    candidates = values[values >= low]
-    if candidates.numel() < k:
-        return torch.kthvalue(values, n - k + 1).values
+    _, candidates = _candidates(values, k)
     return torch.kthvalue(candidates, candidates.numel() - k + 1).values
+
+
+def magnitude_topk_indices(
+    tensor: torch.Tensor,
+    density: float,
+    magnitudes_out: torch.Tensor | None = None,
+    mask_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sorted flat indices of exactly ``kept_count(n, density)`` entries of largest ``|x|``.
+
+    Ties at the threshold go to the lowest indices. ``magnitudes_out`` (float32) and
+    ``mask_out`` (bool), of at least ``n`` entries, are optional scratch buffers: reusing them
+    spares the page faults of fresh full-size temporaries on every call.
+    """
+    flat = tensor.detach().reshape(-1)
+    n = flat.numel()
+    k = kept_count(n, density)
+    if k >= n:
+        return torch.arange(n, device=flat.device)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=flat.device)
+    if magnitudes_out is not None and flat.dtype == torch.float32:
+        magnitudes = torch.abs(flat, out=magnitudes_out[:n])
+    else:
+        magnitudes = flat.abs().float()
+    indices, values = _candidates(magnitudes, k, None if mask_out is None else mask_out[:n])
+    threshold = torch.kthvalue(values, values.numel() - k + 1).values
+    selected = values >= threshold
+    surplus = int(selected.sum()) - k
+    if surplus > 0:  # more entries equal the threshold than places: the lowest indices win
+        ties = torch.nonzero(values == threshold).flatten()
+        selected[ties[ties.numel() - surplus :]] = False
+    chosen = torch.nonzero(selected).flatten()
+    return chosen if indices is None else indices.index_select(0, chosen)
 
 
 def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask of exactly ``kept_count(n, density)`` entries of largest ``|tensor|``."""
-    magnitudes = tensor.detach().abs().flatten().float()
-    n = magnitudes.numel()
-    k = kept_count(n, density)
-    if k >= n:
-        return torch.ones_like(tensor, dtype=torch.bool)
-    if k == 0:
-        return torch.zeros_like(tensor, dtype=torch.bool)
-    threshold = kth_largest(magnitudes, k)
-    mask = magnitudes > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:  # entries equal to the threshold fill the remaining places
-        mask[torch.nonzero(magnitudes == threshold).flatten()[:missing]] = True
+    mask = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
+    mask[magnitude_topk_indices(tensor, density)] = True
     return mask.view(tensor.shape)
 
 

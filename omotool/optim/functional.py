@@ -39,7 +39,7 @@ from omotool.merging import (
     disjoint_merge,
     keyed_generator,
     magnitude,
-    magnitude_mask,
+    magnitude_topk_indices,
     rescale,
 )
 from omotool.merging.consensus import ELECTIONS
@@ -167,9 +167,28 @@ def adam_direction(
     """``Δθ = −η/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε)``, flat at ``index`` or full-shaped."""
     m, v = exp_avg, exp_avg_sq
     if index is not None:
-        m, v = m.reshape(-1)[index], v.reshape(-1)[index]
+        m, v = m.reshape(-1).index_select(0, index), v.reshape(-1).index_select(0, index)
     denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
     return (m / denom).mul_(-lr / (1 - beta1**step))
+
+
+class Workspace:
+    """Reusable scratch buffers by purpose, grown to the largest tensor seen.
+
+    Fresh full-size temporaries are page-faulted in on every step (on this kind of machine a
+    new buffer costs several times a pass over an existing one), so the fast path keeps them.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A 1-D buffer of ``like.numel()`` entries (contents undefined)."""
+        numel, buffer = like.numel(), self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel or buffer.device != like.device:
+            buffer = torch.empty(numel, dtype=dtype, device=like.device)
+            self._buffers[key] = buffer
+        return buffer[:numel]
 
 
 Direction = Callable[[torch.Tensor | None], torch.Tensor]
@@ -190,6 +209,7 @@ def merge_dare_(
     options: MergeOptions,
     stats: StepStats,
     shard: Shard | None = None,
+    workspace: Workspace | None = None,
 ) -> None:
     """``θ ← θ + (1 − α)·F_R(Δθ) + α·T`` (Eq. 3, 4), computing ``Δθ`` only where kept.
 
@@ -235,6 +255,7 @@ def merge_ties_(
     options: MergeOptions,
     stats: StepStats,
     shard: Shard | None = None,
+    workspace: Workspace | None = None,
 ) -> None:
     """``θ ← θ + (1 − α)·F_K(Δθ) ⊕ α·T`` (Eq. 5–7) with the shared TIES disjoint merge.
 
@@ -243,32 +264,38 @@ def merge_ties_(
     flat, p, alpha = param.view(-1), options.reserve_p, options.alpha
     update = direction(None).reshape(-1)  # TIES needs every |Δθ| to find the top p
     if shard is not None:
-        kept = sharded_magnitude_mask(update, p, shard)
+        kept_index = torch.nonzero(sharded_magnitude_mask(update, p, shard)).flatten()
+    elif workspace is not None:
+        scratch = workspace.get("magnitudes", update), workspace.get("mask", update, torch.bool)
+        kept_index = magnitude_topk_indices(update, p, *scratch)
     else:
-        kept = magnitude_mask(update, p)
-    kept_index = torch.nonzero(kept).flatten()
-    kept_values = rescale(update[kept_index], update, options.resolved_rescale, p)
+        kept_index = magnitude_topk_indices(update, p)
+    kept_values = rescale(update.index_select(0, kept_index), update, options.resolved_rescale, p)
     stats.entries += flat.numel()
     stats.kept += kept_index.numel()
     if reference is None:
         flat.index_add_(0, kept_index, kept_values, alpha=1 - alpha)
         stats.update_sq += (1 - alpha) ** 2 * float(kept_values.square().sum())
         return
-    # F_K(Δθ) as a dense vector (in the direction's buffer), to read it where T is kept.
-    update.zero_()
-    update[kept_index] = kept_values
+    # F_K(Δθ) where T is kept: both index lists are sorted, so membership is a searchsorted.
     tau_index, tau_values = reference.flat_indices(), reference.flat_values()
-    update_at_tau = update[tau_index]
+    position = torch.searchsorted(kept_index, tau_index).clamp_(max=max(kept_index.numel() - 1, 0))
+    present = (
+        kept_index.index_select(0, position) == tau_index
+        if kept_index.numel()
+        else (torch.zeros_like(tau_index, dtype=torch.bool))
+    )
+    update_at_tau = torch.where(present, kept_values.index_select(0, position), 0.0)
     merged, agree = disjoint_merge(
         torch.stack([tau_values, update_at_tau]),
         [alpha, 1 - alpha],
         election=options.election,
         return_mask=True,
     )
-    update[tau_index] = 0  # those entries arrive through `merged`
-    flat.index_add_(0, kept_index, update[kept_index], alpha=1 - alpha)
+    alone = kept_values.clone()
+    alone[position[present]] = 0  # those entries arrive through `merged`
+    flat.index_add_(0, kept_index, alone, alpha=1 - alpha)
     flat.index_add_(0, tau_index, merged)
-    present = update_at_tau != 0
     dropped = present & ~agree[1]
     stats.overlap += int(present.sum())
     stats.conflicts += int(dropped.sum())
@@ -340,6 +367,7 @@ def merge_update_(
     options: MergeOptions,
     stats: StepStats,
     shard: Shard | None = None,
+    workspace: Workspace | None = None,
 ) -> None:
     """Apply the update ``direction`` to ``param`` merged per ``options``, with step-K.
 
@@ -370,4 +398,98 @@ def merge_update_(
         options=options,
         stats=stats,
         shard=shard,
+        workspace=workspace,
+    )
+
+
+def fused_adamw_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """torch's fused AdamW kernel on one tensor (``step`` already counts this step)."""
+    torch._fused_adamw_(
+        [param], [grad], [exp_avg], [exp_avg_sq], [], [step],
+        lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+        amsgrad=False, maximize=False,
+    )  # fmt: skip
+
+
+def fused_online_merging_adamw_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    cache: torch.Tensor | None,
+    reference: FlatDelta | None,
+    workspace: Workspace,
+    *,
+    name: str,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    options: MergeOptions,
+    stats: StepStats,
+    shard: Shard | None = None,
+) -> None:
+    """``online_merging_adamw_`` with the dense part in torch's fused AdamW kernel.
+
+    The kernel makes one pass over ``g, m, v`` and a parameter, as ``AdamW(fused=True)``:
+    - OnDARE (K = 1): it runs on the parameter itself with ``lr = 0``, so it only advances
+      the moments; ``Δθ`` is then computed at the ~p·n kept entries alone.
+    - OnTIES, step-K, ``l1`` rescale: it runs with the real ``lr`` on a zeroed scratch
+      buffer of the ``workspace``, which thereby holds ``Δθ``.
+    - ``method="none"``: it is ``AdamW(fused=True)``.
+    Tests hold it equal to the reference path to float tolerance.
+    """
+    adam = dict(beta1=beta1, beta2=beta2, eps=eps)
+    if not options.merges:
+        fused_adamw_(
+            param, grad, exp_avg, exp_avg_sq, step, lr=lr, weight_decay=weight_decay, **adam
+        )
+        return
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    dense = (
+        options.method == "ties"
+        or cache is not None
+        or options.resolved_rescale == "l1"
+        or options.reserve_p >= 1
+    )
+    if dense:
+        update = workspace.get("update", param).view_as(param).zero_()
+        fused_adamw_(update, grad, exp_avg, exp_avg_sq, step, lr=lr, weight_decay=0.0, **adam)
+
+        def direction(index: torch.Tensor | None) -> torch.Tensor:
+            return update if index is None else update.reshape(-1)[index]
+
+    else:
+        fused_adamw_(param, grad, exp_avg, exp_avg_sq, step, lr=0.0, weight_decay=0.0, **adam)
+        count = int(step)
+
+        def direction(index: torch.Tensor | None) -> torch.Tensor:
+            return adam_direction(exp_avg, exp_avg_sq, step=count, lr=lr, index=index, **adam)
+
+    merge_update_(
+        param,
+        direction,
+        cache,
+        reference,
+        name=name,
+        step=int(step),
+        options=options,
+        stats=stats,
+        shard=shard,
+        workspace=workspace,
     )

@@ -23,6 +23,8 @@ from omotool.optim.distributed import any_rank, local_tensors
 from omotool.optim.functional import (
     MergeOptions,
     StepStats,
+    Workspace,
+    fused_online_merging_adamw_,
     online_merging_adamw_,
     reference_tensor,
 )
@@ -52,7 +54,10 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             written with non-finite values.
         master_weights: keep a float32 copy of bf16/fp16 parameters so that updates far below
             the parameter's precision accumulate (moments and merges are float32 anyway).
-        track_stats: compute ``last_stats`` (costs a few reductions per tensor).
+        fused: run the dense part in torch's fused AdamW kernel (default where it exists:
+            ``functional.fused_online_merging_adamw_``), or in plain tensor ops
+            (``functional.online_merging_adamw_``, the readable reference; with
+            ``method="none"`` it follows ``AdamW(foreach=False)`` bit for bit).
     """
 
     def __init__(
@@ -74,7 +79,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         missing: str = "error",
         nan_policy: str = "skip",
         master_weights: bool = True,
-        track_stats: bool = True,
+        fused: bool | None = None,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise UsageError(
@@ -101,7 +106,8 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         self.nan_policy = nan_policy
         self.missing = missing
         self.master_weights = master_weights
-        self.track_stats = track_stats
+        self.fused = hasattr(torch, "_fused_adamw_") if fused is None else fused
+        self._workspace = Workspace()
         self.skipped_steps = 0
         self.last_stats = StepStats()
         self.references: dict[str, FlatDelta] = {}
@@ -159,15 +165,8 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 work = state.get("master")
                 if work is None:
                     work = local if local.dtype == torch.float32 else local.float()
-                online_merging_adamw_(
-                    work,
-                    grad.float(),
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    state.get("cache"),
-                    reference,
+                hyper = dict(
                     name=name or "",
-                    step=int(state["step"]),
                     lr=group["lr"],
                     beta1=beta1,
                     beta2=beta2,
@@ -177,6 +176,17 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                     stats=stats,
                     shard=shard,
                 )
+                m, v, cache = state["exp_avg"], state["exp_avg_sq"], state.get("cache")
+                if self.fused:
+                    fused_online_merging_adamw_(
+                        work, grad.float(), m, v, state["step"], cache, reference, self._workspace,
+                        **hyper,
+                    )  # fmt: skip
+                else:
+                    online_merging_adamw_(
+                        work, grad.float(), m, v, cache, reference, step=int(state["step"]),
+                        **hyper,
+                    )  # fmt: skip
                 if work is not local:
                     local.copy_(work)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
@@ -308,16 +318,17 @@ def build_references(
 def gradients_finite(param_groups: list[dict[str, Any]]) -> bool:
     """Whether every gradient, on every rank, is free of NaN and inf.
 
-    One max-abs reduction per local gradient; with sharded parameters the verdict is agreed
-    across ranks (one all-reduce), so that all ranks skip a step together.
+    One min/max pass per local gradient (NaN and ±inf propagate into them; far cheaper here
+    than ``isfinite`` or a max-norm); with sharded parameters the verdict is agreed across
+    ranks (one all-reduce), so that all ranks skip a step together.
     """
-    peaks, groups = [], []
+    extremes, groups = [], []
     for group in param_groups:
         for param in group["params"]:
             _, grad, shard = local_tensors(param)
-            if grad is not None:
-                peaks.append(torch.linalg.vector_norm(grad, ord=float("inf")))
+            if grad is not None and grad.numel():
+                extremes.extend(extreme.float() for extreme in torch.aminmax(grad))
             if shard is not None and shard.group not in groups:
                 groups.append(shard.group)
-    bad = bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all())
+    bad = bool(extremes) and not bool(torch.isfinite(torch.stack(extremes)).all())
     return not any_rank(bad, groups) if groups else not bad

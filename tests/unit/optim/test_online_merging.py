@@ -47,15 +47,22 @@ def run_reference(tau, grads, **kwargs):
     return params
 
 
+@pytest.fixture(params=[False, True], ids=["reference", "fused"])
+def fused(request) -> bool:
+    """Both paths of the optimizer: plain tensor ops, and torch's fused kernel."""
+    return request.param
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_method_none_is_torch_adamw_exactly(weight_decay) -> None:
+def test_method_none_is_torch_adamw_exactly(weight_decay, fused) -> None:
     grads = grad_sequence(60)
     ours = make_params()
     theirs = make_params()
-    opt = OnlineMergingAdamW(ours.items(), method="none", lr=3e-3, weight_decay=weight_decay)
-    torch_opt = torch.optim.AdamW(
-        theirs.values(), lr=3e-3, weight_decay=weight_decay, foreach=False
+    opt = OnlineMergingAdamW(
+        ours.items(), method="none", lr=3e-3, weight_decay=weight_decay, fused=fused
     )
+    path = {"fused": True} if fused else {"foreach": False}
+    torch_opt = torch.optim.AdamW(theirs.values(), lr=3e-3, weight_decay=weight_decay, **path)
     a, b = run(opt, ours, grads), run(torch_opt, theirs, grads)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
@@ -72,8 +79,8 @@ def test_param_groups_and_scheduler_match_torch() -> None:
             {"params": [wrap(kv) for kv in items[1:]]},
         ]
 
-    opt = OnlineMergingAdamW(groups(ours, True), method="none", lr=1e-3)
-    torch_opt = torch.optim.AdamW(groups(theirs, False), lr=1e-3, weight_decay=0.0, foreach=False)
+    opt = OnlineMergingAdamW(groups(ours, True), method="none", lr=1e-3, fused=True)
+    torch_opt = torch.optim.AdamW(groups(theirs, False), lr=1e-3, weight_decay=0.0, fused=True)
     sched = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=30) for o in (opt, torch_opt)]
     for step_grads in grads:
         for params, o, s in ((ours, opt, sched[0]), (theirs, torch_opt, sched[1])):
@@ -84,7 +91,7 @@ def test_param_groups_and_scheduler_match_torch() -> None:
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
 
 
-def test_dare_full_density_zero_alpha_is_adamw() -> None:
+def test_dare_full_density_zero_alpha_is_adamw(fused) -> None:
     grads = grad_sequence(40)
     ours, theirs = make_params(), make_params()
     opt = OnlineMergingAdamW(
@@ -95,6 +102,7 @@ def test_dare_full_density_zero_alpha_is_adamw() -> None:
         alpha=0.0,
         lr=3e-3,
         weight_decay=0.05,
+        fused=fused,
     )
     torch_opt = torch.optim.AdamW(theirs.values(), lr=3e-3, weight_decay=0.05, foreach=False)
     a, b = run(opt, ours, grads), run(torch_opt, theirs, grads)
@@ -114,14 +122,14 @@ def test_dare_full_density_zero_alpha_is_adamw() -> None:
         dict(method="ties", p=0.2, alpha=0.3, online_step=4),
     ],
 )
-def test_matches_dense_transcription_step_by_step(options) -> None:
+def test_matches_dense_transcription_step_by_step(options, fused) -> None:
     grads, tau = grad_sequence(12), make_tau(scale=0.5)
     kwargs = dict(options)
     p = kwargs.pop("p")
     params = make_params()
     # A large eps keeps |Δθ| of Adam's first steps apart, so rounding cannot reorder the top-k.
     common = dict(lr=1e-2, weight_decay=0.01, seed=3, eps=0.1, **kwargs)
-    opt = OnlineMergingAdamW(params.items(), tau, reserve_p=p, **common)
+    opt = OnlineMergingAdamW(params.items(), tau, reserve_p=p, fused=fused, **common)
     reference = {n: t.detach().clone() for n, t in make_params().items()}
     oracle = ReferenceOptimizer(reference, tau, p=p, **common)
     for step_grads in grads:
@@ -218,7 +226,7 @@ def test_step_k_moves_every_tensor_on_every_step() -> None:
 
 
 @pytest.mark.parametrize("method", ["dare", "ties"])
-def test_step_k_equal_to_total_steps_is_one_offline_merge(method) -> None:
+def test_step_k_equal_to_total_steps_is_one_offline_merge(method, fused) -> None:
     steps, tau, grads = 6, make_tau(), grad_sequence(6)
     params = make_params()
     opt = OnlineMergingAdamW(
@@ -230,6 +238,7 @@ def test_step_k_equal_to_total_steps_is_one_offline_merge(method) -> None:
         lr=1e-2,
         online_step=steps,
         seed=4,
+        fused=fused,
     )
     merged = run(opt, params, grads)
     # Offline: plain Adam for all steps, then one merge of the total update with T.
@@ -276,9 +285,11 @@ def test_nan_gradient_skips_the_step_everywhere() -> None:
     ("method", "k", "dtype"),
     [("dare", 1, torch.float32), ("ties", 3, torch.float32), ("dare", 2, torch.bfloat16)],
 )
-def test_state_dict_resume_is_bit_exact(method, k, dtype) -> None:
+def test_state_dict_resume_is_bit_exact(method, k, dtype, fused) -> None:
     tau, grads = make_tau(), grad_sequence(10)
-    kwargs = dict(method=method, reserve_p=0.3, alpha=0.1, lr=1e-2, online_step=k, seed=11)
+    kwargs = dict(
+        method=method, reserve_p=0.3, alpha=0.1, lr=1e-2, online_step=k, seed=11, fused=fused
+    )
     straight = make_params(dtype=dtype)
     expected = run(OnlineMergingAdamW(straight.items(), tau, **kwargs), straight, grads)
 

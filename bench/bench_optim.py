@@ -1,0 +1,506 @@
+"""Benchmark the speed of ``OnlineMergingAdamW`` against AdamW and a plain transcription.
+
+What it measures
+----------------
+Parameters shaped like a 135M Llama (hidden 576, 30 layers, MLP 1536, vocab 49152, 9 heads
+and 3 KV heads of size 64, tied embeddings: ~134.5M float32 entries, HF names such as
+``model.layers.0.self_attn.q_proj.weight``), a task vector ``τ`` of the same shapes
+(``1e-3·N(0, 1)``) and a few fixed sets of random gradients. Each method gets its own copy
+of the parameters and its own optimizer, and is timed on ``optimizer.step()`` only:
+
+- ``adamw-fused``: ``torch.optim.AdamW(fused=True)``, the baseline (ratio 1.0);
+- ``adamw-foreach``, ``adamw-forloop``: ``torch.optim.AdamW(foreach=True / False)``;
+- ``ondare``, ``onties``: ``omotool.optim.OnlineMergingAdamW(method="dare" / "ties")``;
+- ``transcription-dare``, ``transcription-ties``: ``TranscribedOnlineMerging`` below, the
+  paper's Algorithm 1 written out directly, per tensor, with dense operations. It costs what
+  the released reference optimizers (``ODAdamW`` / ``OTAdamW``) cost: dense Adam ``Δθ``; OnDARE
+  as a dropout of ``Δθ`` (a dense Bernoulli draw) plus ``α·T``; OnTIES as a full ``argsort`` of
+  ``|Δθ|`` for the top-p trim, then the TIES sign election against ``T``. ``T = F(τ)`` is
+  dense and computed once, at construction.
+
+All methods use lr 1e-6, betas (0.9, 0.999), eps 1e-8, no weight decay; the merging ones
+reserve_p 0.01 and alpha 1e-7. The gradients are assigned to ``p.grad`` before every step,
+outside the timed region. Every method first runs a few warm-up steps (state allocation),
+then the methods take turns in rounds: each round runs every method for ``--steps`` steps, so
+drift on a shared machine hits all alike. The report gives the median of all timed steps per
+method, its ratio to fused AdamW, the speed-ups of OnDARE/OnTIES over their transcriptions,
+the goals with PASS/MISS, and ``memory_report()`` of the two omotool optimizers.
+
+How to run
+----------
+    python bench/bench_optim.py                                # full size (~5-10 minutes)
+    python bench/bench_optim.py --steps 3 --rounds 3           # fewer steps per round
+    python bench/bench_optim.py --layers 2 --vocab 4000        # smoke run (seconds)
+    python bench/bench_optim.py --methods adamw-fused,ondare   # a subset
+    python bench/bench_optim.py --profile                      # plus cProfile of one step each
+    python bench/bench_optim.py --json                         # results as JSON
+
+The full size holds every method's parameters and moments at once: about 14 GB of RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import os
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from omotool.optim import OnlineMergingAdamW
+
+# The 135M Llama (SmolLM-135M-like): see model_shapes.
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64
+DEFAULT_LAYERS, DEFAULT_VOCAB = 30, 49152
+
+LR, BETAS, EPS, WEIGHT_DECAY = 1e-6, (0.9, 0.999), 1e-8, 0.0
+DEFAULT_P, DEFAULT_ALPHA = 0.01, 1e-7
+TAU_SCALE, PARAM_SCALE = 1e-3, 0.02
+BASELINE = "adamw-fused"
+
+# Goals: (method, most times slower than fused AdamW, what we aim for).
+RATIO_GOALS = (("ondare", 1.5, 1.0), ("onties", 2.5, 1.5))
+SPEEDUP_GOAL = 10.0  # OnDARE / OnTIES at least this many times faster than their transcription
+MEMORY_GOAL = 0.1  # extra optimizer bytes per parameter beyond the two Adam moments
+PAIRS = (("ondare", "transcription-dare"), ("onties", "transcription-ties"))
+
+Named = dict[str, torch.Tensor]
+
+
+# -- model, task vector and gradients --------------------------------------------------------
+def model_shapes(layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a Llama with tied embeddings (no ``lm_head``)."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, HIDDEN)}
+    for i in range(layers):
+        prefix = f"model.layers.{i}"
+        shapes.update(
+            {
+                f"{prefix}.self_attn.q_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
+                f"{prefix}.self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+                f"{prefix}.self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+                f"{prefix}.self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
+                f"{prefix}.mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+                f"{prefix}.mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+                f"{prefix}.mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+                f"{prefix}.input_layernorm.weight": (HIDDEN,),
+                f"{prefix}.post_attention_layernorm.weight": (HIDDEN,),
+            }
+        )
+    shapes["model.norm.weight"] = (HIDDEN,)
+    return shapes
+
+
+def random_tensors(shapes: Mapping[str, tuple[int, ...]], scale: float, seed: int) -> Named:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(shape, generator=generator).mul_(scale) for name, shape in shapes.items()
+    }
+
+
+def copy_params(params: Named) -> Named:
+    """A fresh copy of the parameters (leaf tensors with requires_grad) for one method."""
+    return {name: p.detach().clone().requires_grad_(True) for name, p in params.items()}
+
+
+# -- the transcription of Algorithm 1 --------------------------------------------------------
+def top_fraction_(tensor: torch.Tensor, p: float) -> torch.Tensor:
+    """Zero all but the ``int(p·n)`` entries of largest ``|x|`` (a full argsort), in place."""
+    k = int(p * tensor.numel())
+    if p >= 1 or k < 1:  # as the reference code: a tensor too small to trim stays dense
+        return tensor
+    keep = torch.argsort(tensor.reshape(-1).abs(), descending=True)[:k]
+    mask = torch.zeros_like(tensor)
+    mask.view(-1)[keep] = 1
+    return tensor.mul_(mask)
+
+
+class TranscribedOnlineMerging(torch.optim.Optimizer):
+    """OnDARE / OnTIES AdamW as Algorithm 1 reads, dense, one tensor at a time (cf. module doc).
+
+    ``T`` is dense: DARE ``clamp(dropout(τ), ±1)`` (dropout scales kept entries by ``1/p``),
+    TIES the top-p of ``|τ|``. Per step: Adam's ``Δθ`` (ε added to ``√v`` before the bias
+    correction, as the reference code), then DARE ``θ += α·T + (1 − α)·dropout(Δθ)``, or TIES
+    ``s = sign(T + F_K(Δθ))``, ``θ += α·T·[sign T = s] + (1 − α)·F_K(Δθ)·[sign F_K(Δθ) = s]``.
+    """
+
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, torch.Tensor]],
+        task_vector: Mapping[str, torch.Tensor],
+        method: str,
+        reserve_p: float = DEFAULT_P,
+        alpha: float = DEFAULT_ALPHA,
+        lr: float = LR,
+        betas: tuple[float, float] = BETAS,
+        eps: float = EPS,
+    ) -> None:
+        if method not in ("dare", "ties"):
+            raise ValueError(f"method must be 'dare' or 'ties', got {method!r}")
+        named = list(named_params)
+        super().__init__([p for _, p in named], {"lr": lr, "betas": betas, "eps": eps})
+        self.method, self.reserve_p, self.alpha = method, reserve_p, alpha
+        with torch.no_grad():
+            for name, param in named:
+                tau = task_vector[name].detach().clone().float()
+                if method == "dare":
+                    reference = F.dropout(tau, p=1 - reserve_p, training=True).clamp_(-1, 1)
+                else:
+                    reference = top_fraction_(tau, reserve_p)
+                self.state[param]["tau_ref"] = reference
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = closure() if closure is not None else None
+        p_keep, alpha = self.reserve_p, self.alpha
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad, state = param.grad, self.state[param]
+                if "step" not in state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                state["step"] += 1
+                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                delta = m / v.sqrt().add_(group["eps"]) * -step_size
+                reference = state["tau_ref"]
+                if self.method == "dare":
+                    delta = F.dropout(delta, p=1 - p_keep, training=True)  # mask · Δθ / p
+                    param.add_(reference, alpha=alpha)
+                    param.add_(delta, alpha=1 - alpha)
+                else:
+                    delta = top_fraction_(delta, p_keep)
+                    elected = torch.where(reference + delta >= 0, 1.0, -1.0)
+                    agree_tau = reference.sign() == elected
+                    agree_delta = delta.sign() == elected
+                    param.add_(reference * agree_tau, alpha=alpha)
+                    param.add_(delta * agree_delta, alpha=1 - alpha)
+        return loss
+
+
+# -- the methods -----------------------------------------------------------------------------
+Factory = Callable[[Named, Named, argparse.Namespace], torch.optim.Optimizer]
+
+
+def _adamw(**kwargs: Any) -> Factory:
+    def make(params: Named, tau: Named, args: argparse.Namespace) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            list(params.values()), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **kwargs
+        )
+
+    return make
+
+
+def _online(method: str) -> Factory:
+    def make(params: Named, tau: Named, args: argparse.Namespace) -> torch.optim.Optimizer:
+        return OnlineMergingAdamW(
+            list(params.items()),
+            task_vector=tau,
+            method=method,
+            reserve_p=args.p,
+            alpha=args.alpha,
+            lr=LR,
+            betas=BETAS,
+            eps=EPS,
+            weight_decay=WEIGHT_DECAY,
+        )
+
+    return make
+
+
+def _transcription(method: str) -> Factory:
+    def make(params: Named, tau: Named, args: argparse.Namespace) -> torch.optim.Optimizer:
+        return TranscribedOnlineMerging(
+            params.items(), tau, method, reserve_p=args.p, alpha=args.alpha
+        )
+
+    return make
+
+
+METHODS: dict[str, tuple[str, Factory]] = {
+    "adamw-fused": ("torch.optim.AdamW(fused=True)", _adamw(fused=True)),
+    "adamw-foreach": ("torch.optim.AdamW(foreach=True)", _adamw(foreach=True)),
+    "adamw-forloop": ("torch.optim.AdamW(foreach=False)", _adamw(foreach=False)),
+    "ondare": ('OnlineMergingAdamW(method="dare")', _online("dare")),
+    "onties": ('OnlineMergingAdamW(method="ties")', _online("ties")),
+    "transcription-dare": ("Algorithm 1, dense dropout", _transcription("dare")),
+    "transcription-ties": ("Algorithm 1, argsort top-p", _transcription("ties")),
+}
+
+
+# -- timing ----------------------------------------------------------------------------------
+class Runner:
+    """One method: its parameter copy, its optimizer, and its timed steps (in seconds)."""
+
+    def __init__(self, name: str, params: Named, tau: Named, args: argparse.Namespace) -> None:
+        self.name = name
+        self.params = copy_params(params)
+        started = time.perf_counter()
+        self.optimizer = METHODS[name][1](self.params, tau, args)
+        self.setup_s = time.perf_counter() - started
+        self.steps_done = 0
+        self.samples: list[float] = []
+        self.round_means: list[float] = []
+
+    def step(self, grad_sets: list[Named]) -> float:
+        """Assign the next gradient set (untimed), then time one ``optimizer.step()``."""
+        grads = grad_sets[self.steps_done % len(grad_sets)]
+        for name, param in self.params.items():
+            param.grad = grads[name]
+        started = time.perf_counter()
+        self.optimizer.step()
+        elapsed = time.perf_counter() - started
+        self.steps_done += 1
+        return elapsed
+
+    def run_round(self, grad_sets: list[Named], steps: int) -> None:
+        times = [self.step(grad_sets) for _ in range(steps)]
+        self.samples.extend(times)
+        self.round_means.append(statistics.fmean(times))
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.params.values())
+
+
+def profile_step(runner: Runner, grad_sets: list[Named], top: int) -> str:
+    """cProfile of one ``step()`` of ``runner``: the ``top`` entries by cumulative time."""
+    grads = grad_sets[runner.steps_done % len(grad_sets)]
+    for name, param in runner.params.items():
+        param.grad = grads[name]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    runner.optimizer.step()
+    profiler.disable()
+    runner.steps_done += 1
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+# -- the report ------------------------------------------------------------------------------
+def summarise(runners: dict[str, Runner]) -> dict[str, dict[str, Any]]:
+    baseline = runners.get(BASELINE)
+    base_ms = statistics.median(baseline.samples) * 1e3 if baseline else None
+    summary = {}
+    for name, runner in runners.items():
+        median_ms = statistics.median(runner.samples) * 1e3
+        summary[name] = {
+            "description": METHODS[name][0],
+            "median_ms": median_ms,
+            "min_ms": min(runner.samples) * 1e3,
+            "ratio_vs_fused": median_ms / base_ms if base_ms else None,
+            "round_means_ms": [t * 1e3 for t in runner.round_means],
+            "setup_s": runner.setup_s,
+            "params_finite": runner.finite(),
+        }
+    return summary
+
+
+def evaluate_goals(
+    summary: dict[str, dict[str, Any]], memory: dict[str, dict[str, float]]
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Speed-ups over the transcriptions, and the goals (``met`` is None when not measured)."""
+    speedups = {
+        f"{ours}_over_{theirs}": summary[theirs]["median_ms"] / summary[ours]["median_ms"]
+        for ours, theirs in PAIRS
+        if ours in summary and theirs in summary
+    }
+    goals = []
+    for method, limit, aim in RATIO_GOALS:
+        ratio = (summary.get(method) or {}).get("ratio_vs_fused")
+        goals.append(
+            {
+                "goal": f"{method} within {limit:g}x of fused AdamW (aim {aim:g}x)",
+                "met": None if ratio is None else ratio <= limit,
+                "actual": "not measured" if ratio is None else f"{ratio:.2f}x",
+            }
+        )
+    for ours, theirs in PAIRS:
+        speedup = speedups.get(f"{ours}_over_{theirs}")
+        goals.append(
+            {
+                "goal": f"{ours} at least {SPEEDUP_GOAL:g}x faster than {theirs}",
+                "met": None if speedup is None else speedup >= SPEEDUP_GOAL,
+                "actual": "not measured" if speedup is None else f"{speedup:.1f}x",
+            }
+        )
+    for method, report in memory.items():
+        extra = report["extra_bytes_per_parameter"]
+        goals.append(
+            {
+                "goal": f"{method} extra optimizer memory < {MEMORY_GOAL:g} bytes/parameter",
+                "met": extra < MEMORY_GOAL,
+                "actual": f"{extra:.4f}",
+            }
+        )
+    return speedups, goals
+
+
+def render(result: dict[str, Any]) -> str:
+    config, summary = result["config"], result["methods"]
+    lines = [
+        "optimizer step time: OnlineMergingAdamW vs torch AdamW vs a transcription of Alg. 1",
+        f"model: llama-135M-shaped, {config['layers']} layers, vocab {config['vocab']}, "
+        f"{config['parameters']:,} float32 parameters in {config['tensors']} tensors",
+        f"reserve_p {config['p']:g}, alpha {config['alpha']:g}, lr {LR:g}; torch "
+        f"{torch.__version__}, {config['threads']} thread(s) (torch.set_num_threads), "
+        f"{os.cpu_count()} CPU(s)",
+        f"timing: {config['warmup']} warm-up step(s), then {config['rounds']} round(s) x "
+        f"{config['steps']} step(s) per method, round-robin; median over all timed steps",
+        "",
+        f"{'method':<20}{'median ms/step':>15}{'vs fused':>10}{'min ms':>10}{'setup s':>9}"
+        "  per-round mean ms",
+    ]
+    for name, m in summary.items():
+        ratio = "n/a" if m["ratio_vs_fused"] is None else f"{m['ratio_vs_fused']:.2f}x"
+        per_round = ", ".join(f"{t:.1f}" for t in m["round_means_ms"])
+        lines.append(
+            f"{name:<20}{m['median_ms']:>15.1f}{ratio:>10}{m['min_ms']:>10.1f}"
+            f"{m['setup_s']:>9.2f}  {per_round}"
+        )
+    for ours, theirs in PAIRS:
+        speedup = result["speedups"].get(f"{ours}_over_{theirs}")
+        if speedup is not None:
+            lines.append(f"speed-up of {ours} over {theirs}: {speedup:.1f}x")
+    not_finite = [name for name, m in summary.items() if not m["params_finite"]]
+    if not_finite:
+        lines.append(f"WARNING: non-finite parameters after the run: {', '.join(not_finite)}")
+    for method, report in result["memory"].items():
+        lines += ["", f"{method} memory_report():"]
+        lines += [f"  {key}: {value:,.4g}" for key, value in report.items()]
+    lines += ["", "goals:"]
+    for goal in result["goals"]:
+        mark = {True: "PASS", False: "MISS", None: "SKIP"}[goal["met"]]
+        lines.append(f"  [{mark}] {goal['goal']} ({goal['actual']})")
+    for method, text in result.get("profiles", {}).items():
+        lines += ["", f"cProfile of one {method} step (by cumulative time):", text.rstrip()]
+    return "\n".join(lines)
+
+
+def benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    shapes = model_shapes(args.layers, args.vocab)
+    log(f"threads: {torch.get_num_threads()}; building parameters, tau and gradients ...")
+    params = random_tensors(shapes, PARAM_SCALE, seed=0)
+    tau = random_tensors(shapes, TAU_SCALE, seed=1)
+    grad_sets = [random_tensors(shapes, 1.0, seed=2 + i) for i in range(args.grad_sets)]
+    # The first optimizer built pays torch.optim's lazy imports (~1 s): not any method's setup.
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+    runners = {}
+    for name in args.methods:
+        runners[name] = Runner(name, params, tau, args)
+        log(f"{name}: set up in {runners[name].setup_s:.2f} s")
+    del params
+    for runner in runners.values():
+        warm = [runner.step(grad_sets) for _ in range(args.warmup)]
+        log(f"{runner.name}: warm-up {', '.join(f'{t * 1e3:.1f}' for t in warm)} ms")
+    for round_index in range(1, args.rounds + 1):
+        for runner in runners.values():
+            runner.run_round(grad_sets, args.steps)
+            log(f"round {round_index}/{args.rounds} {runner.name:<20}"
+                f"{runner.round_means[-1] * 1e3:10.1f} ms/step")  # fmt: skip
+    summary = summarise(runners)
+    memory = {
+        name: runners[name].optimizer.memory_report()
+        for name in ("ondare", "onties")
+        if name in runners
+    }
+    speedups, goals = evaluate_goals(summary, memory)
+    result = {
+        "config": {
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "parameters": sum(math.prod(s) for s in shapes.values()),
+            "tensors": len(shapes),
+            "p": args.p,
+            "alpha": args.alpha,
+            "lr": LR,
+            "threads": torch.get_num_threads(),
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "grad_sets": args.grad_sets,
+            "torch": torch.__version__,
+        },
+        "methods": summary,
+        "speedups": speedups,
+        "memory": memory,
+        "goals": goals,
+    }
+    if args.profile:
+        result["profiles"] = {
+            name: profile_step(runners[name], grad_sets, args.profile_top)
+            for name in ("ondare", "onties")
+            if name in runners
+        }
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time OnlineMergingAdamW.step against torch AdamW and a dense transcription."
+    )
+    parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="decoder layers [30]")
+    parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help="vocabulary [49152]")
+    parser.add_argument("--p", type=float, default=DEFAULT_P, help="reserve rate p [0.01]")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="alpha [1e-7]")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round [5]")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds [3]")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first [2]")
+    parser.add_argument("--grad-sets", type=int, default=2, help="gradient sets cycled [2]")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads [the CPUs this process may run on]"
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of: {', '.join(METHODS)} [all]",
+    )
+    parser.add_argument("--profile", action="store_true", help="cProfile one OnDARE/OnTIES step")
+    parser.add_argument("--profile-top", type=int, default=20, help="profile rows [20]")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not args.methods:
+        parser.error("--methods selects nothing")
+    if min(args.layers, args.vocab, args.steps, args.rounds, args.grad_sets) < 1:
+        parser.error("--layers, --vocab, --steps, --rounds and --grad-sets must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    if not 0 < args.p <= 1:
+        parser.error("--p must be in (0, 1]")
+    if args.threads is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        args.threads = len(affinity(0)) if affinity else os.cpu_count() or 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    result = benchmark(args, log)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+
+
+if __name__ == "__main__":
+    main()
