@@ -279,13 +279,14 @@ def merge_ties_(
         return
     # F_K(Δθ) where T is kept: both index lists are sorted, so membership is a searchsorted.
     tau_index, tau_values = reference.flat_indices(), reference.flat_values()
-    position = torch.searchsorted(kept_index, tau_index).clamp_(max=max(kept_index.numel() - 1, 0))
-    present = (
-        kept_index.index_select(0, position) == tau_index
-        if kept_index.numel()
-        else (torch.zeros_like(tau_index, dtype=torch.bool))
-    )
-    update_at_tau = torch.where(present, kept_values.index_select(0, position), 0.0)
+    if kept_index.numel():
+        position = torch.searchsorted(kept_index, tau_index).clamp_(max=kept_index.numel() - 1)
+        present = kept_index.index_select(0, position) == tau_index
+        update_at_tau = torch.where(present, kept_values.index_select(0, position), 0.0)
+    else:  # a shard may hold none of the whole tensor's top p
+        position = torch.zeros_like(tau_index)
+        present = torch.zeros_like(tau_index, dtype=torch.bool)
+        update_at_tau = torch.zeros_like(tau_values)
     merged, agree = disjoint_merge(
         torch.stack([tau_values, update_at_tau]),
         [alpha, 1 - alpha],
