@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,25 +20,31 @@ METHODS = ("dare", "ties")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[2])}
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
+    # Each launch gets its own free port: two concurrent `--standalone` launches would both
+    # rendezvous on the default port, and one of them aborts.
     commands = [[sys.executable, str(WORKER), "single", str(out)]] + [
-        [*torchrun, str(WORKER), mode, str(out)] for mode in ("ddp", "fsdp")
-    ]
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), mode,
+         str(out)]
+        for mode in ("ddp", "fsdp")
+    ]  # fmt: skip
     processes = [
         subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for c in commands
     ]
     for command, process in zip(commands, processes, strict=True):
         output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, (command, output[-3000:])
+        if process.returncode != 0:
+            (out / "failed.log").write_text(output)
+            errors = [line for line in output.splitlines() if "rror" in line or "what()" in line]
+            pytest.fail(f"{command[3:]} exited {process.returncode}:\n" + "\n".join(errors[:40]))
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def load(runs: Path, method: str, mode: str, rank: int = 0) -> dict[str, torch.Tensor]:
