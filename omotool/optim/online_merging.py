@@ -86,10 +86,6 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 f"invalid AdamW setting: lr={lr}, betas={betas}, eps={eps}, "
                 f"weight_decay={weight_decay}."
             )
-        if nan_policy not in NAN_POLICIES:
-            raise UsageError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}.")
-        if missing not in MISSING_POLICIES:
-            raise UsageError(f"missing must be one of {', '.join(MISSING_POLICIES)}.")
         self.options = MergeOptions(
             method=method,
             reserve_p=reserve_p,
@@ -100,7 +96,6 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             tau_clip=tau_clip,
             seed=seed,
         )
-        self.options.validate()
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.nan_policy = nan_policy
@@ -110,15 +105,9 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         self._workspace = Workspace()
         self.skipped_steps = 0
         self.last_stats = StepStats()
-        self.references: dict[str, FlatDelta] = {}
-        self.task_vector_fingerprint: str | None = None
-        if self.options.merges:
-            if task_vector is None:
-                raise UsageError(f"method {method!r} needs a task_vector (τ = θ_sft − θ_base).")
-            tv = TaskVector.coerce(task_vector)
-            named = named_parameters(self.param_groups)
-            self.references = build_references(named, tv, self.options, missing)
-            self.task_vector_fingerprint = tv.sft_fingerprint
+        self.references, self.task_vector_fingerprint = set_up_merging(
+            self.param_groups, task_vector, self.options, missing, nan_policy
+        )
 
     # -- set-up ----------------------------------------------------------------------------
     def _state_for(self, param: torch.Tensor, local: torch.Tensor, merges: bool) -> dict[str, Any]:
@@ -264,6 +253,28 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             param = params[key]
             for name, value in values.items():
                 self.state[param][name] = value.to(param.device, torch.float32, copy=True)
+
+
+def set_up_merging(
+    param_groups: list[dict[str, Any]],
+    task_vector: TaskVector | Mapping[str, torch.Tensor] | str | os.PathLike[str] | None,
+    options: MergeOptions,
+    missing: str,
+    nan_policy: str,
+) -> tuple[dict[str, FlatDelta], str | None]:
+    """Validate the settings and build ``T`` per parameter: ``(references, τ fingerprint)``."""
+    options.validate()
+    if nan_policy not in NAN_POLICIES:
+        raise UsageError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}.")
+    if missing not in MISSING_POLICIES:
+        raise UsageError(f"missing must be one of {', '.join(MISSING_POLICIES)}.")
+    if not options.merges:
+        return {}, None
+    if task_vector is None:
+        raise UsageError(f"method {options.method!r} needs a task_vector (τ = θ_sft − θ_base).")
+    tv = TaskVector.coerce(task_vector)
+    references = build_references(named_parameters(param_groups), tv, options, missing)
+    return references, tv.sft_fingerprint
 
 
 def named_parameters(param_groups: list[dict[str, Any]]) -> list[tuple[str, torch.Tensor]]:

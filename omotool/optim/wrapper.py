@@ -20,13 +20,7 @@ import torch
 from omotool.errors import InputError, UsageError
 from omotool.optim.distributed import local_tensors
 from omotool.optim.functional import MergeOptions, StepStats, merge_update_
-from omotool.optim.online_merging import (
-    MISSING_POLICIES,
-    NAN_POLICIES,
-    build_references,
-    gradients_finite,
-    named_parameters,
-)
+from omotool.optim.online_merging import gradients_finite, named_parameters, set_up_merging
 from omotool.optim.task_vector import TaskVector
 
 
@@ -53,11 +47,6 @@ class OnlineMerging(torch.optim.Optimizer):
         nan_policy: str = "skip",
     ) -> None:
         # No Optimizer.__init__: the inner optimizer owns the param groups and their state.
-        if nan_policy not in NAN_POLICIES or missing not in MISSING_POLICIES:
-            raise UsageError(
-                f"nan_policy must be one of {', '.join(NAN_POLICIES)} and missing one of "
-                f"{', '.join(MISSING_POLICIES)}."
-            )
         self.optimizer = optimizer
         self.options = MergeOptions(
             method=method,
@@ -69,22 +58,22 @@ class OnlineMerging(torch.optim.Optimizer):
             tau_clip=tau_clip,
             seed=seed,
         )
-        self.options.validate()
-        self.nan_policy = nan_policy
-        self.skipped_steps = 0
-        self.last_stats = StepStats()
-        self.merge_state: dict[str, dict[str, Any]] = {}
-        tv = TaskVector.coerce(task_vector)
-        named = named_parameters(optimizer.param_groups)
-        if any(local_tensors(param)[2] is not None for _, param in named):
+        if any(
+            local_tensors(param)[2] is not None
+            for group in optimizer.param_groups
+            for param in group["params"]
+        ):
             raise UsageError(
                 "OnlineMerging does not support sharded (FSDP) parameters; use "
                 "OnlineMergingAdamW, or DDP."
             )
-        self.references = (
-            build_references(named, tv, self.options, missing) if (self.options.merges) else {}
+        self.nan_policy = nan_policy
+        self.skipped_steps = 0
+        self.last_stats = StepStats()
+        self.merge_state: dict[str, dict[str, Any]] = {}
+        self.references, self.task_vector_fingerprint = set_up_merging(
+            optimizer.param_groups, task_vector, self.options, missing, nan_policy
         )
-        self.task_vector_fingerprint = tv.sft_fingerprint
 
     # torch.optim.Optimizer's attributes, forwarded to the inner optimizer.
     @property
