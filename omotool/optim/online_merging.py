@@ -127,15 +127,8 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One step for every parameter with a gradient (all or none of them: see nan_policy)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if not gradients_finite(self.param_groups):
-            if self.nan_policy == "raise":
-                raise FloatingPointError("non-finite gradient; no parameter was changed")
-            self.skipped_steps += 1
-            self.last_stats = StepStats()
+        loss, finite = closure_and_check(self, closure)
+        if not finite:
             return loss
         stats = StepStats()
         for group in self.param_groups:
@@ -324,6 +317,24 @@ def build_references(
             reference = shard.local_part(reference, local.numel()).clone()
         references[name] = FlatDelta.from_dense(reference.view(local.shape)).to(local.device)
     return references
+
+
+def closure_and_check(optimizer: Any, closure: Any) -> tuple[Any, bool]:
+    """Run ``closure`` (with grad enabled); then ``(loss, gradients finite)``.
+
+    A non-finite gradient raises under ``nan_policy="raise"``, else it is counted in
+    ``optimizer.skipped_steps`` and the step must change nothing.
+    """
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    if gradients_finite(optimizer.param_groups):
+        return loss, True
+    if optimizer.nan_policy == "raise":
+        raise FloatingPointError("non-finite gradient; no parameter was changed")
+    optimizer.skipped_steps += 1
+    return loss, False
 
 
 def gradients_finite(param_groups: list[dict[str, Any]]) -> bool:

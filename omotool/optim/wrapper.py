@@ -20,7 +20,7 @@ import torch
 from omotool.errors import InputError, UsageError
 from omotool.optim.distributed import local_tensors
 from omotool.optim.functional import MergeOptions, StepStats, merge_update_
-from omotool.optim.online_merging import gradients_finite, named_parameters, set_up_merging
+from omotool.optim.online_merging import closure_and_check, named_parameters, set_up_merging
 from omotool.optim.task_vector import TaskVector
 
 
@@ -104,14 +104,8 @@ class OnlineMerging(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """Inner step, then each updated parameter is rolled back and given the merged update."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if not gradients_finite(self.param_groups):
-            if self.nan_policy == "raise":
-                raise FloatingPointError("non-finite gradient; no parameter was changed")
-            self.skipped_steps += 1
+        loss, finite = closure_and_check(self, closure)
+        if not finite:
             return loss
         merging = [
             (name, param)
