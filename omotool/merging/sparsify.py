@@ -216,16 +216,15 @@ class Sparsifier:
 
     apply: Callable[[torch.Tensor, float, torch.Generator, str], torch.Tensor]
     default_rescale: str
-    random: bool
 
 
 SPARSIFIERS: Registry[Sparsifier] = Registry("sparsifier")
 SPARSIFIERS.register("none", help="keep every entry")(
-    Sparsifier(lambda x, p, g, r: x, default_rescale="none", random=False)
+    Sparsifier(lambda x, p, g, r: x, default_rescale="none")
 )
 SPARSIFIERS.register("dare", help="random drop with probability 1-density, rescale (DARE)")(
-    Sparsifier(dare, default_rescale="inverse", random=True)
+    Sparsifier(dare, default_rescale="inverse")
 )
 SPARSIFIERS.register("magnitude", help="keep the top density fraction by |value| (TIES trim)")(
-    Sparsifier(lambda x, p, g, r: magnitude(x, p, r), default_rescale="none", random=False)
+    Sparsifier(lambda x, p, g, r: magnitude(x, p, r), default_rescale="none")
 )
