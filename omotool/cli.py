@@ -216,10 +216,65 @@ class _progress:
             self._bar.stop()
 
 
+# -- merge-offline -------------------------------------------------------------------------
+@app.command("merge-offline", no_args_is_help=True)
+@handled
+def merge_offline(
+    ctx: typer.Context,
+    sft: str | None = typer.Option(None, "--sft", help="SFT model (the alpha = 0 end)."),
+    rlhf: str | None = typer.Option(None, "--rlhf", help="RLHF model (the alpha = 1 end)."),
+    out: str | None = typer.Option(
+        None, "-o", "--out", help="Output model folder (a sweep: a folder of alpha-<a>/ models)."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML recipe; its keys are these option names, flags override."
+    ),
+    alpha: str = typer.Option(
+        "0.5", help="Share of the RLHF update kept; a comma list is a sweep (>1 extrapolates)."
+    ),
+    method: str = typer.Option(
+        "linear", help="linear, task_arithmetic, ties, dare_linear or dare_ties."
+    ),
+    base: str | None = typer.Option(None, help="Base model, for the task-vector methods."),
+    density: float = typer.Option(1.0, help="Fraction kept by the TIES/DARE sparsifier."),
+    seed: int = typer.Option(0, help="Seed of the DARE masks."),
+    normalize: bool | None = typer.Option(
+        None,
+        "--normalize/--no-normalize",
+        help="Divide by the summed weights. [default: per method]",
+    ),
+    rescale: str | None = typer.Option(
+        None, help="none, inverse (1/density) or l1. [default: inverse for DARE, none for TIES]"
+    ),
+    dtype: str | None = typer.Option(
+        None, help="Output dtype: float32, bfloat16 or float16. [default: the SFT model's]"
+    ),
+    shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 2GB or 500MB."),
+    allow_pickle: bool = typer.Option(
+        False, help="Read pickle checkpoints (*.bin/*.pt) with torch.load(weights_only=True)."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    debug: bool = DebugOption,
+) -> None:
+    """Offline baselines: interpolate (or TIES/DARE-merge) the RLHF model with the SFT model."""
+    from omotool.merge_offline import MergeConfig, run_merge
+
+    cfg = _resolve(ctx, MergeConfig, config)
+    with _progress(enabled=True) as advance:
+        summary = run_merge(cfg, progress=advance)
+    table = Table(title=f"{cfg.method} merge → {summary.out}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("tensors", f"{summary.tensors:,}")
+    for alpha, path in zip(summary.alphas, summary.outputs, strict=True):
+        note = "  (extrapolates: ExPO)" if alpha > 1 else ""
+        table.add_row(f"alpha {alpha:g}", f"{path}{note}")
+    stdout.print(table)
+
+
 # -- commands of later issues --------------------------------------------------------------
 _PLANNED = {
     "train": "RLHF training (DPO, IPO, KTO, ...) with the online-merging optimizer",
-    "merge-offline": "the offline interpolation and merging baselines",
     "eval": "reward and alignment-tax evaluation",
 }
 

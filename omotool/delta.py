@@ -160,19 +160,28 @@ class _Plan:
     float_names: list[str]  # the names τ is written for (non-float tensors are only compared)
 
 
-def plan_delta(base: ModelReader, sft: ModelReader, vocab_mismatch: str = "error") -> _Plan:
-    """Check that the two models line up (names, shapes, dtypes) before anything is computed."""
+def plan_delta(
+    base: ModelReader,
+    sft: ModelReader,
+    vocab_mismatch: str = "error",
+    labels: tuple[str, str] = ("base", "SFT"),
+) -> _Plan:
+    """Check that two models line up (names, shapes, dtypes) before anything is computed.
+
+    ``labels`` name the two models in messages (``merge-offline`` compares SFT and RLHF).
+    """
+    first, second = labels
     only_base = sorted(base.logical_names() - sft.logical_names())
     only_sft = sorted(sft.logical_names() - base.logical_names())
     if only_base or only_sft:
         parts = []
         if only_sft:
-            parts.append(f"only in the SFT model: {_listing(only_sft)}")
+            parts.append(f"only in the {second} model: {_listing(only_sft)}")
         if only_base:
-            parts.append(f"only in the base model: {_listing(only_base)}")
+            parts.append(f"only in the {first} model: {_listing(only_base)}")
         raise InputError(
             f"{base.path} and {sft.path} do not have the same tensors ({'; '.join(parts)}). "
-            "A task vector needs two models of the same architecture."
+            "Both models must have the same architecture."
         )
     truncated: dict[str, list[int]] = {}
     mismatched = []
@@ -188,10 +197,10 @@ def plan_delta(base: ModelReader, sft: ModelReader, vocab_mismatch: str = "error
         if added_rows and vocab_mismatch == "truncate":
             truncated[name] = [s_shape[0], b_shape[0]]
         else:
-            mismatched.append(f"{name} {list(s_shape)} (SFT) vs {list(b_shape)} (base)")
+            mismatched.append(f"{name} {list(s_shape)} ({second}) vs {list(b_shape)} ({first})")
     if mismatched:
         hint = (
-            " The SFT model seems to add vocabulary rows: pass --vocab-mismatch truncate to "
+            f" The {second} model seems to add vocabulary rows: pass --vocab-mismatch truncate to "
             "take τ over the rows both models have."
             if vocab_mismatch == "error"
             else ""
@@ -201,8 +210,9 @@ def plan_delta(base: ModelReader, sft: ModelReader, vocab_mismatch: str = "error
         b_float, s_float = base.dtype(name).is_floating_point, sft.dtype(name).is_floating_point
         if b_float != s_float:
             raise InputError(
-                f"tensor {name} is {sft.dtype(name)} in the SFT model and {base.dtype(name)} in "
-                "the base model; both must be floating point (dequantize quantized models first)."
+                f"tensor {name} is {sft.dtype(name)} in the {second} model and "
+                f"{base.dtype(name)} in the {first} model; both must be floating point "
+                "(dequantize quantized models first)."
             )
     float_names = [name for name in sft.names if sft.dtype(name).is_floating_point]
     return _Plan(names=list(sft.names), truncated=truncated, float_names=float_names)

@@ -23,7 +23,7 @@ def test_version(cli) -> None:
     assert cli("--version").output.strip() == f"omotool {__version__}"
 
 
-@pytest.mark.parametrize("name", ["train", "merge-offline", "eval"])
+@pytest.mark.parametrize("name", ["train", "eval"])
 def test_planned_commands_say_so_and_fail(cli, name) -> None:
     result = cli(name, "--anything", "x", expect=1)
     assert "not built yet" in result.output
@@ -39,6 +39,21 @@ def test_delta_help_defaults_match_config_and_registry(cli) -> None:
         option = "--" + field.name.replace("_", "-")
         pattern = re.escape(option) + r".*?\[default: ([^\]]+)\]"
         shown = re.search(pattern, text)
+        assert shown and shown.group(1).strip() == str(field.default), option
+
+
+def test_merge_offline_help_defaults_match_config_and_registry(cli) -> None:
+    from omotool.merge_offline import MergeConfig
+    from omotool.merging.methods import MERGE_METHODS
+
+    text = " ".join(cli("merge-offline", "--help").output.split())
+    for name in MERGE_METHODS.names():
+        assert name in text
+    for field in dataclasses.fields(MergeConfig):
+        if field.default in (dataclasses.MISSING, None, False):
+            continue
+        option = "--" + field.name.replace("_", "-")
+        shown = re.search(re.escape(option) + r".*?\[default: ([^\]]+)\]", text)
         assert shown and shown.group(1).strip() == str(field.default), option
 
 

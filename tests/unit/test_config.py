@@ -65,7 +65,9 @@ def test_bad_yaml_and_non_mapping(tmp_path) -> None:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_shipped_recipe_loads_and_validates(recipe: Path) -> None:
-    kinds = {"delta": DeltaConfig}
+    from omotool.merge_offline import MergeConfig
+
+    kinds = {"delta": DeltaConfig, "merge": MergeConfig}
     config_cls = kinds[recipe.parent.name]
     values = load_recipe(recipe)
     required = {

@@ -1,0 +1,225 @@
+"""Offline merging of an RLHF model back toward its SFT model: the paper's baselines.
+
+``θ = θ_sft + a·(θ_rlhf − θ_sft)`` for ``linear`` (``a = 0`` the SFT model, ``a = 1`` the RLHF
+model, ``a > 1`` extrapolates, ExPO); the task-vector methods of ``omotool.merging.methods``
+merge ``τ_sft = θ_sft − θ_b`` and ``τ_rlhf = θ_rlhf − θ_b`` with weights ``(1 − a, a)``.
+
+A list of alphas is a sweep: every input tensor is read once and each alpha's model is written
+to ``OUT/alpha-<a>/``; the sweep folder appears only when every model in it is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omotool import __version__
+from omotool.config import config_dict, parse_size
+from omotool.delta import DTYPES, plan_delta
+from omotool.errors import InputError, UsageError
+from omotool.io import ModelReader, ModelWriter, check_output, fingerprint
+from omotool.merging import RESCALES, keyed_generator
+from omotool.merging.methods import MERGE_METHODS
+
+METADATA_FILE = "omotool.json"
+
+
+@dataclass
+class MergeConfig:
+    """Options of ``omotool merge-offline`` (recipe keys and CLI flags have these names)."""
+
+    sft: str
+    rlhf: str
+    out: str
+    alpha: str = "0.5"  # one number, or a comma-separated list (a sweep)
+    method: str = "linear"
+    base: str | None = None
+    density: float = 1.0
+    seed: int = 0
+    normalize: bool | None = None  # None: the method's default
+    rescale: str | None = None  # None: DARE inverse (1/density), TIES none
+    dtype: str | None = None  # None: the SFT model's dtype
+    shard_size: str = "5GB"
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+    def alphas(self) -> list[float]:
+        """The alphas, in order; a UsageError names the part that is not a number."""
+        values = []
+        for part in str(self.alpha).split(","):
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise UsageError(f"alpha {part.strip()!r} is not a number.") from None
+        if len(set(values)) != len(values):
+            raise UsageError(f"alpha lists a value twice: {self.alpha}.")
+        return values
+
+    def validate(self) -> None:
+        method = MERGE_METHODS.get(self.method)
+        self.alphas()
+        if method.needs_base and self.base is None:
+            raise UsageError(f"method {self.method!r} merges task vectors: give --base BASE.")
+        if not 0.0 < self.density <= 1.0:
+            raise UsageError(f"density must be in (0, 1] (the fraction kept), got {self.density}.")
+        if method.sparsifier is None and self.density != 1.0:
+            raise UsageError(f"method {self.method!r} does not sparsify; drop --density.")
+        if self.rescale is not None and self.rescale not in RESCALES:
+            raise UsageError(f"rescale {self.rescale!r} is not one of {', '.join(RESCALES)}.")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UsageError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        parse_size(self.shard_size)
+
+
+@dataclass
+class MergeSummary:
+    out: Path
+    alphas: list[float]
+    outputs: list[Path]
+    tensors: int
+    extrapolated: list[float]
+
+
+def alpha_folder(alpha: float) -> str:
+    return f"alpha-{alpha:g}"
+
+
+def merge_tensor(
+    name: str,
+    sft: torch.Tensor,
+    rlhf: torch.Tensor,
+    base: torch.Tensor | None,
+    alpha: float,
+    config: MergeConfig,
+) -> torch.Tensor:
+    """The merged float32 tensor for one alpha (DARE masks keyed by seed, name and model)."""
+    method = MERGE_METHODS.get(config.method)
+    kwargs: dict[str, Any] = {}
+    if config.normalize is not None:
+        kwargs["normalize"] = config.normalize
+    if method.sparsifier is not None:
+        kwargs.update(density=config.density, rescale_mode=config.rescale)
+    if method.sparsifier == "dare":
+        kwargs["generators"] = [keyed_generator(config.seed, "merge", name, i) for i in range(2)]
+    return method.merge(base, [sft, rlhf], [1.0 - alpha, alpha], **kwargs)
+
+
+def run_merge(
+    config: MergeConfig, progress: Callable[[str, int, int], None] | None = None
+) -> MergeSummary:
+    """Write the merged model(s) of ``config``; see the module docstring."""
+    config.validate()
+    alphas = config.alphas()
+    inputs = [p for p in (config.sft, config.rlhf, config.base) if p is not None]
+    check_output(config.out, config.overwrite, inputs)
+    with contextlib.ExitStack() as stack:
+        sft = stack.enter_context(ModelReader(config.sft, config.allow_pickle))
+        rlhf = stack.enter_context(ModelReader(config.rlhf, config.allow_pickle))
+        base = (
+            stack.enter_context(ModelReader(config.base, config.allow_pickle))
+            if MERGE_METHODS.get(config.method).needs_base and config.base is not None
+            else None
+        )
+        plan = plan_delta(sft, rlhf, labels=("SFT", "RLHF"))
+        if base is not None:
+            plan_delta(base, sft, labels=("base", "SFT"))
+        out_dtype = DTYPES[config.dtype] if config.dtype else sft.dominant_dtype()
+        layout = {
+            name: (sft.shape(name), out_dtype if name in plan.float_names else sft.dtype(name))
+            for name in sft.names
+        }
+        metadata = {
+            "kind": "merge",
+            "omotool_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "sft": {"path": str(sft.path.absolute()), "fingerprint": fingerprint(sft)},
+            "rlhf": {"path": str(rlhf.path.absolute()), "fingerprint": fingerprint(rlhf)},
+            "base": None
+            if base is None
+            else {"path": str(base.path.absolute()), "fingerprint": fingerprint(base)},
+            "method": config.method,
+            "config": config_dict(config),
+        }
+        sweep = len(alphas) > 1
+        root = _SweepFolder(Path(config.out), config.overwrite) if sweep else None
+        folder = stack.enter_context(root) if root is not None else None
+        writers = []
+        for alpha in alphas:
+            target = folder / alpha_folder(alpha) if folder is not None else Path(config.out)
+            writer = ModelWriter(
+                target, layout, parse_size(config.shard_size), config.overwrite or sweep, inputs
+            )
+            writers.append(stack.enter_context(writer))
+        for done, name in enumerate(sft.names, start=1):
+            theta_sft = sft.get(name)
+            if name not in plan.float_names:  # integer buffers are copied from the SFT model
+                for writer in writers:
+                    writer.add(name, theta_sft)
+                continue
+            theta_sft = theta_sft.float()
+            theta_rlhf = rlhf.get(name).float()
+            theta_base = base.get(name).float() if base is not None else None
+            for alpha, writer in zip(alphas, writers, strict=True):
+                merged = merge_tensor(name, theta_sft, theta_rlhf, theta_base, alpha, config)
+                if not bool(torch.isfinite(torch.stack(torch.aminmax(merged))).all()):
+                    raise InputError(
+                        f"tensor {name} holds NaN or inf after merging: an input holds them."
+                    )
+                writer.add(name, merged.to(out_dtype))
+            if progress is not None:
+                progress(name, done, len(sft.names))
+        config_json = dict(sft.config)
+        if config.dtype:  # transformers 5 reads "dtype", older versions "torch_dtype"
+            config_json.update({"dtype": config.dtype, "torch_dtype": config.dtype})
+        for alpha, writer in zip(alphas, writers, strict=True):
+            writer.copy_model_files(sft.path)
+            if config_json:
+                writer.write_json("config.json", config_json)
+            note = "extrapolates beyond the RLHF model (ExPO)" if alpha > 1 else None
+            writer.write_json(METADATA_FILE, {**metadata, "alpha": alpha, "note": note})
+    outputs = [Path(config.out) / alpha_folder(a) for a in alphas] if sweep else [Path(config.out)]
+    return MergeSummary(
+        out=Path(config.out),
+        alphas=alphas,
+        outputs=outputs,
+        tensors=len(sft.names),
+        extrapolated=[a for a in alphas if a > 1],
+    )
+
+
+class _SweepFolder:
+    """A folder filled in a hidden temporary place and renamed into ``out`` when complete.
+
+    Enter it after the writers' readers, before the writers: contexts exit in reverse, so the
+    writers commit into it first and it is renamed last (or removed on any error).
+    """
+
+    def __init__(self, out: Path, overwrite: bool) -> None:
+        self.out = out.expanduser().absolute()
+        self.overwrite = overwrite
+        self.tmp = self.out.parent / f".{self.out.name}.omotool-tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.omotool-old-{uuid.uuid4().hex[:8]}"
+            self.out.rename(old)
+        self.tmp.rename(self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
