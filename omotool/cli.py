@@ -235,6 +235,11 @@ def merge_offline(
     method: str = typer.Option(
         "linear", help="linear, task_arithmetic, ties, dare_linear or dare_ties."
     ),
+    layer_alpha: str | None = typer.Option(
+        None,
+        help="Per-block alphas, e.g. 0-9:0.2,10-:0.8,embed:0.1,head:0.9, or a YAML file of "
+        "that map; other tensors take --alpha.",
+    ),
     base: str | None = typer.Option(None, help="Base model, for the task-vector methods."),
     density: float = typer.Option(1.0, help="Fraction kept by the TIES/DARE sparsifier."),
     seed: int = typer.Option(0, help="Seed of the DARE masks."),
@@ -269,6 +274,8 @@ def merge_offline(
     for alpha, path in zip(summary.alphas, summary.outputs, strict=True):
         note = "  (extrapolates: ExPO)" if alpha > 1 else ""
         table.add_row(f"alpha {alpha:g}", f"{path}{note}")
+    if summary.unmatched:
+        table.add_row("global alpha (no layer key)", ", ".join(summary.unmatched))
     stdout.print(table)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from omotool import __version__
 from omotool.config import config_dict, parse_size
@@ -41,6 +43,7 @@ class MergeConfig:
     out: str
     alpha: str = "0.5"  # one number, or a comma-separated list (a sweep)
     method: str = "linear"
+    layer_alpha: str | None = None  # "0-9:0.2,10-:0.8,embed:0.1,head:0.9" or a YAML file
     base: str | None = None
     density: float = 1.0
     seed: int = 0
@@ -65,6 +68,10 @@ class MergeConfig:
 
     def validate(self) -> None:
         method = MERGE_METHODS.get(self.method)
+        if self.layer_alpha is not None:
+            if len(self.alphas()) > 1:
+                raise UsageError("--layer-alpha sets one model's alphas; give a single --alpha.")
+            LayerAlphas.parse(self.layer_alpha)
         self.alphas()
         if method.needs_base and self.base is None:
             raise UsageError(f"method {self.method!r} merges task vectors: give --base BASE.")
@@ -79,6 +86,85 @@ class MergeConfig:
         parse_size(self.shard_size)
 
 
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_EMBED = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in")
+_HEAD = ("lm_head", "embed_out")
+
+
+@dataclass
+class LayerAlphas:
+    """Per-tensor alphas (heterogeneous model averaging, Lin et al. 2024).
+
+    Transformer blocks are found by name (``model.layers.<i>.`` for Llama/Qwen2/Mistral,
+    ``transformer.h.<i>.`` for GPT-2); ``embed`` and ``head`` name the embeddings and the output
+    head. Any other tensor (final norm, ...) takes the global alpha and is listed as unmatched.
+    """
+
+    ranges: list[tuple[int, int | None, float]]  # first block, last block (None: open), alpha
+    embed: float | None = None
+    head: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> LayerAlphas:
+        """From ``"0-9:0.2,10-19:0.5,20-:0.8,embed:0.1,head:0.9"`` or a YAML file of that map."""
+        path = Path(spec)
+        if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
+            if not path.is_file():
+                raise InputError(f"{spec}: no such layer-alpha file.")
+            mapping = yaml.safe_load(path.read_text())
+            if not isinstance(mapping, dict):
+                raise InputError(f"{spec}: a layer-alpha file maps block ranges to alphas.")
+            items = [(str(key), value) for key, value in mapping.items()]
+        else:
+            items = []
+            for part in spec.split(","):
+                key, sep, value = part.rpartition(":")
+                if not sep:
+                    raise UsageError(f"layer-alpha part {part!r} is not RANGE:ALPHA.")
+                items.append((key.strip(), value))
+        parsed = cls(ranges=[])
+        for key, value in items:
+            try:
+                alpha = float(value)
+            except (TypeError, ValueError):
+                raise UsageError(
+                    f"layer-alpha value {value!r} for {key!r} is not a number."
+                ) from None
+            if key in ("embed", "head"):
+                setattr(parsed, key, alpha)
+                continue
+            match = re.fullmatch(r"(\d+)(?:-(\d*))?", key)
+            if match is None:
+                raise UsageError(
+                    f"layer-alpha key {key!r} is not a block range (3, 0-9, 20-), embed or head."
+                )
+            first = int(match.group(1))
+            last = (
+                first
+                if match.group(2) is None
+                else (int(match.group(2)) if match.group(2) else None)
+            )
+            if last is not None and last < first:
+                raise UsageError(f"layer-alpha range {key!r} ends before it starts.")
+            parsed.ranges.append((first, last, alpha))
+        return parsed
+
+    def alpha_for(self, name: str) -> float | None:
+        """The alpha of tensor ``name``, or None if no key matches it."""
+        block = _BLOCK.search(name)
+        if block is not None:
+            index = int(block.group(1))
+            for first, last, alpha in self.ranges:
+                if first <= index and (last is None or index <= last):
+                    return alpha
+            return None
+        if any(part in name for part in _HEAD):
+            return self.head
+        if any(part in name for part in _EMBED):
+            return self.embed
+        return None
+
+
 @dataclass
 class MergeSummary:
     out: Path
@@ -86,6 +172,7 @@ class MergeSummary:
     outputs: list[Path]
     tensors: int
     extrapolated: list[float]
+    unmatched: list[str]  # tensors --layer-alpha did not match (they took the global alpha)
 
 
 def alpha_folder(alpha: float) -> str:
@@ -158,6 +245,8 @@ def run_merge(
                 target, layout, parse_size(config.shard_size), config.overwrite or sweep, inputs
             )
             writers.append(stack.enter_context(writer))
+        layers = LayerAlphas.parse(config.layer_alpha) if config.layer_alpha else None
+        unmatched: list[str] = []
         for done, name in enumerate(sft.names, start=1):
             theta_sft = sft.get(name)
             if name not in plan.float_names:  # integer buffers are copied from the SFT model
@@ -168,6 +257,11 @@ def run_merge(
             theta_rlhf = rlhf.get(name).float()
             theta_base = base.get(name).float() if base is not None else None
             for alpha, writer in zip(alphas, writers, strict=True):
+                if layers is not None:
+                    tensor_alpha = layers.alpha_for(name)
+                    if tensor_alpha is None:
+                        unmatched.append(name)
+                    alpha = alpha if tensor_alpha is None else tensor_alpha
                 merged = merge_tensor(name, theta_sft, theta_rlhf, theta_base, alpha, config)
                 if not bool(torch.isfinite(torch.stack(torch.aminmax(merged))).all()):
                     raise InputError(
@@ -184,7 +278,9 @@ def run_merge(
             if config_json:
                 writer.write_json("config.json", config_json)
             note = "extrapolates beyond the RLHF model (ExPO)" if alpha > 1 else None
-            writer.write_json(METADATA_FILE, {**metadata, "alpha": alpha, "note": note})
+            writer.write_json(
+                METADATA_FILE, {**metadata, "alpha": alpha, "note": note, "unmatched": unmatched}
+            )
     outputs = [Path(config.out) / alpha_folder(a) for a in alphas] if sweep else [Path(config.out)]
     return MergeSummary(
         out=Path(config.out),
@@ -192,6 +288,7 @@ def run_merge(
         outputs=outputs,
         tensors=len(sft.names),
         extrapolated=[a for a in alphas if a > 1],
+        unmatched=unmatched,
     )
 
 

@@ -240,3 +240,28 @@ def test_existing_output_is_kept_without_overwrite(triple, cli, tmp_path) -> Non
         "--overwrite",
     )
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["alpha-0.2", "alpha-0.4"]
+
+
+def test_layer_alphas_merge_each_block_with_its_alpha(triple, cli, tmp_path) -> None:
+    _, sft, rlhf = triple
+    result = cli(
+        "merge-offline",
+        "--sft",
+        sft,
+        "--rlhf",
+        rlhf,
+        "--alpha",
+        "0.5",
+        "--layer-alpha",
+        "0:0.0,1-:1.0,embed:0.25",
+        "-o",
+        tmp_path / "m",
+    )
+    merged, a, b = sd(tmp_path / "m"), sd(sft), sd(rlhf)
+    expected_alpha = {"model.layers.0.": 0.0, "model.layers.1.": 1.0, "model.embed_tokens": 0.25}
+    for name in a:
+        alpha = next((v for k, v in expected_alpha.items() if name.startswith(k)), 0.5)
+        assert torch.allclose(merged[name], a[name] + alpha * (b[name] - a[name]), atol=1e-6)
+    assert "model.norm.weight" in " ".join(result.output.split())
+    meta = json.loads((tmp_path / "m" / "omotool.json").read_text())
+    assert set(meta["unmatched"]) == {"model.norm.weight", "lm_head.weight"}
