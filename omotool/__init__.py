@@ -22,6 +22,11 @@ _EXPORTS = {
     "ModelReader": "omotool.io",
     "ModelWriter": "omotool.io",
     "fingerprint": "omotool.io",
+    "MergeConfig": "omotool.merge_offline",
+    "run_merge": "omotool.merge_offline",
+    "OnlineMergingAdamW": "omotool.optim",
+    "OnlineMerging": "omotool.optim",
+    "TaskVector": "omotool.optim",
 }
 
 __all__ = ["__version__", "OmoError", "InputError", "OutputError", "UsageError", *_EXPORTS]

@@ -69,6 +69,8 @@ def test_public_api_is_reexported_lazily() -> None:
 
     assert omotool.compute_delta.__module__ == "omotool.delta"
     assert omotool.ModelReader.__module__ == "omotool.io"
+    assert omotool.OnlineMergingAdamW.__module__ == "omotool.optim.online_merging"
+    assert omotool.run_merge.__module__ == "omotool.merge_offline"
     code = "import sys, omotool.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # --help does not pay for importing torch
