@@ -248,26 +248,8 @@ def run_merge(
         layers = LayerAlphas.parse(config.layer_alpha) if config.layer_alpha else None
         unmatched: list[str] = []
         for done, name in enumerate(sft.names, start=1):
-            theta_sft = sft.get(name)
-            if name not in plan.float_names:  # integer buffers are copied from the SFT model
-                for writer in writers:
-                    writer.add(name, theta_sft)
-                continue
-            theta_sft = theta_sft.float()
-            theta_rlhf = rlhf.get(name).float()
-            theta_base = base.get(name).float() if base is not None else None
-            for alpha, writer in zip(alphas, writers, strict=True):
-                if layers is not None:
-                    tensor_alpha = layers.alpha_for(name)
-                    if tensor_alpha is None:
-                        unmatched.append(name)
-                    alpha = alpha if tensor_alpha is None else tensor_alpha
-                merged = merge_tensor(name, theta_sft, theta_rlhf, theta_base, alpha, config)
-                if not bool(torch.isfinite(torch.stack(torch.aminmax(merged))).all()):
-                    raise InputError(
-                        f"tensor {name} holds NaN or inf after merging: an input holds them."
-                    )
-                writer.add(name, merged.to(out_dtype))
+            _merge_one(name, sft, rlhf, base, plan.float_names, alphas, writers, layers,
+                       unmatched, config, out_dtype)  # fmt: skip
             if progress is not None:
                 progress(name, done, len(sft.names))
         config_json = dict(sft.config)
@@ -290,6 +272,42 @@ def run_merge(
         extrapolated=[a for a in alphas if a > 1],
         unmatched=unmatched,
     )
+
+
+def _merge_one(
+    name: str,
+    sft: ModelReader,
+    rlhf: ModelReader,
+    base: ModelReader | None,
+    float_names: list[str],
+    alphas: list[float],
+    writers: list[ModelWriter],
+    layers: LayerAlphas | None,
+    unmatched: list[str],
+    config: MergeConfig,
+    out_dtype: torch.dtype,
+) -> None:
+    """Merge and write one tensor for every alpha (a function, so its tensors are freed
+    before the next tensor is read: peak memory stays a few tensors)."""
+    theta_sft = sft.get(name)
+    if name not in float_names:  # integer buffers are copied from the SFT model
+        for writer in writers:
+            writer.add(name, theta_sft)
+        return
+    theta_sft = theta_sft.float()
+    theta_rlhf = rlhf.get(name).float()
+    theta_base = base.get(name).float() if base is not None else None
+    for alpha, writer in zip(alphas, writers, strict=True):
+        if layers is not None:
+            tensor_alpha = layers.alpha_for(name)
+            if tensor_alpha is None:
+                unmatched.append(name)
+            alpha = alpha if tensor_alpha is None else tensor_alpha
+        merged = merge_tensor(name, theta_sft, theta_rlhf, theta_base, alpha, config)
+        if not bool(torch.isfinite(torch.stack(torch.aminmax(merged))).all()):
+            raise InputError(f"tensor {name} holds NaN or inf after merging: an input holds them.")
+        writer.add(name, merged.to(out_dtype))
+        del merged
 
 
 class _SweepFolder:

@@ -49,12 +49,18 @@ def _weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
 def linear(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True, **_: object
 ) -> torch.Tensor:
-    """``Σ w_i·θ_i / Σ w_i`` (``normalize=False``: ``Σ w_i·θ_i``)."""
-    stacked = torch.stack(list(tensors))
-    w = _weights(weights, stacked[0])
-    merged = (stacked * w).sum(dim=0)
+    """``Σ w_i·θ_i / Σ w_i`` (``normalize=False``: ``Σ w_i·θ_i``).
+
+    Accumulated in one new tensor (no stack: memory stays one tensor beyond the inputs).
+    Weights ``(1, 0)`` or ``(0, 1)`` give an input back exactly.
+    """
+    merged = tensors[0] * weights[0]
+    for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
+        merged.add_(tensor, alpha=weight)
     total = float(sum(weights))
-    return merged / total if normalize and abs(total) >= 1e-8 else merged
+    if normalize and abs(total) >= 1e-8 and total != 1.0:
+        merged.div_(total)
+    return merged
 
 
 def task_vector_merge(
