@@ -62,9 +62,9 @@ def bernoulli_indices(
     """Sorted flat indices kept by a Bernoulli(``density``) mask over ``numel`` entries.
 
     Sampled by geometric skips: the gaps between kept entries are i.i.d. Geometric(p), drawn as
-    ``⌊log(1 − u) / log(1 − p)⌋ + 1`` from uniforms ``u`` (the same law as ``rand(n) < p``) in
-    O(p·n) work instead of O(n). Same generator state, same indices, on every process and
-    however the tensor is sharded.
+    ``⌊E / λ⌋ + 1`` from exponentials ``E ~ Exp(1)`` with ``λ = −log(1 − p)`` (the same law as
+    ``rand(n) < p``) in O(p·n) work instead of O(n). Same generator state, same indices, on
+    every process and however the tensor is sharded.
     """
     if numel <= 0 or density <= 0:
         return torch.empty(0, dtype=torch.long, device=device)
@@ -74,11 +74,11 @@ def bernoulli_indices(
     chunk = int(expected + 6.0 * math.sqrt(expected) + 16)
     # float32 gaps are exact integers below 2**24; tiny densities draw longer gaps.
     dtype = torch.float32 if density >= 1e-4 else torch.float64
-    log_keep = math.log1p(-density)
+    rate = -math.log1p(-density)
     pieces, last = [], -1.0
     while last < numel - 1:
-        uniforms = torch.rand(chunk, generator=generator, device=device, dtype=dtype)
-        gaps = torch.log1p(uniforms.neg_()).div_(log_keep).floor_().add_(1)
+        gaps = torch.empty(chunk, device=device, dtype=dtype).exponential_(generator=generator)
+        gaps.div_(rate, rounding_mode="floor").add_(1)
         positions = torch.cumsum(gaps, dim=0, dtype=torch.float64).add_(last)  # exact to 2**53
         pieces.append(positions)
         last = float(positions[-1])

@@ -234,14 +234,14 @@ def merge_dare_(
         flat.index_add_(0, index, kept_values, alpha=1 - alpha)
     stats.entries += flat.numel()
     stats.kept += kept_values.numel()
-    stats.update_sq += (1 - alpha) ** 2 * float(kept_values.square().sum())
+    stats.update_sq += (1 - alpha) ** 2 * float(torch.dot(kept_values, kept_values))
     if reference is not None and alpha > 0:
         values = reference.flat_values()
         if reference.indices is None:
             flat.add_(values, alpha=alpha)
         else:
             flat.index_add_(0, reference.indices, values, alpha=alpha)
-        stats.tau_sq += alpha**2 * float(values.square().sum())
+        stats.tau_sq += alpha**2 * reference.sq_norm
 
 
 @MERGE_RULES.register("ties", help="OnTIES: top-p of the update, TIES merge with alpha * T")

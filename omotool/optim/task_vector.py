@@ -11,6 +11,7 @@ indices, so 0.08 bytes per parameter at p = 0.01), a dense tensor otherwise.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -138,6 +139,11 @@ class FlatDelta:
             return cls(values=dense.contiguous(), indices=None, numel=flat.numel())
         index_dtype = torch.int32 if flat.numel() < 2**31 else torch.long
         return cls(values=flat[kept].contiguous(), indices=kept.to(index_dtype), numel=flat.numel())
+
+    @functools.cached_property
+    def sq_norm(self) -> float:
+        """``‖values‖²``, computed once (logged every step as the τ contribution)."""
+        return float(torch.dot(self.values.reshape(-1), self.values.reshape(-1)))
 
     @property
     def nbytes(self) -> int:
