@@ -68,7 +68,7 @@ def test_public_api_is_reexported_lazily() -> None:
     import omotool
 
     assert omotool.compute_delta.__module__ == "omotool.delta"
-    assert omotool.ModelReader.__module__ == "omotool.io"
+    assert omotool.ModelReader.__module__ == "omotool.io.reader"
     assert omotool.OnlineMergingAdamW.__module__ == "omotool.optim.online_merging"
     assert omotool.run_merge.__module__ == "omotool.merge_offline"
     code = "import sys, omotool.cli; print('torch' in sys.modules)"

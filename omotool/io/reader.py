@@ -1,90 +1,39 @@
-"""Model folders on disk: lazy per-tensor reads, atomic sharded writes, fingerprints.
+"""Reading model folders: lazy per-tensor reads, pickle refusal, tied names, fingerprints.
 
-Every command reads and writes models through this module, so the rules live here once:
-- Hugging Face folders with ``model.safetensors`` or shards + ``model.safetensors.index.json``
-  are read lazily, one tensor at a time, by name, with positioned reads into a fresh buffer:
-  unlike a memory map, pages already read do not stay in the process's resident memory, so
-  peak RSS is a few tensors. Only files the index names are read (stale shards are ignored).
-- Pickle checkpoints (``*.bin``, ``*.pt``) are refused unless ``allow_pickle``; then they load
-  with ``torch.load(weights_only=True)``, which never runs code from the file.
-- Tied embeddings: a model with ``tie_word_embeddings`` may store no ``lm_head.weight``;
-  ``ModelReader.get`` resolves such a name to the embedding it is tied to.
-- Outputs are written into a hidden temporary folder next to the target and renamed into place
-  only when complete. The writer is given the layout (names, shapes, dtypes) up front, so each
-  shard's header is written first and every tensor goes straight to its place on disk.
+Hugging Face folders with ``model.safetensors`` or shards + ``model.safetensors.index.json``
+are read lazily, one tensor at a time, by name, with positioned reads into a fresh buffer:
+unlike a memory map, pages already read do not stay in the process's resident memory, so peak
+RSS is a few tensors. Only files the index names are read (stale shards are ignored). Pickle
+checkpoints are refused unless ``allow_pickle``, then load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
 import re
-import shutil
 import struct
-import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from omotool.errors import InputError, OutputError
-
-SAFE_SINGLE = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-PICKLE_SINGLES = ("pytorch_model.bin", "model.bin", "model.pt", "pytorch_model.pt")
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "chat_template.jinja",
-    "chat_template.json",
+from omotool.errors import InputError
+from omotool.io.formats import (
+    _MAX_HEADER,
+    _ST_DTYPES,
+    PICKLE_INDEX,
+    PICKLE_SINGLES,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    TIED_HEADS,
+    _config_ties_embeddings,
+    _numel,
+    _read_json,
+    _tensor_bytes,
 )
-"""Non-weight files copied to a written model so transformers loads model and tokenizer."""
-
-DEFAULT_SHARD_SIZE = 5 * 1024**3
-
-# Output heads and the input embeddings they may be tied to, by architecture family.
-TIED_HEADS: dict[str, tuple[str, ...]] = {
-    "lm_head.weight": (
-        "model.embed_tokens.weight",  # Llama, Qwen2, Mistral, Gemma, ...
-        "transformer.wte.weight",  # GPT-2
-        "transformer.word_embeddings.weight",  # Bloom, Falcon
-        "model.decoder.embed_tokens.weight",  # OPT
-    ),
-    "embed_out.weight": ("gpt_neox.embed_in.weight",),  # GPT-NeoX, Pythia
-}
-
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
-
-TensorLayout = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-"""Names (in writing order) → (shape, dtype) of the tensors a ``ModelWriter`` will receive."""
 
 
 def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
@@ -396,264 +345,3 @@ def fingerprint(reader: ModelReader) -> str:
         digest.update(f"{name}|{reader.dtype(name)}|{reader.shape(name)}\n".encode())
         digest.update(reader.sample_bytes(name))
     return "sha256:" + digest.hexdigest()
-
-
-class ModelWriter:
-    """Writes the tensors of ``layout`` as sharded safetensors (+ index) into ``out``, atomically.
-
-    Use as a context manager. Shards are planned from the layout (a new shard starts when the
-    next tensor would pass ``shard_size``), so each file's header is written first and
-    ``add`` writes a tensor straight to its place: memory is one tensor. Everything goes to a
-    hidden temporary folder next to ``out``; a clean exit checks that every tensor arrived and
-    renames the folder into place (replacing an old ``out`` only if ``overwrite``); an
-    exception or Ctrl-C removes it. One shard is ``model.safetensors``; several are
-    ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``.
-    """
-
-    def __init__(
-        self,
-        out: str | os.PathLike[str],
-        layout: TensorLayout,
-        shard_size: int = DEFAULT_SHARD_SIZE,
-        overwrite: bool = False,
-        inputs: Iterable[str | os.PathLike[str]] = (),
-    ) -> None:
-        self.out = Path(out).expanduser().absolute()
-        check_output(self.out, overwrite, inputs)
-        if shard_size <= 0:
-            raise InputError(f"shard size must be positive, got {shard_size}.")
-        self.tmp = self.out.parent / f".{self.out.name}.omotool-tmp-{uuid.uuid4().hex[:8]}"
-        self._layout = {name: (tuple(shape), dtype) for name, (shape, dtype) in layout.items()}
-        self._shards = _plan_shards(self._layout, shard_size)
-        self._where = {name: shard for shard, names in enumerate(self._shards) for name in names}
-        self._offsets: dict[str, int] = {}
-        self._pending = [set(names) for names in self._shards]
-        self._files: dict[int, Any] = {}
-        self.total_bytes = sum(
-            _numel(shape) * dtype.itemsize for shape, dtype in self._layout.values()
-        )
-
-    @property
-    def shard_names(self) -> list[str]:
-        count = len(self._shards)
-        if count <= 1:
-            return [SAFE_SINGLE]
-        return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-    def __enter__(self) -> ModelWriter:
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir()
-        except OSError as exc:
-            raise _output_error(self.out, exc) from exc
-        return self
-
-    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
-        if exc_type is None:
-            try:
-                self._commit()
-                return
-            except OSError as error:
-                self._abort()
-                raise _output_error(self.out, error) from error
-            except BaseException:
-                self._abort()
-                raise
-        self._abort()
-
-    @property
-    def folder(self) -> Path:
-        """The temporary folder being filled (for callers that add their own files)."""
-        return self.tmp
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor of the layout to disk (any order; each name once)."""
-        if name not in self._layout:
-            raise ValueError(f"tensor {name} is not in the writer's layout")
-        shape, dtype = self._layout[name]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(
-                f"tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, "
-                f"the layout says {shape} {dtype}"
-            )
-        shard = self._where[name]
-        if name not in self._pending[shard]:
-            raise ValueError(f"tensor {name} written twice")
-        data = _tensor_array(tensor)
-        try:
-            file = self._shard_file(shard)
-            file.seek(self._offsets[name])
-            _write_all(file, memoryview(data))
-            self._pending[shard].discard(name)
-            if not self._pending[shard]:
-                file.close()
-                del self._files[shard]
-        except OSError as exc:
-            raise _output_error(self.out, exc) from exc
-
-    def write_json(self, name: str, obj: Any) -> None:
-        """Write ``obj`` as ``name`` into the output folder."""
-        try:
-            (self.tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
-        except OSError as exc:
-            raise _output_error(self.out, exc) from exc
-
-    def copy_model_files(
-        self, source: str | os.PathLike[str], names: Iterable[str] = MODEL_FILES
-    ) -> list[str]:
-        """Copy config/tokenizer/chat-template files that exist in ``source``; returns names."""
-        source = Path(source)
-        folder = source if source.is_dir() else source.parent
-        copied = []
-        try:
-            for name in names:
-                if (folder / name).is_file():
-                    shutil.copy2(folder / name, self.tmp / name)
-                    copied.append(name)
-        except OSError as exc:
-            raise _output_error(self.out, exc) from exc
-        return copied
-
-    # -- internals -------------------------------------------------------------------------
-    def _shard_file(self, shard: int) -> Any:
-        """Open a shard, writing its header on first use."""
-        if shard in self._files:
-            return self._files[shard]
-        entries, offset = {}, 0
-        for name in self._shards[shard]:
-            shape, dtype = self._layout[name]
-            nbytes = _numel(shape) * dtype.itemsize
-            entries[name] = {
-                "dtype": _ST_NAMES[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-        header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":"))
-        header_bytes = header.encode()
-        header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned
-        data_start = 8 + len(header_bytes)
-        for name, entry in entries.items():
-            self._offsets[name] = data_start + entry["data_offsets"][0]
-        # Unbuffered: nothing is left to flush (and to fail) on close.
-        file = open(self.tmp / self.shard_names[shard], "wb", buffering=0)  # noqa: SIM115
-        _write_all(file, struct.pack("<Q", len(header_bytes)) + header_bytes)
-        self._files[shard] = file
-        return file
-
-    def _commit(self) -> None:
-        missing = [name for names in self._pending for name in names]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} tensors of the layout were never written, e.g. {missing[:3]}"
-            )
-        for shard in range(len(self._shards)):  # a layout with no tensors still gets its file
-            if not (self.tmp / self.shard_names[shard]).exists():
-                self._shard_file(shard).close()
-        if len(self._shards) > 1:
-            weight_map = {name: self.shard_names[self._where[name]] for name in self._layout}
-            self.write_json(
-                SAFE_INDEX, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            )
-        for path in self.tmp.iterdir():
-            _fsync_path(path)
-        _fsync_path(self.tmp)
-        old = None
-        if self.out.exists() or self.out.is_symlink():
-            old = self.out.parent / f".{self.out.name}.omotool-old-{uuid.uuid4().hex[:8]}"
-            self.out.rename(old)
-        self.tmp.rename(self.out)
-        _fsync_path(self.out.parent)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-
-    def _abort(self) -> None:
-        for file in self._files.values():
-            with contextlib.suppress(OSError):
-                file.close()
-        self._files.clear()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _write_all(file: Any, data: bytes | memoryview) -> None:
-    view, done = memoryview(data), 0
-    while done < len(view):
-        done += file.write(view[done:])
-
-
-def _plan_shards(layout: dict[str, tuple[tuple[int, ...], torch.dtype]], shard_size: int):
-    shards: list[list[str]] = [[]]
-    filled = 0
-    for name, (shape, dtype) in layout.items():
-        nbytes = _numel(shape) * dtype.itemsize
-        if shards[-1] and filled + nbytes > shard_size:
-            shards.append([])
-            filled = 0
-        shards[-1].append(name)
-        filled += nbytes
-    return shards
-
-
-def check_output(
-    out: str | os.PathLike[str], overwrite: bool, inputs: Iterable[str | os.PathLike[str]] = ()
-) -> None:
-    """Refuse an output that exists (unless ``overwrite``) or that is, or holds, an input."""
-    out_path = Path(out).expanduser().absolute()
-    for spec in inputs:
-        source = Path(spec).expanduser().absolute()
-        if source == out_path or out_path in source.parents:
-            raise OutputError(
-                f"{out}: is the input {spec} (or contains it). Choose another output folder."
-            )
-    if (out_path.exists() or out_path.is_symlink()) and not overwrite:
-        raise OutputError(
-            f"{out}: exists. Pass --overwrite to replace it (the old output is replaced only "
-            "once the new one is complete), or choose another output folder."
-        )
-
-
-def _output_error(out: Path, exc: OSError) -> OutputError:
-    if exc.errno == errno.ENOSPC:
-        return OutputError(
-            f"{out}: no space left on device while writing; nothing was written. "
-            "Free some space or choose another output folder."
-        )
-    return OutputError(f"{out}: could not be written ({exc.strerror or exc}); nothing was written.")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc}).") from exc
-
-
-def _config_ties_embeddings(config: dict[str, Any]) -> bool:
-    text_config = config.get("text_config") or {}
-    value = config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
-    return True if value is None else bool(value)  # transformers' default is True
-
-
-def _tensor_array(tensor: torch.Tensor) -> Any:
-    """The tensor's raw little-endian bytes as a uint8 numpy array (no copy when contiguous)."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy()
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return _tensor_array(tensor).tobytes()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
