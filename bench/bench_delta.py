@@ -386,32 +386,27 @@ def benchmark(args: argparse.Namespace, workdir: Path, log: Any) -> dict[str, An
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Benchmark `omotool delta` against loading both models and subtracting."
-    )
+def add_model_options(parser: argparse.ArgumentParser, repeats_help: str) -> None:
+    """The options every model benchmark shares: work folder, repeats, model size, --json."""
     parser.add_argument("--workdir", type=Path, help="keep (and reuse) models here [temp dir]")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per method [3]")
+    parser.add_argument("--repeats", type=int, default=3, help=f"{repeats_help} [3]")
     parser.add_argument("--hidden", type=int, default=768, help="hidden size [768]")
     parser.add_argument("--layers", type=int, default=12, help="decoder layers [12]")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size [32000]")
     parser.add_argument("--heads", type=int, help="attention heads [hidden/64]")
     parser.add_argument("--intermediate", type=int, help="MLP size [8/3·hidden, /64]")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     defaults = {"hidden": 768, "layers": 12, "vocab": 32000}
     args.enforce_size = all(getattr(args, k) == v for k, v in defaults.items())
-    return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.child:
-        child_main(*args.child)
-        return
+def run_benchmark(args: argparse.Namespace, benchmark, render, prefix: str) -> None:
+    """Run ``benchmark(args, workdir, log)`` in --workdir or a temp dir; print the result."""
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -420,9 +415,28 @@ def main(argv: list[str] | None = None) -> None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         result = benchmark(args, args.workdir.resolve(), log)
     else:
-        with tempfile.TemporaryDirectory(prefix="bench-delta-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
             result = benchmark(args, Path(tmp), log)
     print(json.dumps(result, indent=2) if args.json else render(result))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark `omotool delta` against loading both models and subtracting."
+    )
+    add_model_options(parser, "runs per method")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    check_model_options(parser, args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_main(*args.child)
+        return
+    run_benchmark(args, benchmark, render, "bench-delta-")
 
 
 if __name__ == "__main__":

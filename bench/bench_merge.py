@@ -72,14 +72,21 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_delta import _AnonSampler, _ratio_text, _status_kb, model_size  # noqa: E402
+from bench_delta import (  # noqa: E402
+    _AnonSampler,
+    _ratio_text,
+    _status_kb,
+    add_model_options,
+    check_model_options,
+    model_size,
+    run_benchmark,
+)
 
 TOOLS = ("omotool", "mergekit")
 CASES = ("single", "sweep")
@@ -573,23 +580,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark `omotool merge-offline` against mergekit-yaml on the same merges."
     )
-    parser.add_argument("--workdir", type=Path, help="keep (and reuse) models here [temp dir]")
+    add_model_options(parser, "runs per tool and case")
     parser.add_argument(
         "--mergekit-env", type=Path, default=DEFAULT_ENV, help=f"mergekit venv [{DEFAULT_ENV}]"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="runs per tool and case [3]")
-    parser.add_argument("--hidden", type=int, default=768, help="hidden size [768]")
-    parser.add_argument("--layers", type=int, default=12, help="decoder layers [12]")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size [32000]")
-    parser.add_argument("--heads", type=int, help="attention heads [hidden/64]")
-    parser.add_argument("--intermediate", type=int, help="MLP size [8/3·hidden, /64]")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    defaults = {"hidden": 768, "layers": 12, "vocab": 32000}
-    args.enforce_size = all(getattr(args, k) == v for k, v in defaults.items())
+    check_model_options(parser, args)
     return args
 
 
@@ -598,17 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child_main(*args.child)
         return
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        result = benchmark(args, args.workdir.resolve(), log)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
-            result = benchmark(args, Path(tmp), log)
-    print(json.dumps(result, indent=2) if args.json else render(result))
+    run_benchmark(args, benchmark, render, "bench-merge-")
 
 
 if __name__ == "__main__":
