@@ -77,14 +77,42 @@ def bernoulli_indices(
     rate = -math.log1p(-density)
     pieces, last = [], -1.0
     while last < numel - 1:
-        gaps = torch.empty(chunk, device=device, dtype=dtype).exponential_(generator=generator)
-        gaps.div_(rate, rounding_mode="floor").add_(1)
+        # E = −log(1 − U) with U ~ U[0, 1): a few times faster than exponential_() here.
+        gaps = torch.empty(chunk, device=device, dtype=dtype).uniform_(generator=generator)
+        gaps.neg_().log1p_().div_(-rate, rounding_mode="floor").add_(1)
         positions = torch.cumsum(gaps, dim=0, dtype=torch.float64).add_(last)  # exact to 2**53
         pieces.append(positions)
         last = float(positions[-1])
     positions = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     inside = int(torch.searchsorted(positions, float(numel)))  # positions are increasing
     return positions[:inside].to(torch.long)
+
+
+def sample_positions(n: int) -> torch.Tensor | None:
+    """Flat positions of a strided sample of ``n`` entries, or None when ``n`` is small.
+
+    The stride is coprime with ``n``, hence with the row length, so the sample visits every
+    column.
+    """
+    if n <= _EXACT_BELOW:
+        return None
+    stride = n // _SAMPLE
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    return torch.arange(0, n, stride)
+
+
+def sample_floor(sample: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """A value a few standard errors below the ``k``-th largest of ``n`` entries.
+
+    ``sample`` holds magnitudes at ``sample_positions(n)``; about ``k`` entries (slightly
+    more) of the whole lie at or above the floor.
+    """
+    size = sample.numel()
+    above = k / n
+    margin = 4.0 * math.sqrt(above * (1.0 - above) / size) + 2.0 / size
+    rank = max(1, math.ceil(min(1.0, above + margin) * size))  # rank-th largest of the sample
+    return torch.kthvalue(sample, size - rank + 1).values
 
 
 def _candidates(
@@ -94,21 +122,13 @@ def _candidates(
 
     Large inputs avoid a full selection: a strided sample gives a floor a few standard errors
     below the k-th largest, and only entries at or above it are kept (about ``k`` of them).
-    The stride is coprime with ``n``, hence with the row length, so the sample visits every
-    column. ``indices is None`` means all entries (small inputs, or an unlucky sample).
+    ``indices is None`` means all entries (small inputs, or an unlucky sample).
     """
     n = magnitudes.numel()
-    if n <= _EXACT_BELOW:
+    positions = sample_positions(n)
+    if positions is None:
         return None, magnitudes
-    stride = n // _SAMPLE
-    while math.gcd(stride, n) != 1:
-        stride += 1
-    sample = magnitudes[::stride]
-    size = sample.numel()
-    above = k / n
-    margin = 4.0 * math.sqrt(above * (1.0 - above) / size) + 2.0 / size
-    rank = max(1, math.ceil(min(1.0, above + margin) * size))  # rank-th largest of the sample
-    floor = torch.kthvalue(sample, size - rank + 1).values
+    floor = sample_floor(magnitudes[positions], k, n)
     mask = (
         torch.ge(magnitudes, floor, out=mask_out) if mask_out is not None else magnitudes >= floor
     )
@@ -155,11 +175,20 @@ def magnitude_topk_indices(
     else:
         magnitudes = flat.abs().float()
     indices, values = _candidates(magnitudes, k, None if mask_out is None else mask_out[:n])
-    threshold = torch.kthvalue(values, values.numel() - k + 1).values
-    selected = values >= threshold
+    return select_largest(indices, values, k)
+
+
+def select_largest(indices: torch.Tensor | None, magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` entries of largest ``magnitudes`` (1-D, at least ``k``), ties to lower indices.
+
+    ``indices`` (sorted) are the flat positions of ``magnitudes``, or None for ``0..n-1``;
+    returns the chosen positions, sorted.
+    """
+    threshold = torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values
+    selected = magnitudes >= threshold
     surplus = int(selected.sum()) - k
     if surplus > 0:  # more entries equal the threshold than places: the lowest indices win
-        ties = torch.nonzero(values == threshold).flatten()
+        ties = torch.nonzero(magnitudes == threshold).flatten()
         selected[ties[ties.numel() - surplus :]] = False
     chosen = torch.nonzero(selected).flatten()
     return chosen if indices is None else indices.index_select(0, chosen)

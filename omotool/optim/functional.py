@@ -37,12 +37,15 @@ from omotool.merging import (
     bernoulli_indices,
     dare,
     disjoint_merge,
+    kept_count,
     keyed_generator,
     magnitude,
     magnitude_topk_indices,
     rescale,
 )
 from omotool.merging.consensus import ELECTIONS
+from omotool.merging.sparsify import sample_floor, sample_positions, select_largest
+from omotool.optim import kernels
 from omotool.optim.distributed import Shard, sharded_magnitude_mask
 from omotool.optim.task_vector import FlatDelta
 from omotool.registry import Registry
@@ -198,6 +201,40 @@ MergeRule = Callable[..., None]
 MERGE_RULES: Registry[MergeRule] = Registry("merge rule")
 
 
+def dare_update_indices(
+    numel: int,
+    *,
+    name: str,
+    step: int,
+    options: MergeOptions,
+    shard: Shard | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Sorted flat indices of ``Δθ`` kept by OnDARE at ``step`` (local ones under a shard).
+
+    The mask is keyed by ``(seed, "update", step, name)`` and drawn over the whole tensor.
+    """
+    generator = keyed_generator(options.seed, "update", step, name, device=device)
+    whole = shard.numel if shard is not None else numel
+    index = bernoulli_indices(whole, options.reserve_p, generator, device=device)
+    return shard.local_indices(index, numel) if shard is not None else index
+
+
+def add_dare_reference_(
+    flat: torch.Tensor, reference: FlatDelta | None, options: MergeOptions, stats: StepStats
+) -> None:
+    """``θ ← θ + α·T`` (the second term of Eq. 4)."""
+    alpha = options.alpha
+    if reference is None or alpha <= 0:
+        return
+    values = reference.flat_values()
+    if reference.indices is None:
+        flat.add_(values, alpha=alpha)
+    else:
+        flat.index_add_(0, reference.indices, values, alpha=alpha)
+    stats.tau_sq += alpha**2 * reference.sq_norm
+
+
 @MERGE_RULES.register("dare", help="OnDARE: random drop of the update, plus alpha * T")
 def merge_dare_(
     param: torch.Tensor,
@@ -220,11 +257,9 @@ def merge_dare_(
         kept_values = direction(None).reshape(-1)
         flat.add_(kept_values, alpha=1 - alpha)
     else:
-        generator = keyed_generator(options.seed, "update", step, name, device=param.device)
-        numel = shard.numel if shard is not None else flat.numel()
-        index = bernoulli_indices(numel, p, generator, device=param.device)
-        if shard is not None:
-            index = shard.local_indices(index, flat.numel())
+        index = dare_update_indices(
+            flat.numel(), name=name, step=step, options=options, shard=shard, device=param.device
+        )
         mode = options.resolved_rescale
         if mode == "l1":
             dense = direction(None).reshape(-1)
@@ -235,13 +270,7 @@ def merge_dare_(
     stats.entries += flat.numel()
     stats.kept += kept_values.numel()
     stats.update_sq += (1 - alpha) ** 2 * float(torch.dot(kept_values, kept_values))
-    if reference is not None and alpha > 0:
-        values = reference.flat_values()
-        if reference.indices is None:
-            flat.add_(values, alpha=alpha)
-        else:
-            flat.index_add_(0, reference.indices, values, alpha=alpha)
-        stats.tau_sq += alpha**2 * reference.sq_norm
+    add_dare_reference_(flat, reference, options, stats)
 
 
 @MERGE_RULES.register("ties", help="OnTIES: top-p of the update, TIES merge with alpha * T")
@@ -261,7 +290,7 @@ def merge_ties_(
 
     With a ``shard``, ``F_K`` is the top p of the whole tensor (see ``optim.distributed``).
     """
-    flat, p, alpha = param.view(-1), options.reserve_p, options.alpha
+    p = options.reserve_p
     update = direction(None).reshape(-1)  # TIES needs every |Δθ| to find the top p
     if shard is not None:
         kept_index = torch.nonzero(sharded_magnitude_mask(update, p, shard)).flatten()
@@ -270,7 +299,25 @@ def merge_ties_(
         kept_index = magnitude_topk_indices(update, p, *scratch)
     else:
         kept_index = magnitude_topk_indices(update, p)
-    kept_values = rescale(update.index_select(0, kept_index), update, options.resolved_rescale, p)
+    kept = update.index_select(0, kept_index)
+    apply_ties_(param.view(-1), kept_index, kept, update, reference, options, stats)
+
+
+def apply_ties_(
+    flat: torch.Tensor,
+    kept_index: torch.Tensor,
+    kept: torch.Tensor,
+    update: torch.Tensor | None,
+    reference: FlatDelta | None,
+    options: MergeOptions,
+    stats: StepStats,
+) -> None:
+    """Add ``(1 − α)·F_K(Δθ) ⊕ α·T`` to ``flat``, given ``F_K``'s sorted ``kept_index`` and
+    ``kept = Δθ[kept_index]`` (``update``, the whole ``Δθ``, is only needed by the l1 rescale).
+    """
+    p, alpha = options.reserve_p, options.alpha
+    whole = update if update is not None else torch.empty(0)
+    kept_values = rescale(kept, whole, options.resolved_rescale, p)
     stats.entries += flat.numel()
     stats.kept += kept_index.numel()
     if reference is None:
@@ -462,6 +509,11 @@ def fused_online_merging_adamw_(
         return
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
+    if _kernel_step_(
+        param, grad, exp_avg, exp_avg_sq, cache, reference, workspace,
+        name=name, step=int(step), lr=lr, options=options, stats=stats, shard=shard, **adam,
+    ):  # fmt: skip
+        return
     dense = (
         options.method == "ties"
         or cache is not None
@@ -494,3 +546,65 @@ def fused_online_merging_adamw_(
         shard=shard,
         workspace=workspace,
     )
+
+
+def _kernel_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    cache: torch.Tensor | None,
+    reference: FlatDelta | None,
+    workspace: Workspace,
+    *,
+    name: str,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    options: MergeOptions,
+    stats: StepStats,
+    shard: Shard | None,
+) -> bool:
+    """The merge step in one pass of ``optim.kernels`` where it applies; False otherwise.
+
+    Applies to large float32 CPU tensors with K = 1, ``p < 1`` and rescale ``none|inverse``:
+    OnDARE on any tensor, OnTIES on unsharded ones.
+    """
+    p, mode = options.reserve_p, options.resolved_rescale
+    if cache is not None or p >= 1 or mode == "l1" or (options.method == "ties" and shard):
+        return False
+    if not kernels.usable(param, grad, exp_avg, exp_avg_sq):
+        return False
+    adam = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    flat = param.view(-1)
+    stats.merged = True
+    if options.method == "dare":
+        index = dare_update_indices(
+            flat.numel(), name=name, step=step, options=options, shard=shard, device=param.device
+        )
+        squares = kernels.dare_step_(
+            param, grad, exp_avg, exp_avg_sq, index, density=p if mode == "inverse" else 1.0,
+            weight=1 - options.alpha, **adam,
+        )  # fmt: skip
+        stats.entries += flat.numel()
+        stats.kept += index.numel()
+        stats.update_sq += (1 - options.alpha) ** 2 * squares
+        add_dare_reference_(flat, reference, options, stats)
+        return True
+    n, k = flat.numel(), kept_count(flat.numel(), p)
+    positions = sample_positions(n)
+    sample = kernels.direction_at(grad, exp_avg, exp_avg_sq, positions, **adam).abs_()
+    scratch = workspace.get("index", flat, torch.long), workspace.get("values", flat)
+    floor = float(sample_floor(sample, k, n))
+    index, values = kernels.ties_candidates_(grad, exp_avg, exp_avg_sq, floor, scratch, **adam)
+    if index.numel() >= k:
+        chosen = select_largest(None, values.abs(), k)
+        kept_index, kept = index.index_select(0, chosen), values.index_select(0, chosen)
+    else:  # an unlucky sample: select from the whole Δθ (the moments are already updated)
+        update = adam_direction(exp_avg, exp_avg_sq, **adam).reshape(-1)
+        kept_index = magnitude_topk_indices(update, p)
+        kept = update.index_select(0, kept_index)
+    apply_ties_(flat, kept_index, kept, None, reference, options, stats)
+    return True

@@ -1,0 +1,235 @@
+"""CPU kernels (numba) for the dense part of an online-merging AdamW step.
+
+torch offers no single op that advances Adam's moments without also writing a parameter, and
+the sparse part of OnDARE/OnTIES (Δθ at ~p·n entries) costs a random gather per moment and a
+scatter per parameter when done with tensor ops. These kernels make one pass over ``g, m, v``:
+
+- ``dare_step_``: ``m, v`` updated everywhere; at the kept (sorted) ``index``, computed in the
+  same pass while ``m_i, v_i`` are in registers: ``θ_i += w · Δθ_i / d`` (``d = p`` for the
+  inverse rescale, 1 otherwise; ``w = 1 − α``).
+- ``ties_candidates_``: ``m, v`` updated everywhere; every ``(i, Δθ_i)`` with ``|Δθ_i| ≥ floor``
+  collected (``floor`` from a sample, a little below the k-th largest ``|Δθ|``), so the exact
+  top-k is then selected among ~1% of the entries.
+Both use float32 arithmetic in the order of ``functional.adam_moments_`` and
+``functional.adam_direction`` (torch's single-tensor AdamW), and fixed-size chunks, so results
+do not depend on the number of threads. They take contiguous float32 CPU tensors and are used
+by ``functional.fused_online_merging_adamw_`` for large tensors when numba is importable
+(``OMOTOOL_KERNELS=0`` turns them off); everything else takes the tensor-op path.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+
+CHUNK = 1 << 16  # entries per work item; fixed, so that results do not depend on threads
+MIN_NUMEL = (1 << 16) + 1  # smaller tensors gain nothing (and take no sample: sparsify)
+
+
+@cache
+def _compiled() -> Any:
+    """The numba kernels, compiled on first use (cached on disk by numba), or None."""
+    if os.environ.get("OMOTOOL_KERNELS", "1") == "0":
+        return None
+    try:
+        from numba import get_thread_id, njit, prange
+    except ImportError:  # pragma: no cover - numba is a dependency, but optional at run time
+        return None
+    jit = njit(parallel=True, cache=True, boundscheck=False, nogil=True)
+
+    @jit
+    def dare_step(g, m, v, p, index, starts, w1, b2, w2, bias2, eps, step_size, density, w, sq):
+        n, chunks = g.size, starts.size - 1
+        for c in prange(chunks):
+            lo = c * CHUNK
+            hi = min(n, lo + CHUNK)
+            gc, mc, vc = g[lo:hi], m[lo:hi], v[lo:hi]  # slices: the loop vectorizes
+            for i in range(hi - lo):
+                gi = gc[i]
+                mc[i] = mc[i] + w1 * (gi - mc[i])  # lerp(m, g, 1 − β1), as torch for weight < ½
+                vc[i] = vc[i] * b2 + w2 * gi * gi
+            total = 0.0
+            for j in range(starts[c], starts[c + 1]):
+                i = index[j]
+                kept = (m[i] / (np.sqrt(v[i]) / bias2 + eps)) * step_size / density
+                p[i] += kept * w
+                total += float(kept) * float(kept)
+            sq[c] = total
+
+    @jit
+    def ties_candidates(
+        g, m, v, w1, b2, w2, bias2, eps, step_size, floor, out_i, out_v, counts, scratch
+    ):
+        n, chunks = g.size, counts.size
+        for c in prange(chunks):
+            lo = c * CHUNK
+            hi = min(n, lo + CHUNK)
+            gc, mc, vc = g[lo:hi], m[lo:hi], v[lo:hi]
+            update = scratch[get_thread_id()]  # stays in cache between the two loops
+            for i in range(hi - lo):
+                gi = gc[i]
+                mi = mc[i] + w1 * (gi - mc[i])
+                vi = vc[i] * b2 + w2 * gi * gi
+                mc[i], vc[i] = mi, vi
+                update[i] = (mi / (np.sqrt(vi) / bias2 + eps)) * step_size
+            found = 0
+            for i in range(hi - lo):
+                if abs(update[i]) >= floor:
+                    out_i[lo + found] = lo + i
+                    out_v[lo + found] = update[i]
+                    found += 1
+            counts[c] = found
+
+    @jit
+    def compact(out_i, out_v, counts, offsets, index, values):
+        for c in prange(counts.size):
+            lo, at = c * CHUNK, offsets[c]
+            for j in range(counts[c]):
+                index[at + j] = out_i[lo + j]
+                values[at + j] = out_v[lo + j]
+
+    @njit(cache=True, boundscheck=False)
+    def direction_at(g, m, v, positions, w1, b2, w2, bias2, eps, step_size, out):
+        for j in range(positions.size):
+            i = positions[j]
+            gi = g[i]
+            mi = m[i] + w1 * (gi - m[i])
+            vi = v[i] * b2 + w2 * gi * gi
+            out[j] = (mi / (np.sqrt(vi) / bias2 + eps)) * step_size
+
+    return dare_step, ties_candidates, compact, direction_at
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can run on these tensors (large, contiguous float32 on the CPU)."""
+    first = tensors[0]
+    return (
+        first.numel() >= MIN_NUMEL
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            for t in tensors
+        )
+        and _compiled() is not None
+    )
+
+
+def _adam_scalars(
+    step: int, lr: float, beta1: float, beta2: float, eps: float
+) -> tuple[np.float32, ...]:
+    """``(1 − β1, β2, 1 − β2, √(1 − β2ᵗ), ε, −η/(1 − β1ᵗ))`` as float32, as torch casts them."""
+    values = (1 - beta1, beta2, 1 - beta2, (1 - beta2**step) ** 0.5, eps, -lr / (1 - beta1**step))
+    return tuple(np.float32(x) for x in values)
+
+
+def _flat(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().view(-1).numpy()
+
+
+def _match_torch_threads() -> None:
+    """Use as many threads as torch (torchrun and users set torch's count, not numba's)."""
+    import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+@cache
+def _thread_scratch() -> np.ndarray:
+    """One chunk-sized float32 row per numba thread (rows indexed by ``get_thread_id``)."""
+    import numba
+
+    return np.empty((numba.config.NUMBA_NUM_THREADS, CHUNK), dtype=np.float32)
+
+
+def dare_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    density: float,
+    weight: float,
+) -> float:
+    """Moments everywhere; ``θ[i] += weight·Δθ[i]/density`` at the sorted ``index``.
+
+    Returns ``Σ (Δθ[i]/density)²`` over ``index`` (for the update norm).
+    """
+    dare_step, *_ = _compiled()
+    n = param.numel()
+    bounds = torch.arange(0, n + CHUNK, CHUNK).clamp_(max=n)
+    starts = torch.searchsorted(index, bounds).numpy()
+    squares = np.zeros(starts.size - 1)
+    _match_torch_threads()
+    dare_step(
+        _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), _flat(param), index.numpy(), starts,
+        *_adam_scalars(step, lr, beta1, beta2, eps), np.float32(density), np.float32(weight),
+        squares,
+    )  # fmt: skip
+    return float(squares.sum())
+
+
+def ties_candidates_(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    floor: float,
+    scratch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moments everywhere; ``(index, Δθ[index])`` of every entry with ``|Δθ| ≥ floor``.
+
+    ``scratch``: an int64 and a float32 buffer of at least ``n`` entries (only the pages that
+    receive candidates are ever touched). ``index`` comes out sorted.
+    """
+    _, ties_candidates, compact, _ = _compiled()
+    n = grad.numel()
+    out_i, out_v = (buffer[:n].numpy() for buffer in scratch)
+    counts = np.zeros((n + CHUNK - 1) // CHUNK, dtype=np.int64)
+    _match_torch_threads()
+    ties_candidates(
+        _flat(grad), _flat(exp_avg), _flat(exp_avg_sq),
+        *_adam_scalars(step, lr, beta1, beta2, eps), np.float32(floor), out_i, out_v, counts,
+        _thread_scratch(),
+    )  # fmt: skip
+    offsets = np.zeros_like(counts)
+    np.cumsum(counts[:-1], out=offsets[1:])
+    index = np.empty(int(counts.sum()), dtype=np.int64)
+    values = np.empty(index.size, dtype=np.float32)
+    compact(out_i, out_v, counts, offsets, index, values)
+    return torch.from_numpy(index), torch.from_numpy(values)
+
+
+def direction_at(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> torch.Tensor:
+    """``Δθ`` at ``positions`` after this step's moment update, without writing the moments."""
+    *_, direction = _compiled()
+    out = np.empty(positions.numel(), dtype=np.float32)
+    direction(
+        _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), positions.numpy(),
+        *_adam_scalars(step, lr, beta1, beta2, eps), out,
+    )  # fmt: skip
+    return torch.from_numpy(out)

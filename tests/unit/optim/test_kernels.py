@@ -1,0 +1,133 @@
+"""The numba kernels of the fast path against the tensor-op paths, on tensors large enough."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from omotool.optim import OnlineMergingAdamW, functional, kernels
+
+# a.weight takes the kernels (more than kernels.MIN_NUMEL entries), a.bias the tensor ops.
+SHAPES = {"a.weight": (300, 256), "a.bias": (300,)}
+STEPS = 5
+
+pytestmark = pytest.mark.skipif(kernels._compiled() is None, reason="numba is not importable")
+
+
+def make(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+def optimizer(params, *, fused=True, **options) -> OnlineMergingAdamW:
+    settings = dict(method="dare", reserve_p=0.05, alpha=0.1, lr=1e-2, weight_decay=0.0, seed=3)
+    return OnlineMergingAdamW(params.items(), make(1), fused=fused, **(settings | options))
+
+
+def one_step(state, start, grads, *, use_kernels, monkeypatch, **options):
+    """From ``start`` params and optimizer ``state``, one step; returns (params, optimizer)."""
+    params = {n: t.clone().requires_grad_() for n, t in start.items()}
+    opt = optimizer(params, **options)
+    if state is not None:
+        opt.load_state_dict(copy.deepcopy(state))  # loading may alias the given tensors
+    with monkeypatch.context() as patch:
+        if not use_kernels:
+            patch.setattr(kernels, "usable", lambda *tensors: False)
+        for name, p in params.items():
+            p.grad = grads[name].clone()
+        opt.step()
+    return {n: p.detach() for n, p in params.items()}, opt
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="dare"),
+        dict(method="dare", rescale="none", alpha=0.0),
+        dict(method="dare", weight_decay=0.1),
+        dict(method="ties"),
+        dict(method="ties", rescale="inverse", election="weighted"),
+    ],
+    ids=["dare", "dare-none-alpha0", "dare-decay", "ties", "ties-inverse-weighted"],
+)
+def test_kernel_step_matches_tensor_ops(options, monkeypatch) -> None:
+    """Step by step from the same state: same kept entries, same parameters to float32
+    rounding, same moments, same statistics. (Step 1 is skipped for TIES: every |Δθ| of Adam's
+    first step is ≈ lr, so its top-k is decided by rounding.)"""
+    state, params = None, make(0)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(1, STEPS + 1):
+        grads = {n: torch.randn(s, generator=gen) * (1 + step) for n, s in SHAPES.items()}
+        ours, fast = one_step(
+            state, params, grads, use_kernels=True, monkeypatch=monkeypatch, **options
+        )
+        theirs, slow = one_step(
+            state, params, grads, use_kernels=False, monkeypatch=monkeypatch, **options
+        )
+        if step > 1 or options["method"] == "dare":
+            moved = {n: (ours[n] != params[n]) for n in SHAPES}
+            assert all(torch.equal(moved[n], theirs[n] != params[n]) for n in SHAPES)
+            for name in SHAPES:
+                torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-6)
+            for key in ("exp_avg", "exp_avg_sq"):
+                a = fast.state[fast.param_groups[0]["params"][0]][key]
+                b = slow.state[slow.param_groups[0]["params"][0]][key]
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # FMA or not
+            ours_stats, theirs_stats = fast.stats(), slow.stats()
+            assert ours_stats["merge/kept_fraction"] == theirs_stats["merge/kept_fraction"]
+            assert ours_stats == pytest.approx(theirs_stats, rel=1e-5)
+        state, params = slow.state_dict(), theirs
+
+
+def test_ties_kernel_falls_back_when_the_sample_misleads(monkeypatch) -> None:
+    """A floor above the k-th largest |Δθ| finds too few candidates: the step still selects
+    the exact top-k (from the whole Δθ)."""
+    gen = torch.Generator().manual_seed(2)
+    grads = [{n: torch.randn(s, generator=gen) for n, s in SHAPES.items()} for _ in range(2)]
+    first, opt = one_step(
+        None, make(0), grads[0], use_kernels=False, monkeypatch=monkeypatch, method="ties"
+    )
+    state = opt.state_dict()
+    theirs, _ = one_step(
+        state, first, grads[1], use_kernels=False, monkeypatch=monkeypatch, method="ties"
+    )
+    monkeypatch.setattr(functional, "sample_floor", lambda sample, k, n: sample.max() * 10)
+    ours, _ = one_step(
+        state, first, grads[1], use_kernels=True, monkeypatch=monkeypatch, method="ties"
+    )
+    for name in SHAPES:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_path_resumes_bit_exactly(monkeypatch) -> None:
+    """Stopping after 3 of 6 kernel steps and resuming from state_dict ends where 6 steps end."""
+    gen = torch.Generator().manual_seed(5)
+    grads = [{n: torch.randn(s, generator=gen) for n, s in SHAPES.items()} for _ in range(6)]
+
+    def train(params, opt, steps):
+        for step_grads in steps:
+            for name, p in params.items():
+                p.grad = step_grads[name].clone()
+            opt.step()
+
+    whole = {n: t.requires_grad_() for n, t in make(0).items()}
+    train(whole, optimizer(whole, method="ties"), grads)
+    first = {n: t.requires_grad_() for n, t in make(0).items()}
+    opt = optimizer(first, method="ties")
+    train(first, opt, grads[:3])
+    state = opt.state_dict()
+    second = {n: t.detach().clone().requires_grad_() for n, t in first.items()}
+    resumed = optimizer(second, method="ties")
+    resumed.load_state_dict(state)
+    train(second, resumed, grads[3:])
+    assert all(torch.equal(whole[n], second[n]) for n in SHAPES)
+
+
+def test_kernels_do_not_take_small_or_non_float32_tensors() -> None:
+    big = torch.zeros(kernels.MIN_NUMEL)
+    assert kernels.usable(big, big)
+    assert not kernels.usable(torch.zeros(kernels.MIN_NUMEL - 1))
+    assert not kernels.usable(big.to(torch.bfloat16))
+    assert not kernels.usable(torch.zeros(2, kernels.MIN_NUMEL).t())  # not contiguous
