@@ -1,0 +1,1 @@
+"""RLHF training with online merging: data checking, algorithms, and the glue to TRL."""
