@@ -569,13 +569,15 @@ def _kernel_step_(
 ) -> bool:
     """The merge step in one pass of ``optim.kernels`` where it applies; False otherwise.
 
-    Applies to large float32 CPU tensors with K = 1, ``p < 1`` and rescale ``none|inverse``:
-    OnDARE on any tensor, OnTIES on unsharded ones.
+    Applies to float32 CPU tensors with K = 1, ``p < 1`` and rescale ``none|inverse``: OnDARE
+    on any tensor, OnTIES on large unsharded ones.
     """
     p, mode = options.reserve_p, options.resolved_rescale
     if cache is not None or p >= 1 or mode == "l1" or (options.method == "ties" and shard):
         return False
-    if not kernels.usable(param, grad, exp_avg, exp_avg_sq):
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    ties = options.method == "ties"
+    if not kernels.usable(*tensors, min_numel=kernels.TIES_MIN_NUMEL if ties else 1):
         return False
     adam = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     flat = param.view(-1)
@@ -584,14 +586,20 @@ def _kernel_step_(
         index = dare_update_indices(
             flat.numel(), name=name, step=step, options=options, shard=shard, device=param.device
         )
+        alpha = options.alpha
+        sparse = reference is not None and reference.indices is not None and alpha > 0
         squares = kernels.dare_step_(
-            param, grad, exp_avg, exp_avg_sq, index, density=p if mode == "inverse" else 1.0,
-            weight=1 - options.alpha, **adam,
+            param, grad, exp_avg, exp_avg_sq, index,
+            (reference.indices, reference.values, alpha) if sparse else None,
+            density=p if mode == "inverse" else 1.0, weight=1 - alpha, **adam,
         )  # fmt: skip
         stats.entries += flat.numel()
         stats.kept += index.numel()
-        stats.update_sq += (1 - options.alpha) ** 2 * squares
-        add_dare_reference_(flat, reference, options, stats)
+        stats.update_sq += (1 - alpha) ** 2 * squares
+        if sparse:
+            stats.tau_sq += alpha**2 * reference.sq_norm
+        else:
+            add_dare_reference_(flat, reference, options, stats)
         return True
     n, k = flat.numel(), kept_count(flat.numel(), p)
     positions = sample_positions(n)

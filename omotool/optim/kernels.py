@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 CHUNK = 1 << 16  # entries per work item; fixed, so that results do not depend on threads
-MIN_NUMEL = (1 << 16) + 1  # smaller tensors gain nothing (and take no sample: sparsify)
+TIES_MIN_NUMEL = (1 << 16) + 1  # smaller tensors take no sample (sparsify.sample_positions)
 
 
 @cache
@@ -42,8 +42,11 @@ def _compiled() -> Any:
     jit = njit(parallel=True, cache=True, boundscheck=False, nogil=True)
 
     @jit
-    def dare_step(g, m, v, p, index, starts, w1, b2, w2, bias2, eps, step_size, density, w, sq):
-        n, chunks = g.size, starts.size - 1
+    def dare_step(
+        g, m, v, p, index, ref_index, ref_values, w1, b2, w2, bias2, eps, step_size, density, w,
+        alpha, sq,
+    ):  # fmt: skip
+        n, chunks = g.size, sq.size
         for c in prange(chunks):
             lo = c * CHUNK
             hi = min(n, lo + CHUNK)
@@ -53,12 +56,14 @@ def _compiled() -> Any:
                 mc[i] = mc[i] + w1 * (gi - mc[i])  # lerp(m, g, 1 − β1), as torch for weight < ½
                 vc[i] = vc[i] * b2 + w2 * gi * gi
             total = 0.0
-            for j in range(starts[c], starts[c + 1]):
+            for j in range(np.searchsorted(index, lo), np.searchsorted(index, hi)):
                 i = index[j]
                 kept = (m[i] / (np.sqrt(v[i]) / bias2 + eps)) * step_size / density
                 p[i] += kept * w
                 total += float(kept) * float(kept)
             sq[c] = total
+            for j in range(np.searchsorted(ref_index, lo), np.searchsorted(ref_index, hi)):
+                p[ref_index[j]] += ref_values[j] * alpha
 
     @jit
     def ties_candidates(
@@ -104,11 +109,11 @@ def _compiled() -> Any:
     return dare_step, ties_candidates, compact, direction_at
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can run on these tensors (large, contiguous float32 on the CPU)."""
+def usable(*tensors: torch.Tensor, min_numel: int = 1) -> bool:
+    """Whether the kernels can run on these tensors (contiguous float32 on the CPU)."""
     first = tensors[0]
     return (
-        first.numel() >= MIN_NUMEL
+        first.numel() >= min_numel
         and all(
             t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
             for t in tensors
@@ -150,6 +155,7 @@ def dare_step_(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     index: torch.Tensor,
+    reference: tuple[torch.Tensor, torch.Tensor, float] | None,
     *,
     step: int,
     lr: float,
@@ -159,22 +165,27 @@ def dare_step_(
     density: float,
     weight: float,
 ) -> float:
-    """Moments everywhere; ``θ[i] += weight·Δθ[i]/density`` at the sorted ``index``.
+    """Moments everywhere; ``θ[i] += weight·Δθ[i]/density`` at the sorted ``index``, then
+    ``θ[j] += α·T[j]`` for ``reference = (sorted indices j, values T[j], α)``.
 
     Returns ``Σ (Δθ[i]/density)²`` over ``index`` (for the update norm).
     """
     dare_step, *_ = _compiled()
     n = param.numel()
-    bounds = torch.arange(0, n + CHUNK, CHUNK).clamp_(max=n)
-    starts = torch.searchsorted(index, bounds).numpy()
-    squares = np.zeros(starts.size - 1)
+    if reference is None:
+        reference = (_NO_INDEX, _NO_VALUES, 0.0)
+    ref_index, ref_values, alpha = reference
+    squares = np.zeros((n + CHUNK - 1) // CHUNK)
     _match_torch_threads()
     dare_step(
-        _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), _flat(param), index.numpy(), starts,
-        *_adam_scalars(step, lr, beta1, beta2, eps), np.float32(density), np.float32(weight),
-        squares,
+        _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), _flat(param), index.numpy(),
+        ref_index.numpy(), ref_values.numpy(), *_adam_scalars(step, lr, beta1, beta2, eps),
+        np.float32(density), np.float32(weight), np.float32(alpha), squares,
     )  # fmt: skip
     return float(squares.sum())
+
+
+_NO_INDEX, _NO_VALUES = torch.empty(0, dtype=torch.long), torch.empty(0)
 
 
 def ties_candidates_(

@@ -9,7 +9,8 @@ import torch
 
 from omotool.optim import OnlineMergingAdamW, functional, kernels
 
-# a.weight takes the kernels (more than kernels.MIN_NUMEL entries), a.bias the tensor ops.
+# OnTIES: a.weight takes the kernels (over kernels.TIES_MIN_NUMEL entries), a.bias the tensor
+# ops; OnDARE takes the kernels for both.
 SHAPES = {"a.weight": (300, 256), "a.bias": (300,)}
 STEPS = 5
 
@@ -34,7 +35,7 @@ def one_step(state, start, grads, *, use_kernels, monkeypatch, **options):
         opt.load_state_dict(copy.deepcopy(state))  # loading may alias the given tensors
     with monkeypatch.context() as patch:
         if not use_kernels:
-            patch.setattr(kernels, "usable", lambda *tensors: False)
+            patch.setattr(kernels, "usable", lambda *tensors, **kwargs: False)
         for name, p in params.items():
             p.grad = grads[name].clone()
         opt.step()
@@ -125,9 +126,10 @@ def test_kernel_path_resumes_bit_exactly(monkeypatch) -> None:
     assert all(torch.equal(whole[n], second[n]) for n in SHAPES)
 
 
-def test_kernels_do_not_take_small_or_non_float32_tensors() -> None:
-    big = torch.zeros(kernels.MIN_NUMEL)
-    assert kernels.usable(big, big)
-    assert not kernels.usable(torch.zeros(kernels.MIN_NUMEL - 1))
+def test_kernels_take_contiguous_float32_cpu_tensors_only() -> None:
+    big = torch.zeros(kernels.TIES_MIN_NUMEL)
+    assert kernels.usable(big, big, min_numel=kernels.TIES_MIN_NUMEL)
+    assert not kernels.usable(big[1:], min_numel=kernels.TIES_MIN_NUMEL)
+    assert kernels.usable(torch.zeros(3))
     assert not kernels.usable(big.to(torch.bfloat16))
-    assert not kernels.usable(torch.zeros(2, kernels.MIN_NUMEL).t())  # not contiguous
+    assert not kernels.usable(torch.zeros(2, 40).t())  # not contiguous

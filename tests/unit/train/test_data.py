@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -145,8 +148,17 @@ def test_bad_paths_and_kinds(tmp_path) -> None:
         load_examples(tmp_path / "x.jsonl", "pairs")
 
 
-def test_hub_name_without_network_is_a_clear_error(monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(InputError, match="cannot load dataset 'someone/no-such-prefs'"):
-        list(read_rows("someone/no-such-prefs"))
+def test_hub_name_without_network_is_a_clear_error(tmp_path) -> None:
+    # A fresh process: `datasets` reads the offline switches when it is imported.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    code = (
+        "from omotool.train.data import read_rows\n"
+        "from omotool.errors import InputError\n"
+        "try:\n    list(read_rows('someone/no-such-prefs'))\n"
+        "except InputError as error:\n    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "cannot load dataset 'someone/no-such-prefs'" in done.stdout
+    assert "local .jsonl" in done.stdout
