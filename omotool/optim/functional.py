@@ -604,15 +604,33 @@ def _kernel_step_(
     n, k = flat.numel(), kept_count(flat.numel(), p)
     positions = sample_positions(n)
     sample = kernels.direction_at(grad, exp_avg, exp_avg_sq, positions, **adam).abs_()
-    scratch = workspace.get("index", flat, torch.long), workspace.get("values", flat)
     floor = float(sample_floor(sample, k, n))
+    scratch = workspace.get("index", flat, torch.long), workspace.get("values", flat)
     index, values = kernels.ties_candidates_(grad, exp_avg, exp_avg_sq, floor, scratch, **adam)
     if index.numel() >= k:
-        chosen = select_largest(None, values.abs(), k)
+        magnitudes = values.abs()
+        chosen = select_largest(None, magnitudes, k)
         kept_index, kept = index.index_select(0, chosen), values.index_select(0, chosen)
-    else:  # an unlucky sample: select from the whole Δθ (the moments are already updated)
+    else:  # the floor was above the k-th largest |Δθ| (the moments are updated already)
         update = adam_direction(exp_avg, exp_avg_sq, **adam).reshape(-1)
         kept_index = magnitude_topk_indices(update, p)
         kept = update.index_select(0, kept_index)
-    apply_ties_(flat, kept_index, kept, None, reference, options, stats)
+    if reference is not None and reference.indices is None:
+        apply_ties_(flat, kept_index, kept, None, reference, options, stats)
+        return True
+    kept_values = rescale(kept, torch.empty(0), mode, p)
+    if reference is None:
+        ref_index, ref_values = kept_index[:0], kept_values[:0]
+    else:
+        ref_index, ref_values = reference.indices, reference.values
+    overlap, conflicts, update_sq, tau_sq = kernels.ties_merge_(
+        param, kept_index, kept_values, ref_index, ref_values,
+        alpha=options.alpha, weighted=options.election == "weighted",
+    )  # fmt: skip
+    stats.entries += n
+    stats.kept += kept_index.numel()
+    stats.overlap += overlap
+    stats.conflicts += conflicts
+    stats.update_sq += (1 - options.alpha) ** 2 * update_sq
+    stats.tau_sq += options.alpha**2 * tau_sq
     return True

@@ -67,7 +67,7 @@ def _compiled() -> Any:
 
     @jit
     def ties_candidates(
-        g, m, v, w1, b2, w2, bias2, eps, step_size, floor, out_i, out_v, counts, scratch
+        g, m, v, w1, b2, w2, bias2, eps, step_size, floor, out_i, out_v, counts, scratch, advance
     ):
         n, chunks = g.size, counts.size
         for c in prange(chunks):
@@ -75,12 +75,16 @@ def _compiled() -> Any:
             hi = min(n, lo + CHUNK)
             gc, mc, vc = g[lo:hi], m[lo:hi], v[lo:hi]
             update = scratch[get_thread_id()]  # stays in cache between the two loops
-            for i in range(hi - lo):
-                gi = gc[i]
-                mi = mc[i] + w1 * (gi - mc[i])
-                vi = vc[i] * b2 + w2 * gi * gi
-                mc[i], vc[i] = mi, vi
-                update[i] = (mi / (np.sqrt(vi) / bias2 + eps)) * step_size
+            if advance:
+                for i in range(hi - lo):
+                    gi = gc[i]
+                    mi = mc[i] + w1 * (gi - mc[i])
+                    vi = vc[i] * b2 + w2 * gi * gi
+                    mc[i], vc[i] = mi, vi
+                    update[i] = (mi / (np.sqrt(vi) / bias2 + eps)) * step_size
+            else:  # the moments are this step's already
+                for i in range(hi - lo):
+                    update[i] = (mc[i] / (np.sqrt(vc[i]) / bias2 + eps)) * step_size
             found = 0
             for i in range(hi - lo):
                 if abs(update[i]) >= floor:
@@ -88,6 +92,46 @@ def _compiled() -> Any:
                     out_v[lo + found] = update[i]
                     found += 1
             counts[c] = found
+
+    @jit
+    def ties_merge(p, kept_index, kept, ref_index, ref_values, alpha, w, weighted, stats):
+        n, chunks = p.size, stats.shape[0]
+        for c in prange(chunks):
+            lo = c * CHUNK
+            hi = min(n, lo + CHUNK)
+            a, a_end = np.searchsorted(kept_index, lo), np.searchsorted(kept_index, hi)
+            b, b_end = np.searchsorted(ref_index, lo), np.searchsorted(ref_index, hi)
+            overlap = conflicts = 0
+            update_sq = tau_sq = 0.0
+            while a < a_end or b < b_end:
+                if b == b_end or (a < a_end and kept_index[a] < ref_index[b]):
+                    u = kept[a]  # F_K(Δθ) alone: nothing to disagree with
+                    p[kept_index[a]] += u * w
+                    update_sq += float(u) * float(u)
+                    a += 1
+                    continue
+                t = ref_values[b]
+                u = kept[a] if a < a_end and kept_index[a] == ref_index[b] else np.float32(0)
+                weighted_t, weighted_u = t * alpha, u * w
+                basis_t, basis_u = (weighted_t, weighted_u) if weighted else (t, u)
+                elected = np.float32(1) if basis_t + basis_u >= 0 else np.float32(-1)
+                keep_t, keep_u = np.sign(basis_t) == elected, np.sign(basis_u) == elected
+                zero = np.float32(0)  # a dropped term counts as 0, as (weighted * mask).sum()
+                p[ref_index[b]] += (weighted_t if keep_t else zero) + (
+                    weighted_u if keep_u else zero
+                )
+                if keep_t:
+                    tau_sq += float(t) * float(t)
+                if a < a_end and kept_index[a] == ref_index[b]:
+                    overlap += 1
+                    if keep_u:
+                        update_sq += float(u) * float(u)
+                    else:
+                        conflicts += 1
+                    a += 1
+                b += 1
+            stats[c, 0], stats[c, 1] = overlap, conflicts
+            stats[c, 2], stats[c, 3] = update_sq, tau_sq
 
     @jit
     def compact(out_i, out_v, counts, offsets, index, values):
@@ -106,7 +150,7 @@ def _compiled() -> Any:
             vi = v[i] * b2 + w2 * gi * gi
             out[j] = (mi / (np.sqrt(vi) / bias2 + eps)) * step_size
 
-    return dare_step, ties_candidates, compact, direction_at
+    return dare_step, ties_candidates, compact, direction_at, ties_merge
 
 
 def usable(*tensors: torch.Tensor, min_numel: int = 1) -> bool:
@@ -200,13 +244,15 @@ def ties_candidates_(
     beta1: float,
     beta2: float,
     eps: float,
+    advance: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moments everywhere; ``(index, Δθ[index])`` of every entry with ``|Δθ| ≥ floor``.
+    """Moments everywhere (``advance``; else they are taken as this step's already);
+    ``(index, Δθ[index])`` of every entry with ``|Δθ| ≥ floor``.
 
     ``scratch``: an int64 and a float32 buffer of at least ``n`` entries (only the pages that
     receive candidates are ever touched). ``index`` comes out sorted.
     """
-    _, ties_candidates, compact, _ = _compiled()
+    _, ties_candidates, compact, *_ = _compiled()
     n = grad.numel()
     out_i, out_v = (buffer[:n].numpy() for buffer in scratch)
     counts = np.zeros((n + CHUNK - 1) // CHUNK, dtype=np.int64)
@@ -214,7 +260,7 @@ def ties_candidates_(
     ties_candidates(
         _flat(grad), _flat(exp_avg), _flat(exp_avg_sq),
         *_adam_scalars(step, lr, beta1, beta2, eps), np.float32(floor), out_i, out_v, counts,
-        _thread_scratch(),
+        _thread_scratch(), advance,
     )  # fmt: skip
     offsets = np.zeros_like(counts)
     np.cumsum(counts[:-1], out=offsets[1:])
@@ -237,10 +283,37 @@ def direction_at(
     eps: float,
 ) -> torch.Tensor:
     """``Δθ`` at ``positions`` after this step's moment update, without writing the moments."""
-    *_, direction = _compiled()
+    direction = _compiled()[3]
     out = np.empty(positions.numel(), dtype=np.float32)
     direction(
         _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), positions.numpy(),
         *_adam_scalars(step, lr, beta1, beta2, eps), out,
     )  # fmt: skip
     return torch.from_numpy(out)
+
+
+def ties_merge_(
+    param: torch.Tensor,
+    kept_index: torch.Tensor,
+    kept: torch.Tensor,
+    ref_index: torch.Tensor,
+    ref_values: torch.Tensor,
+    *,
+    alpha: float,
+    weighted: bool,
+) -> tuple[int, int, float, float]:
+    """``θ += (1 − α)·F_K(Δθ) ⊕ α·T`` from sorted ``kept_index``/``kept`` (rescaled ``F_K``)
+    and sorted ``ref_index``/``ref_values`` (``T``), as ``functional.apply_ties_``.
+
+    Returns ``(overlap, conflicts, Σ kept² of surviving updates, Σ T² of surviving T)``.
+    """
+    ties_merge = _compiled()[4]
+    n = param.numel()
+    stats = np.zeros(((n + CHUNK - 1) // CHUNK, 4))
+    _match_torch_threads()
+    ties_merge(
+        _flat(param), kept_index.numpy(), kept.numpy(), ref_index.numpy(), ref_values.numpy(),
+        np.float32(alpha), np.float32(1 - alpha), weighted, stats,
+    )  # fmt: skip
+    totals = stats.sum(axis=0)
+    return int(totals[0]), int(totals[1]), float(totals[2]), float(totals[3])

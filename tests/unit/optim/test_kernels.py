@@ -50,8 +50,9 @@ def one_step(state, start, grads, *, use_kernels, monkeypatch, **options):
         dict(method="dare", weight_decay=0.1),
         dict(method="ties"),
         dict(method="ties", rescale="inverse", election="weighted"),
+        dict(method="ties", reserve_p=0.6),  # T dense
     ],
-    ids=["dare", "dare-none-alpha0", "dare-decay", "ties", "ties-inverse-weighted"],
+    ids=["dare", "dare-none-alpha0", "dare-decay", "ties", "ties-inverse-weighted", "ties-dense"],
 )
 def test_kernel_step_matches_tensor_ops(options, monkeypatch) -> None:
     """Step by step from the same state: same kept entries, same parameters to float32
