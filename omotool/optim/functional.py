@@ -634,3 +634,86 @@ def _kernel_step_(
     stats.update_sq += (1 - options.alpha) ** 2 * update_sq
     stats.tau_sq += options.alpha**2 * tau_sq
     return True
+
+
+@dataclass
+class DareEntry:
+    """One tensor of a batched OnDARE step (see ``batched_dare_step_``)."""
+
+    name: str
+    param: torch.Tensor  # float32 working copy
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: int  # counts this step
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    reference: FlatDelta | None
+
+
+def batches_dare(options: MergeOptions, param: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a tensor can join a batched OnDARE step (K = 1, ``p < 1``, rescale
+    ``none|inverse``, unsharded float32 CPU tensors)."""
+    return (
+        options.method == "dare"
+        and options.online_step == 1
+        and options.reserve_p < 1
+        and options.resolved_rescale != "l1"
+        and kernels.usable(param, *tensors)
+    )
+
+
+def batched_dare_step_(
+    entries: list[DareEntry], options: MergeOptions, stats: StepStats
+) -> list[DareEntry]:
+    """OnDARE for many tensors with one mask draw and one kernel call (``optim.kernels``).
+
+    The same arithmetic as ``fused_online_merging_adamw_`` tensor by tensor. Returns the
+    entries left for the per-tensor path (a mask whose first draw of gaps fell short).
+    """
+    p, alpha = options.reserve_p, options.alpha
+    if not entries:
+        return []
+    generators = [keyed_generator(options.seed, "update", e.step, e.name) for e in entries]
+    numels = [e.param.numel() for e in entries]
+    positions, start, count = kernels.bernoulli_indices_many(numels, p, generators)
+    ready = [t for t in range(len(entries)) if count[t] >= 0]
+    if not ready:
+        return entries
+    for t in ready:
+        e = entries[t]
+        if e.weight_decay != 0:
+            e.param.mul_(1 - e.lr * e.weight_decay)
+    sparse = [
+        entries[t].reference is not None
+        and entries[t].reference.indices is not None
+        and entries[t].reference.indices.dtype == torch.int32
+        for t in ready
+    ]
+    squares = kernels.dare_steps_(
+        [(e.param, e.grad, e.exp_avg, e.exp_avg_sq) for e in (entries[t] for t in ready)],
+        (positions, start[ready], count[ready]),
+        [
+            (entries[t].reference.indices, entries[t].reference.values) if s and alpha > 0 else None
+            for t, s in zip(ready, sparse, strict=True)
+        ],
+        [(entries[t].step, entries[t].lr, entries[t].beta1, entries[t].beta2, entries[t].eps)
+         for t in ready],
+        density=p if options.resolved_rescale == "inverse" else 1.0,
+        weight=1 - alpha,
+        alpha=alpha,
+    )  # fmt: skip
+    stats.merged = True
+    stats.update_sq += (1 - alpha) ** 2 * squares
+    for t, s in zip(ready, sparse, strict=True):
+        e = entries[t]
+        stats.entries += numels[t]
+        stats.kept += int(count[t])
+        if s and alpha > 0:
+            stats.tau_sq += alpha**2 * e.reference.sq_norm
+        else:
+            add_dare_reference_(e.param.view(-1), e.reference, options, stats)
+    return [entries[t] for t in range(len(entries)) if count[t] < 0]

@@ -5,11 +5,15 @@ the sparse part of OnDARE/OnTIES (Δθ at ~p·n entries) costs a random gather p
 scatter per parameter when done with tensor ops. These kernels make one pass over ``g, m, v``:
 
 - ``dare_step_``: ``m, v`` updated everywhere; at the kept (sorted) ``index``, computed in the
-  same pass while ``m_i, v_i`` are in registers: ``θ_i += w · Δθ_i / d`` (``d = p`` for the
-  inverse rescale, 1 otherwise; ``w = 1 − α``).
+  same pass while ``m_i, v_i`` are in cache: ``θ_i += w · Δθ_i / d`` (``d = p`` for the
+  inverse rescale, 1 otherwise; ``w = 1 − α``), then ``θ_j += α·T_j``. ``dare_steps_`` does
+  it for all tensors of a step in one call (tensors passed by address), with the masks of
+  all tensors drawn together by ``bernoulli_indices_many``: per-tensor Python overhead, not
+  arithmetic, was most of the remaining cost of a step.
 - ``ties_candidates_``: ``m, v`` updated everywhere; every ``(i, Δθ_i)`` with ``|Δθ_i| ≥ floor``
   collected (``floor`` from a sample, a little below the k-th largest ``|Δθ|``), so the exact
-  top-k is then selected among ~1% of the entries.
+  top-k is then selected among ~1% of the entries; ``ties_merge_``: the TIES merge of the kept
+  updates with ``T`` (a merge-join of two sorted index lists).
 Both use float32 arithmetic in the order of ``functional.adam_moments_`` and
 ``functional.adam_direction`` (torch's single-tensor AdamW), and fixed-size chunks, so results
 do not depend on the number of threads. They take contiguous float32 CPU tensors and are used
@@ -36,7 +40,8 @@ def _compiled() -> Any:
     if os.environ.get("OMOTOOL_KERNELS", "1") == "0":
         return None
     try:
-        from numba import get_thread_id, njit, prange
+        from numba import carray, get_thread_id, njit, prange, types
+        from numba.extending import intrinsic
     except ImportError:  # pragma: no cover - numba is a dependency, but optional at run time
         return None
     jit = njit(parallel=True, cache=True, boundscheck=False, nogil=True)
@@ -150,7 +155,81 @@ def _compiled() -> Any:
             vi = v[i] * b2 + w2 * gi * gi
             out[j] = (mi / (np.sqrt(vi) / bias2 + eps)) * step_size
 
-    return dare_step, ties_candidates, compact, direction_at, ties_merge
+    def pointer_to(element):
+        pointer = types.CPointer(element)
+
+        @intrinsic
+        def cast(typingctx, address):  # noqa: ARG001 - numba's intrinsic signature
+            def codegen(context, builder, signature, args):  # noqa: ARG001
+                return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+            return pointer(types.int64), codegen
+
+        return cast
+
+    # A tensor's data_ptr() as an array numba can index: one kernel call covers many tensors.
+    float_pointer, int_pointer = pointer_to(types.float32), pointer_to(types.int32)
+
+    @jit
+    def dare_steps(
+        g_at, m_at, v_at, p_at, sizes, item_tensor, item_start, index, index_start, index_count,
+        ref_index_at, ref_value_at, ref_count, w1, b2, w2, bias2, eps, step_size, density, w,
+        alpha, squares,
+    ):  # fmt: skip
+        for item in prange(item_tensor.size):
+            t = item_tensor[item]
+            n = sizes[t]
+            g = carray(float_pointer(g_at[t]), (n,))
+            m = carray(float_pointer(m_at[t]), (n,))
+            v = carray(float_pointer(v_at[t]), (n,))
+            p = carray(float_pointer(p_at[t]), (n,))
+            lo = item_start[item]
+            hi = min(n, lo + CHUNK)
+            gc, mc, vc = g[lo:hi], m[lo:hi], v[lo:hi]
+            a1, c2, a2 = w1[t], b2[t], w2[t]
+            for i in range(hi - lo):
+                gi = gc[i]
+                mc[i] = mc[i] + a1 * (gi - mc[i])
+                vc[i] = vc[i] * c2 + a2 * gi * gi
+            kept_at = index[index_start[t] : index_start[t] + index_count[t]]
+            scale, bias, tiny = step_size[t], bias2[t], eps[t]
+            total = 0.0
+            for j in range(np.searchsorted(kept_at, lo), np.searchsorted(kept_at, hi)):
+                i = kept_at[j]
+                kept = (m[i] / (np.sqrt(v[i]) / bias + tiny)) * scale / density
+                p[i] += kept * w
+                total += float(kept) * float(kept)
+            squares[item] = total
+            if ref_count[t] > 0:
+                ref_at = carray(int_pointer(ref_index_at[t]), (ref_count[t],))
+                ref_of = carray(float_pointer(ref_value_at[t]), (ref_count[t],))
+                for j in range(np.searchsorted(ref_at, lo), np.searchsorted(ref_at, hi)):
+                    p[ref_at[j]] += ref_of[j] * alpha
+
+    @njit(cache=True, boundscheck=False, nogil=True)
+    def gap_positions(gaps, gap_start, numels, positions, counts):
+        """Per tensor ``t``: positions ``−1 + cumsum(gaps)`` below ``numels[t]``, written at
+        ``gap_start[t]``; ``counts[t] = −1`` when the gaps end before the tensor does."""
+        for t in range(numels.size):
+            at, count, n = gap_start[t], 0, numels[t]
+            position = -1
+            for j in range(gap_start[t], gap_start[t + 1]):
+                position += np.int64(gaps[j])
+                if position >= n:
+                    break
+                positions[at + count] = position
+                count += 1
+            counts[t] = count if position >= n - 1 else -1
+
+    return {
+        "dare_step": dare_step,
+        "ties_candidates": ties_candidates,
+        "compact": compact,
+        "direction_at": direction_at,
+        "ties_merge": ties_merge,
+        "dare_steps": dare_steps,
+        "gap_positions": gap_positions,
+    }
 
 
 def usable(*tensors: torch.Tensor, min_numel: int = 1) -> bool:
@@ -214,7 +293,7 @@ def dare_step_(
 
     Returns ``Σ (Δθ[i]/density)²`` over ``index`` (for the update norm).
     """
-    dare_step, *_ = _compiled()
+    dare_step = _compiled()["dare_step"]
     n = param.numel()
     if reference is None:
         reference = (_NO_INDEX, _NO_VALUES, 0.0)
@@ -252,7 +331,7 @@ def ties_candidates_(
     ``scratch``: an int64 and a float32 buffer of at least ``n`` entries (only the pages that
     receive candidates are ever touched). ``index`` comes out sorted.
     """
-    _, ties_candidates, compact, *_ = _compiled()
+    ties_candidates, compact = _compiled()["ties_candidates"], _compiled()["compact"]
     n = grad.numel()
     out_i, out_v = (buffer[:n].numpy() for buffer in scratch)
     counts = np.zeros((n + CHUNK - 1) // CHUNK, dtype=np.int64)
@@ -283,7 +362,7 @@ def direction_at(
     eps: float,
 ) -> torch.Tensor:
     """``Δθ`` at ``positions`` after this step's moment update, without writing the moments."""
-    direction = _compiled()[3]
+    direction = _compiled()["direction_at"]
     out = np.empty(positions.numel(), dtype=np.float32)
     direction(
         _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), positions.numpy(),
@@ -307,7 +386,7 @@ def ties_merge_(
 
     Returns ``(overlap, conflicts, Σ kept² of surviving updates, Σ T² of surviving T)``.
     """
-    ties_merge = _compiled()[4]
+    ties_merge = _compiled()["ties_merge"]
     n = param.numel()
     stats = np.zeros(((n + CHUNK - 1) // CHUNK, 4))
     _match_torch_threads()
@@ -317,3 +396,72 @@ def ties_merge_(
     )  # fmt: skip
     totals = stats.sum(axis=0)
     return int(totals[0]), int(totals[1]), float(totals[2]), float(totals[3])
+
+
+def bernoulli_indices_many(
+    numels: list[int], density: float, generators: list[torch.Generator]
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """``sparsify.bernoulli_indices`` for many tensors at once (same generators, same indices).
+
+    Returns ``(positions, start, count)``: tensor ``t``'s indices are
+    ``positions[start[t] : start[t] + count[t]]``; ``count[t] = −1`` means its gaps ran out
+    before the tensor did (rare: draw that one with ``bernoulli_indices``).
+    """
+    from omotool.merging.sparsify import gap_chunk, gap_dtype, geometric_gaps_
+
+    start = np.zeros(len(numels) + 1, dtype=np.int64)
+    np.cumsum([gap_chunk(n, density) for n in numels], out=start[1:])
+    gaps = torch.empty(int(start[-1]), dtype=gap_dtype(density))
+    for t, generator in enumerate(generators):
+        gaps[start[t] : start[t + 1]].uniform_(generator=generator)
+    geometric_gaps_(gaps, density)
+    positions = np.empty(gaps.numel(), dtype=np.int64)
+    counts = np.empty(len(numels), dtype=np.int64)
+    _compiled()["gap_positions"](
+        gaps.numpy(), start, np.asarray(numels, dtype=np.int64), positions, counts
+    )
+    return torch.from_numpy(positions), start[:-1], counts
+
+
+def dare_steps_(
+    tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    kept: tuple[torch.Tensor, np.ndarray, np.ndarray],
+    references: list[tuple[torch.Tensor, torch.Tensor] | None],
+    adam: list[tuple[int, float, float, float, float]],
+    *,
+    density: float,
+    weight: float,
+    alpha: float,
+) -> float:
+    """``dare_step_`` over many tensors in one call.
+
+    ``tensors[t] = (param, grad, exp_avg, exp_avg_sq)``; ``kept`` as ``bernoulli_indices_many``
+    returns it; ``references[t] = (int32 sorted indices, values)`` of ``T`` or None;
+    ``adam[t] = (step, lr, beta1, beta2, eps)``. Returns ``Σ (Δθ[i]/density)²`` over all.
+    """
+    count = len(tensors)
+    addresses = np.array([[x.data_ptr() for x in group] for group in tensors], dtype=np.int64)
+    param_at, grad_at, m_at, v_at = np.ascontiguousarray(addresses.T)
+    sizes = np.array([group[0].numel() for group in tensors], dtype=np.int64)
+    chunks = (sizes + CHUNK - 1) // CHUNK
+    item_tensor = np.repeat(np.arange(count, dtype=np.int64), chunks)
+    first_item = np.concatenate(([0], np.cumsum(chunks)[:-1]))
+    item_start = (np.arange(item_tensor.size, dtype=np.int64) - first_item[item_tensor]) * CHUNK
+    ref_at = np.zeros((2, count), dtype=np.int64)
+    ref_count = np.zeros(count, dtype=np.int64)
+    for t, reference in enumerate(references):
+        if reference is not None:
+            ref_at[0, t], ref_at[1, t] = reference[0].data_ptr(), reference[1].data_ptr()
+            ref_count[t] = reference[0].numel()
+    scalars = np.array([_adam_scalars(*settings) for settings in adam], dtype=np.float32).T
+    w1, b2, w2, bias2, eps, step_size = scalars
+    index, index_start, index_count = kept
+    squares = np.zeros(item_tensor.size)
+    _match_torch_threads()
+    _compiled()["dare_steps"](
+        grad_at, m_at, v_at, param_at, sizes, item_tensor,
+        item_start, index.numpy(), index_start, index_count, ref_at[0], ref_at[1], ref_count,
+        w1, b2, w2, bias2, eps, step_size, np.float32(density), np.float32(weight),
+        np.float32(alpha), squares,
+    )  # fmt: skip
+    return float(squares.sum())

@@ -21,9 +21,12 @@ import torch
 from omotool.errors import InputError, UsageError
 from omotool.optim.distributed import any_rank, local_tensors
 from omotool.optim.functional import (
+    DareEntry,
     MergeOptions,
     StepStats,
     Workspace,
+    batched_dare_step_,
+    batches_dare,
     fused_online_merging_adamw_,
     online_merging_adamw_,
     reference_tensor,
@@ -131,6 +134,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         if not finite:
             return loss
         stats = StepStats()
+        batch: list[tuple[DareEntry, torch.Tensor]] = []  # OnDARE tensors for one kernel call
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             names = group.get("param_names") or [None] * len(group["params"])
@@ -159,21 +163,47 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                     shard=shard,
                 )
                 m, v, cache = state["exp_avg"], state["exp_avg_sq"], state.get("cache")
+                grad = grad.float()
+                if (
+                    self.fused
+                    and merges
+                    and shard is None
+                    and batches_dare(self.options, work, grad, m, v)
+                ):
+                    entry = DareEntry(
+                        name or "", work, grad, m, v, int(state["step"]), group["lr"], beta1,
+                        beta2, group["eps"], group["weight_decay"], reference,
+                    )  # fmt: skip
+                    batch.append((entry, local))
+                    continue
                 if self.fused:
                     fused_online_merging_adamw_(
-                        work, grad.float(), m, v, state["step"], cache, reference, self._workspace,
-                        **hyper,
-                    )  # fmt: skip
+                        work, grad, m, v, state["step"], cache, reference, self._workspace, **hyper
+                    )
                 else:
                     online_merging_adamw_(
-                        work, grad.float(), m, v, cache, reference, step=int(state["step"]),
-                        **hyper,
-                    )  # fmt: skip
+                        work, grad, m, v, cache, reference, step=int(state["step"]), **hyper
+                    )
                 if work is not local:
                     local.copy_(work)
+        self._batched_dare_step(batch, stats)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
             self.last_stats = stats
         return loss
+
+    def _batched_dare_step(self, batch: list[tuple[DareEntry, torch.Tensor]], stats: StepStats):
+        """The OnDARE tensors of this step in one kernel call (``batched_dare_step_``)."""
+        entries = [entry for entry, _ in batch]
+        for entry in batched_dare_step_(entries, self.options, stats):  # the rare leftovers
+            fused_online_merging_adamw_(
+                entry.param, entry.grad, entry.exp_avg, entry.exp_avg_sq,
+                torch.tensor(float(entry.step)), None, entry.reference, self._workspace,
+                name=entry.name, lr=entry.lr, beta1=entry.beta1, beta2=entry.beta2, eps=entry.eps,
+                weight_decay=entry.weight_decay, options=self.options, stats=stats,
+            )  # fmt: skip
+        for entry, local in batch:
+            if entry.param is not local:
+                local.copy_(entry.param)
 
     def stats(self) -> dict[str, float]:
         """Metrics of the last merging step: kept and sign-conflict fractions, norms, skips."""

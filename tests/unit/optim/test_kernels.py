@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 
+from omotool.merging import sparsify
+from omotool.merging.sparsify import bernoulli_indices, keyed_generator
 from omotool.optim import OnlineMergingAdamW, functional, kernels
 
 # OnTIES: a.weight takes the kernels (over kernels.TIES_MIN_NUMEL entries), a.bias the tensor
@@ -134,3 +136,31 @@ def test_kernels_take_contiguous_float32_cpu_tensors_only() -> None:
     assert kernels.usable(torch.zeros(3))
     assert not kernels.usable(big.to(torch.bfloat16))
     assert not kernels.usable(torch.zeros(2, 40).t())  # not contiguous
+
+
+@pytest.mark.parametrize("density", [0.01, 0.3, 5e-5])
+def test_bernoulli_indices_many_equals_one_tensor_at_a_time(density) -> None:
+    numels = [1, 7, 1000, 70_001, 300_000]
+    keys = [(0, "update", 3, f"t{i}") for i in range(len(numels))]
+    positions, start, count = kernels.bernoulli_indices_many(
+        numels, density, [keyed_generator(*key) for key in keys]
+    )
+    for t, (numel, key) in enumerate(zip(numels, keys, strict=True)):
+        expected = bernoulli_indices(numel, density, keyed_generator(*key))
+        assert count[t] == expected.numel()
+        assert torch.equal(positions[start[t] : start[t] + count[t]], expected)
+
+
+def test_a_short_draw_of_gaps_takes_the_per_tensor_path(monkeypatch) -> None:
+    """When the first draw of gaps ends before the tensor does, that tensor is drawn again
+    one at a time (the same indices) and the step is the same."""
+    gen = torch.Generator().manual_seed(2)
+    grads = {n: torch.randn(s, generator=gen) for n, s in SHAPES.items()}
+    theirs, slow = one_step(None, make(0), grads, use_kernels=False, monkeypatch=monkeypatch)
+    monkeypatch.setattr(sparsify, "gap_chunk", lambda numel, density: 3)
+    _, _, count = kernels.bernoulli_indices_many([1000], 0.05, [torch.Generator()])
+    assert count[0] == -1
+    ours, fast = one_step(None, make(0), grads, use_kernels=True, monkeypatch=monkeypatch)
+    for name in SHAPES:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-6)
+    assert fast.stats() == pytest.approx(slow.stats(), rel=1e-5)
