@@ -8,12 +8,20 @@ merge statistics; the final model lands in ``OUT/`` as a complete model folder.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
+import re
 import shutil
+import signal
+import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from omotool.errors import InputError, OutputError, UsageError
 from omotool.train.algorithms import ALGORITHMS
@@ -28,7 +36,7 @@ class TrainConfig:
 
     model: str = ""  # the SFT model (policy start and reference)
     dataset: str = ""
-    output: str = ""
+    out: str = ""
     algo: str = "dpo"
     merge: str = "dare"  # none (AdamW) | dare (OnDARE) | ties (OnTIES)
     base: str | None = None  # base model: the task vector is computed at start
@@ -60,10 +68,11 @@ class TrainConfig:
     eval_dataset: str | None = None
     eval_steps: int | None = None
     report_to: str = "none"
+    resume: bool = False
     overwrite: bool = False
 
     def validate(self) -> None:
-        for name in ("model", "dataset", "output"):
+        for name in ("model", "dataset", "out"):
             if not getattr(self, name):
                 raise UsageError(f"--{name.replace('_', '-')} is required.")
         ALGORITHMS.get(self.algo)
@@ -161,8 +170,140 @@ def prepare_output(output: Path, overwrite: bool) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
-def run_training(config: TrainConfig) -> dict[str, Any]:
-    """Train per ``config``; returns the final logged metrics and where the model went."""
+# -- checkpoints -----------------------------------------------------------------------------
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STAGING = ".staging"  # checkpoints are written here, then renamed into place when complete
+CONFIG_FILE, METADATA_FILE = "config.yaml", "omotool.json"
+# Options that may change between a run and its resumption without changing its trajectory.
+RESUMABLE = {"resume", "overwrite", "report_to", "logging_steps", "save_total_limit", "save_steps"}
+
+
+def checkpoints(output: Path) -> list[Path]:
+    """Complete checkpoints in ``output``, oldest first (staging folders are never listed)."""
+    found = [
+        (int(match.group(1)), path)
+        for path in output.iterdir()
+        if path.is_dir() and (match := CHECKPOINT.match(path.name))
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def rotate_checkpoints(output: Path, limit: int | None) -> None:
+    """Delete the oldest complete checkpoints beyond ``limit`` (the newest always stays)."""
+    if not limit:
+        return
+    for old in checkpoints(output)[: -max(1, limit)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_checkpoints(trainer_class: type) -> type:
+    """``trainer_class`` whose checkpoints appear only when complete.
+
+    transformers writes ``checkpoint-N`` in place and resumes from the highest number, so a
+    run killed while saving resumes from a half-written folder; here it is written under
+    ``.staging/`` and renamed into place once every process has finished writing it, and
+    rotation keeps the newest complete ones.
+    """
+
+    class AtomicCheckpoints(trainer_class):  # type: ignore[misc, valid-type]
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            output = Path(self.args.output_dir)
+            staging = output / STAGING
+            if self.args.should_save and staging.exists():
+                shutil.rmtree(staging)  # debris of a save that was interrupted
+            self.accelerator.wait_for_everyone()
+            self.args.output_dir = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = str(output)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                name = f"checkpoint-{self.state.global_step}"
+                for path in (staging / name).rglob("*"):
+                    if path.is_file():
+                        with path.open("rb") as handle:
+                            os.fsync(handle.fileno())
+                if (output / name).exists():
+                    shutil.rmtree(output / name)
+                os.replace(staging / name, output / name)
+                _fsync_dir(output)
+                rotate_checkpoints(output, self.args.save_total_limit)
+            self.accelerator.wait_for_everyone()
+
+    AtomicCheckpoints.__name__ = trainer_class.__name__
+    return AtomicCheckpoints
+
+
+def resume_point(config: TrainConfig, output: Path) -> Path:
+    """The newest complete checkpoint of the run in ``output``, whose config must match."""
+    saved_path = output / CONFIG_FILE
+    if not saved_path.exists():
+        raise InputError(f"nothing to resume in {output}: no {CONFIG_FILE} of an earlier run.")
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    current = asdict(config)
+    changed = sorted(
+        key for key in current if key not in RESUMABLE and saved.get(key) != current[key]
+    )
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} → {current[k]!r}" for k in changed)
+        raise UsageError(
+            f"--resume continues the run in {output} with its own settings, but these differ: "
+            f"{details}. Drop them, or start a new run in another folder."
+        )
+    found = checkpoints(output)
+    if not found:
+        raise InputError(
+            f"nothing to resume in {output}: no complete checkpoint (use --save-steps N)."
+        )
+    return found[-1]
+
+
+class Interrupt:
+    """Ctrl-C ends the run at the next step boundary with a checkpoint; twice, at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        interrupt = self
+
+        class StopAndSave(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+                if interrupt.requested:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return StopAndSave()
+
+
+# -- the run ---------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    interrupted: bool
+    resumed_from: str | None
+    metrics: dict[str, Any]
+
+
+def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Train per ``config`` (extra transformers ``callbacks``, e.g. a progress display)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -170,11 +311,17 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
     config.validate()
     algorithm = ALGORITHMS.get(config.algo)
-    output = Path(config.output)
+    output = Path(config.out)
+    start = resume_point(config, output) if config.resume else None
     train_data = _dataset(config.dataset, algorithm.kind)
     eval_data = _dataset(config.eval_dataset, algorithm.kind) if config.eval_dataset else None
     tau = load_task_vector(config) if config.merge != "none" else None
-    prepare_output(output, config.overwrite)
+    if start is None:
+        prepare_output(output, config.overwrite)
+    _write_atomic(output / CONFIG_FILE, yaml.safe_dump(asdict(config), sort_keys=False))
+    metrics_path = output / METRICS_FILE
+    if start is not None:
+        _truncate_metrics(metrics_path, int(CHECKPOINT.match(start.name).group(1)))
 
     torch.manual_seed(config.seed)
     dtype = torch.bfloat16 if config.bf16 else torch.float32
@@ -193,21 +340,105 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         lr=config.lr,
         weight_decay=config.weight_decay,
     )
-    metrics = metrics_callback(output / METRICS_FILE, optimizer)
-    trainer = algorithm.trainer_class()(
+    metrics = metrics_callback(metrics_path, optimizer)
+    interrupt = Interrupt()
+    trainer = atomic_checkpoints(algorithm.trainer_class())(
         model=model,
         args=trl_arguments(config, output),
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
         optimizers=(optimizer, None),
-        callbacks=[metrics],
+        callbacks=[metrics, interrupt.callback(), *callbacks],
     )
-    trainer.train()
-    trainer.save_model(str(output))
-    tokenizer.save_pretrained(str(output))
-    (output / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    return {"output": str(output), "steps": trainer.state.global_step, **metrics.last}
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupt.handler) if in_main_thread else None
+    try:
+        trainer.train(resume_from_checkpoint=str(start) if start else None)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    result = TrainResult(
+        out=str(output),
+        steps=trainer.state.global_step,
+        interrupted=interrupt.requested,
+        resumed_from=str(start) if start else None,
+        metrics=metrics.last,
+    )
+    if not interrupt.requested:
+        _save_final_model(trainer, tokenizer, output)
+        _write_atomic(output / METADATA_FILE, json.dumps(_metadata(config, result), indent=2))
+    return result
+
+
+def _save_final_model(trainer: Any, tokenizer: Any, output: Path) -> None:
+    """The trained model and tokenizer into ``output`` itself, each file replaced atomically."""
+    staging = output / STAGING
+    if trainer.args.should_save and staging.exists():
+        shutil.rmtree(staging)
+    trainer.save_model(str(staging))
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(str(staging))
+        for path in sorted(staging.iterdir()):
+            if path.is_file():
+                os.replace(path, output / path.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        _fsync_dir(output)
+
+
+def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
+    import accelerate
+    import torch
+    import transformers
+    import trl
+
+    from omotool import __version__
+    from omotool.io.reader import ModelReader, fingerprint
+
+    def described(path: str | None) -> dict[str, Any] | None:
+        if path is None:
+            return None
+        with ModelReader(path) as reader:
+            return {"path": str(Path(path).absolute()), "fingerprint": fingerprint(reader)}
+
+    return {
+        "kind": "rlhf_run",
+        "omotool_version": __version__,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "accelerate": accelerate.__version__,
+        },
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": described(config.model),
+        "base": described(config.base),
+        "task_vector": str(Path(config.task_vector).absolute()) if config.task_vector else None,
+        "dataset": str(Path(config.dataset).absolute()),
+        "seed": config.seed,
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "final_metrics": result.metrics,
+        "config": asdict(config),
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines logged after ``step`` (the resumed run logs those steps again)."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    _write_atomic(path, "\n".join(kept))
 
 
 def metrics_callback(path: Path, optimizer: Any) -> Any:

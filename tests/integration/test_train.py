@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from omotool.delta import DeltaConfig, compute_delta
 from omotool.errors import InputError, OutputError, UsageError
-from omotool.train.runner import TrainConfig, run_training
+from omotool.train.runner import TrainConfig, checkpoints, rotate_checkpoints, run_training
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +34,7 @@ def prefs(tmp_path_factory):
 def config(llama_pair, prefs, out, **options) -> TrainConfig:
     base, sft = llama_pair
     settings = dict(
-        model=str(sft), base=str(base), dataset=str(prefs), output=str(out), lr=1e-3,
+        model=str(sft), base=str(base), dataset=str(prefs), out=str(out), lr=1e-3,
         batch_size=4, max_steps=3, reserve_p=0.2, alpha=0.01, max_length=32,
     )  # fmt: skip
     return TrainConfig(**(settings | options))
@@ -42,7 +49,7 @@ def state(folder):
 def test_dpo_trains_and_writes_a_loadable_model(llama_pair, prefs, tmp_path, merge) -> None:
     out = tmp_path / "run"
     result = run_training(config(llama_pair, prefs, out, merge=merge))
-    assert result["steps"] == 3
+    assert result.steps == 3 and not result.interrupted
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -52,7 +59,10 @@ def test_dpo_trains_and_writes_a_loadable_model(llama_pair, prefs, tmp_path, mer
         assert steps[-1]["merge/kept_fraction"] == pytest.approx(0.2, abs=0.02)
     before, after = state(llama_pair[1]), state(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert json.loads((out / "train_config.json").read_text())["merge"] == merge
+    assert yaml.safe_load((out / "config.yaml").read_text())["merge"] == merge
+    metadata = json.loads((out / "omotool.json").read_text())
+    assert metadata["steps"] == 3 and metadata["model"]["fingerprint"]
+    assert set(metadata["versions"]) == {"torch", "transformers", "trl", "accelerate"}
 
 
 @pytest.mark.parametrize("algo", ["ipo", "hinge", "robust", "kto", "simpo", "orpo", "sft"])
@@ -61,8 +71,8 @@ def test_every_algorithm_runs_with_online_merging(llama_pair, prefs, tmp_path, a
     result = run_training(
         config(llama_pair, prefs, out, algo=algo, max_steps=2, label_smoothing=0.1)
     )
-    assert result["steps"] == 2
-    assert "merge/kept_fraction" in result
+    assert result.steps == 2
+    assert "merge/kept_fraction" in result.metrics
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
 
 
@@ -94,3 +104,97 @@ def test_bad_options_and_outputs(llama_pair, prefs, tmp_path) -> None:
     bad.write_text('{"prompt": "a", "chosen": "b"}\n')
     with pytest.raises(InputError, match="bad.jsonl:1: missing field 'rejected'"):
         run_training(config(llama_pair, bad, tmp_path / "b"))
+
+
+# -- resume and faults -----------------------------------------------------------------------
+def long_run(llama_pair, prefs, out, **options) -> TrainConfig:
+    """12 steps over 4 epochs of the 12 pairs, a checkpoint every 3 steps."""
+    return config(llama_pair, prefs, out, max_steps=12, save_steps=3, merge="dare", **options)
+
+
+def start_worker(cfg: TrainConfig, tmp_path) -> subprocess.Popen:
+    path = tmp_path / f"{Path(cfg.out).name}.json"
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    worker = Path(__file__).with_name("train_worker.py")
+    return subprocess.Popen(
+        [sys.executable, str(worker), str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    first, second = state(a), state(b)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(llama_pair, prefs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    run_training(long_run(llama_pair, prefs, out))
+    return out
+
+
+def test_sigkill_then_resume_is_bit_identical(llama_pair, prefs, tmp_path, uninterrupted) -> None:
+    out = tmp_path / "killed"
+    cfg = long_run(llama_pair, prefs, out)
+    process = start_worker(cfg, tmp_path)
+    wait_for(out / "checkpoint-3", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "omotool.json").exists()  # it did not finish
+    result = run_training(dataclasses.replace(cfg, resume=True))
+    assert result.resumed_from is not None and result.steps == 12
+    assert_same_model(out, uninterrupted)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))  # none twice
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(llama_pair, prefs, tmp_path, uninterrupted) -> None:
+    out = tmp_path / "interrupted"
+    cfg = long_run(llama_pair, prefs, out, save_total_limit=1)
+    process = start_worker(cfg, tmp_path)
+    wait_for(out / "checkpoint-3", process)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    report = json.loads(stdout.strip().splitlines()[-1])
+    if report["interrupted"]:  # (the run may have finished before the signal arrived)
+        assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{report['steps']}"]
+        assert not (out / "omotool.json").exists()
+        run_training(dataclasses.replace(cfg, resume=True))
+    assert_same_model(out, uninterrupted)
+
+
+def test_resume_refuses_other_settings_and_empty_folders(
+    llama_pair, prefs, tmp_path, uninterrupted
+) -> None:
+    cfg = long_run(llama_pair, prefs, uninterrupted, resume=True)
+    with pytest.raises(UsageError, match=r"lr: 0.001 → 0.002"):
+        run_training(dataclasses.replace(cfg, lr=2e-3))
+    with pytest.raises(InputError, match="nothing to resume"):
+        run_training(dataclasses.replace(cfg, out=str(tmp_path / "empty")))
+
+
+def test_only_complete_checkpoints_count_and_rotation_keeps_the_newest(tmp_path) -> None:
+    for step in (3, 6, 9):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / ".staging" / "checkpoint-12").mkdir(parents=True)
+    (tmp_path / "checkpoint-x").mkdir()
+    assert [p.name for p in checkpoints(tmp_path)] == [
+        "checkpoint-3",
+        "checkpoint-6",
+        "checkpoint-9",
+    ]
+    rotate_checkpoints(tmp_path, 2)
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-9"]
+    rotate_checkpoints(tmp_path, 0)  # 0 / None: keep all
+    assert len(checkpoints(tmp_path)) == 2
