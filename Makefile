@@ -16,6 +16,7 @@ install: $(BIN)/omotool
 quickstart: install
 	$(BIN)/python scripts/make_tiny_models.py $(QUICK)
 	$(BIN)/omotool delta $(QUICK)/base $(QUICK)/sft -o $(QUICK)/tau --overwrite
+	$(BIN)/omotool train --config recipes/train/tiny-dpo-ondare.yaml
 
 lint: install
 	$(BIN)/ruff check .

@@ -100,8 +100,14 @@ def _field_names(config_cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(config_cls)}
 
 
-def _resolve(ctx: typer.Context, config_cls: type, recipe_path: Path | None) -> Any:
-    """The config: dataclass defaults < recipe keys < options given on the command line.
+def _resolve(
+    ctx: typer.Context,
+    config_cls: type,
+    recipe_path: Path | None,
+    overrides: dict[str, Any] | None = None,
+) -> Any:
+    """The config: dataclass defaults < recipe keys < ``--set`` overrides < options given on
+    the command line.
 
     The defaults shown in ``--help`` are the dataclass's (a test keeps them equal).
     """
@@ -114,7 +120,7 @@ def _resolve(ctx: typer.Context, config_cls: type, recipe_path: Path | None) -> 
         if name in _field_names(config_cls)
         and getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
     }
-    return build_config(config_cls, recipe, given)
+    return build_config(config_cls, {**recipe, **(overrides or {})}, given)
 
 
 # -- delta ---------------------------------------------------------------------------------
@@ -279,9 +285,118 @@ def merge_offline(
     stdout.print(table)
 
 
+# -- train ---------------------------------------------------------------------------------
+@app.command(no_args_is_help=True)
+@handled
+def train(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, help="SFT model: the policy's start and reference."),
+    dataset: str | None = typer.Option(
+        None, help="Training data: .jsonl, .json, .parquet, .csv or a Hub dataset name."
+    ),
+    out: str | None = typer.Option(None, "-o", "--out", help="Run folder (model, checkpoints)."),
+    split: str = typer.Option("train", help="Split of a Hub --dataset."),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML recipe; its keys are these option names, flags override."
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a recipe key: --set lr=5e-7 (repeatable)."
+    ),
+    algo: str = typer.Option("dpo", help="dpo, ipo, hinge, robust, kto, simpo, orpo or sft."),
+    merge: str = typer.Option(
+        "dare", help="Online merging: none (AdamW), dare (OnDARE) or ties (OnTIES)."
+    ),
+    base: str | None = typer.Option(None, help="Base model; the task vector is computed at start."),
+    task_vector: str | None = typer.Option(
+        None, help="Or the `omotool delta` output for --model (fingerprint checked)."
+    ),
+    reserve_p: float = typer.Option(0.01, help="Fraction p of the update (and of tau) kept."),
+    alpha: float = typer.Option(1e-7, help="Weight of the SFT task vector in each merge."),
+    online_step: int = typer.Option(1, help="Merge every K steps (step-K); 1 = every step."),
+    rescale: str | None = typer.Option(
+        None, help="none, inverse (1/p) or l1. [default: inverse for dare, none for ties]"
+    ),
+    election: str = typer.Option("unweighted", help="OnTIES sign election: unweighted, weighted."),
+    seed: int = typer.Option(0, help="Seed of data order, masks and initialisation."),
+    lr: float = typer.Option(5e-7, help="Learning rate."),
+    beta: float = typer.Option(0.1, help="beta of DPO-style losses (IPO: its tau)."),
+    label_smoothing: float = typer.Option(0.0, help="Label smoothing of --algo robust (cDPO)."),
+    epochs: float = typer.Option(1.0, help="Epochs over the data (unless --max-steps)."),
+    max_steps: int = typer.Option(-1, help="Optimizer steps; -1: as --epochs give."),
+    batch_size: int = typer.Option(1, help="Examples per device per micro-batch."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    max_length: int | None = typer.Option(1024, help="Longest prompt + answer, in tokens."),
+    max_prompt_length: int | None = typer.Option(
+        512, help="Longest prompt, in tokens (algorithms that have the setting)."
+    ),
+    warmup_steps: int = typer.Option(0, help="Linear warm-up steps."),
+    lr_scheduler: str = typer.Option("linear", help="transformers scheduler: linear, cosine, ..."),
+    weight_decay: float = typer.Option(0.0, help="Decoupled weight decay."),
+    bf16: bool = typer.Option(False, help="bfloat16 weights (float32 moments and master copy)."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations."),
+    precompute_ref: bool = typer.Option(
+        False, help="Reference log-probs once up front, then free the reference model."
+    ),
+    save_steps: int = typer.Option(0, help="Checkpoint every N steps; 0: none."),
+    save_total_limit: int | None = typer.Option(None, help="Keep only the newest N checkpoints."),
+    logging_steps: int = typer.Option(1, help="Log metrics every N steps."),
+    eval_dataset: str | None = typer.Option(None, help="Held-out data, evaluated every N steps."),
+    eval_split: str = typer.Option("test", help="Split of a Hub --eval-dataset."),
+    eval_steps: int | None = typer.Option(None, help="Evaluate every N steps."),
+    report_to: str = typer.Option("none", help="none, tensorboard or wandb."),
+    resume: bool = typer.Option(
+        False, help="Continue the run in --out from its newest checkpoint."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    debug: bool = DebugOption,
+) -> None:
+    """RLHF training (DPO, IPO, KTO, ...) on TRL with the online-merging optimizer."""
+    from omotool.config import parse_overrides
+    from omotool.train.progress import progress_callback
+    from omotool.train.runner import TrainConfig, run_training
+
+    cfg = _resolve(ctx, TrainConfig, config, parse_overrides(set_))
+    _quiet_libraries()
+    shown = [] if json_output or not stderr.is_terminal else [progress_callback(stderr)]
+    result = run_training(cfg, callbacks=shown)
+    if json_output:
+        stdout.print_json(json.dumps(dataclasses.asdict(result)))
+        return
+    table = Table(title=f"{cfg.algo} with {cfg.merge} → {result.out}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("steps", str(result.steps))
+    if result.resumed_from:
+        table.add_row("resumed from", result.resumed_from)
+    for key in (
+        "loss", "rewards/accuracies", "rewards/margins", "merge/kept_fraction",
+        "merge/sign_conflict_fraction", "merge/skipped_steps", "train_loss",
+    ):  # fmt: skip
+        if key in result.metrics:
+            table.add_row(key, f"{result.metrics[key]:.4g}")
+    stdout.print(table)
+    if result.interrupted:
+        _error(f"interrupted at step {result.steps}; a checkpoint was saved. Continue with "
+               "the same command and --resume.")  # fmt: skip
+        raise typer.Exit(130)
+
+
+def _quiet_libraries() -> None:
+    """Our progress bar and summary replace the libraries' bars and per-step prints."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 # -- commands of later issues --------------------------------------------------------------
 _PLANNED = {
-    "train": "RLHF training (DPO, IPO, KTO, ...) with the online-merging optimizer",
     "eval": "reward and alignment-tax evaluation",
 }
 

@@ -36,6 +36,9 @@ _UNITS = {
 }
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def parse_size(text: str | int) -> int:
     """Bytes in ``"5GB"`` (10⁹, as transformers), ``"512MiB"`` (2²⁰) or a plain integer."""
     if isinstance(text, int) and not isinstance(text, bool):
@@ -65,6 +68,21 @@ def load_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"{path}: a recipe must be a mapping of option names to values.")
     return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["lr=5e-7", "merge=ties"]`` → ``{"lr": 5e-7, "merge": "ties"}`` (values read as YAML)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {pair!r}: write KEY=VALUE, e.g. --set lr=5e-7.")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        overrides[key.strip().replace("-", "_")] = parsed
+    return overrides
 
 
 def build_config(cls: type[C], recipe: dict[str, Any], overrides: dict[str, Any]) -> C:
@@ -110,6 +128,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 5e-7 (no dot) as a string
         if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)

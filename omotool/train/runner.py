@@ -36,6 +36,7 @@ class TrainConfig:
 
     model: str = ""  # the SFT model (policy start and reference)
     dataset: str = ""
+    split: str = "train"  # of a Hub dataset
     out: str = ""
     algo: str = "dpo"
     merge: str = "dare"  # none (AdamW) | dare (OnDARE) | ties (OnTIES)
@@ -66,6 +67,7 @@ class TrainConfig:
     save_total_limit: int | None = None
     logging_steps: int = 1
     eval_dataset: str | None = None
+    eval_split: str = "test"
     eval_steps: int | None = None
     report_to: str = "none"
     resume: bool = False
@@ -134,6 +136,7 @@ def trl_arguments(config: TrainConfig, output: Path) -> Any:
         data_seed=config.seed,
         max_length=config.max_length,
         disable_tqdm=True,
+        dataloader_pin_memory=False,  # pinning only helps (and only works) with an accelerator
     )
     if config.eval_dataset:
         values.update(eval_strategy="steps", eval_steps=config.eval_steps or config.logging_steps)
@@ -151,12 +154,12 @@ def trl_arguments(config: TrainConfig, output: Path) -> Any:
     return config_class(**{k: v for k, v in values.items() if k in known})
 
 
-def _dataset(path: str, kind: str) -> Any:
+def _dataset(path: str, kind: str, split: str) -> Any:
     from datasets import Dataset
 
     from omotool.train.data import load_examples
 
-    return Dataset.from_list(load_examples(path, kind))
+    return Dataset.from_list(load_examples(path, kind, split))
 
 
 def prepare_output(output: Path, overwrite: bool) -> None:
@@ -306,6 +309,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     """Train per ``config`` (extra transformers ``callbacks``, e.g. a progress display)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
 
     from omotool.optim import OnlineMergingAdamW
 
@@ -313,8 +317,12 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     algorithm = ALGORITHMS.get(config.algo)
     output = Path(config.out)
     start = resume_point(config, output) if config.resume else None
-    train_data = _dataset(config.dataset, algorithm.kind)
-    eval_data = _dataset(config.eval_dataset, algorithm.kind) if config.eval_dataset else None
+    train_data = _dataset(config.dataset, algorithm.kind, config.split)
+    eval_data = (
+        _dataset(config.eval_dataset, algorithm.kind, config.eval_split)
+        if config.eval_dataset
+        else None
+    )
     tau = load_task_vector(config) if config.merge != "none" else None
     if start is None:
         prepare_output(output, config.overwrite)
@@ -351,6 +359,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         optimizers=(optimizer, None),
         callbacks=[metrics, interrupt.callback(), *callbacks],
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, interrupt.handler) if in_main_thread else None
     try:
@@ -455,7 +464,7 @@ def metrics_callback(path: Path, optimizer: Any) -> Any:
             record = {
                 k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)
             }
-            self.last = record
+            self.last = {**self.last, **record}  # the end-of-run summary keeps the last loss
             with path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 

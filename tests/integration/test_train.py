@@ -198,3 +198,66 @@ def test_only_complete_checkpoints_count_and_rotation_keeps_the_newest(tmp_path)
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-9"]
     rotate_checkpoints(tmp_path, 0)  # 0 / None: keep all
     assert len(checkpoints(tmp_path)) == 2
+
+
+# -- the command line ------------------------------------------------------------------------
+TINY_PREFS = Path(__file__).parents[2] / "recipes" / "data" / "tiny-prefs.jsonl"
+
+
+def test_train_command_runs_and_reports_json(cli, llama_pair, tmp_path) -> None:
+    base, sft = llama_pair
+    out = tmp_path / "run"
+    result = cli(
+        "train", "--algo", "dpo", "--merge", "ties", "--model", sft, "--base", base,
+        "--dataset", TINY_PREFS, "-o", out, "--max-steps", "2", "--batch-size", "4",
+        "--max-length", "32", "--lr", "1e-3", "--reserve-p", "0.2", "--json",
+    )  # fmt: skip
+    report = json.loads(result.output)
+    assert report["steps"] == 2 and report["interrupted"] is False
+    assert "merge/sign_conflict_fraction" in report["metrics"]
+    assert (out / "model.safetensors").exists()
+
+
+def test_recipe_with_set_overrides(cli, llama_pair, tmp_path) -> None:
+    base, sft = llama_pair
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"algo: ipo\nmerge: dare\nmodel: {sft}\nbase: {base}\ndataset: {TINY_PREFS}\n"
+        f"out: {tmp_path / 'run'}\nlr: 5e-7\nmax_steps: 3\nbatch_size: 4\nmax_length: 32\n"
+    )
+    cli(
+        "train",
+        "--config",
+        recipe,
+        "--set",
+        "lr=2e-3",
+        "--set",
+        "max-steps=1",
+        "--max-length",
+        "48",
+    )
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["algo"], saved["lr"], saved["max_steps"], saved["max_length"]) == (
+        "ipo",
+        2e-3,
+        1,
+        48,
+    )
+
+
+def test_train_command_bad_input(cli, llama_pair, tmp_path) -> None:
+    base, sft = llama_pair
+    common = ["--model", sft, "--dataset", TINY_PREFS, "-o", tmp_path / "run", "--max-steps", "1"]
+    assert "--base BASE" in cli("train", *common, expect=2).output
+    assert "unknown option 'lrr'" in cli("train", *common, "--set", "lrr=1", expect=2).output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(TINY_PREFS.read_text().splitlines()[0] + "\n" + '{"prompt": "a"}\n')
+    output = cli(
+        "train", *common[:2], "--dataset", bad, "-o", tmp_path / "b", "--merge", "none", expect=1
+    ).output
+    assert "bad.jsonl:2: missing field 'chosen', 'rejected'" in " ".join(output.split())
+    assert "Traceback" not in output
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    full = ["--model", sft, "--dataset", TINY_PREFS, "-o", tmp_path / "full", "--merge", "none"]
+    assert "--overwrite" in cli("train", *full, expect=1).output

@@ -9,6 +9,7 @@ import pytest
 
 from omotool import __version__
 from omotool.delta import DeltaConfig
+from omotool.errors import UsageError
 from omotool.merging import SPARSIFIERS
 
 
@@ -23,7 +24,7 @@ def test_version(cli) -> None:
     assert cli("--version").output.strip() == f"omotool {__version__}"
 
 
-@pytest.mark.parametrize("name", ["train", "eval"])
+@pytest.mark.parametrize("name", ["eval"])
 def test_planned_commands_say_so_and_fail(cli, name) -> None:
     result = cli(name, "--anything", "x", expect=1)
     assert "not built yet" in result.output
@@ -55,6 +56,33 @@ def test_merge_offline_help_defaults_match_config_and_registry(cli) -> None:
         option = "--" + field.name.replace("_", "-")
         shown = re.search(re.escape(option) + r".*?\[default: ([^\]]+)\]", text)
         assert shown and shown.group(1).strip() == str(field.default), option
+
+
+def test_train_help_defaults_match_config_and_registry(cli) -> None:
+    from omotool.cli import app
+    from omotool.train.algorithms import ALGORITHMS
+    from omotool.train.runner import MERGES, TrainConfig
+
+    wide = cli.runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})  # no "…" names
+    text = " ".join(wide.output.replace("│", " ").split())
+    for name in [*ALGORITHMS.names(), *MERGES]:
+        assert name in text
+    for field in dataclasses.fields(TrainConfig):
+        if field.default in (dataclasses.MISSING, None, False, ""):
+            continue
+        option = "--" + field.name.replace("_", "-")
+        shown = re.search(re.escape(option) + r"\s.*?\[default: ([^\]]+)\]", text)
+        assert shown and shown.group(1).strip() == str(field.default), option
+
+
+def test_set_overrides_are_read_as_yaml() -> None:
+    from omotool.config import parse_overrides
+
+    assert parse_overrides(["lr=5e-7", "merge=ties", "max-steps=10", "bf16=true"]) == {
+        "lr": "5e-7", "merge": "ties", "max_steps": 10, "bf16": True,
+    }  # fmt: skip
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        parse_overrides(["lr"])
 
 
 def test_unknown_option_is_usage_error(cli) -> None:

@@ -66,8 +66,9 @@ def test_bad_yaml_and_non_mapping(tmp_path) -> None:
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_shipped_recipe_loads_and_validates(recipe: Path) -> None:
     from omotool.merge_offline import MergeConfig
+    from omotool.train.runner import TrainConfig
 
-    kinds = {"delta": DeltaConfig, "merge": MergeConfig}
+    kinds = {"delta": DeltaConfig, "merge": MergeConfig, "train": TrainConfig}
     config_cls = kinds[recipe.parent.name]
     values = load_recipe(recipe)
     required = {

@@ -1,0 +1,61 @@
+"""A rich progress bar for training runs: steps with ETA, live loss and reward accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+
+def progress_callback(console: Console) -> Any:
+    """A transformers ``TrainerCallback`` drawing a progress bar on ``console`` (main process)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar: Progress | None = None
+            self.task: Any = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                console=console,
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("", total=state.max_steps, completed=state.global_step)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if self.bar is not None:
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+            if self.bar is None or not logs or "loss" not in logs:
+                return
+            shown = [f"loss {logs['loss']:.4f}"]
+            if "rewards/accuracies" in logs:
+                shown.append(f"reward acc {logs['rewards/accuracies']:.2f}")
+            self.bar.update(self.task, description="  ".join(shown))
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if self.bar is not None:
+                self.bar.stop()
+                self.bar = None
+
+    return RichProgress()
