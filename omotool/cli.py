@@ -334,6 +334,9 @@ def train(
     weight_decay: float = typer.Option(0.0, help="Decoupled weight decay."),
     bf16: bool = typer.Option(False, help="bfloat16 weights (float32 moments and master copy)."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute activations."),
+    fsdp: bool = typer.Option(
+        False, help="Shard parameters, gradients and optimizer state across GPUs (FSDP2)."
+    ),
     precompute_ref: bool = typer.Option(
         False, help="Reference log-probs once up front, then free the reference model."
     ),

@@ -62,6 +62,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     bf16: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) across processes
     precompute_ref: bool = False
     save_steps: int = 0  # 0: no intermediate checkpoints
     save_total_limit: int | None = None
@@ -87,6 +88,11 @@ class TrainConfig:
             )
         if self.base and self.task_vector:
             raise UsageError("give --base or --task-vector, not both.")
+        if self.fsdp and not _has_accelerator():
+            raise UsageError(
+                "--fsdp shards across GPUs: accelerate runs FSDP only on GPU (and XPU) "
+                "processes, not on CPU ones. On CPUs, run under torchrun without --fsdp (DDP)."
+            )
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise UsageError("--lr must be > 0, --batch-size and --grad-accum at least 1.")
 
@@ -137,7 +143,11 @@ def trl_arguments(config: TrainConfig, output: Path) -> Any:
         max_length=config.max_length,
         disable_tqdm=True,
         dataloader_pin_memory=False,  # pinning only helps (and only works) with an accelerator
+        # accelerate treats several CPU processes (torchrun, gloo) as one run only when told
+        use_cpu=not _has_accelerator(),
     )
+    if config.fsdp:
+        values.update(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
     if config.eval_dataset:
         values.update(eval_strategy="steps", eval_steps=config.eval_steps or config.logging_steps)
     if algorithm.uses_beta:
@@ -152,6 +162,19 @@ def trl_arguments(config: TrainConfig, output: Path) -> Any:
     if config.max_prompt_length is not None and "max_prompt_length" in known:
         values["max_prompt_length"] = config.max_prompt_length
     return config_class(**{k: v for k, v in values.items() if k in known})
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch, or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available()
+    )  # fmt: skip
 
 
 def _dataset(path: str, kind: str, split: str) -> Any:
@@ -207,17 +230,56 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_checkpoints(trainer_class: type) -> type:
-    """``trainer_class`` whose checkpoints appear only when complete.
+def online_merging_trainer(
+    trainer_class: type,
+    task_vector: Any = None,
+    *,
+    atomic_checkpoints: bool = True,
+    **options: Any,
+) -> type:
+    """``trainer_class`` (any transformers/TRL trainer) training with ``OnlineMergingAdamW``.
 
-    transformers writes ``checkpoint-N`` in place and resumes from the highest number, so a
-    run killed while saving resumes from a half-written folder; here it is written under
-    ``.staging/`` and renamed into place once every process has finished writing it, and
-    rotation keeps the newest complete ones.
+    The optimizer is built by the trainer itself, from its (possibly FSDP-sharded) model's
+    named parameters, with the trainer's learning rate and weight decay (not on biases and
+    norms, as transformers does); ``options`` go to ``OnlineMergingAdamW`` (``method``,
+    ``reserve_p``, ``alpha``, ...). Usage::
+
+        DPOWithOnDARE = online_merging_trainer(DPOTrainer, TaskVector.load("runs/tau"),
+                                               method="dare", reserve_p=0.01, alpha=1e-7)
+        DPOWithOnDARE(model=model, args=args, train_dataset=data, processing_class=tok).train()
+
+    With ``atomic_checkpoints``, a checkpoint appears only when complete: transformers writes
+    ``checkpoint-N`` in place and resumes from the highest number, so a run killed while
+    saving would resume from a half-written folder; here it is written under ``.staging/``
+    and renamed into place once every process has finished, and rotation keeps the newest.
     """
+    from omotool.optim import OnlineMergingAdamW
 
-    class AtomicCheckpoints(trainer_class):  # type: ignore[misc, valid-type]
+    class OnlineMergingTrainer(trainer_class):  # type: ignore[misc, valid-type]
+        def create_optimizer(self, model: Any = None) -> Any:
+            if self.optimizer is None:
+                source = self.model if model is None else model
+                decay = set(self.get_decay_parameter_names(source))
+                named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
+                groups = [
+                    {"params": [(n, p) for n, p in named if n in decay],
+                     "weight_decay": self.args.weight_decay},
+                    {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
+                ]  # fmt: skip
+                self.optimizer = OnlineMergingAdamW(
+                    [group for group in groups if group["params"]],
+                    task_vector,
+                    lr=self.args.learning_rate,
+                    betas=(self.args.adam_beta1, self.args.adam_beta2),
+                    eps=self.args.adam_epsilon,
+                    **options,
+                )
+            return self.optimizer
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            if not atomic_checkpoints:
+                super()._save_checkpoint(model, trial)
+                return
             output = Path(self.args.output_dir)
             staging = output / STAGING
             if self.args.should_save and staging.exists():
@@ -242,8 +304,8 @@ def atomic_checkpoints(trainer_class: type) -> type:
                 rotate_checkpoints(output, self.args.save_total_limit)
             self.accelerator.wait_for_everyone()
 
-    AtomicCheckpoints.__name__ = trainer_class.__name__
-    return AtomicCheckpoints
+    OnlineMergingTrainer.__name__ = f"OnlineMerging{trainer_class.__name__}"
+    return OnlineMergingTrainer
 
 
 def resume_point(config: TrainConfig, output: Path) -> Path:
@@ -311,8 +373,6 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
 
-    from omotool.optim import OnlineMergingAdamW
-
     config.validate()
     algorithm = ALGORITHMS.get(config.algo)
     output = Path(config.out)
@@ -324,19 +384,22 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         else None
     )
     tau = load_task_vector(config) if config.merge != "none" else None
-    if start is None:
-        prepare_output(output, config.overwrite)
-    _write_atomic(output / CONFIG_FILE, yaml.safe_dump(asdict(config), sort_keys=False))
     metrics_path = output / METRICS_FILE
-    if start is not None:
-        _truncate_metrics(metrics_path, int(CHECKPOINT.match(start.name).group(1)))
+    if _is_main_process():  # under torchrun/accelerate the other ranks only train
+        if start is None:
+            prepare_output(output, config.overwrite)
+        _write_atomic(output / CONFIG_FILE, yaml.safe_dump(asdict(config), sort_keys=False))
+        if start is not None:
+            _truncate_metrics(metrics_path, int(CHECKPOINT.match(start.name).group(1)))
 
     torch.manual_seed(config.seed)
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    optimizer = OnlineMergingAdamW(
-        model.named_parameters(),
+    metrics = metrics_callback(metrics_path)
+    interrupt = Interrupt()
+    trainer_class = online_merging_trainer(
+        algorithm.trainer_class(),
         tau,
         method=config.merge,
         reserve_p=config.reserve_p,
@@ -345,18 +408,13 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         rescale=config.rescale,
         election=config.election,
         seed=config.seed,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
     )
-    metrics = metrics_callback(metrics_path, optimizer)
-    interrupt = Interrupt()
-    trainer = atomic_checkpoints(algorithm.trainer_class())(
+    trainer = trainer_class(
         model=model,
         args=trl_arguments(config, output),
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        optimizers=(optimizer, None),
         callbacks=[metrics, interrupt.callback(), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout
@@ -376,7 +434,8 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     )
     if not interrupt.requested:
         _save_final_model(trainer, tokenizer, output)
-        _write_atomic(output / METADATA_FILE, json.dumps(_metadata(config, result), indent=2))
+        if trainer.args.should_save:
+            _write_atomic(output / METADATA_FILE, json.dumps(_metadata(config, result), indent=2))
     return result
 
 
@@ -450,17 +509,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
     _write_atomic(path, "\n".join(kept))
 
 
-def metrics_callback(path: Path, optimizer: Any) -> Any:
-    """A transformers callback writing each log line plus ``optimizer.stats()`` to ``path``."""
+def metrics_callback(path: Path) -> Any:
+    """A transformers callback writing each log line plus the optimizer's ``stats()`` (when it
+    has them) to ``path``."""
     from transformers import TrainerCallback
 
     class MetricsLog(TrainerCallback):
         last: dict[str, Any] = {}
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
+        ) -> None:
             if not logs or not state.is_world_process_zero:
                 return
-            record = {"step": state.global_step, **logs, **optimizer.stats()}
+            optimizer = kwargs.get("optimizer")
+            while optimizer is not None and not hasattr(optimizer, "stats"):
+                optimizer = getattr(optimizer, "optimizer", None)  # accelerate's wrapper
+            stats = optimizer.stats() if optimizer is not None else {}
+            record = {"step": state.global_step, **logs, **stats}
             record = {
                 k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)
             }
