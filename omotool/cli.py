@@ -325,9 +325,8 @@ def train(
     max_steps: int = typer.Option(-1, help="Optimizer steps; -1: as --epochs give."),
     batch_size: int = typer.Option(1, help="Examples per device per micro-batch."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    max_length: int | None = typer.Option(1024, help="Longest prompt + answer, in tokens."),
-    max_prompt_length: int | None = typer.Option(
-        512, help="Longest prompt, in tokens (algorithms that have the setting)."
+    max_length: int | None = typer.Option(
+        1024, help="Longest prompt + answer, in tokens: longer examples are cut at the end."
     ),
     warmup_steps: int = typer.Option(0, help="Linear warm-up steps."),
     lr_scheduler: str = typer.Option("linear", help="transformers scheduler: linear, cosine, ..."),
@@ -370,6 +369,11 @@ def train(
     table.add_column(style="bold")
     table.add_column()
     table.add_row("steps", str(result.steps))
+    table.add_row(
+        "examples",
+        f"{result.examples:,} ({result.truncated:,} truncated to --max-length, "
+        f"{result.dropped:,} dropped: prompt alone too long)",
+    )
     if result.resumed_from:
         table.add_row("resumed from", result.resumed_from)
     for key in (

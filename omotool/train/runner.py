@@ -9,6 +9,7 @@ merge statistics; the final model lands in ``OUT/`` as a complete model folder.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from omotool.errors import InputError, OutputError, UsageError
 from omotool.train.algorithms import ALGORITHMS
 
 MERGES = ("none", "dare", "ties")
+REPORTERS = ("none", "tensorboard", "wandb")
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -55,8 +57,7 @@ class TrainConfig:
     max_steps: int = -1
     batch_size: int = 1
     grad_accum: int = 1
-    max_length: int | None = 1024
-    max_prompt_length: int | None = 512
+    max_length: int | None = 1024  # prompt + answer, in tokens (TRL truncates the end)
     warmup_steps: int = 0
     lr_scheduler: str = "linear"
     weight_decay: float = 0.0
@@ -92,6 +93,15 @@ class TrainConfig:
             raise UsageError(
                 "--fsdp shards across GPUs: accelerate runs FSDP only on GPU (and XPU) "
                 "processes, not on CPU ones. On CPUs, run under torchrun without --fsdp (DDP)."
+            )
+        if self.report_to not in REPORTERS:
+            raise UsageError(
+                f"--report-to {self.report_to!r}: choose one of {', '.join(REPORTERS)}."
+            )
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise UsageError(
+                f"--report-to {self.report_to} needs the {self.report_to} package: "
+                f"pip install {self.report_to}"
             )
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise UsageError("--lr must be > 0, --batch-size and --grad-accum at least 1.")
@@ -159,8 +169,6 @@ def trl_arguments(config: TrainConfig, output: Path) -> Any:
     values.update(algorithm.settings)
     config_class = algorithm.config_class()
     known = set(config_class.__dataclass_fields__)
-    if config.max_prompt_length is not None and "max_prompt_length" in known:
-        values["max_prompt_length"] = config.max_prompt_length
     return config_class(**{k: v for k, v in values.items() if k in known})
 
 
@@ -365,6 +373,28 @@ class TrainResult:
     interrupted: bool
     resumed_from: str | None
     metrics: dict[str, Any]
+    examples: int = 0  # training examples read (after unpairing for KTO)
+    dropped: int = 0  # removed by TRL: the prompt alone reaches max_length
+    truncated: int = 0  # shortened to max_length by TRL
+
+
+def count_truncated(dataset: Any, max_length: int | None) -> int:
+    """Examples of a TRL-tokenized ``dataset`` longer than ``max_length`` tokens in total
+    (prompt plus its longest answer), which TRL's collator truncates."""
+    if max_length is None or dataset is None:
+        return 0
+    columns = dataset.column_names
+    if "input_ids" in columns:
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+    else:
+        answers = [c for c in columns if c.endswith("_ids") and c != "prompt_ids"]
+        prompts = dataset["prompt_ids"] if "prompt_ids" in columns else [[]] * len(dataset)
+        per_answer = [dataset[c] for c in answers]
+        lengths = [
+            len(prompt) + max((len(answer[i]) for answer in per_answer), default=0)
+            for i, prompt in enumerate(prompts)
+        ]
+    return sum(length > max_length for length in lengths)
 
 
 def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
@@ -431,6 +461,9 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         interrupted=interrupt.requested,
         resumed_from=str(start) if start else None,
         metrics=metrics.last,
+        examples=len(train_data),
+        dropped=len(train_data) - len(trainer.train_dataset),
+        truncated=count_truncated(trainer.train_dataset, config.max_length),
     )
     if not interrupt.requested:
         _save_final_model(trainer, tokenizer, output)
@@ -486,6 +519,11 @@ def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
         "seed": config.seed,
         "steps": result.steps,
         "resumed_from": result.resumed_from,
+        "examples": {
+            "read": result.examples,
+            "dropped": result.dropped,
+            "truncated": result.truncated,
+        },
         "final_metrics": result.metrics,
         "config": asdict(config),
     }

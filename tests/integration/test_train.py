@@ -261,3 +261,25 @@ def test_train_command_bad_input(cli, llama_pair, tmp_path) -> None:
     (tmp_path / "full" / "x").write_text("x")
     full = ["--model", sft, "--dataset", TINY_PREFS, "-o", tmp_path / "full", "--merge", "none"]
     assert "--overwrite" in cli("train", *full, expect=1).output
+
+
+def test_long_examples_are_counted(llama_pair, tmp_path) -> None:
+    rows = (
+        [{"prompt": "what is 1 + 2 ?", "chosen": "3", "rejected": "4"}] * 4
+        + [{"prompt": "what is 1 + 2 ?", "chosen": "3 " * 40, "rejected": "4"}] * 3
+        + [{"prompt": "what is 1 + 2 ? " * 12, "chosen": "3", "rejected": "4"}] * 2
+    )
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_training(config(llama_pair, data, tmp_path / "run", max_length=24, max_steps=1))
+    assert (result.examples, result.dropped, result.truncated) == (9, 2, 3)
+    metadata = json.loads((tmp_path / "run" / "omotool.json").read_text())
+    assert metadata["examples"] == {"read": 9, "dropped": 2, "truncated": 3}
+
+
+def test_bf16_run_saves_a_bf16_model(llama_pair, prefs, tmp_path) -> None:
+    out = tmp_path / "bf16"
+    result = run_training(config(llama_pair, prefs, out, bf16=True, max_steps=2))
+    assert result.steps == 2
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
