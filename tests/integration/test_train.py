@@ -283,3 +283,20 @@ def test_bf16_run_saves_a_bf16_model(llama_pair, prefs, tmp_path) -> None:
     assert result.steps == 2
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_ctrl_c_on_the_command_line_exits_130_with_a_hint(llama_pair, prefs, tmp_path) -> None:
+    base, sft = llama_pair
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "omotool", "train", "--model", str(sft), "--base", str(base),
+        "--dataset", str(prefs), "-o", str(out), "--max-steps", "200", "--save-steps", "2",
+        "--batch-size", "4", "--max-length", "32", "--lr", "1e-3",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out / "checkpoint-2", process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted at step" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
