@@ -11,9 +11,7 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import json
-import math
 import os
-import re
 import shutil
 import signal
 import threading
@@ -26,6 +24,15 @@ import yaml
 
 from omotool.errors import InputError, OutputError, UsageError
 from omotool.train.algorithms import ALGORITHMS
+from omotool.train.checkpoints import (
+    CHECKPOINT,
+    STAGING,
+    Interrupt,
+    checkpoints,
+    fsync_dir,
+    write_atomic,
+)
+from omotool.train.trainer import metrics_callback, online_merging_trainer
 
 MERGES = ("none", "dare", "ties")
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -204,116 +211,9 @@ def prepare_output(output: Path, overwrite: bool) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
-# -- checkpoints -----------------------------------------------------------------------------
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-STAGING = ".staging"  # checkpoints are written here, then renamed into place when complete
 CONFIG_FILE, METADATA_FILE = "config.yaml", "omotool.json"
 # Options that may change between a run and its resumption without changing its trajectory.
 RESUMABLE = {"resume", "overwrite", "report_to", "logging_steps", "save_total_limit", "save_steps"}
-
-
-def checkpoints(output: Path) -> list[Path]:
-    """Complete checkpoints in ``output``, oldest first (staging folders are never listed)."""
-    found = [
-        (int(match.group(1)), path)
-        for path in output.iterdir()
-        if path.is_dir() and (match := CHECKPOINT.match(path.name))
-    ]
-    return [path for _, path in sorted(found)]
-
-
-def rotate_checkpoints(output: Path, limit: int | None) -> None:
-    """Delete the oldest complete checkpoints beyond ``limit`` (the newest always stays)."""
-    if not limit:
-        return
-    for old in checkpoints(output)[: -max(1, limit)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def online_merging_trainer(
-    trainer_class: type,
-    task_vector: Any = None,
-    *,
-    atomic_checkpoints: bool = True,
-    **options: Any,
-) -> type:
-    """``trainer_class`` (any transformers/TRL trainer) training with ``OnlineMergingAdamW``.
-
-    The optimizer is built by the trainer itself, from its (possibly FSDP-sharded) model's
-    named parameters, with the trainer's learning rate and weight decay (not on biases and
-    norms, as transformers does); ``options`` go to ``OnlineMergingAdamW`` (``method``,
-    ``reserve_p``, ``alpha``, ...). Usage::
-
-        DPOWithOnDARE = online_merging_trainer(DPOTrainer, TaskVector.load("runs/tau"),
-                                               method="dare", reserve_p=0.01, alpha=1e-7)
-        DPOWithOnDARE(model=model, args=args, train_dataset=data, processing_class=tok).train()
-
-    With ``atomic_checkpoints``, a checkpoint appears only when complete: transformers writes
-    ``checkpoint-N`` in place and resumes from the highest number, so a run killed while
-    saving would resume from a half-written folder; here it is written under ``.staging/``
-    and renamed into place once every process has finished, and rotation keeps the newest.
-    """
-    from omotool.optim import OnlineMergingAdamW
-
-    class OnlineMergingTrainer(trainer_class):  # type: ignore[misc, valid-type]
-        def create_optimizer(self, model: Any = None) -> Any:
-            if self.optimizer is None:
-                source = self.model if model is None else model
-                decay = set(self.get_decay_parameter_names(source))
-                named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
-                groups = [
-                    {"params": [(n, p) for n, p in named if n in decay],
-                     "weight_decay": self.args.weight_decay},
-                    {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
-                ]  # fmt: skip
-                self.optimizer = OnlineMergingAdamW(
-                    [group for group in groups if group["params"]],
-                    task_vector,
-                    lr=self.args.learning_rate,
-                    betas=(self.args.adam_beta1, self.args.adam_beta2),
-                    eps=self.args.adam_epsilon,
-                    **options,
-                )
-            return self.optimizer
-
-        def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            if not atomic_checkpoints:
-                super()._save_checkpoint(model, trial)
-                return
-            output = Path(self.args.output_dir)
-            staging = output / STAGING
-            if self.args.should_save and staging.exists():
-                shutil.rmtree(staging)  # debris of a save that was interrupted
-            self.accelerator.wait_for_everyone()
-            self.args.output_dir = str(staging)
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.output_dir = str(output)
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                name = f"checkpoint-{self.state.global_step}"
-                for path in (staging / name).rglob("*"):
-                    if path.is_file():
-                        with path.open("rb") as handle:
-                            os.fsync(handle.fileno())
-                if (output / name).exists():
-                    shutil.rmtree(output / name)
-                os.replace(staging / name, output / name)
-                _fsync_dir(output)
-                rotate_checkpoints(output, self.args.save_total_limit)
-            self.accelerator.wait_for_everyone()
-
-    OnlineMergingTrainer.__name__ = f"OnlineMerging{trainer_class.__name__}"
-    return OnlineMergingTrainer
 
 
 def resume_point(config: TrainConfig, output: Path) -> Path:
@@ -338,31 +238,6 @@ def resume_point(config: TrainConfig, output: Path) -> Path:
             f"nothing to resume in {output}: no complete checkpoint (use --save-steps N)."
         )
     return found[-1]
-
-
-class Interrupt:
-    """Ctrl-C ends the run at the next step boundary with a checkpoint; twice, at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def handler(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
-
-        interrupt = self
-
-        class StopAndSave(TrainerCallback):
-            def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-                if interrupt.requested:
-                    control.should_save = True
-                    control.should_training_stop = True
-
-        return StopAndSave()
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -418,7 +293,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     if _is_main_process():  # under torchrun/accelerate the other ranks only train
         if start is None:
             prepare_output(output, config.overwrite)
-        _write_atomic(output / CONFIG_FILE, yaml.safe_dump(asdict(config), sort_keys=False))
+        write_atomic(output / CONFIG_FILE, yaml.safe_dump(asdict(config), sort_keys=False))
         if start is not None:
             _truncate_metrics(metrics_path, int(CHECKPOINT.match(start.name).group(1)))
 
@@ -468,7 +343,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     if not interrupt.requested:
         _save_final_model(trainer, tokenizer, output)
         if trainer.args.should_save:
-            _write_atomic(output / METADATA_FILE, json.dumps(_metadata(config, result), indent=2))
+            write_atomic(output / METADATA_FILE, json.dumps(_metadata(config, result), indent=2))
     return result
 
 
@@ -484,7 +359,7 @@ def _save_final_model(trainer: Any, tokenizer: Any, output: Path) -> None:
             if path.is_file():
                 os.replace(path, output / path.name)
         shutil.rmtree(staging, ignore_errors=True)
-        _fsync_dir(output)
+        fsync_dir(output)
 
 
 def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
@@ -529,12 +404,6 @@ def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-    os.replace(partial, path)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop the lines logged after ``step`` (the resumed run logs those steps again)."""
     if not path.exists():
@@ -544,32 +413,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
         for line in path.read_text(encoding="utf-8").splitlines()
         if line.strip() and json.loads(line).get("step", 0) <= step
     ]
-    _write_atomic(path, "\n".join(kept))
-
-
-def metrics_callback(path: Path) -> Any:
-    """A transformers callback writing each log line plus the optimizer's ``stats()`` (when it
-    has them) to ``path``."""
-    from transformers import TrainerCallback
-
-    class MetricsLog(TrainerCallback):
-        last: dict[str, Any] = {}
-
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
-        ) -> None:
-            if not logs or not state.is_world_process_zero:
-                return
-            optimizer = kwargs.get("optimizer")
-            while optimizer is not None and not hasattr(optimizer, "stats"):
-                optimizer = getattr(optimizer, "optimizer", None)  # accelerate's wrapper
-            stats = optimizer.stats() if optimizer is not None else {}
-            record = {"step": state.global_step, **logs, **stats}
-            record = {
-                k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)
-            }
-            self.last = {**self.last, **record}  # the end-of-run summary keeps the last loss
-            with path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    return MetricsLog()
+    write_atomic(path, "\n".join(kept))

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from omotool.delta import DeltaConfig, compute_delta
 from omotool.errors import InputError, OutputError, UsageError
-from omotool.train.runner import TrainConfig, checkpoints, rotate_checkpoints, run_training
+from omotool.train.runner import TrainConfig, run_training
 
 
 @pytest.fixture(scope="module")
@@ -182,22 +182,6 @@ def test_resume_refuses_other_settings_and_empty_folders(
         run_training(dataclasses.replace(cfg, lr=2e-3))
     with pytest.raises(InputError, match="nothing to resume"):
         run_training(dataclasses.replace(cfg, out=str(tmp_path / "empty")))
-
-
-def test_only_complete_checkpoints_count_and_rotation_keeps_the_newest(tmp_path) -> None:
-    for step in (3, 6, 9):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-    (tmp_path / ".staging" / "checkpoint-12").mkdir(parents=True)
-    (tmp_path / "checkpoint-x").mkdir()
-    assert [p.name for p in checkpoints(tmp_path)] == [
-        "checkpoint-3",
-        "checkpoint-6",
-        "checkpoint-9",
-    ]
-    rotate_checkpoints(tmp_path, 2)
-    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-9"]
-    rotate_checkpoints(tmp_path, 0)  # 0 / None: keep all
-    assert len(checkpoints(tmp_path)) == 2
 
 
 # -- the command line ------------------------------------------------------------------------

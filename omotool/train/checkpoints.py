@@ -1,0 +1,75 @@
+"""Checkpoints that appear only when complete, their rotation, and Ctrl-C at a step boundary.
+
+transformers writes ``checkpoint-N`` in place and resumes from the highest number, so a run
+killed while saving would resume from a half-written folder. Here a checkpoint is written under
+``.staging/`` and renamed into place once complete (``trainer.online_merging_trainer``), only
+complete checkpoints are listed, and rotation never deletes the newest one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STAGING = ".staging"  # checkpoints are written here, then renamed into place when complete
+
+
+def checkpoints(output: Path) -> list[Path]:
+    """Complete checkpoints in ``output``, oldest first (staging folders are never listed)."""
+    found = [
+        (int(match.group(1)), path)
+        for path in output.iterdir()
+        if path.is_dir() and (match := CHECKPOINT.match(path.name))
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def rotate_checkpoints(output: Path, limit: int | None) -> None:
+    """Delete the oldest complete checkpoints beyond ``limit`` (the newest always stays)."""
+    if not limit:
+        return
+    for old in checkpoints(output)[: -max(1, limit)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+class Interrupt:
+    """Ctrl-C ends the run at the next step boundary with a checkpoint; twice, at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        interrupt = self
+
+        class StopAndSave(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+                if interrupt.requested:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return StopAndSave()

@@ -1,0 +1,118 @@
+"""Any transformers / TRL trainer with ``OnlineMergingAdamW``, atomic checkpoints and metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from omotool.train.checkpoints import STAGING, fsync_dir, rotate_checkpoints
+
+
+def online_merging_trainer(
+    trainer_class: type,
+    task_vector: Any = None,
+    *,
+    atomic_checkpoints: bool = True,
+    **options: Any,
+) -> type:
+    """``trainer_class`` (any transformers/TRL trainer) training with ``OnlineMergingAdamW``.
+
+    The optimizer is built by the trainer itself, from its (possibly FSDP-sharded) model's
+    named parameters, with the trainer's learning rate and weight decay (not on biases and
+    norms, as transformers does); ``options`` go to ``OnlineMergingAdamW`` (``method``,
+    ``reserve_p``, ``alpha``, ...). Usage::
+
+        DPOWithOnDARE = online_merging_trainer(DPOTrainer, TaskVector.load("runs/tau"),
+                                               method="dare", reserve_p=0.01, alpha=1e-7)
+        DPOWithOnDARE(model=model, args=args, train_dataset=data, processing_class=tok).train()
+
+    With ``atomic_checkpoints``, a checkpoint appears only when complete: transformers writes
+    ``checkpoint-N`` in place and resumes from the highest number, so a run killed while
+    saving would resume from a half-written folder; here it is written under ``.staging/``
+    and renamed into place once every process has finished, and rotation keeps the newest.
+    """
+    from omotool.optim import OnlineMergingAdamW
+
+    class OnlineMergingTrainer(trainer_class):  # type: ignore[misc, valid-type]
+        def create_optimizer(self, model: Any = None) -> Any:
+            if self.optimizer is None:
+                source = self.model if model is None else model
+                decay = set(self.get_decay_parameter_names(source))
+                named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
+                groups = [
+                    {"params": [(n, p) for n, p in named if n in decay],
+                     "weight_decay": self.args.weight_decay},
+                    {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
+                ]  # fmt: skip
+                self.optimizer = OnlineMergingAdamW(
+                    [group for group in groups if group["params"]],
+                    task_vector,
+                    lr=self.args.learning_rate,
+                    betas=(self.args.adam_beta1, self.args.adam_beta2),
+                    eps=self.args.adam_epsilon,
+                    **options,
+                )
+            return self.optimizer
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            if not atomic_checkpoints:
+                super()._save_checkpoint(model, trial)
+                return
+            output = Path(self.args.output_dir)
+            staging = output / STAGING
+            if self.args.should_save and staging.exists():
+                shutil.rmtree(staging)  # debris of a save that was interrupted
+            self.accelerator.wait_for_everyone()
+            self.args.output_dir = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = str(output)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                name = f"checkpoint-{self.state.global_step}"
+                for path in (staging / name).rglob("*"):
+                    if path.is_file():
+                        with path.open("rb") as handle:
+                            os.fsync(handle.fileno())
+                if (output / name).exists():
+                    shutil.rmtree(output / name)
+                os.replace(staging / name, output / name)
+                fsync_dir(output)
+                rotate_checkpoints(output, self.args.save_total_limit)
+            self.accelerator.wait_for_everyone()
+
+    OnlineMergingTrainer.__name__ = f"OnlineMerging{trainer_class.__name__}"
+    return OnlineMergingTrainer
+
+
+def metrics_callback(path: Path) -> Any:
+    """A transformers callback writing each log line plus the optimizer's ``stats()`` (when it
+    has them) to ``path``."""
+    from transformers import TrainerCallback
+
+    class MetricsLog(TrainerCallback):
+        last: dict[str, Any] = {}
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
+        ) -> None:
+            if not logs or not state.is_world_process_zero:
+                return
+            optimizer = kwargs.get("optimizer")
+            while optimizer is not None and not hasattr(optimizer, "stats"):
+                optimizer = getattr(optimizer, "optimizer", None)  # accelerate's wrapper
+            stats = optimizer.stats() if optimizer is not None else {}
+            record = {"step": state.global_step, **logs, **stats}
+            record = {
+                k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)
+            }
+            self.last = {**self.last, **record}  # the end-of-run summary keeps the last loss
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    return MetricsLog()
