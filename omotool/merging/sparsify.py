@@ -109,12 +109,18 @@ def sample_positions(n: int) -> torch.Tensor | None:
     The stride is coprime with ``n``, hence with the row length, so the sample visits every
     column.
     """
+    stride = sample_stride(n)
+    return None if stride is None else torch.arange(0, n, stride)
+
+
+def sample_stride(n: int) -> int | None:
+    """The stride of ``sample_positions(n)`` (None: small enough to select exactly)."""
     if n <= _EXACT_BELOW:
         return None
     stride = n // _SAMPLE
     while math.gcd(stride, n) != 1:
         stride += 1
-    return torch.arange(0, n, stride)
+    return stride
 
 
 def sample_floor(sample: torch.Tensor, k: int, n: int) -> torch.Tensor:
@@ -124,10 +130,14 @@ def sample_floor(sample: torch.Tensor, k: int, n: int) -> torch.Tensor:
     more) of the whole lie at or above the floor.
     """
     size = sample.numel()
+    return torch.kthvalue(sample, size - sample_rank(k, n, size) + 1).values
+
+
+def sample_rank(k: int, n: int, size: int) -> int:
+    """Which largest of a ``size``-entry sample serves as the floor for the ``k``-th of ``n``."""
     above = k / n
     margin = 4.0 * math.sqrt(above * (1.0 - above) / size) + 2.0 / size
-    rank = max(1, math.ceil(min(1.0, above + margin) * size))  # rank-th largest of the sample
-    return torch.kthvalue(sample, size - rank + 1).values
+    return max(1, math.ceil(min(1.0, above + margin) * size))
 
 
 def _candidates(

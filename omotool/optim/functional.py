@@ -44,7 +44,6 @@ from omotool.merging import (
     rescale,
 )
 from omotool.merging.consensus import ELECTIONS
-from omotool.merging.sparsify import sample_floor, sample_positions, select_largest
 from omotool.optim import kernels
 from omotool.optim.distributed import Shard, sharded_magnitude_mask
 from omotool.optim.task_vector import FlatDelta
@@ -509,11 +508,6 @@ def fused_online_merging_adamw_(
         return
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
-    if _kernel_step_(
-        param, grad, exp_avg, exp_avg_sq, cache, reference, workspace,
-        name=name, step=int(step), lr=lr, options=options, stats=stats, shard=shard, **adam,
-    ):  # fmt: skip
-        return
     dense = (
         options.method == "ties"
         or cache is not None
@@ -548,97 +542,9 @@ def fused_online_merging_adamw_(
     )
 
 
-def _kernel_step_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    cache: torch.Tensor | None,
-    reference: FlatDelta | None,
-    workspace: Workspace,
-    *,
-    name: str,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    options: MergeOptions,
-    stats: StepStats,
-    shard: Shard | None,
-) -> bool:
-    """The merge step in one pass of ``optim.kernels`` where it applies; False otherwise.
-
-    Applies to float32 CPU tensors with K = 1, ``p < 1`` and rescale ``none|inverse``: OnDARE
-    on any tensor, OnTIES on large unsharded ones.
-    """
-    p, mode = options.reserve_p, options.resolved_rescale
-    if cache is not None or p >= 1 or mode == "l1" or (options.method == "ties" and shard):
-        return False
-    tensors = (param, grad, exp_avg, exp_avg_sq)
-    ties = options.method == "ties"
-    if not kernels.usable(*tensors, min_numel=kernels.TIES_MIN_NUMEL if ties else 1):
-        return False
-    adam = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
-    flat = param.view(-1)
-    stats.merged = True
-    if options.method == "dare":
-        index = dare_update_indices(
-            flat.numel(), name=name, step=step, options=options, shard=shard, device=param.device
-        )
-        alpha = options.alpha
-        sparse = reference is not None and reference.indices is not None and alpha > 0
-        squares = kernels.dare_step_(
-            param, grad, exp_avg, exp_avg_sq, index,
-            (reference.indices, reference.values, alpha) if sparse else None,
-            density=p if mode == "inverse" else 1.0, weight=1 - alpha, **adam,
-        )  # fmt: skip
-        stats.entries += flat.numel()
-        stats.kept += index.numel()
-        stats.update_sq += (1 - alpha) ** 2 * squares
-        if sparse:
-            stats.tau_sq += alpha**2 * reference.sq_norm
-        else:
-            add_dare_reference_(flat, reference, options, stats)
-        return True
-    n, k = flat.numel(), kept_count(flat.numel(), p)
-    positions = sample_positions(n)
-    sample = kernels.direction_at(grad, exp_avg, exp_avg_sq, positions, **adam).abs_()
-    floor = float(sample_floor(sample, k, n))
-    scratch = workspace.get("index", flat, torch.long), workspace.get("values", flat)
-    index, values = kernels.ties_candidates_(grad, exp_avg, exp_avg_sq, floor, scratch, **adam)
-    if index.numel() >= k:
-        magnitudes = values.abs()
-        chosen = select_largest(None, magnitudes, k)
-        kept_index, kept = index.index_select(0, chosen), values.index_select(0, chosen)
-    else:  # the floor was above the k-th largest |Δθ| (the moments are updated already)
-        update = adam_direction(exp_avg, exp_avg_sq, **adam).reshape(-1)
-        kept_index = magnitude_topk_indices(update, p)
-        kept = update.index_select(0, kept_index)
-    if reference is not None and reference.indices is None:
-        apply_ties_(flat, kept_index, kept, None, reference, options, stats)
-        return True
-    kept_values = rescale(kept, torch.empty(0), mode, p)
-    if reference is None:
-        ref_index, ref_values = kept_index[:0], kept_values[:0]
-    else:
-        ref_index, ref_values = reference.indices, reference.values
-    overlap, conflicts, update_sq, tau_sq = kernels.ties_merge_(
-        param, kept_index, kept_values, ref_index, ref_values,
-        alpha=options.alpha, weighted=options.election == "weighted",
-    )  # fmt: skip
-    stats.entries += n
-    stats.kept += kept_index.numel()
-    stats.overlap += overlap
-    stats.conflicts += conflicts
-    stats.update_sq += (1 - options.alpha) ** 2 * update_sq
-    stats.tau_sq += options.alpha**2 * tau_sq
-    return True
-
-
 @dataclass
-class DareEntry:
-    """One tensor of a batched OnDARE step (see ``batched_dare_step_``)."""
+class BatchEntry:
+    """One tensor of a batched OnDARE / OnTIES step (``batched_step_``)."""
 
     name: str
     param: torch.Tensor  # float32 working copy
@@ -654,39 +560,100 @@ class DareEntry:
     reference: FlatDelta | None
 
 
-def batches_dare(options: MergeOptions, param: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether a tensor can join a batched OnDARE step (K = 1, ``p < 1``, rescale
-    ``none|inverse``, unsharded float32 CPU tensors)."""
-    return (
-        options.method == "dare"
-        and options.online_step == 1
-        and options.reserve_p < 1
-        and options.resolved_rescale != "l1"
-        and kernels.usable(param, *tensors)
+def batches(
+    options: MergeOptions, reference: FlatDelta | None, param: torch.Tensor, *tensors: torch.Tensor
+) -> bool:
+    """Whether a tensor can join a batched step: OnDARE or OnTIES with K = 1, ``p < 1``,
+    rescale ``none|inverse``, unsharded contiguous float32 CPU tensors; OnTIES with a sparse T
+    (int32 indices) or none."""
+    if options.online_step != 1 or options.reserve_p >= 1 or options.resolved_rescale == "l1":
+        return False
+    dense = reference is not None and (
+        reference.indices is None or reference.indices.dtype != torch.int32
     )
+    if options.method == "ties" and dense:
+        return False
+    return options.method in ("dare", "ties") and kernels.usable(param, *tensors)
+
+
+def batched_step_(
+    entries: list[BatchEntry], options: MergeOptions, stats: StepStats, workspace: Workspace
+) -> list[BatchEntry]:
+    """``batched_dare_step_`` or ``batched_ties_step_`` for ``options.method``."""
+    if not entries:
+        return []
+    if options.method == "ties":
+        return batched_ties_step_(entries, options, stats, workspace)
+    return batched_dare_step_(entries, options, stats)
+
+
+def _decay_(entries: list[BatchEntry]) -> None:
+    for e in entries:
+        if e.weight_decay != 0:
+            e.param.mul_(1 - e.lr * e.weight_decay)
+
+
+def batched_ties_step_(
+    entries: list[BatchEntry], options: MergeOptions, stats: StepStats, workspace: Workspace
+) -> list[BatchEntry]:
+    """OnTIES for many tensors in a few kernel calls (``kernels.ties_steps_``).
+
+    The same selection and merge as ``merge_ties_`` tensor by tensor. Returns no leftovers:
+    a tensor whose sampled floor overshot selects from its whole ``Δθ`` here.
+    """
+    p, alpha = options.reserve_p, options.alpha
+    _decay_(entries)
+    total = sum(e.param.numel() for e in entries)
+    like = torch.empty(1).expand(total)  # only its size and device are used
+    buffers = workspace.get("index", like, torch.long), workspace.get("values", like)
+    short, totals = kernels.ties_steps_(
+        [(e.param, e.grad, e.exp_avg, e.exp_avg_sq) for e in entries],
+        [None if e.reference is None else (e.reference.indices, e.reference.values)
+         for e in entries],
+        [(e.step, e.lr, e.beta1, e.beta2, e.eps) for e in entries],
+        [kept_count(e.param.numel(), p) for e in entries],
+        buffers,
+        density=p if options.resolved_rescale == "inverse" else 1.0,
+        alpha=alpha,
+        weighted=options.election == "weighted",
+    )  # fmt: skip
+    stats.merged = True
+    overlap, conflicts, update_sq, tau_sq = totals
+    stats.overlap += int(overlap)
+    stats.conflicts += int(conflicts)
+    stats.update_sq += (1 - alpha) ** 2 * float(update_sq)
+    stats.tau_sq += alpha**2 * float(tau_sq)
+    for e, overshot in zip(entries, short, strict=True):
+        if overshot:  # the moments are this step's already: select from the whole Δθ
+            update = adam_direction(
+                e.exp_avg, e.exp_avg_sq, step=e.step, lr=e.lr, beta1=e.beta1, beta2=e.beta2,
+                eps=e.eps,
+            ).reshape(-1)  # fmt: skip
+            kept_index = magnitude_topk_indices(update, p)
+            flat = e.param.view(-1)
+            apply_ties_(flat, kept_index, update[kept_index], update, e.reference, options, stats)
+        else:
+            stats.entries += e.param.numel()
+            stats.kept += kept_count(e.param.numel(), p)
+    return []
 
 
 def batched_dare_step_(
-    entries: list[DareEntry], options: MergeOptions, stats: StepStats
-) -> list[DareEntry]:
+    entries: list[BatchEntry], options: MergeOptions, stats: StepStats
+) -> list[BatchEntry]:
     """OnDARE for many tensors with one mask draw and one kernel call (``optim.kernels``).
 
     The same arithmetic as ``fused_online_merging_adamw_`` tensor by tensor. Returns the
     entries left for the per-tensor path (a mask whose first draw of gaps fell short).
     """
     p, alpha = options.reserve_p, options.alpha
-    if not entries:
-        return []
     generators = [keyed_generator(options.seed, "update", e.step, e.name) for e in entries]
     numels = [e.param.numel() for e in entries]
     positions, start, count = kernels.bernoulli_indices_many(numels, p, generators)
     ready = [t for t in range(len(entries)) if count[t] >= 0]
     if not ready:
         return entries
-    for t in ready:
-        e = entries[t]
-        if e.weight_decay != 0:
-            e.param.mul_(1 - e.lr * e.weight_decay)
+    _decay_([entries[t] for t in ready])
     sparse = [
         entries[t].reference is not None
         and entries[t].reference.indices is not None

@@ -1,24 +1,24 @@
-"""CPU kernels (numba) for the dense part of an online-merging AdamW step.
+"""CPU kernels (numba) for a whole online-merging AdamW step, all tensors at once.
 
 torch offers no single op that advances Adam's moments without also writing a parameter, and
 the sparse part of OnDARE/OnTIES (Δθ at ~p·n entries) costs a random gather per moment and a
-scatter per parameter when done with tensor ops. These kernels make one pass over ``g, m, v``:
+scatter per parameter when done with tensor ops; over a model's hundreds of tensors, the
+per-tensor Python overhead of doing it op by op was most of the cost. So each kernel here runs
+over every tensor of a step at once (tensors passed by address, work split into fixed chunks
+of ``CHUNK`` entries, so results do not depend on the number of threads):
 
-- ``dare_step_``: ``m, v`` updated everywhere; at the kept (sorted) ``index``, computed in the
-  same pass while ``m_i, v_i`` are in cache: ``θ_i += w · Δθ_i / d`` (``d = p`` for the
-  inverse rescale, 1 otherwise; ``w = 1 − α``), then ``θ_j += α·T_j``. ``dare_steps_`` does
-  it for all tensors of a step in one call (tensors passed by address), with the masks of
-  all tensors drawn together by ``bernoulli_indices_many``: per-tensor Python overhead, not
-  arithmetic, was most of the remaining cost of a step.
-- ``ties_candidates_``: ``m, v`` updated everywhere; every ``(i, Δθ_i)`` with ``|Δθ_i| ≥ floor``
-  collected (``floor`` from a sample, a little below the k-th largest ``|Δθ|``), so the exact
-  top-k is then selected among ~1% of the entries; ``ties_merge_``: the TIES merge of the kept
-  updates with ``T`` (a merge-join of two sorted index lists).
-Both use float32 arithmetic in the order of ``functional.adam_moments_`` and
-``functional.adam_direction`` (torch's single-tensor AdamW), and fixed-size chunks, so results
-do not depend on the number of threads. They take contiguous float32 CPU tensors and are used
-by ``functional.fused_online_merging_adamw_`` for large tensors when numba is importable
-(``OMOTOOL_KERNELS=0`` turns them off); everything else takes the tensor-op path.
+- ``dare_steps_``: ``m, v`` advanced everywhere; at the kept (sorted) indices of each
+  tensor's mask (``bernoulli_indices_many``: the same indices as ``sparsify.bernoulli_indices``),
+  in the same pass while ``m_i, v_i`` are in cache: ``θ_i += (1 − α)·Δθ_i / d`` (``d = p`` for
+  the inverse rescale, 1 otherwise), then ``θ_j += α·T_j``.
+- ``ties_steps_``: a floor from a strided sample of this step's ``|Δθ|`` a little below the
+  k-th largest (as ``sparsify.magnitude_topk_indices``), one pass that advances ``m, v`` and
+  collects the entries at or above it, the exact top-k among those (ties to lower indices),
+  and the TIES merge with ``T`` (``merge_join``: two sorted index lists).
+Arithmetic is float32 in the order of ``functional.adam_moments_`` and
+``functional.adam_direction`` (torch's single-tensor AdamW). The kernels take contiguous
+float32 CPU tensors; ``OnlineMergingAdamW`` batches those when numba is importable
+(``OMOTOOL_KERNELS=0`` turns them off), everything else takes the tensor-op path.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 CHUNK = 1 << 16  # entries per work item; fixed, so that results do not depend on threads
-TIES_MIN_NUMEL = (1 << 16) + 1  # smaller tensors take no sample (sparsify.sample_positions)
 
 
 @cache
@@ -46,114 +45,39 @@ def _compiled() -> Any:
         return None
     jit = njit(parallel=True, cache=True, boundscheck=False, nogil=True)
 
-    @jit
-    def dare_step(
-        g, m, v, p, index, ref_index, ref_values, w1, b2, w2, bias2, eps, step_size, density, w,
-        alpha, sq,
-    ):  # fmt: skip
-        n, chunks = g.size, sq.size
-        for c in prange(chunks):
-            lo = c * CHUNK
-            hi = min(n, lo + CHUNK)
-            gc, mc, vc = g[lo:hi], m[lo:hi], v[lo:hi]  # slices: the loop vectorizes
-            for i in range(hi - lo):
-                gi = gc[i]
-                mc[i] = mc[i] + w1 * (gi - mc[i])  # lerp(m, g, 1 − β1), as torch for weight < ½
-                vc[i] = vc[i] * b2 + w2 * gi * gi
-            total = 0.0
-            for j in range(np.searchsorted(index, lo), np.searchsorted(index, hi)):
-                i = index[j]
-                kept = (m[i] / (np.sqrt(v[i]) / bias2 + eps)) * step_size / density
-                p[i] += kept * w
-                total += float(kept) * float(kept)
-            sq[c] = total
-            for j in range(np.searchsorted(ref_index, lo), np.searchsorted(ref_index, hi)):
-                p[ref_index[j]] += ref_values[j] * alpha
-
-    @jit
-    def ties_candidates(
-        g, m, v, w1, b2, w2, bias2, eps, step_size, floor, out_i, out_v, counts, scratch, advance
-    ):
-        n, chunks = g.size, counts.size
-        for c in prange(chunks):
-            lo = c * CHUNK
-            hi = min(n, lo + CHUNK)
-            gc, mc, vc = g[lo:hi], m[lo:hi], v[lo:hi]
-            update = scratch[get_thread_id()]  # stays in cache between the two loops
-            if advance:
-                for i in range(hi - lo):
-                    gi = gc[i]
-                    mi = mc[i] + w1 * (gi - mc[i])
-                    vi = vc[i] * b2 + w2 * gi * gi
-                    mc[i], vc[i] = mi, vi
-                    update[i] = (mi / (np.sqrt(vi) / bias2 + eps)) * step_size
-            else:  # the moments are this step's already
-                for i in range(hi - lo):
-                    update[i] = (mc[i] / (np.sqrt(vc[i]) / bias2 + eps)) * step_size
-            found = 0
-            for i in range(hi - lo):
-                if abs(update[i]) >= floor:
-                    out_i[lo + found] = lo + i
-                    out_v[lo + found] = update[i]
-                    found += 1
-            counts[c] = found
-
-    @jit
-    def ties_merge(p, kept_index, kept, ref_index, ref_values, alpha, w, weighted, stats):
-        n, chunks = p.size, stats.shape[0]
-        for c in prange(chunks):
-            lo = c * CHUNK
-            hi = min(n, lo + CHUNK)
-            a, a_end = np.searchsorted(kept_index, lo), np.searchsorted(kept_index, hi)
-            b, b_end = np.searchsorted(ref_index, lo), np.searchsorted(ref_index, hi)
-            overlap = conflicts = 0
-            update_sq = tau_sq = 0.0
-            while a < a_end or b < b_end:
-                if b == b_end or (a < a_end and kept_index[a] < ref_index[b]):
-                    u = kept[a]  # F_K(Δθ) alone: nothing to disagree with
-                    p[kept_index[a]] += u * w
+    @njit(cache=True, boundscheck=False, nogil=True, inline="always")
+    def merge_join(
+        p, kept_index, kept, a, a_end, ref_index, ref_values, b, b_end, alpha, w, weighted
+    ):  # noqa: E501
+        """The TIES merge of two sorted runs into ``p``: (overlap, conflicts, Σu², Στ²)."""
+        overlap = conflicts = 0
+        update_sq = tau_sq = 0.0
+        while a < a_end or b < b_end:
+            if b == b_end or (a < a_end and kept_index[a] < ref_index[b]):
+                u = kept[a]  # F_K(Δθ) alone: nothing to disagree with
+                p[kept_index[a]] += u * w
+                update_sq += float(u) * float(u)
+                a += 1
+                continue
+            t = ref_values[b]
+            u = kept[a] if a < a_end and kept_index[a] == ref_index[b] else np.float32(0)
+            weighted_t, weighted_u = t * alpha, u * w
+            basis_t, basis_u = (weighted_t, weighted_u) if weighted else (t, u)
+            elected = np.float32(1) if basis_t + basis_u >= 0 else np.float32(-1)
+            keep_t, keep_u = np.sign(basis_t) == elected, np.sign(basis_u) == elected
+            zero = np.float32(0)  # a dropped term counts as 0, as (weighted * mask).sum()
+            p[ref_index[b]] += (weighted_t if keep_t else zero) + (weighted_u if keep_u else zero)
+            if keep_t:
+                tau_sq += float(t) * float(t)
+            if a < a_end and kept_index[a] == ref_index[b]:
+                overlap += 1
+                if keep_u:
                     update_sq += float(u) * float(u)
-                    a += 1
-                    continue
-                t = ref_values[b]
-                u = kept[a] if a < a_end and kept_index[a] == ref_index[b] else np.float32(0)
-                weighted_t, weighted_u = t * alpha, u * w
-                basis_t, basis_u = (weighted_t, weighted_u) if weighted else (t, u)
-                elected = np.float32(1) if basis_t + basis_u >= 0 else np.float32(-1)
-                keep_t, keep_u = np.sign(basis_t) == elected, np.sign(basis_u) == elected
-                zero = np.float32(0)  # a dropped term counts as 0, as (weighted * mask).sum()
-                p[ref_index[b]] += (weighted_t if keep_t else zero) + (
-                    weighted_u if keep_u else zero
-                )
-                if keep_t:
-                    tau_sq += float(t) * float(t)
-                if a < a_end and kept_index[a] == ref_index[b]:
-                    overlap += 1
-                    if keep_u:
-                        update_sq += float(u) * float(u)
-                    else:
-                        conflicts += 1
-                    a += 1
-                b += 1
-            stats[c, 0], stats[c, 1] = overlap, conflicts
-            stats[c, 2], stats[c, 3] = update_sq, tau_sq
-
-    @jit
-    def compact(out_i, out_v, counts, offsets, index, values):
-        for c in prange(counts.size):
-            lo, at = c * CHUNK, offsets[c]
-            for j in range(counts[c]):
-                index[at + j] = out_i[lo + j]
-                values[at + j] = out_v[lo + j]
-
-    @njit(cache=True, boundscheck=False)
-    def direction_at(g, m, v, positions, w1, b2, w2, bias2, eps, step_size, out):
-        for j in range(positions.size):
-            i = positions[j]
-            gi = g[i]
-            mi = m[i] + w1 * (gi - m[i])
-            vi = v[i] * b2 + w2 * gi * gi
-            out[j] = (mi / (np.sqrt(vi) / bias2 + eps)) * step_size
+                else:
+                    conflicts += 1
+                a += 1
+            b += 1
+        return overlap, conflicts, update_sq, tau_sq
 
     def pointer_to(element):
         pointer = types.CPointer(element)
@@ -206,6 +130,121 @@ def _compiled() -> Any:
                 for j in range(np.searchsorted(ref_at, lo), np.searchsorted(ref_at, hi)):
                     p[ref_at[j]] += ref_of[j] * alpha
 
+    @jit
+    def ties_sample(g_at, m_at, v_at, sizes, stride, start, w1, b2, w2, bias2, eps, size, out):
+        """|Δθ| after this step's moment update at every ``stride[t]``-th entry of tensor t."""
+        for t in prange(sizes.size):
+            n = sizes[t]
+            g = carray(float_pointer(g_at[t]), (n,))
+            m = carray(float_pointer(m_at[t]), (n,))
+            v = carray(float_pointer(v_at[t]), (n,))
+            for j in range(start[t + 1] - start[t]):
+                i = j * stride[t]
+                gi = g[i]
+                mi = m[i] + w1[t] * (gi - m[i])
+                vi = v[i] * b2[t] + w2[t] * gi * gi
+                out[start[t] + j] = abs((mi / (np.sqrt(vi) / bias2[t] + eps[t])) * size[t])
+
+    @jit
+    def sample_floors(samples, start, rank, floors):
+        """floors[t]: the rank[t]-th largest of tensor t's sample (0 without a sample)."""
+        for t in prange(floors.size):
+            count = start[t + 1] - start[t]
+            if count > 0:
+                ordered = np.partition(samples[start[t] : start[t + 1]], count - rank[t])
+                floors[t] = ordered[count - rank[t]]
+
+    @jit
+    def ties_candidates_many(
+        g_at, m_at, v_at, sizes, item_tensor, item_start, base, w1, b2, w2, bias2, eps, size,
+        floors, out_i, out_v, counts, scratch,
+    ):  # fmt: skip
+        for item in prange(item_tensor.size):
+            t = item_tensor[item]
+            n = sizes[t]
+            g = carray(float_pointer(g_at[t]), (n,))
+            m = carray(float_pointer(m_at[t]), (n,))
+            v = carray(float_pointer(v_at[t]), (n,))
+            lo = item_start[item]
+            hi = min(n, lo + CHUNK)
+            gc, mc, vc = g[lo:hi], m[lo:hi], v[lo:hi]
+            a1, c2, a2, bias, tiny, scale = w1[t], b2[t], w2[t], bias2[t], eps[t], size[t]
+            update = scratch[get_thread_id()]
+            for i in range(hi - lo):
+                gi = gc[i]
+                mi = mc[i] + a1 * (gi - mc[i])
+                vi = vc[i] * c2 + a2 * gi * gi
+                mc[i], vc[i] = mi, vi
+                update[i] = (mi / (np.sqrt(vi) / bias + tiny)) * scale
+            at, found, floor = base[t] + lo, 0, floors[t]
+            for i in range(hi - lo):
+                if abs(update[i]) >= floor:
+                    out_i[at + found] = lo + i
+                    out_v[at + found] = update[i]
+                    found += 1
+            counts[item] = found
+
+    @jit
+    def ties_select(
+        out_i, out_v, counts, item_first, item_start, base, k, density, kept_start, kept_i,
+        kept_v, short,
+    ):  # fmt: skip
+        """Tensor t's exact top-k[t] by |Δθ| among its candidates (ties to lower indices)."""
+        for t in prange(k.size):
+            total = 0
+            for item in range(item_first[t], item_first[t + 1]):
+                total += counts[item]
+            if total < k[t]:
+                short[t] = True
+                continue
+            magnitudes = np.empty(total, dtype=np.float32)
+            at = 0
+            for item in range(item_first[t], item_first[t + 1]):
+                first = base[t] + item_start[item]
+                for j in range(counts[item]):
+                    magnitudes[at] = abs(out_v[first + j])
+                    at += 1
+            threshold = np.partition(magnitudes, total - k[t])[total - k[t]]
+            greater = 0
+            for j in range(total):
+                greater += magnitudes[j] > threshold
+            equal_left, out = k[t] - greater, kept_start[t]
+            for item in range(item_first[t], item_first[t + 1]):
+                first = base[t] + item_start[item]
+                for j in range(counts[item]):
+                    value = out_v[first + j]
+                    magnitude = abs(value)
+                    if magnitude > threshold or (magnitude == threshold and equal_left > 0):
+                        if magnitude == threshold:
+                            equal_left -= 1
+                        kept_i[out] = out_i[first + j]
+                        kept_v[out] = value / density
+                        out += 1
+
+    @jit
+    def ties_merge_many(
+        p_at, sizes, item_tensor, item_start, kept_start, kept_i, kept_v, ref_index_at,
+        ref_value_at, ref_count, alpha, w, weighted, short, stats,
+    ):  # fmt: skip
+        for item in prange(item_tensor.size):
+            t = item_tensor[item]
+            if short[t]:
+                continue
+            n = sizes[t]
+            p = carray(float_pointer(p_at[t]), (n,))
+            lo = item_start[item]
+            hi = min(n, lo + CHUNK)
+            index = kept_i[kept_start[t] : kept_start[t + 1]]
+            values = kept_v[kept_start[t] : kept_start[t + 1]]
+            ref_at = carray(int_pointer(ref_index_at[t]), (ref_count[t],))
+            ref_of = carray(float_pointer(ref_value_at[t]), (ref_count[t],))
+            result = merge_join(
+                p, index, values, np.searchsorted(index, lo), np.searchsorted(index, hi),
+                ref_at, ref_of, np.searchsorted(ref_at, lo), np.searchsorted(ref_at, hi),
+                alpha, w, weighted,
+            )  # fmt: skip
+            stats[item, 0], stats[item, 1], stats[item, 2], stats[item, 3] = result
+
     @njit(cache=True, boundscheck=False, nogil=True)
     def gap_positions(gaps, gap_start, numels, positions, counts):
         """Per tensor ``t``: positions ``−1 + cumsum(gaps)`` below ``numels[t]``, written at
@@ -222,22 +261,20 @@ def _compiled() -> Any:
             counts[t] = count if position >= n - 1 else -1
 
     return {
-        "dare_step": dare_step,
-        "ties_candidates": ties_candidates,
-        "compact": compact,
-        "direction_at": direction_at,
-        "ties_merge": ties_merge,
         "dare_steps": dare_steps,
         "gap_positions": gap_positions,
+        "ties_sample": ties_sample,
+        "sample_floors": sample_floors,
+        "ties_candidates_many": ties_candidates_many,
+        "ties_select": ties_select,
+        "ties_merge_many": ties_merge_many,
     }
 
 
-def usable(*tensors: torch.Tensor, min_numel: int = 1) -> bool:
+def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can run on these tensors (contiguous float32 on the CPU)."""
-    first = tensors[0]
     return (
-        first.numel() >= min_numel
-        and all(
+        all(
             t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
             for t in tensors
         )
@@ -253,10 +290,6 @@ def _adam_scalars(
     return tuple(np.float32(x) for x in values)
 
 
-def _flat(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().view(-1).numpy()
-
-
 def _match_torch_threads() -> None:
     """Use as many threads as torch (torchrun and users set torch's count, not numba's)."""
     import numba
@@ -270,132 +303,6 @@ def _thread_scratch() -> np.ndarray:
     import numba
 
     return np.empty((numba.config.NUMBA_NUM_THREADS, CHUNK), dtype=np.float32)
-
-
-def dare_step_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    index: torch.Tensor,
-    reference: tuple[torch.Tensor, torch.Tensor, float] | None,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    density: float,
-    weight: float,
-) -> float:
-    """Moments everywhere; ``θ[i] += weight·Δθ[i]/density`` at the sorted ``index``, then
-    ``θ[j] += α·T[j]`` for ``reference = (sorted indices j, values T[j], α)``.
-
-    Returns ``Σ (Δθ[i]/density)²`` over ``index`` (for the update norm).
-    """
-    dare_step = _compiled()["dare_step"]
-    n = param.numel()
-    if reference is None:
-        reference = (_NO_INDEX, _NO_VALUES, 0.0)
-    ref_index, ref_values, alpha = reference
-    squares = np.zeros((n + CHUNK - 1) // CHUNK)
-    _match_torch_threads()
-    dare_step(
-        _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), _flat(param), index.numpy(),
-        ref_index.numpy(), ref_values.numpy(), *_adam_scalars(step, lr, beta1, beta2, eps),
-        np.float32(density), np.float32(weight), np.float32(alpha), squares,
-    )  # fmt: skip
-    return float(squares.sum())
-
-
-_NO_INDEX, _NO_VALUES = torch.empty(0, dtype=torch.long), torch.empty(0)
-
-
-def ties_candidates_(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    floor: float,
-    scratch: tuple[torch.Tensor, torch.Tensor],
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    advance: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moments everywhere (``advance``; else they are taken as this step's already);
-    ``(index, Δθ[index])`` of every entry with ``|Δθ| ≥ floor``.
-
-    ``scratch``: an int64 and a float32 buffer of at least ``n`` entries (only the pages that
-    receive candidates are ever touched). ``index`` comes out sorted.
-    """
-    ties_candidates, compact = _compiled()["ties_candidates"], _compiled()["compact"]
-    n = grad.numel()
-    out_i, out_v = (buffer[:n].numpy() for buffer in scratch)
-    counts = np.zeros((n + CHUNK - 1) // CHUNK, dtype=np.int64)
-    _match_torch_threads()
-    ties_candidates(
-        _flat(grad), _flat(exp_avg), _flat(exp_avg_sq),
-        *_adam_scalars(step, lr, beta1, beta2, eps), np.float32(floor), out_i, out_v, counts,
-        _thread_scratch(), advance,
-    )  # fmt: skip
-    offsets = np.zeros_like(counts)
-    np.cumsum(counts[:-1], out=offsets[1:])
-    index = np.empty(int(counts.sum()), dtype=np.int64)
-    values = np.empty(index.size, dtype=np.float32)
-    compact(out_i, out_v, counts, offsets, index, values)
-    return torch.from_numpy(index), torch.from_numpy(values)
-
-
-def direction_at(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    positions: torch.Tensor,
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-) -> torch.Tensor:
-    """``Δθ`` at ``positions`` after this step's moment update, without writing the moments."""
-    direction = _compiled()["direction_at"]
-    out = np.empty(positions.numel(), dtype=np.float32)
-    direction(
-        _flat(grad), _flat(exp_avg), _flat(exp_avg_sq), positions.numpy(),
-        *_adam_scalars(step, lr, beta1, beta2, eps), out,
-    )  # fmt: skip
-    return torch.from_numpy(out)
-
-
-def ties_merge_(
-    param: torch.Tensor,
-    kept_index: torch.Tensor,
-    kept: torch.Tensor,
-    ref_index: torch.Tensor,
-    ref_values: torch.Tensor,
-    *,
-    alpha: float,
-    weighted: bool,
-) -> tuple[int, int, float, float]:
-    """``θ += (1 − α)·F_K(Δθ) ⊕ α·T`` from sorted ``kept_index``/``kept`` (rescaled ``F_K``)
-    and sorted ``ref_index``/``ref_values`` (``T``), as ``functional.apply_ties_``.
-
-    Returns ``(overlap, conflicts, Σ kept² of surviving updates, Σ T² of surviving T)``.
-    """
-    ties_merge = _compiled()["ties_merge"]
-    n = param.numel()
-    stats = np.zeros(((n + CHUNK - 1) // CHUNK, 4))
-    _match_torch_threads()
-    ties_merge(
-        _flat(param), kept_index.numpy(), kept.numpy(), ref_index.numpy(), ref_values.numpy(),
-        np.float32(alpha), np.float32(1 - alpha), weighted, stats,
-    )  # fmt: skip
-    totals = stats.sum(axis=0)
-    return int(totals[0]), int(totals[1]), float(totals[2]), float(totals[3])
 
 
 def bernoulli_indices_many(
@@ -423,6 +330,41 @@ def bernoulli_indices_many(
     return torch.from_numpy(positions), start[:-1], counts
 
 
+def _items(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Work items (tensor, first entry) of ``CHUNK`` entries, and each tensor's first item."""
+    chunks = (sizes + CHUNK - 1) // CHUNK
+    item_tensor = np.repeat(np.arange(sizes.size, dtype=np.int64), chunks)
+    item_first = np.zeros(sizes.size + 1, dtype=np.int64)
+    np.cumsum(chunks, out=item_first[1:])
+    item_start = (np.arange(item_tensor.size, dtype=np.int64) - item_first[item_tensor]) * CHUNK
+    return item_tensor, item_start, item_first
+
+
+def _references(
+    references: list[tuple[torch.Tensor, torch.Tensor] | None],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Addresses of each T's int32 indices and float32 values, and their counts (0: none)."""
+    index_at = np.zeros(len(references), dtype=np.int64)
+    value_at = np.zeros(len(references), dtype=np.int64)
+    count = np.zeros(len(references), dtype=np.int64)
+    for t, reference in enumerate(references):
+        if reference is not None:
+            index_at[t], value_at[t] = reference[0].data_ptr(), reference[1].data_ptr()
+            count[t] = reference[0].numel()
+    return index_at, value_at, count
+
+
+def _batch(
+    tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    adam: list[tuple[int, float, float, float, float]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(addresses of param, grad, m, v as rows; sizes; Adam scalars as rows per tensor)."""
+    addresses = np.array([[x.data_ptr() for x in group] for group in tensors], dtype=np.int64)
+    sizes = np.array([group[0].numel() for group in tensors], dtype=np.int64)
+    scalars = np.array([_adam_scalars(*settings) for settings in adam], dtype=np.float32)
+    return np.ascontiguousarray(addresses.T), sizes, np.ascontiguousarray(scalars.T)
+
+
 def dare_steps_(
     tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
     kept: tuple[torch.Tensor, np.ndarray, np.ndarray],
@@ -439,29 +381,93 @@ def dare_steps_(
     returns it; ``references[t] = (int32 sorted indices, values)`` of ``T`` or None;
     ``adam[t] = (step, lr, beta1, beta2, eps)``. Returns ``Σ (Δθ[i]/density)²`` over all.
     """
-    count = len(tensors)
-    addresses = np.array([[x.data_ptr() for x in group] for group in tensors], dtype=np.int64)
-    param_at, grad_at, m_at, v_at = np.ascontiguousarray(addresses.T)
-    sizes = np.array([group[0].numel() for group in tensors], dtype=np.int64)
-    chunks = (sizes + CHUNK - 1) // CHUNK
-    item_tensor = np.repeat(np.arange(count, dtype=np.int64), chunks)
-    first_item = np.concatenate(([0], np.cumsum(chunks)[:-1]))
-    item_start = (np.arange(item_tensor.size, dtype=np.int64) - first_item[item_tensor]) * CHUNK
-    ref_at = np.zeros((2, count), dtype=np.int64)
-    ref_count = np.zeros(count, dtype=np.int64)
-    for t, reference in enumerate(references):
-        if reference is not None:
-            ref_at[0, t], ref_at[1, t] = reference[0].data_ptr(), reference[1].data_ptr()
-            ref_count[t] = reference[0].numel()
-    scalars = np.array([_adam_scalars(*settings) for settings in adam], dtype=np.float32).T
+    (param_at, grad_at, m_at, v_at), sizes, scalars = _batch(tensors, adam)
+    item_tensor, item_start, _ = _items(sizes)
+    ref_index_at, ref_value_at, ref_count = _references(references)
     w1, b2, w2, bias2, eps, step_size = scalars
     index, index_start, index_count = kept
     squares = np.zeros(item_tensor.size)
     _match_torch_threads()
     _compiled()["dare_steps"](
         grad_at, m_at, v_at, param_at, sizes, item_tensor,
-        item_start, index.numpy(), index_start, index_count, ref_at[0], ref_at[1], ref_count,
+        item_start, index.numpy(), index_start, index_count, ref_index_at, ref_value_at, ref_count,
         w1, b2, w2, bias2, eps, step_size, np.float32(density), np.float32(weight),
         np.float32(alpha), squares,
     )  # fmt: skip
     return float(squares.sum())
+
+
+def ties_steps_(
+    tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    references: list[tuple[torch.Tensor, torch.Tensor] | None],
+    adam: list[tuple[int, float, float, float, float]],
+    keep: list[int],
+    buffers: tuple[torch.Tensor, torch.Tensor],
+    *,
+    density: float,
+    alpha: float,
+    weighted: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OnTIES for many tensors: moments, exact top-``keep[t]`` of ``|Δθ|``, TIES merge with T.
+
+    Per tensor: a floor from a strided sample of this step's ``|Δθ|`` (as
+    ``sparsify.magnitude_topk_indices``; small tensors take every entry), one pass that
+    advances the moments and collects the entries at or above it, the exact selection among
+    them (ties to lower indices) rescaled by ``1/density``, and ``merge_join`` with T.
+    ``buffers``: int64 and float32, at least the total number of entries (only pages that
+    receive candidates are touched). Returns ``(short, stats)``: ``short[t]`` when the floor
+    was above the k-th largest (moments advanced, nothing applied: select from the whole
+    ``Δθ``), and the totals (overlap, conflicts, Σ kept², Σ T² kept).
+    """
+    from omotool.merging.sparsify import sample_rank, sample_stride
+
+    kernels = _compiled()
+    (param_at, grad_at, m_at, v_at), sizes, scalars = _batch(tensors, adam)
+    count = sizes.size
+    strides = [sample_stride(int(n)) for n in sizes]
+    sample_sizes = [
+        0 if s is None else -(-int(n) // s) for n, s in zip(sizes, strides, strict=True)
+    ]
+    sample_start = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(sample_sizes, out=sample_start[1:])
+    samples = np.empty(int(sample_start[-1]), dtype=np.float32)
+    _match_torch_threads()
+    kernels["ties_sample"](
+        grad_at, m_at, v_at, sizes, np.array([s or 1 for s in strides], dtype=np.int64),
+        sample_start, *scalars, samples,
+    )  # fmt: skip
+    ranks = np.array(
+        [
+            sample_rank(k, int(n), z) if z else 1
+            for k, n, z in zip(keep, sizes, sample_sizes, strict=True)
+        ],
+        dtype=np.int64,
+    )
+    floors = np.zeros(count, dtype=np.float32)
+    kernels["sample_floors"](samples, sample_start, ranks, floors)
+    item_tensor, item_start, item_first = _items(sizes)
+    base = np.zeros(count, dtype=np.int64)
+    np.cumsum(sizes[:-1], out=base[1:])
+    out_i, out_v = (buffer.numpy() for buffer in buffers)
+    counts = np.zeros(item_tensor.size, dtype=np.int64)
+    kernels["ties_candidates_many"](
+        grad_at, m_at, v_at, sizes, item_tensor, item_start, base, *scalars, floors, out_i,
+        out_v, counts, _thread_scratch(),
+    )  # fmt: skip
+    keep_array = np.asarray(keep, dtype=np.int64)
+    kept_start = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(keep_array, out=kept_start[1:])
+    kept_i = np.empty(int(kept_start[-1]), dtype=np.int64)
+    kept_v = np.empty(int(kept_start[-1]), dtype=np.float32)
+    short = np.zeros(count, dtype=np.bool_)
+    kernels["ties_select"](
+        out_i, out_v, counts, item_first, item_start, base, keep_array, np.float32(density),
+        kept_start, kept_i, kept_v, short,
+    )  # fmt: skip
+    ref_index_at, ref_value_at, ref_count = _references(references)
+    stats = np.zeros((item_tensor.size, 4))
+    kernels["ties_merge_many"](
+        param_at, sizes, item_tensor, item_start, kept_start, kept_i, kept_v, ref_index_at,
+        ref_value_at, ref_count, np.float32(alpha), np.float32(1 - alpha), weighted, short, stats,
+    )  # fmt: skip
+    return short, stats.sum(axis=0)

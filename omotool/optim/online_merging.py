@@ -21,12 +21,12 @@ import torch
 from omotool.errors import InputError, UsageError
 from omotool.optim.distributed import any_rank, local_tensors
 from omotool.optim.functional import (
-    DareEntry,
+    BatchEntry,
     MergeOptions,
     StepStats,
     Workspace,
-    batched_dare_step_,
-    batches_dare,
+    batched_step_,
+    batches,
     fused_online_merging_adamw_,
     online_merging_adamw_,
     reference_tensor,
@@ -57,8 +57,10 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             written with non-finite values.
         master_weights: keep a float32 copy of bf16/fp16 parameters so that updates far below
             the parameter's precision accumulate (moments and merges are float32 anyway).
-        fused: run the dense part in torch's fused AdamW kernel (default where it exists:
-            ``functional.fused_online_merging_adamw_``), or in plain tensor ops
+        fused: the fast path (default where torch has it): on the CPU, OnDARE/OnTIES steps of
+            float32 tensors in a few numba kernels over all tensors at once
+            (``optim.kernels``), other tensors in torch's fused AdamW kernel
+            (``functional.fused_online_merging_adamw_``); or plain tensor ops
             (``functional.online_merging_adamw_``, the readable reference; with
             ``method="none"`` it follows ``AdamW(foreach=False)`` bit for bit).
     """
@@ -134,7 +136,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         if not finite:
             return loss
         stats = StepStats()
-        batch: list[tuple[DareEntry, torch.Tensor]] = []  # OnDARE tensors for one kernel call
+        batch: list[tuple[BatchEntry, torch.Tensor]] = []  # tensors for one batched step
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             names = group.get("param_names") or [None] * len(group["params"])
@@ -168,9 +170,9 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                     self.fused
                     and merges
                     and shard is None
-                    and batches_dare(self.options, work, grad, m, v)
+                    and batches(self.options, reference, work, grad, m, v)
                 ):
-                    entry = DareEntry(
+                    entry = BatchEntry(
                         name or "", work, grad, m, v, int(state["step"]), group["lr"], beta1,
                         beta2, group["eps"], group["weight_decay"], reference,
                     )  # fmt: skip
@@ -186,15 +188,16 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                     )
                 if work is not local:
                     local.copy_(work)
-        self._batched_dare_step(batch, stats)
+        self._batched_step(batch, stats)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
             self.last_stats = stats
         return loss
 
-    def _batched_dare_step(self, batch: list[tuple[DareEntry, torch.Tensor]], stats: StepStats):
-        """The OnDARE tensors of this step in one kernel call (``batched_dare_step_``)."""
+    def _batched_step(self, batch: list[tuple[BatchEntry, torch.Tensor]], stats: StepStats):
+        """This step's batched tensors in a few kernel calls (``batched_step_``)."""
         entries = [entry for entry, _ in batch]
-        for entry in batched_dare_step_(entries, self.options, stats):  # the rare leftovers
+        leftovers = batched_step_(entries, self.options, stats, self._workspace)
+        for entry in leftovers:  # rare: a DARE mask whose first draw of gaps fell short
             fused_online_merging_adamw_(
                 entry.param, entry.grad, entry.exp_avg, entry.exp_avg_sq,
                 torch.tensor(float(entry.step)), None, entry.reference, self._workspace,

@@ -9,10 +9,9 @@ import torch
 
 from omotool.merging import sparsify
 from omotool.merging.sparsify import bernoulli_indices, keyed_generator
-from omotool.optim import OnlineMergingAdamW, functional, kernels
+from omotool.optim import OnlineMergingAdamW, kernels
 
-# OnTIES: a.weight takes the kernels (over kernels.TIES_MIN_NUMEL entries), a.bias the tensor
-# ops; OnDARE takes the kernels for both.
+# a.weight is large enough to be sampled for OnTIES's floor; a.bias is selected exactly.
 SHAPES = {"a.weight": (300, 256), "a.bias": (300,)}
 STEPS = 5
 
@@ -97,12 +96,24 @@ def test_ties_kernel_falls_back_when_the_sample_misleads(monkeypatch) -> None:
     theirs, _ = one_step(
         state, first, grads[1], use_kernels=False, monkeypatch=monkeypatch, method="ties"
     )
-    monkeypatch.setattr(functional, "sample_floor", lambda sample, k, n: sample.max() * 10)
-    ours, _ = one_step(
+    # The floor becomes the sample's largest |Δθ|: far above the k-th largest of the tensor.
+    monkeypatch.setattr(sparsify, "sample_rank", lambda k, n, size: 1)
+    overshot = []
+    ties_steps = kernels.ties_steps_
+
+    def spy(*args, **kwargs):
+        short, totals = ties_steps(*args, **kwargs)
+        overshot.extend(short.tolist())
+        return short, totals
+
+    monkeypatch.setattr(kernels, "ties_steps_", spy)
+    ours, fast = one_step(
         state, first, grads[1], use_kernels=True, monkeypatch=monkeypatch, method="ties"
     )
+    assert overshot == [True, False]  # a.weight overshot; a.bias (no sample) did not
     for name in SHAPES:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-6)
+    assert fast.stats()["merge/kept_fraction"] == pytest.approx(0.05, abs=1e-3)
 
 
 def test_kernel_path_resumes_bit_exactly(monkeypatch) -> None:
@@ -130,10 +141,8 @@ def test_kernel_path_resumes_bit_exactly(monkeypatch) -> None:
 
 
 def test_kernels_take_contiguous_float32_cpu_tensors_only() -> None:
-    big = torch.zeros(kernels.TIES_MIN_NUMEL)
-    assert kernels.usable(big, big, min_numel=kernels.TIES_MIN_NUMEL)
-    assert not kernels.usable(big[1:], min_numel=kernels.TIES_MIN_NUMEL)
-    assert kernels.usable(torch.zeros(3))
+    big = torch.zeros(100)
+    assert kernels.usable(big, big) and kernels.usable(torch.zeros(3))
     assert not kernels.usable(big.to(torch.bfloat16))
     assert not kernels.usable(torch.zeros(2, 40).t())  # not contiguous
 
