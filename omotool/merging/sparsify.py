@@ -113,11 +113,11 @@ def sample_positions(n: int) -> torch.Tensor | None:
     return None if stride is None else torch.arange(0, n, stride)
 
 
-def sample_stride(n: int) -> int | None:
-    """The stride of ``sample_positions(n)`` (None: small enough to select exactly)."""
+def sample_stride(n: int, size: int = _SAMPLE) -> int | None:
+    """The stride of a ``size``-entry sample of ``n`` (None: small enough to select exactly)."""
     if n <= _EXACT_BELOW:
         return None
-    stride = n // _SAMPLE
+    stride = n // size
     while math.gcd(stride, n) != 1:
         stride += 1
     return stride
