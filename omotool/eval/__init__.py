@@ -1,0 +1,1 @@
+"""Evaluation: reward and alignment tax side by side (tasks, statistics, reports)."""
