@@ -49,7 +49,6 @@ def _template_ids(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any)
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
-@torch.no_grad()
 def completion_logprobs(
     model: Any,
     tokenizer: Any,
@@ -59,21 +58,32 @@ def completion_logprobs(
 ) -> tuple[list[float], list[int]]:
     """Summed log-probabilities of each completion given its prompt, and its token count.
 
-    A completion of no tokens scores 0 over 0 tokens. ``progress(n)`` is called after each
-    batch with the number of pairs done.
+    ``progress(n)`` is called after each batch with the number of pairs done.
     """
     encoded = [encode_pair(tokenizer, prompt, completion) for prompt, completion in pairs]
+    return token_logprobs(model, tokenizer, encoded, batch_size, progress)
+
+
+@torch.no_grad()
+def token_logprobs(
+    model: Any,
+    tokenizer: Any,
+    encoded: Sequence[tuple[list[int], list[int]]],
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[float], list[int]]:
+    """``Σ log π(c_t | p, c_<t)`` for token-id pairs ``(p, c)`` (``p`` not empty), batched
+    with right padding; and ``len(c)``. An empty ``c`` scores 0."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     scores: list[float] = []
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
-        lengths = [len(p) + len(c) for p, c in batch]
-        width = max(lengths)
+        width = max(len(p) + len(c) for p, c in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, (prompt_ids, completion_ids) in enumerate(batch):
-            sequence = prompt_ids + completion_ids
+            sequence = list(prompt_ids) + list(completion_ids)
             ids[row, : len(sequence)] = torch.tensor(sequence)
             mask[row, : len(sequence)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
