@@ -39,8 +39,10 @@ def mean_interval(values: Sequence[float]) -> Estimate:
     return Estimate(mean, mean - half, mean + half, n)
 
 
-def proportion_interval(successes: int, n: int) -> Estimate:
-    """The fraction ``successes / n`` with a Wilson score interval (sound near 0 and 1)."""
+def proportion_interval(successes: float, n: int) -> Estimate:
+    """The fraction ``successes / n`` with a Wilson score interval (sound near 0 and 1).
+
+    ``successes`` may count halves (a tie in a win rate)."""
     if n == 0:
         raise ValueError("no trials")
     p = successes / n
