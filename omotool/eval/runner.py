@@ -1,0 +1,175 @@
+"""``run_suite``: every task of a suite on every model, averages and differences, a report.
+
+For each model: each task's scores with 95% intervals (or why it failed); per category
+(``reward``, ``capability``) the mean of the tasks' headline scores (``suite.HEADLINE``; failed
+tasks are left out and named); and, when the suite names a baseline, each headline score and
+average minus the baseline's. ``write_report`` saves it as ``report.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omotool.eval.preference import TaskScores
+from omotool.eval.suite import CATEGORIES, HEADLINE, Suite, TaskSpec
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+class _Models:
+    """Models and tokenizers loaded once per path."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, path: str) -> tuple[Any, Any]:
+        if path not in self.loaded:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from omotool.errors import InputError
+
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as error:
+                raise InputError(f"model {path} does not load: {error}") from None
+            self.loaded[path] = (model, tokenizer)
+        return self.loaded[path]
+
+
+def run_task(
+    spec: TaskSpec, model_path: str, suite: Suite, models: _Models, baseline_answers: Any = None
+) -> tuple[TaskScores, list[str] | None]:
+    """One task on one model: its scores and, for generating tasks, the answers."""
+    from omotool.eval import generation, likelihood, preference, reward_model
+
+    model, tokenizer = models.get(model_path)
+    batch = suite.batch_size
+    if spec.task == "preference":
+        reference, _ = models.get(suite.reference)
+        beta = float(spec.options.get("beta", 0.1))
+        scores = preference.preference_scores(
+            model, reference, tokenizer, spec.examples, beta, batch
+        )
+        return scores, None
+    if spec.task == "choice":
+        return likelihood.choice_scores(model, tokenizer, spec.examples, batch), None
+    if spec.task == "perplexity":
+        return likelihood.perplexity_scores(model, tokenizer, spec.examples, batch), None
+    if spec.task == "generate":
+        return generation.generate_scores(
+            model, tokenizer, spec.examples, spec.options.get("extract", "exact"),
+            spec.options.get("pattern"), suite.generation, batch,
+        )  # fmt: skip
+    prompts = [e["prompt"] for e in spec.examples]
+    answers = generation.generate_answers(model, tokenizer, prompts, suite.generation, batch)
+    rm, rm_tokenizer = _reward_model(models, spec.options["reward_model"])
+    rewards = reward_model.rewards(rm, rm_tokenizer, prompts, answers, batch)
+    baseline = None
+    if baseline_answers is not None:
+        baseline = reward_model.rewards(rm, rm_tokenizer, prompts, baseline_answers, batch)
+    return reward_model.reward_model_scores(rewards, baseline), answers
+
+
+def _reward_model(models: _Models, path: str) -> tuple[Any, Any]:
+    from omotool.eval.reward_model import load_reward_model
+
+    key = f"reward-model:{path}"
+    if key not in models.loaded:
+        models.loaded[key] = load_reward_model(path)
+    return models.loaded[key]
+
+
+def run_suite(model_paths: list[str], suite: Suite) -> dict[str, Any]:
+    """The report of every model on every task (see module docstring)."""
+    from omotool.io.reader import ModelReader, fingerprint
+
+    models = _Models()
+    order = list(model_paths)
+    if suite.baseline and suite.baseline not in order:
+        order.insert(0, suite.baseline)  # its answers are needed for win rates
+    elif suite.baseline:
+        order.remove(suite.baseline)
+        order.insert(0, suite.baseline)
+    results: dict[str, dict[str, Any]] = {}
+    baseline_answers: dict[str, list[str]] = {}
+    for path in order:
+        tasks = {}
+        for spec in suite.tasks:
+            given = baseline_answers.get(spec.name) if path != suite.baseline else None
+            scores, answers = run_task(spec, path, suite, models, given)
+            if path == suite.baseline and answers is not None:
+                baseline_answers[spec.name] = answers
+            tasks[spec.name] = {
+                "task": spec.task,
+                "category": spec.category,
+                "failed": scores.failed,
+                "scores": {k: v.as_dict() for k, v in scores.scores.items()},
+                "answers": answers,
+            }
+        with ModelReader(path) as reader:
+            results[path] = {"path": path, "fingerprint": fingerprint(reader), "tasks": tasks}
+        results[path]["averages"] = _averages(tasks)
+    if suite.baseline:
+        base = results[suite.baseline]
+        for result in results.values():
+            result["differences"] = _differences(result, base)
+    import torch
+    import transformers
+
+    from omotool import __version__
+
+    return {
+        "kind": "evaluation",
+        "omotool_version": __version__,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "suite": str(suite.path) if suite.path else None,
+        "baseline": suite.baseline,
+        "models": [results[p] for p in order if p in model_paths or p == suite.baseline],
+    }
+
+
+def headline(task: dict[str, Any]) -> float | None:
+    key = HEADLINE[task["task"]]
+    if task["failed"] or key is None:
+        return None
+    if key not in task["scores"]:  # a reward_model task without a baseline: no win rate
+        return None
+    return task["scores"][key]["value"]
+
+
+def _averages(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    averages = {}
+    for category in CATEGORIES:
+        values = [headline(t) for t in tasks.values() if t["category"] == category]
+        counted = [v for v in values if v is not None]
+        averages[category] = sum(counted) / len(counted) if counted else None
+    averages["failed"] = sorted(name for name, t in tasks.items() if t["failed"])
+    return averages
+
+
+def _differences(result: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
+    differences: dict[str, float | None] = {}
+    for name, task in result["tasks"].items():
+        mine, theirs = headline(task), headline(base["tasks"][name])
+        differences[name] = None if mine is None or theirs is None else mine - theirs
+    for category in CATEGORIES:
+        mine, theirs = result["averages"][category], base["averages"][category]
+        differences[category] = None if mine is None or theirs is None else mine - theirs
+    return differences
+
+
+def write_report(report: dict[str, Any], out: Path) -> Path:
+    """``out/report.json`` (written whole, then renamed into place)."""
+    from omotool.train.checkpoints import write_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "report.json"
+    write_atomic(target, json.dumps(report, indent=2, allow_nan=False))
+    return target

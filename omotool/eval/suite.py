@@ -1,0 +1,169 @@
+"""Evaluation suites: which tasks, on which data, counting toward reward or capability (tax).
+
+A suite is a YAML file::
+
+    baseline: runs/adamw            # differences are reported against this model (optional)
+    reference: runs/sft             # the reference of the preference task
+    batch_size: 8
+    generation: {max_new_tokens: 64, temperature: 0.0, top_p: 1.0, chat: false}
+    tasks:
+      - {name: prefs, task: preference, data: prefs-test.jsonl, category: reward, beta: 0.1}
+      - {name: sums, task: generate, data: sums.jsonl, category: capability,
+         extract: last_number}
+      - {name: facts, task: choice, data: facts.jsonl, category: capability}
+      - {name: prose, task: perplexity, data: prose.txt, category: capability}
+      - {name: helpful, task: reward_model, data: prompts.jsonl, category: reward,
+         reward_model: runs/rm}
+
+Relative paths are taken from the suite file's folder. Every task's data is read and checked
+when the suite is loaded, before any model is.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from omotool.errors import InputError, UsageError
+from omotool.eval.generation import EXTRACTORS, GenerationSettings
+
+TASKS = ("preference", "reward_model", "perplexity", "generate", "choice")
+CATEGORIES = ("reward", "capability")
+HEADLINE = {  # the score a task contributes to its category's average (higher is better)
+    "preference": "reward_accuracy",
+    "reward_model": "win_rate",
+    "generate": "accuracy",
+    "choice": "accuracy",
+    "perplexity": None,  # not a fraction: reported, not averaged
+}
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    task: str
+    data: Path
+    category: str
+    options: dict[str, Any] = field(default_factory=dict)
+    examples: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Suite:
+    tasks: list[TaskSpec]
+    baseline: str | None = None
+    reference: str | None = None
+    batch_size: int = 8
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    path: Path | None = None
+
+
+def load_suite(path: str | Path) -> Suite:
+    """The suite in ``path`` with every task's data read and checked (see module)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        raise InputError(f"suite {path} cannot be read ({error.strerror or error}).") from None
+    except yaml.YAMLError as error:
+        raise InputError(f"suite {path}: not valid YAML ({error}).") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list) or not raw["tasks"]:
+        raise InputError(f"suite {path}: needs a non-empty 'tasks' list.")
+    unknown = set(raw) - {"baseline", "reference", "batch_size", "generation", "tasks"}
+    if unknown:
+        raise InputError(f"suite {path}: unknown key(s) {', '.join(sorted(unknown))}.")
+    folder = path.parent
+    generation = GenerationSettings(**(raw.get("generation") or {}))
+    tasks = [_task(entry, number, folder, path) for number, entry in enumerate(raw["tasks"])]
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise InputError(f"suite {path}: task names repeat ({', '.join(names)}).")
+    if any(t.task == "preference" for t in tasks) and not raw.get("reference"):
+        raise InputError(f"suite {path}: the preference task needs 'reference' (the SFT model).")
+    return Suite(
+        tasks=tasks,
+        baseline=_resolve(raw.get("baseline"), folder),
+        reference=_resolve(raw.get("reference"), folder),
+        batch_size=int(raw.get("batch_size", 8)),
+        generation=generation,
+        path=path,
+    )
+
+
+def _resolve(value: str | None, folder: Path) -> str | None:
+    if value is None:
+        return None
+    candidate = folder / value
+    return str(candidate) if candidate.exists() else str(value)  # else: a Hub id
+
+
+def _task(entry: Any, number: int, folder: Path, path: Path) -> TaskSpec:
+    where = f"suite {path}, task {number}"
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: expected a mapping with name, task, data, category.")
+    kind = entry.get("task")
+    if kind not in TASKS:
+        close = difflib.get_close_matches(str(kind), TASKS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"{where}: unknown task {kind!r}; valid tasks: {', '.join(TASKS)}.{hint}")
+    category = entry.get("category")
+    if category not in CATEGORIES:
+        raise InputError(f"{where}: category must be one of {', '.join(CATEGORIES)}.")
+    if "data" not in entry:
+        raise InputError(f"{where}: missing 'data'.")
+    options = {k: v for k, v in entry.items() if k not in ("name", "task", "data", "category")}
+    if kind == "generate" and options.get("extract", "exact") not in EXTRACTORS:
+        raise InputError(f"{where}: extract must be one of {', '.join(EXTRACTORS)}.")
+    if kind == "reward_model":
+        if "reward_model" not in options:
+            raise InputError(f"{where}: the reward_model task needs 'reward_model' (a folder).")
+        options["reward_model"] = _resolve(options["reward_model"], folder)
+    data = folder / entry["data"]
+    spec = TaskSpec(str(entry.get("name", kind)), kind, data, category, options)
+    spec.examples = read_task_data(kind, data)
+    return spec
+
+
+def read_task_data(kind: str, data: Path) -> list[Any]:
+    """The examples of one task, checked row by row (errors name the file and line)."""
+    from omotool.train.data import load_examples, read_rows
+
+    if kind == "preference":
+        return load_examples(data, "preference")
+    if kind == "perplexity" and data.suffix == ".txt":
+        if not data.exists():
+            raise InputError(f"data file {data} does not exist.")
+        documents = [d.strip() for d in data.read_text(encoding="utf-8").split("\n\n")]
+        documents = [d for d in documents if d]
+        if not documents:
+            raise InputError(f"{data}: no documents (the file is empty).")
+        return documents
+    required = {
+        "perplexity": ("text",),
+        "generate": ("prompt", "reference"),
+        "choice": ("question", "choices", "answer"),
+        "reward_model": ("prompt",),
+    }[kind]
+    rows = []
+    for row in read_rows(data):
+        missing = [name for name in required if row.fields.get(name) in (None, "")]
+        if missing:
+            raise InputError(
+                f"{row.where}: missing field {', '.join(repr(m) for m in missing)} "
+                f"(the {kind} task reads {', '.join(required)})."
+            )
+        if kind == "choice":
+            choices = row.fields["choices"]
+            if not isinstance(choices, list) or len(choices) < 2:
+                raise InputError(f"{row.where}: 'choices' must be a list of at least 2 options.")
+            from omotool.eval.likelihood import answer_index
+
+            answer_index(row.fields, f"{row.where}: ")
+        rows.append(row.fields["text"] if kind == "perplexity" else row.fields)
+    if not rows:
+        raise InputError(f"{data}: no examples (the dataset is empty).")
+    return rows

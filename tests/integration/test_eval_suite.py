@@ -1,0 +1,103 @@
+"""A whole suite on tiny models: every task, averages, differences, report.json, bad suites."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaForSequenceClassification
+
+from omotool.errors import InputError, UsageError
+from omotool.eval.runner import run_suite, write_report
+from omotool.eval.suite import load_suite
+from omotool.tiny_models import build_tokenizer, model_config
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def suite_folder(tmp_path_factory, llama_pair):
+    folder = tmp_path_factory.mktemp("suite")
+    base, sft = llama_pair
+    write_jsonl(folder / "prefs.jsonl", [
+        {"prompt": f"what is {i} + 1 ?", "chosen": f"{i + 1}", "rejected": f"{i + 2} !"}
+        for i in range(6)
+    ])  # fmt: skip
+    write_jsonl(
+        folder / "sums.jsonl", [{"prompt": f"{i} + 1 =", "reference": f"{i + 1}"} for i in range(4)]
+    )
+    write_jsonl(folder / "facts.jsonl", [
+        {"question": f"what is {i} + 1 ?", "choices": [str(i + 1), str(i + 3)], "answer": 0}
+        for i in range(5)
+    ])  # fmt: skip
+    (folder / "prose.txt").write_text("the user asks a question\n\nthe assistant answers it\n")
+    config = model_config("llama")
+    config.num_labels = 1
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(str(folder / "rm"))
+    build_tokenizer(folder / "rm")
+    tasks = [
+        dict(name="prefs", task="preference", data="prefs.jsonl", category="reward", beta=0.1),
+        dict(name="helpful", task="reward_model", data="sums.jsonl", category="reward",
+             reward_model="rm"),
+        dict(name="sums", task="generate", data="sums.jsonl", category="capability",
+             extract="last_number"),
+        dict(name="facts", task="choice", data="facts.jsonl", category="capability"),
+        dict(name="prose", task="perplexity", data="prose.txt", category="capability"),
+    ]  # fmt: skip
+    suite = dict(baseline=str(base), reference=str(base), batch_size=4, tasks=tasks,
+                 generation=dict(max_new_tokens=4))  # fmt: skip
+    (folder / "suite.yaml").write_text(yaml.safe_dump(suite))
+    return folder
+
+
+def test_suite_report_has_every_number(suite_folder, llama_pair, tmp_path) -> None:
+    base, sft = llama_pair
+    suite = load_suite(suite_folder / "suite.yaml")
+    report = run_suite([str(sft)], suite)
+    paths = [m["path"] for m in report["models"]]
+    assert paths == [str(base), str(sft)]  # the baseline first, then the models
+    sft_report, base_report = report["models"][1], report["models"][0]
+    assert set(sft_report["tasks"]) == {"prefs", "helpful", "sums", "facts", "prose"}
+    assert sft_report["tasks"]["prose"]["scores"]["perplexity"]["value"] > 1
+    assert sft_report["tasks"]["helpful"]["scores"]["win_rate"]["n"] == 4
+    # the baseline against itself: zero preference margin, a win rate of one half
+    assert base_report["tasks"]["prefs"]["scores"]["reward_margin"]["value"] == 0.0
+    assert "win_rate" not in base_report["tasks"]["helpful"]["scores"]
+    capability = [sft_report["tasks"][n]["scores"]["accuracy"]["value"] for n in ("sums", "facts")]
+    assert sft_report["averages"]["capability"] == pytest.approx(sum(capability) / 2)
+    assert sft_report["differences"]["facts"] == pytest.approx(
+        sft_report["tasks"]["facts"]["scores"]["accuracy"]["value"]
+        - base_report["tasks"]["facts"]["scores"]["accuracy"]["value"]
+    )
+    assert sft_report["fingerprint"] and report["versions"]["torch"]
+    written = json.loads(write_report(report, tmp_path / "report").read_text())
+    assert written == json.loads(json.dumps(report))
+
+
+def test_bad_suites_are_named(suite_folder, tmp_path) -> None:
+    def suite(**task):
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump({"tasks": [task]}))
+        return path
+
+    facts, prefs = str(suite_folder / "facts.jsonl"), str(suite_folder / "prefs.jsonl")
+    with pytest.raises(UsageError, match="unknown task 'choise'; valid tasks: .* 'choice'"):
+        load_suite(suite(task="choise", data=facts, category="capability"))
+    with pytest.raises(InputError, match="category must be one of reward, capability"):
+        load_suite(suite(task="choice", data=facts, category="tax"))
+    with pytest.raises(InputError, match="needs 'reference'"):
+        load_suite(suite(task="preference", data=prefs, category="reward"))
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [{"question": "q", "choices": ["a", "b"], "answer": 0},
+                      {"question": "q", "choices": ["a"], "answer": 0}])  # fmt: skip
+    with pytest.raises(InputError, match=r"bad.jsonl:2: 'choices' must be a list of at least 2"):
+        load_suite(suite(task="choice", data=str(bad), category="capability"))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("baseline: x\n")
+    with pytest.raises(InputError, match="needs a non-empty 'tasks' list"):
+        load_suite(empty)
