@@ -402,10 +402,94 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
+# -- eval ----------------------------------------------------------------------------------
+@app.command("eval", no_args_is_help=True)
+@handled
+def eval_(
+    models: list[str] = typer.Argument(None, help="Model folders (or Hub ids) to evaluate."),
+    suite: Path | None = typer.Option(None, "--suite", help="Suite YAML: tasks, data, baseline."),
+    task: str | None = typer.Option(
+        None, help="Or one task: preference, reward_model, perplexity, generate or choice."
+    ),
+    data: str | None = typer.Option(None, help="Data of --task (.jsonl, .json, .csv, .txt)."),
+    ref_model: str | None = typer.Option(None, help="Reference model of --task preference."),
+    reward_model: str | None = typer.Option(None, help="Classifier of --task reward_model."),
+    extract: str = typer.Option("exact", help="--task generate: exact, regex or last_number."),
+    pattern: str | None = typer.Option(None, help="--task generate --extract regex: pattern."),
+    batch_size: int = typer.Option(8, help="Examples per forward pass."),
+    out: str | None = typer.Option(None, "-o", "--out", help="Folder for report.json/.md."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    debug: bool = DebugOption,
+) -> None:
+    """Reward and alignment tax side by side: scores with 95% intervals, deltas, report."""
+    from omotool.errors import UsageError
+    from omotool.eval.runner import run_suite, write_report
+    from omotool.eval.suite import load_suite, single_task_suite
+
+    if not models:
+        raise UsageError("give at least one model to evaluate.")
+    if (suite is None) == (task is None):
+        raise UsageError("give --suite FILE, or --task NAME with --data FILE (not both).")
+    if suite is not None:
+        plan = load_suite(suite)
+    else:
+        if data is None:
+            raise UsageError("--task needs --data FILE.")
+        plan = single_task_suite(
+            task, data, reference=ref_model, batch_size=batch_size, reward_model=reward_model,
+            extract=extract, pattern=pattern,
+        )  # fmt: skip
+    _quiet_libraries()
+    report = run_suite(list(models), plan)
+    if out is not None:
+        write_report(report, Path(out))
+    if json_output:
+        stdout.print_json(json.dumps(report))
+        return
+    for model in report["models"]:
+        stdout.print(_eval_table(model, report.get("baseline")))
+
+
+def _eval_table(model: dict[str, Any], baseline: str | None) -> Table:
+    from omotool.eval.runner import headline_key
+
+    table = Table(title=model["path"])
+    for column in (
+        "task",
+        "category",
+        "score",
+        "95% interval",
+        "Δ vs baseline" if baseline else "",
+    ):
+        if column:
+            table.add_column(column, justify="left" if column in ("task", "category") else "right")
+    differences = model.get("differences") or {}
+
+    def delta(name: str) -> Text:
+        value = differences.get(name)
+        if value is None:
+            return Text("")
+        return Text(f"{value:+.4f}", style="green" if value > 0 else "red" if value < 0 else "")
+
+    for name, task in model["tasks"].items():
+        key = headline_key(task)
+        if task["failed"] or key is None:
+            row = [name, task["category"], Text(f"failed: {task['failed']}", style="red"), ""]
+        else:
+            score = task["scores"][key]
+            row = [name, task["category"], f"{key} {score['value']:.4f}",
+                   f"[{score['low']:.4f}, {score['high']:.4f}]"]  # fmt: skip
+        table.add_row(*row, *([delta(name)] if baseline else []))
+    for category, value in model["averages"].items():
+        if category == "failed" or value is None:
+            continue
+        row = [Text(f"{category} average", style="bold"), "", f"{value:.4f}", ""]
+        table.add_row(*row, *([delta(category)] if baseline else []))
+    return table
+
+
 # -- commands of later issues --------------------------------------------------------------
-_PLANNED = {
-    "eval": "reward and alignment-tax evaluation",
-}
+_PLANNED = {"demo": "the whole paper in miniature on a CPU"}
 
 
 def _planned(name: str, what: str) -> None:

@@ -166,10 +166,51 @@ def _differences(result: dict[str, Any], base: dict[str, Any]) -> dict[str, floa
 
 
 def write_report(report: dict[str, Any], out: Path) -> Path:
-    """``out/report.json`` (written whole, then renamed into place)."""
+    """``out/report.json`` and ``out/report.md`` (each written whole, then renamed)."""
     from omotool.train.checkpoints import write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     target = out / "report.json"
     write_atomic(target, json.dumps(report, indent=2, allow_nan=False))
+    write_atomic(out / "report.md", report_markdown(report))
     return target
+
+
+def headline_key(task: dict[str, Any]) -> str | None:
+    """The name of the score shown for a task (its headline, else its first score)."""
+    key = HEADLINE[task["task"]]
+    if key in task["scores"]:
+        return key
+    return next(iter(task["scores"]), None)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: per model, each task's score with its interval and the baseline delta."""
+    lines = ["# Evaluation report", ""]
+    if report.get("suite"):
+        lines += [f"Suite: `{report['suite']}`", ""]
+    if report.get("baseline"):
+        lines += [f"Differences (Δ) are against `{report['baseline']}`.", ""]
+    for model in report["models"]:
+        lines += [f"## `{model['path']}`", "", "| task | category | score | 95% interval | Δ |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for name, task in model["tasks"].items():
+            key = headline_key(task)
+            if task["failed"] or key is None:
+                lines.append(f"| {name} | {task['category']} | failed: {task['failed']} | | |")
+                continue
+            score = task["scores"][key]
+            delta = (model.get("differences") or {}).get(name)
+            shown = "" if delta is None else f"{delta:+.4f}"
+            lines.append(
+                f"| {name} | {task['category']} | {key} {score['value']:.4f} | "
+                f"[{score['low']:.4f}, {score['high']:.4f}] | {shown} |"
+            )
+        for category in CATEGORIES:
+            value = model["averages"][category]
+            delta = (model.get("differences") or {}).get(category)
+            if value is not None:
+                shown = "" if delta is None else f"{delta:+.4f}"
+                lines.append(f"| **{category} average** | | {value:.4f} | | {shown} |")
+        lines.append("")
+    return "\n".join(lines)

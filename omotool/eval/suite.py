@@ -167,3 +167,26 @@ def read_task_data(kind: str, data: Path) -> list[Any]:
     if not rows:
         raise InputError(f"{data}: no examples (the dataset is empty).")
     return rows
+
+
+def single_task_suite(
+    task: str,
+    data: str | Path,
+    reference: str | None = None,
+    baseline: str | None = None,
+    batch_size: int = 8,
+    **options: Any,
+) -> Suite:
+    """A suite of one task (``omotool eval MODEL --task T --data D``)."""
+    if task not in TASKS:
+        close = difflib.get_close_matches(str(task), TASKS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}.{hint}")
+    if task == "preference" and not reference:
+        raise UsageError("--task preference needs --ref-model (the SFT model).")
+    if task == "reward_model" and not options.get("reward_model"):
+        raise UsageError("--task reward_model needs --reward-model (a classifier folder).")
+    category = "reward" if task in ("preference", "reward_model") else "capability"
+    spec = TaskSpec(task, task, Path(data), category, {k: v for k, v in options.items() if v})
+    spec.examples = read_task_data(task, Path(data))
+    return Suite([spec], baseline=baseline, reference=reference, batch_size=batch_size)

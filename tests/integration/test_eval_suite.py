@@ -101,3 +101,56 @@ def test_bad_suites_are_named(suite_folder, tmp_path) -> None:
     empty.write_text("baseline: x\n")
     with pytest.raises(InputError, match="needs a non-empty 'tasks' list"):
         load_suite(empty)
+
+
+# -- the command line ------------------------------------------------------------------------
+def test_eval_command_with_a_suite_writes_the_reports(cli, suite_folder, llama_pair, tmp_path):
+    _, sft = llama_pair
+    out = tmp_path / "report"
+    from omotool.cli import app
+
+    args = ["eval", str(sft), "--suite", str(suite_folder / "suite.yaml"), "-o", str(out)]
+    result = cli.runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "reward average" in result.output and "capability average" in result.output
+    assert "Δ vs baseline" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [m["path"] for m in report["models"]][1] == str(sft)
+    markdown = (out / "report.md").read_text()
+    assert "| facts | capability | accuracy" in markdown and "**reward average**" in markdown
+
+
+def test_eval_command_single_task(cli, suite_folder, llama_pair) -> None:
+    base, sft = llama_pair
+    result = cli(
+        "eval", sft, "--task", "preference", "--data", suite_folder / "prefs.jsonl",
+        "--ref-model", base, "--json",
+    )  # fmt: skip
+    report = json.loads(result.output)
+    scores = report["models"][0]["tasks"]["preference"]["scores"]
+    assert set(scores) == {"reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"}
+
+
+def test_eval_command_bad_input(cli, suite_folder, llama_pair, tmp_path) -> None:
+    base, sft = llama_pair
+    facts = suite_folder / "facts.jsonl"
+    assert "at least one model" in cli("eval", "--task", "choice", "--data", facts, expect=2).output
+    both = cli("eval", sft, "--suite", suite_folder / "suite.yaml", "--task", "choice", expect=2)
+    assert "not both" in both.output
+    unknown = cli("eval", sft, "--task", "mmlu", "--data", facts, expect=2).output
+    assert "valid tasks: preference, reward_model, perplexity, generate, choice" in " ".join(
+        unknown.split()
+    )
+    not_rm = cli("eval", sft, "--task", "reward_model", "--data", suite_folder / "sums.jsonl",
+                 "--reward-model", sft, expect=1).output  # fmt: skip
+    assert "not a sequence classifier" in not_rm
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": \n')
+    assert (
+        "bad.jsonl:2: not valid JSON"
+        in cli("eval", sft, "--task", "choice", "--data", bad, expect=1).output
+    )
+    missing = cli(
+        "eval", tmp_path / "nothing", "--task", "choice", "--data", facts, expect=1
+    ).output
+    assert "does not load" in missing and "Traceback" not in missing

@@ -15,7 +15,7 @@ from omotool.merging import SPARSIFIERS
 
 def test_help_lists_every_subcommand(cli) -> None:
     out = cli("--help").output
-    for name in ("delta", "train", "merge-offline", "eval"):
+    for name in ("delta", "train", "merge-offline", "eval", "demo"):
         assert name in out
     assert "--install-completion" in out
 
@@ -24,7 +24,7 @@ def test_version(cli) -> None:
     assert cli("--version").output.strip() == f"omotool {__version__}"
 
 
-@pytest.mark.parametrize("name", ["eval"])
+@pytest.mark.parametrize("name", ["demo"])
 def test_planned_commands_say_so_and_fail(cli, name) -> None:
     result = cli(name, "--anything", "x", expect=1)
     assert "not built yet" in result.output
