@@ -418,6 +418,9 @@ def eval_(
     pattern: str | None = typer.Option(None, help="--task generate --extract regex: pattern."),
     batch_size: int = typer.Option(8, help="Examples per forward pass."),
     out: str | None = typer.Option(None, "-o", "--out", help="Folder for report.json/.md."),
+    plot: bool = typer.Option(
+        False, help="Also draw OUT/tradeoff.png: reward against capability (needs matplotlib)."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     debug: bool = DebugOption,
 ) -> None:
@@ -428,6 +431,8 @@ def eval_(
 
     if not models:
         raise UsageError("give at least one model to evaluate.")
+    if plot and out is None:
+        raise UsageError("--plot writes OUT/tradeoff.png: give -o OUT.")
     if (suite is None) == (task is None):
         raise UsageError("give --suite FILE, or --task NAME with --data FILE (not both).")
     if suite is not None:
@@ -440,9 +445,17 @@ def eval_(
             extract=extract, pattern=pattern,
         )  # fmt: skip
     _quiet_libraries()
+    if plot:
+        from omotool.eval.plot import require_matplotlib
+
+        require_matplotlib()  # before the long part
     report = run_suite(list(models), plan)
     if out is not None:
         write_report(report, Path(out))
+    if plot:
+        from omotool.eval.plot import plot_tradeoff
+
+        plot_tradeoff(report, Path(out) / "tradeoff.png")
     if json_output:
         stdout.print_json(json.dumps(report))
         return

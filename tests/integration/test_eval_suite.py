@@ -154,3 +154,42 @@ def test_eval_command_bad_input(cli, suite_folder, llama_pair, tmp_path) -> None
         "eval", tmp_path / "nothing", "--task", "choice", "--data", facts, expect=1
     ).output
     assert "does not load" in missing and "Traceback" not in missing
+
+
+def test_plot_has_a_point_per_model_and_a_sweep_line(cli, suite_folder, llama_pair, tmp_path):
+    import shutil
+
+    from omotool.eval.plot import plot_tradeoff
+
+    base, sft = llama_pair
+    sweep = tmp_path / "sweep"
+    for alpha in ("0.3", "0.7"):
+        shutil.copytree(sft, sweep / f"alpha-{alpha}")
+    models = [str(sft), str(sweep / "alpha-0.3"), str(sweep / "alpha-0.7")]
+    report = run_suite(models, load_suite(suite_folder / "suite.yaml"))
+    assert plot_tradeoff(report, tmp_path / "t.png") == 4  # the baseline and three models
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "cli"
+    cli("eval", sft, "--suite", suite_folder / "suite.yaml", "-o", out, "--plot")
+    assert (out / "tradeoff.png").stat().st_size > 1000
+    assert (
+        "give -o OUT"
+        in cli("eval", sft, "--suite", suite_folder / "suite.yaml", "--plot", expect=2).output
+    )
+
+
+def test_plot_without_matplotlib_says_how_to_install(monkeypatch) -> None:
+    import builtins
+
+    from omotool.eval.plot import require_matplotlib
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(UsageError, match=r"pip install 'omotool\[plot\]'"):
+        require_matplotlib()
