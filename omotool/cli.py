@@ -214,8 +214,8 @@ class _progress:
 
     def _advance(self, name: str, done: int, total: int) -> None:
         if self._task is None:
-            self._task = self._bar.add_task("tensors", total=total)
-        self._bar.update(self._task, completed=done, description=name[-40:])
+            self._task = self._bar.add_task(name, total=total)
+        self._bar.update(self._task, completed=done, total=total, description=name[-40:])
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
@@ -449,7 +449,8 @@ def eval_(
         from omotool.eval.plot import require_matplotlib
 
         require_matplotlib()  # before the long part
-    report = run_suite(list(models), plan)
+    with _progress(enabled=not json_output) as advance:
+        report = run_suite(list(models), plan, progress=advance)
     if out is not None:
         write_report(report, Path(out))
     if plot:

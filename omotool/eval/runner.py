@@ -43,33 +43,41 @@ class _Models:
 
 
 def run_task(
-    spec: TaskSpec, model_path: str, suite: Suite, models: _Models, baseline_answers: Any = None
+    spec: TaskSpec,
+    model_path: str,
+    suite: Suite,
+    models: _Models,
+    baseline_answers: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[TaskScores, list[str] | None]:
-    """One task on one model: its scores and, for generating tasks, the answers."""
+    """One task on one model: its scores and, for generating tasks, the answers.
+
+    ``progress(done)`` follows each pass over the examples (scoring, generation)."""
     from omotool.eval import generation, likelihood, preference, reward_model
 
     model, tokenizer = models.get(model_path)
     batch = suite.batch_size
+    tick = progress
     if spec.task == "preference":
         reference, _ = models.get(suite.reference)
         beta = float(spec.options.get("beta", 0.1))
         scores = preference.preference_scores(
-            model, reference, tokenizer, spec.examples, beta, batch
+            model, reference, tokenizer, spec.examples, beta, batch, tick
         )
         return scores, None
     if spec.task == "choice":
-        return likelihood.choice_scores(model, tokenizer, spec.examples, batch), None
+        return likelihood.choice_scores(model, tokenizer, spec.examples, batch, tick), None
     if spec.task == "perplexity":
-        return likelihood.perplexity_scores(model, tokenizer, spec.examples, batch), None
+        return likelihood.perplexity_scores(model, tokenizer, spec.examples, batch, tick), None
     if spec.task == "generate":
         return generation.generate_scores(
             model, tokenizer, spec.examples, spec.options.get("extract", "exact"),
-            spec.options.get("pattern"), suite.generation, batch,
+            spec.options.get("pattern"), suite.generation, batch, tick,
         )  # fmt: skip
     prompts = [e["prompt"] for e in spec.examples]
-    answers = generation.generate_answers(model, tokenizer, prompts, suite.generation, batch)
+    answers = generation.generate_answers(model, tokenizer, prompts, suite.generation, batch, tick)
     rm, rm_tokenizer = _reward_model(models, spec.options["reward_model"])
-    rewards = reward_model.rewards(rm, rm_tokenizer, prompts, answers, batch)
+    rewards = reward_model.rewards(rm, rm_tokenizer, prompts, answers, batch, tick)
     baseline = None
     if baseline_answers is not None:
         baseline = reward_model.rewards(rm, rm_tokenizer, prompts, baseline_answers, batch)
@@ -85,8 +93,11 @@ def _reward_model(models: _Models, path: str) -> tuple[Any, Any]:
     return models.loaded[key]
 
 
-def run_suite(model_paths: list[str], suite: Suite) -> dict[str, Any]:
-    """The report of every model on every task (see module docstring)."""
+def run_suite(
+    model_paths: list[str], suite: Suite, progress: Progress | None = None
+) -> dict[str, Any]:
+    """The report of every model on every task (see module docstring); ``progress(what,
+    done, total)`` follows the long parts (scoring, generation)."""
     from omotool.io.reader import ModelReader, fingerprint
 
     models = _Models()
@@ -102,7 +113,14 @@ def run_suite(model_paths: list[str], suite: Suite) -> dict[str, Any]:
         tasks = {}
         for spec in suite.tasks:
             given = baseline_answers.get(spec.name) if path != suite.baseline else None
-            scores, answers = run_task(spec, path, suite, models, given)
+            tick = None
+            if progress is not None:
+                what, total = f"{Path(path).name}: {spec.name}", _passes(spec)
+
+                def tick(done: int, what: str = what, total: int = total) -> None:
+                    progress(what, done, total)
+
+            scores, answers = run_task(spec, path, suite, models, given, tick)
             if path == suite.baseline and answers is not None:
                 baseline_answers[spec.name] = answers
             tasks[spec.name] = {
@@ -133,6 +151,13 @@ def run_suite(model_paths: list[str], suite: Suite) -> dict[str, Any]:
         "baseline": suite.baseline,
         "models": [results[p] for p in order if p in model_paths or p == suite.baseline],
     }
+
+
+def _passes(spec: TaskSpec) -> int:
+    """Examples per pass of a task (choice scores every option: one pass over all of them)."""
+    if spec.task == "choice":
+        return sum(len(e["choices"]) for e in spec.examples)
+    return len(spec.examples)
 
 
 def headline(task: dict[str, Any]) -> float | None:

@@ -193,3 +193,15 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(UsageError, match=r"pip install 'omotool\[plot\]'"):
         require_matplotlib()
+
+
+def test_progress_follows_every_task_to_its_end(suite_folder, llama_pair) -> None:
+    _, sft = llama_pair
+    calls = []
+    run_suite(
+        [str(sft)], load_suite(suite_folder / "suite.yaml"), progress=lambda *c: calls.append(c)
+    )
+    finished = {what for what, done, total in calls if done == total}
+    for task in ("prefs", "helpful", "sums", "facts", "prose"):
+        assert f"sft: {task}" in finished and f"base: {task}" in finished
+    assert all(0 < done <= total for _, done, total in calls)
