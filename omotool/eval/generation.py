@@ -1,8 +1,9 @@
 """The ``generate`` task: answer prompts, extract the answer, compare with the reference.
 
 Generation is batched with left padding and greedy unless ``temperature > 0`` (then sampled
-with top-p from a seeded generator). ``chat`` renders each prompt as a user message with the
-model's chat template. Extraction (``extract``):
+with top-p from a seeded generator). Each prompt is rendered as a user message with the
+model's chat template when it has one (``chat=None``, the default; ``True``/``False`` force
+it). Extraction (``extract``):
 
 - ``exact``: the whole answer, stripped, equals the reference, stripped;
 - ``regex``: the first match of ``pattern`` (its first group if it has one) equals the
@@ -35,7 +36,7 @@ class GenerationSettings:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
-    chat: bool = False
+    chat: bool | None = None  # None: the chat template when the tokenizer has one
 
 
 def last_number(text: str) -> float | None:
@@ -69,8 +70,13 @@ def is_correct(answer: str, reference: str, extract: str, pattern: str | None = 
     raise UsageError(f"unknown extract {extract!r}; choose one of {', '.join(EXTRACTORS)}")
 
 
-def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
-    if chat:
+def uses_chat(tokenizer: Any, chat: bool | None) -> bool:
+    """Whether prompts are rendered with the chat template (``None``: when there is one)."""
+    return bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, chat: bool | None) -> list[int]:
+    if uses_chat(tokenizer, chat):
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )

@@ -2,7 +2,9 @@
 
 - ``choice``: each option ``c`` of a question ``q`` is scored by ``log π(c | q)`` (summed over
   its tokens, as lm-evaluation-harness's ``acc``); the model answers the best-scored option.
-  ``accuracy`` with a Wilson interval.
+  With the model's chat template (when it has one, or ``chat=True``) ``q`` is a user message
+  and ``c`` the assistant's reply; otherwise ``c`` follows ``q`` after a space. ``accuracy``
+  with a Wilson interval.
 - ``perplexity``: ``exp(Σ NLL / Σ tokens)`` over all documents, every token after a
   document's first scored given the ones before. Its interval is ``exp`` of the 95% interval of
   the per-document mean NLL per token (documents, not tokens, are the independent units).
@@ -42,9 +44,19 @@ def choice_scores(
     examples: Sequence[dict[str, Any]],
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    chat: bool | None = None,
 ) -> TaskScores:
     """Multiple-choice accuracy by log-likelihood (see module docstring)."""
-    pairs = [(e["question"], " " + c) for e in examples for c in e["choices"]]
+    from omotool.eval.generation import uses_chat
+
+    if uses_chat(tokenizer, chat):
+        pairs = [
+            ([{"role": "user", "content": e["question"]}], [{"role": "assistant", "content": c}])
+            for e in examples
+            for c in e["choices"]
+        ]
+    else:
+        pairs = [(e["question"], " " + c) for e in examples for c in e["choices"]]
     scores, _ = completion_logprobs(model, tokenizer, pairs, batch_size, progress)
     if not all(math.isfinite(s) for s in scores):
         return TaskScores(failed="non-finite log-probabilities")

@@ -66,7 +66,9 @@ def run_task(
         )
         return scores, None
     if spec.task == "choice":
-        return likelihood.choice_scores(model, tokenizer, spec.examples, batch, tick), None
+        chat = spec.options.get("chat", suite.generation.chat)
+        scores = likelihood.choice_scores(model, tokenizer, spec.examples, batch, tick, chat)
+        return scores, None
     if spec.task == "perplexity":
         return likelihood.perplexity_scores(model, tokenizer, spec.examples, batch, tick), None
     if spec.task == "generate":

@@ -5,7 +5,7 @@ A suite is a YAML file::
     baseline: runs/adamw            # differences are reported against this model (optional)
     reference: runs/sft             # the reference of the preference task
     batch_size: 8
-    generation: {max_new_tokens: 64, temperature: 0.0, top_p: 1.0, chat: false}
+    generation: {max_new_tokens: 64, temperature: 0.0, top_p: 1.0}  # chat: true/false forces it
     tasks:
       - {name: prefs, task: preference, data: prefs-test.jsonl, category: reward, beta: 0.1}
       - {name: sums, task: generate, data: sums.jsonl, category: capability,

@@ -25,9 +25,14 @@ def model_and_tokenizer(llama_pair):
     return model, AutoTokenizer.from_pretrained(str(sft))
 
 
-def direct_greedy(model, tokenizer, prompt: str, steps: int) -> str:
+def direct_greedy(model, tokenizer, prompt: str, steps: int, chat: bool = False) -> str:
     """Greedy decoding written out: argmax of the next-token logits, one token at a time."""
-    ids = tokenizer(prompt)["input_ids"]
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
     new = []
     for _ in range(steps):
         with torch.no_grad():
@@ -42,9 +47,18 @@ def direct_greedy(model, tokenizer, prompt: str, steps: int) -> str:
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_batched_greedy_equals_one_token_at_a_time(model_and_tokenizer, batch_size) -> None:
     model, tokenizer = model_and_tokenizer
-    settings = GenerationSettings(max_new_tokens=6)
+    settings = GenerationSettings(max_new_tokens=6, chat=False)
     answers = generate_answers(model, tokenizer, PROMPTS, settings, batch_size=batch_size)
     assert answers == [direct_greedy(model, tokenizer, p, 6) for p in PROMPTS]
+
+
+def test_the_chat_template_is_used_when_the_model_has_one(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    answers = generate_answers(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=6))
+    assert answers == [direct_greedy(model, tokenizer, p, 6, chat=True) for p in PROMPTS]
+    assert answers != generate_answers(
+        model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=6, chat=False)
+    )
 
 
 def test_sampling_is_seeded(model_and_tokenizer) -> None:
@@ -56,7 +70,7 @@ def test_sampling_is_seeded(model_and_tokenizer) -> None:
 
 def test_accuracy_counts_what_the_extractor_accepts(model_and_tokenizer) -> None:
     model, tokenizer = model_and_tokenizer
-    settings = GenerationSettings(max_new_tokens=6)
+    settings = GenerationSettings(max_new_tokens=6, chat=False)
     answers = generate_answers(model, tokenizer, PROMPTS, settings)
     examples = [
         {"prompt": p, "reference": a if i % 2 else a + "x"}

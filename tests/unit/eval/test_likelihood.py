@@ -44,7 +44,7 @@ def direct_option_logp(model, tokenizer, question: str, option: str) -> float:
 
 def test_choice_accuracy_equals_the_direct_computation(model_and_tokenizer) -> None:
     model, tokenizer = model_and_tokenizer
-    result = choice_scores(model, tokenizer, QUESTIONS, batch_size=3)
+    result = choice_scores(model, tokenizer, QUESTIONS, batch_size=3, chat=False)
     correct = 0
     for q in QUESTIONS:
         scores = [direct_option_logp(model, tokenizer, q["question"], c) for c in q["choices"]]
@@ -52,6 +52,29 @@ def test_choice_accuracy_equals_the_direct_computation(model_and_tokenizer) -> N
     accuracy = result.scores["accuracy"]
     assert (accuracy.value, accuracy.n) == (correct / len(QUESTIONS), len(QUESTIONS))
     assert accuracy.low <= accuracy.value <= accuracy.high
+
+
+def direct_chat_option_logp(model, tokenizer, question: str, option: str) -> float:
+    user = [{"role": "user", "content": question}]
+    render = tokenizer.apply_chat_template
+    prompt = tokenizer(render(user, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"]  # fmt: skip
+    full = tokenizer(render([*user, {"role": "assistant", "content": option}], tokenize=False),
+                     add_special_tokens=False)["input_ids"]  # fmt: skip
+    logits = logits_of(model, full)
+    return sum(
+        float(torch.log_softmax(logits[t - 1], -1)[full[t]]) for t in range(len(prompt), len(full))
+    )
+
+
+def test_choice_uses_the_chat_template_when_the_model_has_one(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    result = choice_scores(model, tokenizer, QUESTIONS)  # chat=None: the tiny model has one
+    correct = 0
+    for q in QUESTIONS:
+        scores = [direct_chat_option_logp(model, tokenizer, q["question"], c) for c in q["choices"]]
+        correct += scores.index(max(scores)) == answer_index(q)
+    assert result.scores["accuracy"].value == correct / len(QUESTIONS)
 
 
 def test_answers_as_index_letter_or_text() -> None:
