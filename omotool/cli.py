@@ -409,13 +409,19 @@ def eval_(
     models: list[str] = typer.Argument(None, help="Model folders (or Hub ids) to evaluate."),
     suite: Path | None = typer.Option(None, "--suite", help="Suite YAML: tasks, data, baseline."),
     task: str | None = typer.Option(
-        None, help="Or one task: preference, reward_model, perplexity, generate or choice."
+        None, help="Or one task: preference, reward_model, perplexity, generate, choice, lm_eval."
     ),
     data: str | None = typer.Option(None, help="Data of --task (.jsonl, .json, .csv, .txt)."),
     ref_model: str | None = typer.Option(None, help="Reference model of --task preference."),
     reward_model: str | None = typer.Option(None, help="Classifier of --task reward_model."),
     extract: str = typer.Option("exact", help="--task generate: exact, regex or last_number."),
     pattern: str | None = typer.Option(None, help="--task generate --extract regex: pattern."),
+    lm_tasks: str | None = typer.Option(
+        None, help="--task lm_eval: harness task names, comma-separated (e.g. gsm8k,mmlu)."
+    ),
+    include_path: str | None = typer.Option(
+        None, help="--task lm_eval: a folder of extra task YAMLs (local data)."
+    ),
     batch_size: int = typer.Option(8, help="Examples per forward pass."),
     out: str | None = typer.Option(None, "-o", "--out", help="Folder for report.json/.md."),
     plot: bool = typer.Option(
@@ -438,11 +444,9 @@ def eval_(
     if suite is not None:
         plan = load_suite(suite)
     else:
-        if data is None:
-            raise UsageError("--task needs --data FILE.")
         plan = single_task_suite(
             task, data, reference=ref_model, batch_size=batch_size, reward_model=reward_model,
-            extract=extract, pattern=pattern,
+            extract=extract, pattern=pattern, tasks=lm_tasks, include_path=include_path,
         )  # fmt: skip
     _quiet_libraries()
     if plot:

@@ -55,9 +55,10 @@ def run_task(
     ``progress(done)`` follows each pass over the examples (scoring, generation)."""
     from omotool.eval import generation, likelihood, preference, reward_model
 
-    model, tokenizer = models.get(model_path)
     batch = suite.batch_size
     tick = progress
+    if spec.task != "lm_eval":  # the harness loads the model itself
+        model, tokenizer = models.get(model_path)
     if spec.task == "preference":
         reference, _ = models.get(suite.reference)
         beta = float(spec.options.get("beta", 0.1))
@@ -65,6 +66,14 @@ def run_task(
             model, reference, tokenizer, spec.examples, beta, batch, tick
         )
         return scores, None
+    if spec.task == "lm_eval":
+        from omotool.eval.harness import lm_eval_scores
+
+        options = spec.options
+        return lm_eval_scores(
+            model_path, options["tasks"], options.get("include_path"), batch,
+            options.get("num_fewshot"), options.get("limit"),
+        ), None  # fmt: skip
     if spec.task == "choice":
         chat = spec.options.get("chat", suite.generation.chat)
         scores = likelihood.choice_scores(model, tokenizer, spec.examples, batch, tick, chat)
@@ -157,6 +166,8 @@ def run_suite(
 
 def _passes(spec: TaskSpec) -> int:
     """Examples per pass of a task (choice scores every option: one pass over all of them)."""
+    if spec.task == "lm_eval":
+        return 1  # the harness shows its own progress
     if spec.task == "choice":
         return sum(len(e["choices"]) for e in spec.examples)
     return len(spec.examples)
@@ -166,6 +177,8 @@ def headline(task: dict[str, Any]) -> float | None:
     key = HEADLINE[task["task"]]
     if task["failed"] or key is None:
         return None
+    if key == "" and task["scores"]:  # lm_eval: its first metric
+        key = next(iter(task["scores"]))
     if key not in task["scores"]:  # a reward_model task without a baseline: no win rate
         return None
     return task["scores"][key]["value"]

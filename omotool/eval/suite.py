@@ -31,7 +31,7 @@ import yaml
 from omotool.errors import InputError, UsageError
 from omotool.eval.generation import EXTRACTORS, GenerationSettings
 
-TASKS = ("preference", "reward_model", "perplexity", "generate", "choice")
+TASKS = ("preference", "reward_model", "perplexity", "generate", "choice", "lm_eval")
 CATEGORIES = ("reward", "capability")
 HEADLINE = {  # the score a task contributes to its category's average (higher is better)
     "preference": "reward_accuracy",
@@ -39,6 +39,7 @@ HEADLINE = {  # the score a task contributes to its category's average (higher i
     "generate": "accuracy",
     "choice": "accuracy",
     "perplexity": None,  # not a fraction: reported, not averaged
+    "lm_eval": "",  # the first metric of its first task
 }
 
 
@@ -113,7 +114,7 @@ def _task(entry: Any, number: int, folder: Path, path: Path) -> TaskSpec:
     category = entry.get("category")
     if category not in CATEGORIES:
         raise InputError(f"{where}: category must be one of {', '.join(CATEGORIES)}.")
-    if "data" not in entry:
+    if "data" not in entry and kind != "lm_eval":
         raise InputError(f"{where}: missing 'data'.")
     options = {k: v for k, v in entry.items() if k not in ("name", "task", "data", "category")}
     if kind == "generate" and options.get("extract", "exact") not in EXTRACTORS:
@@ -122,6 +123,14 @@ def _task(entry: Any, number: int, folder: Path, path: Path) -> TaskSpec:
         if "reward_model" not in options:
             raise InputError(f"{where}: the reward_model task needs 'reward_model' (a folder).")
         options["reward_model"] = _resolve(options["reward_model"], folder)
+    if kind == "lm_eval":
+        if not options.get("tasks"):
+            raise InputError(f"{where}: the lm_eval task needs 'tasks' (harness task names).")
+        if isinstance(options["tasks"], str):
+            options["tasks"] = [t.strip() for t in options["tasks"].split(",") if t.strip()]
+        if options.get("include_path"):
+            options["include_path"] = str(folder / options["include_path"])
+        return TaskSpec(str(entry.get("name", kind)), kind, folder, category, options)
     data = folder / entry["data"]
     spec = TaskSpec(str(entry.get("name", kind)), kind, data, category, options)
     spec.examples = read_task_data(kind, data)
@@ -171,7 +180,7 @@ def read_task_data(kind: str, data: Path) -> list[Any]:
 
 def single_task_suite(
     task: str,
-    data: str | Path,
+    data: str | Path | None,
     reference: str | None = None,
     baseline: str | None = None,
     batch_size: int = 8,
@@ -187,6 +196,15 @@ def single_task_suite(
     if task == "reward_model" and not options.get("reward_model"):
         raise UsageError("--task reward_model needs --reward-model (a classifier folder).")
     category = "reward" if task in ("preference", "reward_model") else "capability"
-    spec = TaskSpec(task, task, Path(data), category, {k: v for k, v in options.items() if v})
-    spec.examples = read_task_data(task, Path(data))
+    spec = TaskSpec(
+        task, task, Path(data or "."), category, {k: v for k, v in options.items() if v}
+    )
+    if task == "lm_eval":
+        if not spec.options.get("tasks"):
+            raise UsageError("--task lm_eval needs --lm-tasks NAME[,NAME...].")
+        spec.options["tasks"] = [t.strip() for t in spec.options["tasks"].split(",") if t.strip()]
+    else:
+        if data is None:
+            raise UsageError(f"--task {task} needs --data FILE.")
+        spec.examples = read_task_data(task, Path(data))
     return Suite([spec], baseline=baseline, reference=reference, batch_size=batch_size)
