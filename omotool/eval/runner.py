@@ -8,6 +8,7 @@ average minus the baseline's. ``write_report`` saves it as ``report.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from collections.abc import Callable
@@ -159,6 +160,18 @@ def run_suite(
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "suite": str(suite.path) if suite.path else None,
+        "tasks": [
+            {
+                "name": t.name,
+                "task": t.task,
+                "data": str(t.data),
+                "category": t.category,
+                "options": t.options,
+                "examples": len(t.examples),
+            }
+            for t in suite.tasks
+        ],  # fmt: skip
+        "generation": dataclasses.asdict(suite.generation),
         "baseline": suite.baseline,
         "models": [results[p] for p in order if p in model_paths or p == suite.baseline],
     }
@@ -185,9 +198,10 @@ def headline(task: dict[str, Any]) -> float | None:
 
 
 def _averages(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    averages = {}
-    for category in CATEGORIES:
-        values = [headline(t) for t in tasks.values() if t["category"] == category]
+    """Per category and overall: the mean headline score of the tasks that have one."""
+    averages: dict[str, Any] = {}
+    for category in (*CATEGORIES, "overall"):
+        values = [headline(t) for t in tasks.values() if category in ("overall", t["category"])]
         counted = [v for v in values if v is not None]
         averages[category] = sum(counted) / len(counted) if counted else None
     averages["failed"] = sorted(name for name, t in tasks.items() if t["failed"])
@@ -199,7 +213,7 @@ def _differences(result: dict[str, Any], base: dict[str, Any]) -> dict[str, floa
     for name, task in result["tasks"].items():
         mine, theirs = headline(task), headline(base["tasks"][name])
         differences[name] = None if mine is None or theirs is None else mine - theirs
-    for category in CATEGORIES:
+    for category in (*CATEGORIES, "overall"):
         mine, theirs = result["averages"][category], base["averages"][category]
         differences[category] = None if mine is None or theirs is None else mine - theirs
     return differences
@@ -246,7 +260,7 @@ def report_markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {task['category']} | {key} {score['value']:.4f} | "
                 f"[{score['low']:.4f}, {score['high']:.4f}] | {shown} |"
             )
-        for category in CATEGORIES:
+        for category in (*CATEGORIES, "overall"):
             value = model["averages"][category]
             delta = (model.get("differences") or {}).get(category)
             if value is not None:

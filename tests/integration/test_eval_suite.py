@@ -70,6 +70,11 @@ def test_suite_report_has_every_number(suite_folder, llama_pair, tmp_path) -> No
     assert "win_rate" not in base_report["tasks"]["helpful"]["scores"]
     capability = [sft_report["tasks"][n]["scores"]["accuracy"]["value"] for n in ("sums", "facts")]
     assert sft_report["averages"]["capability"] == pytest.approx(sum(capability) / 2)
+    reward = [sft_report["tasks"]["prefs"]["scores"]["reward_accuracy"]["value"],
+              sft_report["tasks"]["helpful"]["scores"]["win_rate"]["value"]]  # fmt: skip
+    assert sft_report["averages"]["overall"] == pytest.approx(sum(capability + reward) / 4)
+    assert [t["name"] for t in report["tasks"]] == ["prefs", "helpful", "sums", "facts", "prose"]
+    assert report["tasks"][0]["examples"] == 6 and report["generation"]["max_new_tokens"] == 4
     assert sft_report["differences"]["facts"] == pytest.approx(
         sft_report["tasks"]["facts"]["scores"]["accuracy"]["value"]
         - base_report["tasks"]["facts"]["scores"]["accuracy"]["value"]
@@ -113,6 +118,7 @@ def test_eval_command_with_a_suite_writes_the_reports(cli, suite_folder, llama_p
     result = cli.runner.invoke(app, args, env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert "reward average" in result.output and "capability average" in result.output
+    assert "overall average" in result.output
     assert "Δ vs baseline" in result.output
     report = json.loads((out / "report.json").read_text())
     assert [m["path"] for m in report["models"]][1] == str(sft)
