@@ -221,12 +221,12 @@ def _differences(result: dict[str, Any], base: dict[str, Any]) -> dict[str, floa
 
 def write_report(report: dict[str, Any], out: Path) -> Path:
     """``out/report.json`` and ``out/report.md`` (each written whole, then renamed)."""
-    from omotool.train.checkpoints import write_atomic
+    from omotool.io.formats import write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     target = out / "report.json"
-    write_atomic(target, json.dumps(report, indent=2, allow_nan=False))
-    write_atomic(out / "report.md", report_markdown(report))
+    write_text_atomic(target, json.dumps(report, indent=2, allow_nan=False))
+    write_text_atomic(out / "report.md", report_markdown(report))
     return target
 
 

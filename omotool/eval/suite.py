@@ -139,7 +139,7 @@ def _task(entry: Any, number: int, folder: Path, path: Path) -> TaskSpec:
 
 def read_task_data(kind: str, data: Path) -> list[Any]:
     """The examples of one task, checked row by row (errors name the file and line)."""
-    from omotool.train.data import load_examples, read_rows
+    from omotool.data import load_examples, read_rows
 
     if kind == "preference":
         return load_examples(data, "preference")

@@ -96,9 +96,17 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that a rename into it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text`` (newline-terminated) whole or not at: written aside, renamed."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    os.replace(partial, path)

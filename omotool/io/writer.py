@@ -28,9 +28,9 @@ from omotool.io.formats import (
     SAFE_INDEX,
     SAFE_SINGLE,
     TensorLayout,
-    _fsync_path,
     _numel,
     _tensor_array,
+    fsync_path,
 )
 
 
@@ -192,14 +192,14 @@ class ModelWriter:
                 SAFE_INDEX, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             )
         for path in self.tmp.iterdir():
-            _fsync_path(path)
-        _fsync_path(self.tmp)
+            fsync_path(path)
+        fsync_path(self.tmp)
         old = None
         if self.out.exists() or self.out.is_symlink():
             old = self.out.parent / f".{self.out.name}.omotool-old-{uuid.uuid4().hex[:8]}"
             self.out.rename(old)
         self.tmp.rename(self.out)
-        _fsync_path(self.out.parent)
+        fsync_path(self.out.parent)
         if old is not None:
             shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 

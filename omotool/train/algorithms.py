@@ -16,7 +16,7 @@ from omotool.registry import Registry
 class Algorithm:
     """How one ``--algo`` maps onto TRL."""
 
-    kind: str  # data kind (omotool.train.data.KINDS)
+    kind: str  # data kind (omotool.data.KINDS)
     trainer: str  # "module:Class"
     config: str  # "module:Class"
     settings: dict[str, Any] = field(default_factory=dict)  # fixed config values (loss type)

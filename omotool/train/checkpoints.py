@@ -8,7 +8,6 @@ complete checkpoints are listed, and rotation never deletes the newest one.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -34,20 +33,6 @@ def rotate_checkpoints(output: Path, limit: int | None) -> None:
         return
     for old in checkpoints(output)[: -max(1, limit)]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-    os.replace(partial, path)
 
 
 class Interrupt:

@@ -1,6 +1,6 @@
 """``run_training``: one RLHF run on a TRL trainer with the online-merging optimizer.
 
-Thin glue: the data are checked (``train.data``), the task vector found and matched to the
+Thin glue: the data are checked (``omotool.data``), the task vector found and matched to the
 model, the TRL config built from ``TrainConfig``, and TRL's trainer handed an
 ``OnlineMergingAdamW``. Every logged step goes to ``OUT/metrics.jsonl`` with the optimizer's
 merge statistics; the final model lands in ``OUT/`` as a complete model folder.
@@ -23,14 +23,13 @@ from typing import Any
 import yaml
 
 from omotool.errors import InputError, OutputError, UsageError
+from omotool.io.formats import fsync_path, write_text_atomic
 from omotool.train.algorithms import ALGORITHMS
 from omotool.train.checkpoints import (
     CHECKPOINT,
     STAGING,
     Interrupt,
     checkpoints,
-    fsync_dir,
-    write_atomic,
 )
 from omotool.train.trainer import metrics_callback, online_merging_trainer
 
@@ -195,7 +194,7 @@ def _has_accelerator() -> bool:
 def _dataset(path: str, kind: str, split: str) -> Any:
     from datasets import Dataset
 
-    from omotool.train.data import load_examples
+    from omotool.data import load_examples
 
     return Dataset.from_list(load_examples(path, kind, split))
 
@@ -293,7 +292,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     if _is_main_process():  # under torchrun/accelerate the other ranks only train
         if start is None:
             prepare_output(output, config.overwrite)
-        write_atomic(output / CONFIG_FILE, yaml.safe_dump(asdict(config), sort_keys=False))
+        write_text_atomic(output / CONFIG_FILE, yaml.safe_dump(asdict(config), sort_keys=False))
         if start is not None:
             _truncate_metrics(metrics_path, int(CHECKPOINT.match(start.name).group(1)))
 
@@ -343,7 +342,9 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     if not interrupt.requested:
         _save_final_model(trainer, tokenizer, output)
         if trainer.args.should_save:
-            write_atomic(output / METADATA_FILE, json.dumps(_metadata(config, result), indent=2))
+            write_text_atomic(
+                output / METADATA_FILE, json.dumps(_metadata(config, result), indent=2)
+            )
     return result
 
 
@@ -359,7 +360,7 @@ def _save_final_model(trainer: Any, tokenizer: Any, output: Path) -> None:
             if path.is_file():
                 os.replace(path, output / path.name)
         shutil.rmtree(staging, ignore_errors=True)
-        fsync_dir(output)
+        fsync_path(output)
 
 
 def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
@@ -413,4 +414,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
         for line in path.read_text(encoding="utf-8").splitlines()
         if line.strip() and json.loads(line).get("step", 0) <= step
     ]
-    write_atomic(path, "\n".join(kept))
+    write_text_atomic(path, "\n".join(kept))

@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from omotool.train.checkpoints import STAGING, fsync_dir, rotate_checkpoints
+from omotool.io.formats import fsync_path
+from omotool.train.checkpoints import STAGING, rotate_checkpoints
 
 
 def online_merging_trainer(
@@ -82,7 +83,7 @@ def online_merging_trainer(
                 if (output / name).exists():
                     shutil.rmtree(output / name)
                 os.replace(staging / name, output / name)
-                fsync_dir(output)
+                fsync_path(output)
                 rotate_checkpoints(output, self.args.save_total_limit)
             self.accelerator.wait_for_everyone()
 

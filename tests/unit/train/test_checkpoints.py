@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from omotool.train.checkpoints import checkpoints, rotate_checkpoints, write_atomic
+from omotool.io.formats import write_text_atomic
+from omotool.train.checkpoints import checkpoints, rotate_checkpoints
 
 
 def test_only_complete_checkpoints_count_and_rotation_keeps_the_newest(tmp_path) -> None:
@@ -23,7 +24,7 @@ def test_only_complete_checkpoints_count_and_rotation_keeps_the_newest(tmp_path)
 
 def test_write_atomic_leaves_no_partial_file(tmp_path) -> None:
     target = tmp_path / "config.yaml"
-    write_atomic(target, "a: 1")
-    write_atomic(target, "a: 2\n")
+    write_text_atomic(target, "a: 1")
+    write_text_atomic(target, "a: 2\n")
     assert target.read_text() == "a: 2\n"
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

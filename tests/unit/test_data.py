@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from omotool.data import load_examples, read_rows
 from omotool.errors import InputError, UsageError
-from omotool.train.data import load_examples, read_rows
 
 PAIR = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
 CHAT_PAIR = {
@@ -153,7 +153,7 @@ def test_hub_name_without_network_is_a_clear_error(tmp_path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env["HF_HOME"] = str(tmp_path / "hf")
     code = (
-        "from omotool.train.data import read_rows\n"
+        "from omotool.data import read_rows\n"
         "from omotool.errors import InputError\n"
         "try:\n    list(read_rows('someone/no-such-prefs'))\n"
         "except InputError as error:\n    print(error)\n"

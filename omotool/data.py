@@ -1,4 +1,5 @@
-"""Training data: read local files (or a hub dataset), check every row, name bad ones by line.
+"""Example data for training and evaluation: read local files (or a Hub dataset), check every
+row, name bad ones by file and line.
 
 Three shapes of example, as TRL's trainers take them:
 
