@@ -3,11 +3,12 @@
 What it measures
 ----------------
 A small Llama (default hidden 256, 4 layers, 4 heads / 2 KV heads, MLP 1024, vocab 320:
-~3.9M float32 parameters, built offline with ``omotool.tiny_models.build_pair``), its task
-vector ``τ = θ_sft − θ_base`` (``omotool.delta.compute_delta``) and the arithmetic preferences
-of ``recipes/data/tiny-prefs.jsonl``. Every method trains DPO on the same model, data, seed
-and settings through omotool's real training path, ``omotool.train.runner.run_training``
-(TRL's ``DPOTrainer`` with a reference model, ``TrainConfig`` defaults otherwise):
+4.1M float32 parameters in 39 tensors, built offline with ``omotool.tiny_models.build_pair``),
+its task vector ``τ = θ_sft − θ_base`` (``omotool.delta.compute_delta``) and the arithmetic
+preferences of ``recipes/data/tiny-prefs.jsonl``. Every method trains DPO on the same model,
+data, seed and settings through omotool's real training path,
+``omotool.train.runner.run_training`` (TRL's ``DPOTrainer`` with a reference model,
+``TrainConfig`` defaults otherwise):
 
 - ``none``: ``--merge none`` (``OnlineMergingAdamW(method="none")``, plain AdamW): the
   baseline, ratio 1.0;
@@ -17,26 +18,31 @@ and settings through omotool's real training path, ``omotool.train.runner.run_tr
   of the paper's Algorithm 1 that costs what the released optimizers cost. It is handed to the
   same trainer class (omotool's ``online_merging_trainer``, whose ``create_optimizer`` is
   overridden here), with the same lr, betas, eps, ``reserve_p`` and ``alpha``;
-- ``trl-adamw`` (not in the default set): TRL's own optimizer, i.e. the trainer without
+- ``trl-adamw``: TRL's own optimizer, i.e. the trainer without
   omotool's ``create_optimizer`` (transformers' default ``adamw_torch_fused``).
 
 A step is timed by a transformers ``TrainerCallback``, from ``on_step_begin`` to
 ``on_step_end``: forward and backward of policy and reference, gradient clipping, the optimizer
 step, the scheduler step and ``zero_grad`` (the batch is fetched before ``on_step_begin``;
 logging comes after ``on_step_end``). The optimizer's own time is ``on_pre_optimizer_step`` to
-``on_optimizer_step``. Each call of ``run_training`` trains ``--warmup`` untimed steps (state
-allocation, numba kernels loaded) then ``--steps`` timed ones. Methods take turns in rounds
-(each round runs every method once, the order rotating from round to round), so drift on a
-shared machine hits them all alike. The report gives per method the median ms per step over
-all timed steps, the median optimizer ms and its share of the step, the ratio to ``none``, the
-issue's goals with PASS/MISS (online merging adds at most 5% (DARE) and 15% (TIES) to a step)
-and how much slower a step is with the transcription than with omotool's optimizer.
+``on_optimizer_step``. Each method's ``run_training`` runs in its own thread, and the threads
+take steps in turn (``Turns``): one step of every method per round, back to back on the same
+batch (same seed), only one thread working at any time, the order rotating by one place each
+round. Drift on a shared machine thus hits all methods alike within seconds. The set-ups run
+one at a time before the first step. Each run trains ``--warmup`` untimed steps (state
+allocation, numba kernels loaded), ``--steps`` timed ones, and one closing untimed step (it may
+overlap another run saving its final model). The report gives per method the median ms per
+step and its quartiles, the ratio to ``none`` (of the medians, and the median of the per-round
+ratios), the optimizer's median ms, its share of the step and what it adds to ``none``'s step,
+the issue's goals with PASS/MISS (online merging adds at most 5% (DARE) and 15% (TIES) to a
+step, judged on the ratio of medians) and how much slower a step is with the transcription
+than with omotool's optimizer.
 
 How to run
 ----------
-    python bench/bench_train.py                          # default size (~3-5 minutes)
+    python bench/bench_train.py                          # default size (~2.5 minutes)
     python bench/bench_train.py --quick                  # smoke run (well under a minute)
-    python bench/bench_train.py --hidden 512 --layers 8  # a bigger model
+    python bench/bench_train.py --hidden 512 --layers 8 --steps 10   # a bigger model
     python bench/bench_train.py --methods none,dare,ties,trl-adamw
     python bench/bench_train.py --workdir /tmp/bt        # keep models, τ and runs there
     python bench/bench_train.py --json                   # results as JSON
@@ -91,7 +97,7 @@ PAIRS = (("dare", "transcription-dare"), ("ties", "transcription-ties"))
 
 # -- lock-step turns and timing --------------------------------------------------------------
 class Turns:
-    """Lets the training threads take steps one at a time, in a fixed cyclic order.
+    """Lets the training threads take steps one at a time, in rounds of one step each.
 
     A thread waits for its turn at the start of each step and hands the turn on at the start
     of its next one, so what the trainer does between two steps (logging, fetching the next
@@ -107,6 +113,8 @@ class Turns:
         self.condition = threading.Condition()
         self.arrived: set[int] = set()
         self.done: set[int] = set()
+        self.order = list(range(count))
+        self.position = 0
         self.turn = 0
         self.holder: int | None = None
         self.failure: str | None = None
@@ -122,11 +130,18 @@ class Turns:
             self.setting_up = None
             self.setup.release()
 
-    def _advance(self, after: int) -> None:
-        for shift in range(1, self.count + 1):
-            candidate = (after + shift) % self.count
-            if candidate not in self.done:
-                self.turn = candidate
+    def _advance(self) -> None:
+        """The turn to the next thread still training; each round starts one place later
+        in the order than the previous one, so that no method keeps one position."""
+        if len(self.done) >= self.count:
+            return
+        while True:
+            self.position += 1
+            if self.position == self.count:
+                self.position = 0
+                self.order = self.order[1:] + self.order[:1]
+            if self.order[self.position] not in self.done:
+                self.turn = self.order[self.position]
                 return
 
     def acquire(self, index: int) -> None:
@@ -135,7 +150,7 @@ class Turns:
             self.arrived.add(index)
             if self.holder == index:  # hand the turn on, then wait for it to come back
                 self.holder = None
-                self._advance(index)
+                self._advance()
             self.condition.notify_all()
             while not (
                 self.failure or (len(self.arrived | self.done) == self.count and self.turn == index)
@@ -153,8 +168,8 @@ class Turns:
                 self.failure = failure
             if self.holder == index:
                 self.holder = None
-            if self.turn == index and len(self.done) < self.count:
-                self._advance(index)
+            if self.turn == index:
+                self._advance()
             self.condition.notify_all()
 
 
@@ -419,8 +434,9 @@ def render(result: dict[str, Any]) -> str:
         f"max_length {config['max_length']}, lr {config['lr']:g}, reserve_p {config['p']:g}, "
         f"alpha {config['alpha']:g}",
         f"torch {config['torch']}, {config['threads']} thread(s), {os.cpu_count()} CPU(s)",
-        f"timing: one run_training per method, the runs taking steps in turn (one step each "
-        f"per round); {config['warmup']} warm-up, {config['steps']} timed and 1 closing step "
+        "timing: one run_training per method, the runs taking steps in turn (one step each "
+        "per round, the order rotating by one place a round);",
+        f"{config['warmup']} warm-up, {config['steps']} timed and 1 closing step "
         "per run; medians over the timed steps",
         "",
         f"{'method':<20}{'ms/step':>9}{'q1-q3 ms':>15}{'vs none':>9}{'paired':>8}"
