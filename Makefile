@@ -1,10 +1,10 @@
-# Two entry points (see README "Quickstart"): `make quickstart` and `make test`.
+# Entry points (see README "Quickstart"): `make demo`, `make test`, `make quickstart`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 QUICK := runs/quickstart
 
-.PHONY: install quickstart test test-all lint bench clean
+.PHONY: install demo quickstart test test-all lint bench clean
 
 $(BIN)/omotool: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,9 @@ $(BIN)/omotool: pyproject.toml
 	touch $@
 
 install: $(BIN)/omotool
+
+demo: install
+	$(BIN)/omotool demo
 
 quickstart: install
 	$(BIN)/python scripts/make_tiny_models.py $(QUICK)

@@ -506,24 +506,71 @@ def _eval_table(model: dict[str, Any], baseline: str | None) -> Table:
     return table
 
 
-# -- commands of later issues --------------------------------------------------------------
-_PLANNED = {"demo": "the whole paper in miniature on a CPU"}
+# -- demo ----------------------------------------------------------------------------------
+@app.command("demo")
+@handled
+def demo(
+    workdir: Path = typer.Option(
+        Path("runs/demo"), "--workdir", help="Where stages are built and cached."
+    ),
+    seeds: int | None = typer.Option(
+        None, min=1, help="DPO seeds per point. [default: 3, or 1 with --fast]"
+    ),
+    fast: bool = typer.Option(
+        False, "--fast", help="One seed, smaller world and grids (about 2 minutes)."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    debug: bool = DebugOption,
+) -> None:
+    """Show the paper in miniature: pre-train, SFT, DPO with AdamW / OnDARE / OnTIES /
+    ChildTuning over learning-rate grids, offline merges, evaluation, report and plot.
 
+    Everything is made here (data, tokenizer, models); nothing is downloaded. Stages are
+    cached in --workdir: run it again to resume or to re-draw the report.
+    """
+    from omotool.demo.pipeline import run_demo, settings_for
+    from omotool.demo.report import write_demo_report
 
-def _planned(name: str, what: str) -> None:
-    @app.command(
-        name=name,
-        help=f"{what[0].upper()}{what[1:]}. [not built yet]",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-        add_help_option=True,
+    _quiet_libraries()
+    settings = settings_for(fast, seeds)
+
+    def show(stage: str, message: str) -> None:
+        if not json_output:
+            stderr.print(f"[bold]{stage:>13}[/bold] {message}", highlight=False)
+
+    result = run_demo(workdir, settings, progress=show)
+    write_demo_report(result.results, result.workdir, result.plot, result.seconds)
+    if json_output:
+        stdout.print_json(json.dumps(result.results))
+        return
+    stdout.print(_demo_table(result.results))
+    for verdict in result.results["verdicts"]:
+        stdout.print(f"- {verdict}", highlight=False)
+    stdout.print(
+        f"\nReport: {result.report}"
+        + (f"\nPlot:   {result.plot}" if result.plot else "")
+        + f"\n{len(result.ran)} stage(s) ran, {len(result.cached)} cached, "
+        f"{result.seconds:.0f} s.",
+        highlight=False,
     )
-    def command(ctx: typer.Context) -> None:
-        _error(f"`omotool {name}` ({what}) is not built yet in omotool {__version__}.")
-        raise typer.Exit(1)
 
 
-for _name, _what in _PLANNED.items():
-    _planned(_name, _what)
+def _demo_table(results: dict[str, Any]) -> Table:
+    from omotool.demo.report import LABELS
+
+    columns = [*results["tasks"], "reward", "capability", "overall"]
+    table = Table(title="each method at its best learning rate (mean over seeds)")
+    for name in ["method", "lr", *columns]:
+        table.add_column(name, justify="left" if name == "method" else "right")
+    sft = next(p for p in results["points"] if p["method"] == "sft")
+    table.add_row("SFT", "", *(f"{sft['mean'][c]:.3f}" for c in columns))
+    for method in LABELS:
+        if method in results["best"]:
+            point = results["best"][method]
+            table.add_row(
+                LABELS[method], f"{point['lr']:g}", *(f"{point['mean'][c]:.3f}" for c in columns)
+            )
+    return table
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The CLI shell: subcommands, version, planned commands, help kept in step with the configs."""
+"""The CLI shell: subcommands, version, usage errors, help kept in step with the configs."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ def test_version(cli) -> None:
     assert cli("--version").output.strip() == f"omotool {__version__}"
 
 
-@pytest.mark.parametrize("name", ["demo"])
-def test_planned_commands_say_so_and_fail(cli, name) -> None:
-    result = cli(name, "--anything", "x", expect=1)
-    assert "not built yet" in result.output
+def test_demo_rejects_zero_seeds(cli, tmp_path) -> None:
+    result = cli("demo", "--seeds", "0", "--workdir", str(tmp_path / "d"), expect=2)
+    assert "--seeds" in result.output
+    assert not (tmp_path / "d").exists()
 
 
 def test_delta_help_defaults_match_config_and_registry(cli) -> None:
