@@ -5,12 +5,13 @@ the SFT capabilities (the tax side), reward the mean of the reward tasks. A meth
 a learning rate is the mean over seeds (± standard deviation). Methods are compared as
 frontiers (method.md, "Comparing methods fairly"): each method's best learning rate by the
 overall score ``(reward + capability) / 2``, differences against AdamW's best paired by seed
-with a 95% t-interval, and which points lie beyond AdamW's frontier (its runs, its offline
-merges and the SFT model).
+with a 95% t-interval, and each point's reward gap to AdamW's frontier (its runs, its offline
+merges and the SFT model) at the same capability.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import statistics
@@ -121,24 +122,46 @@ def _differences(best: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return differences
 
 
-def _beyond_frontier(points: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Per method: how many of its (mean) points no AdamW point, merge or the SFT model
-    matches or beats on both reward and capability."""
-    frontier = [
+def _beyond_frontier(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: its points' reward gap to AdamW's frontier at their capability.
+
+    The frontier joins the Pareto-optimal (capability, reward) points of the AdamW runs, the
+    offline merges and the SFT model by straight lines; below its lowest capability it is the
+    best reward, above its highest there is none (any reward is a gap). A point is *beyond*
+    it when its gap exceeds its own seed standard deviation."""
+    candidates = [
         (p["mean"]["capability"], p["mean"]["reward"])
         for p in points
         if p["method"] in ("adamw", "merge", "sft")
     ]
-    counts: dict[str, dict[str, int]] = {}
-    for p in points:
+    frontier = sorted(
+        (x, y)
+        for x, y in candidates
+        if not any(fx >= x and fy >= y and (fx, fy) != (x, y) for fx, fy in candidates)
+    )
+    summary: dict[str, dict[str, Any]] = {}
+    for p in sorted(points, key=lambda p: p.get("lr") or 0):
         if p["method"] in ("adamw", "merge", "sft"):
             continue
         x, y = p["mean"]["capability"], p["mean"]["reward"]
-        dominated = any(fx >= x and fy >= y for fx, fy in frontier)
-        entry = counts.setdefault(p["method"], {"beyond": 0, "points": 0})
+        gap = y - _frontier_reward(frontier, x)
+        entry = summary.setdefault(p["method"], {"beyond": 0, "points": 0, "gaps": {}})
         entry["points"] += 1
-        entry["beyond"] += not dominated
-    return counts
+        entry["beyond"] += gap > p["std"]["reward"]
+        entry["gaps"][f"{p['lr']:g}"] = gap
+    return summary
+
+
+def _frontier_reward(frontier: list[tuple[float, float]], x: float) -> float:
+    """The frontier's reward at capability ``x`` (``frontier`` sorted by capability)."""
+    if not frontier or x > frontier[-1][0]:
+        return 0.0 if not frontier else min(0.0, frontier[-1][1])
+    if x <= frontier[0][0]:
+        return frontier[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(frontier):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    raise AssertionError("unreachable: x lies within the frontier")
 
 
 def _tax(points: list[dict[str, Any]], best: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -194,9 +217,11 @@ def _verdicts(results: dict[str, Any]) -> list[str]:
         shown = _fmt_interval(overall)
         lines.append(f"{LABELS[method]} (best lr) is {word} AdamW (best lr) overall: Δ {shown}")
     for method, count in results["beyond_adamw_frontier"].items():
+        lr, gap = max(count["gaps"].items(), key=lambda item: item[1])
         lines.append(
-            f"{LABELS[method]}: {count['beyond']} of {count['points']} learning rates reach a "
-            "point beyond AdamW's frontier (its runs, offline merges and SFT)"
+            f"{LABELS[method]}: {count['beyond']} of {count['points']} learning rates lie "
+            "beyond AdamW's frontier (its runs, offline merges and SFT, joined by lines); "
+            f"largest reward gap at equal capability {gap:+.3f} (lr {lr})"
         )
     return lines
 

@@ -58,7 +58,13 @@ def test_best_learning_rate_differences_and_frontier(evaluations) -> None:
     assert difference["polite"]["high"] - difference["polite"]["low"] == pytest.approx(0, abs=1e-9)
     assert difference["facts"]["low"] < 0.35 < difference["facts"]["high"]
     # ondare at 1e-5 (0.75 capability, 0.6 reward) is beyond every AdamW/merge/SFT point
-    assert results["beyond_adamw_frontier"]["ondare"] == {"beyond": 1, "points": 2}
+    frontier = results["beyond_adamw_frontier"]["ondare"]
+    assert (frontier["beyond"], frontier["points"]) == (1, 2)
+    # the frontier runs SFT (0.8, 0.1) – AdamW 1e-5 (0.75, 0.5) – AdamW 5e-5 (0.4, 0.9); the
+    # merge (0.75, 0.3) is dominated. At capability 0.75 it holds 0.5: gap 0.1
+    assert frontier["gaps"]["1e-05"] == pytest.approx(0.1)
+    assert frontier["gaps"]["5e-05"] == pytest.approx(0.2 - 0.9)  # below: its best reward
+
     tax = results["tax"]["adamw"]["5e-05"]
     assert tax["capability"]["mean"] == pytest.approx(-0.4)
     assert tax["capability"]["high"] < 0
@@ -93,3 +99,13 @@ def test_report_files(tmp_path, evaluations) -> None:
         if line.startswith("| AdamW |")
     )  # fmt: skip
     assert "±" not in adamw_row
+
+
+def test_frontier_is_interpolated_between_pareto_points() -> None:
+    from omotool.demo.report import _frontier_reward
+
+    frontier = [(0.4, 0.9), (0.6, 0.5), (0.8, 0.1)]
+    assert _frontier_reward(frontier, 0.5) == pytest.approx(0.7)
+    assert _frontier_reward(frontier, 0.7) == pytest.approx(0.3)
+    assert _frontier_reward(frontier, 0.2) == 0.9
+    assert _frontier_reward(frontier, 0.9) == 0.0
