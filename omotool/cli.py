@@ -529,7 +529,6 @@ def demo(
     cached in --workdir: run it again to resume or to re-draw the report.
     """
     from omotool.demo.pipeline import run_demo, settings_for
-    from omotool.demo.report import write_demo_report
 
     _quiet_libraries()
     settings = settings_for(fast, seeds)
@@ -539,7 +538,6 @@ def demo(
             stderr.print(f"[bold]{stage:>13}[/bold] {message}", highlight=False)
 
     result = run_demo(workdir, settings, progress=show)
-    write_demo_report(result.results, result.workdir, result.plot, result.seconds)
     if json_output:
         stdout.print_json(json.dumps(result.results))
         return

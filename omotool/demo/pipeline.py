@@ -22,14 +22,16 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from omotool import __version__
+from omotool.errors import OutputError
 from omotool.io.formats import write_text_atomic
 
-MARKER = "demo-stage.json"
+MARKER = "demo-stage.json"  # in each finished stage's folder
+WORKDIR_SIGN = "omotool-demo.json"  # in a work dir the demo made
 METHODS: dict[str, dict[str, Any]] = {  # name: omotool train options
     "adamw": {"merge": "none"},
     "ondare": {"merge": "dare"},
@@ -136,8 +138,7 @@ def run_demo(
     from omotool.demo.report import build_results, plot_frontiers, write_demo_report
 
     started = time.perf_counter()
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = _claim_workdir(Path(workdir).resolve())
     stages = _Stages(workdir, progress)
     common = {"omotool": __version__}  # another version may generate another world
     world = _world_stage(stages, workdir, settings, common)
@@ -149,10 +150,26 @@ def run_demo(
     evaluations = _eval_stages(stages, workdir, settings, world, sft, models)
     results = build_results(settings, evaluations)
     plot = plot_frontiers(results, workdir / "tradeoff.png")
-    report = write_demo_report(results, workdir, plot)
-    return DemoRun(
-        workdir, report, plot, results, stages.ran, stages.cached, time.perf_counter() - started
-    )
+    seconds = time.perf_counter() - started
+    report = write_demo_report(results, workdir, plot, seconds)
+    return DemoRun(workdir, report, plot, results, stages.ran, stages.cached, seconds)
+
+
+def _claim_workdir(workdir: Path) -> Path:
+    """Create the work dir, or accept one the demo made: stages replace their own folders,
+    so a folder holding anything else is refused rather than written into."""
+    sign = workdir / WORKDIR_SIGN
+    if workdir.exists() and not workdir.is_dir():
+        raise OutputError(f"--workdir {workdir} is a file; give a folder for the demo.")
+    if workdir.exists() and any(workdir.iterdir()) and not sign.exists():
+        raise OutputError(
+            f"--workdir {workdir} holds files the demo did not make; give a new or empty "
+            "folder (the demo replaces the folders of its stages)."
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not sign.exists():
+        write_text_atomic(sign, json.dumps({"omotool": __version__, "kind": "demo"}) + "\n")
+    return workdir
 
 
 @dataclass(frozen=True)
@@ -225,7 +242,9 @@ def _train(out: Path, **options: Any) -> None:
     """``omotool train`` (its library entry point) with the demo's quiet defaults."""
     from omotool.train.runner import TrainConfig, run_training
 
-    run_training(TrainConfig(out=str(out), overwrite=True, **options))
+    result = run_training(TrainConfig(out=str(out), overwrite=True, **options))
+    if result.interrupted:  # Ctrl-C: the stage stays unfinished (no marker) and is redone
+        raise KeyboardInterrupt
 
 
 def _sft_stage(
@@ -372,7 +391,3 @@ def settings_for(fast: bool, seeds: int | None = None) -> DemoSettings:
     """The full or ``--fast`` settings, with ``seeds`` if given."""
     chosen = FAST if fast else DemoSettings()
     return replace(chosen, seeds=seeds) if seeds is not None else chosen
-
-
-def settings_dict(settings: DemoSettings) -> dict[str, Any]:
-    return asdict(settings)

@@ -24,6 +24,16 @@ def test_version(cli) -> None:
     assert cli("--version").output.strip() == f"omotool {__version__}"
 
 
+def test_demo_refuses_a_folder_it_did_not_make(cli, tmp_path) -> None:
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "mine.txt").write_text("keep")
+    result = cli("demo", "--fast", "--workdir", str(tmp_path), expect=1)
+    assert "holds files the demo did not make" in result.output
+    assert (tmp_path / "sft" / "mine.txt").read_text() == "keep"
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in cli("demo", "--workdir", str(tmp_path / "file"), expect=1).output
+
+
 def test_demo_rejects_zero_seeds(cli, tmp_path) -> None:
     result = cli("demo", "--seeds", "0", "--workdir", str(tmp_path / "d"), expect=2)
     assert "--seeds" in result.output
