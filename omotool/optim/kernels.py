@@ -299,6 +299,22 @@ def _compiled() -> Any:
             stats[item, 0], stats[item, 1] = overlap, conflicts
             stats[item, 2], stats[item, 3] = update_sq, tau_sq
 
+    exponent_bits = np.int32(0x7F800000)  # all ones in a float32's exponent: ±inf or NaN
+
+    @jit
+    def nonfinite_chunks(g_at, sizes, item_tensor, item_start, bad):
+        """bad[item]: whether the chunk holds a NaN or ±inf (an integer max over the
+        exponent bits, which vectorises, unlike a float test)."""
+        for item in prange(item_tensor.size):
+            t = item_tensor[item]
+            n = sizes[t]
+            lo = item_start[item]
+            g = carray(int_pointer(g_at[t]), (n,))[lo : min(n, lo + CHUNK)]
+            worst = np.int32(0)
+            for i in range(g.size):  # from 0: no negative-index wraparound, so it vectorises
+                worst = max(worst, g[i] & exponent_bits)
+            bad[item] = worst == exponent_bits
+
     @njit(cache=True, boundscheck=False, nogil=True)
     def gap_positions(gaps, gap_start, numels, positions, counts):
         """Per tensor ``t``: positions ``−1 + cumsum(gaps)`` below ``numels[t]``, written at
@@ -317,6 +333,7 @@ def _compiled() -> Any:
     return {
         "dare_steps": dare_steps,
         "gap_positions": gap_positions,
+        "nonfinite_chunks": nonfinite_chunks,
         "ties_sample": ties_sample,
         "sample_floors": sample_floors,
         "ties_candidates_many": ties_candidates_many,
@@ -334,6 +351,20 @@ def usable(*tensors: torch.Tensor) -> bool:
         )
         and _compiled() is not None
     )
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of these contiguous float32 CPU tensors is finite (``usable``)."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    sizes = np.array([t.numel() for t in tensors], dtype=np.int64)
+    addresses = np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+    item_tensor, item_start, _ = _items(sizes)
+    bad = np.zeros(item_tensor.size, dtype=np.bool_)
+    _match_torch_threads()
+    _compiled()["nonfinite_chunks"](addresses, sizes, item_tensor, item_start, bad)
+    return not bad.any()
 
 
 def _adam_scalars(
