@@ -36,6 +36,8 @@ How to run
     python bench/bench_optim.py --json                         # results as JSON
 
 The full size holds every method's parameters and moments at once: about 14 GB of RAM.
+On a machine shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE``: with OpenMP's spinning
+waits, torch's fused AdamW step (the baseline) was seen to take 2-3 s instead of ~80 ms there.
 """
 
 from __future__ import annotations

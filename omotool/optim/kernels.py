@@ -13,8 +13,9 @@ of ``CHUNK`` entries, so results do not depend on the number of threads):
   the inverse rescale, 1 otherwise), then ``θ_j += α·T_j``.
 - ``ties_steps_``: a floor from a strided sample of this step's ``|Δθ|`` a little below the
   k-th largest (as ``sparsify.magnitude_topk_indices``), one pass that advances ``m, v`` and
-  collects the entries at or above it, the exact top-k among those (ties to lower indices),
-  and the TIES merge with ``T`` (``merge_join``: two sorted index lists).
+  collects the entries at or above it, the exact top-k among those (a histogram of their
+  float32 bits, then a partition of one bin; ties to lower indices), and the TIES merge with
+  ``T`` per chunk (``ties_apply``: a per-thread map from chunk offset to kept update).
 Arithmetic is float32 in the order of ``functional.adam_moments_`` and
 ``functional.adam_direction`` (torch's single-tensor AdamW). The kernels take contiguous
 float32 CPU tensors; ``OnlineMergingAdamW`` batches those when numba is importable
@@ -32,6 +33,7 @@ import torch
 
 CHUNK = 1 << 16  # entries per work item; fixed, so that results do not depend on threads
 SAMPLE = 1 << 12  # OnTIES floor: |Δθ| sampled at about this many entries per tensor
+BINS = 1 << 12  # OnTIES selection: histogram bins of the candidates' |Δθ| (float32 bits)
 
 
 @cache
@@ -47,38 +49,15 @@ def _compiled() -> Any:
     jit = njit(parallel=True, cache=True, boundscheck=False, nogil=True)
 
     @njit(cache=True, boundscheck=False, nogil=True, inline="always")
-    def merge_join(
-        p, kept_index, kept, a, a_end, ref_index, ref_values, b, b_end, alpha, w, weighted
-    ):  # noqa: E501
-        """The TIES merge of two sorted runs into ``p``: (overlap, conflicts, Σu², Στ²)."""
-        overlap = conflicts = 0
-        update_sq = tau_sq = 0.0
-        while a < a_end or b < b_end:
-            if b == b_end or (a < a_end and kept_index[a] < ref_index[b]):
-                u = kept[a]  # F_K(Δθ) alone: nothing to disagree with
-                p[kept_index[a]] += u * w
-                update_sq += float(u) * float(u)
-                a += 1
-                continue
-            t = ref_values[b]
-            u = kept[a] if a < a_end and kept_index[a] == ref_index[b] else np.float32(0)
-            weighted_t, weighted_u = t * alpha, u * w
-            basis_t, basis_u = (weighted_t, weighted_u) if weighted else (t, u)
-            elected = np.float32(1) if basis_t + basis_u >= 0 else np.float32(-1)
-            keep_t, keep_u = np.sign(basis_t) == elected, np.sign(basis_u) == elected
-            zero = np.float32(0)  # a dropped term counts as 0, as (weighted * mask).sum()
-            p[ref_index[b]] += (weighted_t if keep_t else zero) + (weighted_u if keep_u else zero)
-            if keep_t:
-                tau_sq += float(t) * float(t)
-            if a < a_end and kept_index[a] == ref_index[b]:
-                overlap += 1
-                if keep_u:
-                    update_sq += float(u) * float(u)
-                else:
-                    conflicts += 1
-                a += 1
-            b += 1
-        return overlap, conflicts, update_sq, tau_sq
+    def ties_entry(t, u, alpha, w, weighted):
+        """TIES at one entry of T (``u`` the kept update there, or 0): (added to θ, T kept,
+        u kept), as ``omotool.merging.disjoint_merge`` (a dropped term counts as 0)."""
+        weighted_t, weighted_u = t * alpha, u * w
+        basis_t, basis_u = (weighted_t, weighted_u) if weighted else (t, u)
+        elected = np.float32(1) if basis_t + basis_u >= 0 else np.float32(-1)
+        keep_t, keep_u = np.sign(basis_t) == elected, np.sign(basis_u) == elected
+        zero = np.float32(0)
+        return (weighted_t if keep_t else zero) + (weighted_u if keep_u else zero), keep_t, keep_u
 
     def pointer_to(element):
         pointer = types.CPointer(element)
@@ -197,48 +176,81 @@ def _compiled() -> Any:
                         found += 1
             counts[item] = found
 
+    magnitude_bits = np.int32(0x7FFFFFFF)  # a float32's bits without the sign: |x| in order
+
     @jit
-    def ties_select(
-        out_i, out_v, counts, item_first, item_start, base, k, density, kept_start, kept_i,
-        kept_v, short,
+    def ties_thresholds(
+        out_i, out_v, counts, item_first, item_start, base, k, short, thresholds, cutoffs,
     ):  # fmt: skip
-        """Tensor t's exact top-k[t] by |Δθ| among its candidates (ties to lower indices)."""
+        """Tensor t's k[t]-th largest |Δθ| among its candidates, as float32 bits, and the
+        highest index admitted at exactly that magnitude (ties go to lower indices).
+
+        A histogram of the candidates' bits (``BINS`` equal bins from the least to the
+        largest) finds the bin holding the k-th largest; only that bin is partitioned.
+        """
+        out_u = out_v.view(np.int32)
         for t in prange(k.size):
             total = 0
             for item in range(item_first[t], item_first[t + 1]):
                 total += counts[item]
-            if total < k[t]:
-                short[t] = True
+            if total < k[t] or k[t] <= 0:
+                short[t] = total < k[t]
+                thresholds[t], cutoffs[t] = magnitude_bits, -1  # nothing is kept
                 continue
-            magnitudes = np.empty(total, dtype=np.float32)
+            low, high = magnitude_bits, np.int32(0)
+            for item in range(item_first[t], item_first[t + 1]):
+                first = base[t] + item_start[item]
+                for j in range(first, first + counts[item]):
+                    u = out_u[j] & magnitude_bits
+                    low, high = min(low, u), max(high, u)
+            shift = 0
+            while (high - low) >> shift >= BINS:
+                shift += 1
+            histogram = np.zeros(BINS, dtype=np.int64)
+            for item in range(item_first[t], item_first[t + 1]):
+                first = base[t] + item_start[item]
+                for j in range(first, first + counts[item]):
+                    histogram[((out_u[j] & magnitude_bits) - low) >> shift] += 1
+            above, b = 0, BINS - 1
+            while above + histogram[b] < k[t]:
+                above += histogram[b]
+                b -= 1
+            size = histogram[b]
+            bin_u = np.empty(size, dtype=np.int32)
+            bin_i = np.empty(size, dtype=np.int64)
             at = 0
             for item in range(item_first[t], item_first[t + 1]):
                 first = base[t] + item_start[item]
-                for j in range(counts[item]):
-                    magnitudes[at] = abs(out_v[first + j])
-                    at += 1
-            threshold = np.partition(magnitudes, total - k[t])[total - k[t]]
-            greater = 0
-            for j in range(total):
-                greater += magnitudes[j] > threshold
-            equal_left, out = k[t] - greater, kept_start[t]
-            for item in range(item_first[t], item_first[t + 1]):
-                first = base[t] + item_start[item]
-                for j in range(counts[item]):
-                    value = out_v[first + j]
-                    magnitude = abs(value)
-                    if magnitude > threshold or (magnitude == threshold and equal_left > 0):
-                        if magnitude == threshold:
-                            equal_left -= 1
-                        kept_i[out] = out_i[first + j]
-                        kept_v[out] = value / density
-                        out += 1
+                for j in range(first, first + counts[item]):
+                    u = out_u[j] & magnitude_bits
+                    if (u - low) >> shift == b:
+                        bin_u[at], bin_i[at] = u, out_i[j]
+                        at += 1
+            need = k[t] - above  # the need-th largest of the bin is the k-th largest
+            threshold = np.partition(bin_u.copy(), size - need)[size - need]
+            equal_left = k[t] - above
+            for j in range(size):
+                equal_left -= bin_u[j] > threshold
+            cutoff = -1
+            for j in range(size):  # bin_i ascends: the first equal_left ties are kept
+                if bin_u[j] == threshold and equal_left > 0:
+                    cutoff = bin_i[j]
+                    equal_left -= 1
+            thresholds[t], cutoffs[t] = threshold, cutoff
 
     @jit
-    def ties_merge_many(
-        p_at, sizes, item_tensor, item_start, kept_start, kept_i, kept_v, ref_index_at,
-        ref_value_at, ref_count, alpha, w, weighted, short, stats,
+    def ties_apply(
+        p_at, sizes, item_tensor, item_start, base, out_i, out_v, counts, thresholds, cutoffs,
+        density, ref_index_at, ref_value_at, ref_count, alpha, w, weighted, short, stats, slots,
     ):  # fmt: skip
+        """Per chunk: keep the candidates at or above the threshold (compacted in place,
+        rescaled by 1/density), then the TIES merge with T into the parameter: at T's
+        entries ``ties_entry``, at the other kept entries ``θ_i += (1 − α)·u_i``.
+
+        ``slots`` (one chunk-sized int32 row per thread, all −1 between calls) maps a kept
+        entry's offset in the chunk to its place in the kept list, so that T's entries find
+        the update there without a branchy merge of the two sorted lists."""
+        out_u = out_v.view(np.int32)
         for item in prange(item_tensor.size):
             t = item_tensor[item]
             if short[t]:
@@ -247,16 +259,61 @@ def _compiled() -> Any:
             p = carray(float_pointer(p_at[t]), (n,))
             lo = item_start[item]
             hi = min(n, lo + CHUNK)
-            index = kept_i[kept_start[t] : kept_start[t + 1]]
-            values = kept_v[kept_start[t] : kept_start[t + 1]]
-            ref_at = carray(int_pointer(ref_index_at[t]), (ref_count[t],))
-            ref_of = carray(float_pointer(ref_value_at[t]), (ref_count[t],))
-            result = merge_join(
-                p, index, values, np.searchsorted(index, lo), np.searchsorted(index, hi),
-                ref_at, ref_of, np.searchsorted(ref_at, lo), np.searchsorted(ref_at, hi),
-                alpha, w, weighted,
-            )  # fmt: skip
-            stats[item, 0], stats[item, 1], stats[item, 2], stats[item, 3] = result
+            first = base[t] + lo
+            threshold, cutoff, found = thresholds[t], cutoffs[t], first
+            slot = slots[get_thread_id()]
+            for j in range(first, first + counts[item]):
+                u, i = out_u[j] & magnitude_bits, out_i[j]
+                if u > threshold or (u == threshold and i <= cutoff):
+                    out_i[found], out_v[found] = i, out_v[j] / density
+                    slot[i - lo] = found
+                    found += 1
+            overlap = conflicts = 0
+            update_sq = tau_sq = 0.0
+            if ref_count[t] > 0:
+                ref_at = carray(int_pointer(ref_index_at[t]), (ref_count[t],))
+                ref_of = carray(float_pointer(ref_value_at[t]), (ref_count[t],))
+                for b in range(np.searchsorted(ref_at, lo), np.searchsorted(ref_at, hi)):
+                    at, tau = ref_at[b], ref_of[b]
+                    a = slot[at - lo]
+                    u = out_v[a] if a >= 0 else np.float32(0)
+                    added, keep_t, keep_u = ties_entry(tau, u, alpha, w, weighted)
+                    p[at] += added
+                    if keep_t:
+                        tau_sq += float(tau) * float(tau)
+                    if a >= 0:
+                        slot[at - lo] = -2  # merged here
+                        overlap += 1
+                        if keep_u:
+                            update_sq += float(u) * float(u)
+                        else:
+                            conflicts += 1
+            for a in range(first, found):
+                i = out_i[a]
+                alone = slot[i - lo] >= 0
+                slot[i - lo] = -1
+                if alone:
+                    u = out_v[a]
+                    p[i] += u * w
+                    update_sq += float(u) * float(u)
+            stats[item, 0], stats[item, 1] = overlap, conflicts
+            stats[item, 2], stats[item, 3] = update_sq, tau_sq
+
+    exponent_bits = np.int32(0x7F800000)  # all ones in a float32's exponent: ±inf or NaN
+
+    @jit
+    def nonfinite_chunks(g_at, sizes, item_tensor, item_start, bad):
+        """bad[item]: whether the chunk holds a NaN or ±inf (an integer max over the
+        exponent bits, which vectorises, unlike a float test)."""
+        for item in prange(item_tensor.size):
+            t = item_tensor[item]
+            n = sizes[t]
+            lo = item_start[item]
+            g = carray(int_pointer(g_at[t]), (n,))[lo : min(n, lo + CHUNK)]
+            worst = np.int32(0)
+            for i in range(g.size):  # from 0: no negative-index wraparound, so it vectorises
+                worst = max(worst, g[i] & exponent_bits)
+            bad[item] = worst == exponent_bits
 
     @njit(cache=True, boundscheck=False, nogil=True)
     def gap_positions(gaps, gap_start, numels, positions, counts):
@@ -276,11 +333,12 @@ def _compiled() -> Any:
     return {
         "dare_steps": dare_steps,
         "gap_positions": gap_positions,
+        "nonfinite_chunks": nonfinite_chunks,
         "ties_sample": ties_sample,
         "sample_floors": sample_floors,
         "ties_candidates_many": ties_candidates_many,
-        "ties_select": ties_select,
-        "ties_merge_many": ties_merge_many,
+        "ties_thresholds": ties_thresholds,
+        "ties_apply": ties_apply,
     }
 
 
@@ -293,6 +351,20 @@ def usable(*tensors: torch.Tensor) -> bool:
         )
         and _compiled() is not None
     )
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of these contiguous float32 CPU tensors is finite (``usable``)."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    sizes = np.array([t.numel() for t in tensors], dtype=np.int64)
+    addresses = np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+    item_tensor, item_start, _ = _items(sizes)
+    bad = np.zeros(item_tensor.size, dtype=np.bool_)
+    _match_torch_threads()
+    _compiled()["nonfinite_chunks"](addresses, sizes, item_tensor, item_start, bad)
+    return not bad.any()
 
 
 def _adam_scalars(
@@ -316,6 +388,14 @@ def _thread_scratch() -> np.ndarray:
     import numba
 
     return np.empty((numba.config.NUMBA_NUM_THREADS, CHUNK), dtype=np.float32)
+
+
+@cache
+def _thread_slots() -> np.ndarray:
+    """One chunk-sized int32 row of −1 per numba thread (``ties_apply`` restores the −1s)."""
+    import numba
+
+    return np.full((numba.config.NUMBA_NUM_THREADS, CHUNK), -1, dtype=np.int32)
 
 
 def bernoulli_indices_many(
@@ -426,7 +506,7 @@ def ties_steps_(
     Per tensor: a floor from a strided sample of this step's ``|Δθ|`` (as
     ``sparsify.magnitude_topk_indices``; small tensors take every entry), one pass that
     advances the moments and collects the entries at or above it, the exact selection among
-    them (ties to lower indices) rescaled by ``1/density``, and ``merge_join`` with T.
+    them (ties to lower indices) rescaled by ``1/density``, and the TIES merge with T.
     ``buffers``: int64 and float32, at least the total number of entries (only pages that
     receive candidates are touched). Returns ``(short, stats)``: ``short[t]`` when the floor
     was above the k-th largest (moments advanced, nothing applied: select from the whole
@@ -468,19 +548,18 @@ def ties_steps_(
         out_v, counts, _thread_scratch(),
     )  # fmt: skip
     keep_array = np.asarray(keep, dtype=np.int64)
-    kept_start = np.zeros(count + 1, dtype=np.int64)
-    np.cumsum(keep_array, out=kept_start[1:])
-    kept_i = np.empty(int(kept_start[-1]), dtype=np.int64)
-    kept_v = np.empty(int(kept_start[-1]), dtype=np.float32)
     short = np.zeros(count, dtype=np.bool_)
-    kernels["ties_select"](
-        out_i, out_v, counts, item_first, item_start, base, keep_array, np.float32(density),
-        kept_start, kept_i, kept_v, short,
+    thresholds = np.empty(count, dtype=np.int32)
+    cutoffs = np.empty(count, dtype=np.int64)
+    kernels["ties_thresholds"](
+        out_i, out_v, counts, item_first, item_start, base, keep_array, short, thresholds,
+        cutoffs,
     )  # fmt: skip
     ref_index_at, ref_value_at, ref_count = _references(references)
     stats = np.zeros((item_tensor.size, 4))
-    kernels["ties_merge_many"](
-        param_at, sizes, item_tensor, item_start, kept_start, kept_i, kept_v, ref_index_at,
-        ref_value_at, ref_count, np.float32(alpha), np.float32(1 - alpha), weighted, short, stats,
+    kernels["ties_apply"](
+        param_at, sizes, item_tensor, item_start, base, out_i, out_v, counts, thresholds,
+        cutoffs, np.float32(density), ref_index_at, ref_value_at, ref_count, np.float32(alpha),
+        np.float32(1 - alpha), weighted, short, stats, _thread_slots(),
     )  # fmt: skip
     return short, stats.sum(axis=0)

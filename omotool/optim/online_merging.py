@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from omotool.errors import InputError, UsageError
+from omotool.optim import kernels
 from omotool.optim.distributed import any_rank, local_tensors
 from omotool.optim.functional import (
     BatchEntry,
@@ -373,17 +374,23 @@ def closure_and_check(optimizer: Any, closure: Any) -> tuple[Any, bool]:
 def gradients_finite(param_groups: list[dict[str, Any]]) -> bool:
     """Whether every gradient, on every rank, is free of NaN and inf.
 
-    One min/max pass per local gradient (NaN and ±inf propagate into them; far cheaper here
-    than ``isfinite`` or a max-norm); with sharded parameters the verdict is agreed across
-    ranks (one all-reduce), so that all ranks skip a step together.
+    Contiguous float32 CPU gradients are checked together in one numba pass
+    (``kernels.all_finite``) where the kernels are on; others by one min/max pass each (NaN
+    and ±inf propagate into them; far cheaper here than ``isfinite`` or a max-norm). With
+    sharded parameters the verdict is agreed across ranks (one all-reduce), so that all
+    ranks skip a step together.
     """
-    extremes, groups = [], []
+    extremes, groups, batched = [], [], []
     for group in param_groups:
         for param in group["params"]:
             _, grad, shard = local_tensors(param)
             if grad is not None and grad.numel():
-                extremes.extend(extreme.float() for extreme in torch.aminmax(grad))
+                if not grad.is_sparse and kernels.usable(grad):
+                    batched.append(grad)
+                else:
+                    extremes.extend(extreme.float() for extreme in torch.aminmax(grad))
             if shard is not None and shard.group not in groups:
                 groups.append(shard.group)
     bad = bool(extremes) and not bool(torch.isfinite(torch.stack(extremes)).all())
+    bad = bad or not kernels.all_finite(batched)
     return not any_rank(bad, groups) if groups else not bad

@@ -173,3 +173,44 @@ def test_a_short_draw_of_gaps_takes_the_per_tensor_path(monkeypatch) -> None:
     for name in SHAPES:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-6)
     assert fast.stats() == pytest.approx(slow.stats(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_gradient_in_the_last_tensor_skips_the_kernel_step(method, bad) -> None:
+    """The kernels' finite check (``kernels.all_finite``) sees the last entry of the last
+    tensor: nothing is written, parameters and moments stay as they were, the skip counts."""
+    gen = torch.Generator().manual_seed(4)
+    params = {n: t.requires_grad_() for n, t in make(0).items()}
+    opt = optimizer(params, method=method)
+    for _ in range(2):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    before = {n: p.detach().clone() for n, p in params.items()}
+    moments = {
+        n: (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
+        for n, p in params.items()
+    }
+    for p in params.values():
+        p.grad = torch.randn(p.shape, generator=gen)
+    params["a.bias"].grad[-1] = bad  # the last tensor's last entry
+    opt.step()
+    assert opt.skipped_steps == 1
+    for name, p in params.items():
+        assert torch.equal(p.detach(), before[name])
+        assert torch.equal(opt.state[p]["exp_avg"], moments[name][0])
+        assert torch.equal(opt.state[p]["exp_avg_sq"], moments[name][1])
+        assert int(opt.state[p]["step"]) == 2
+
+
+def test_all_finite_checks_every_chunk() -> None:
+    tensors = [torch.zeros(n) for n in (1, 5, kernels.CHUNK + 3, 2 * kernels.CHUNK)]
+    assert kernels.all_finite(tensors) and kernels.all_finite([])
+    for t in range(len(tensors)):
+        for at in (0, tensors[t].numel() - 1, tensors[t].numel() // 2):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                tensors[t][at] = bad
+                assert not kernels.all_finite(tensors)
+                tensors[t][at] = 3.0e38  # large but finite
+                assert kernels.all_finite(tensors)
