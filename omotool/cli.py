@@ -519,6 +519,9 @@ def demo(
     fast: bool = typer.Option(
         False, "--fast", help="One seed, smaller world and grids (about 2 minutes)."
     ),
+    threads: int = typer.Option(
+        1, min=1, help="CPU threads (the miniature's matrices are too small for more to pay)."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     debug: bool = DebugOption,
 ) -> None:
@@ -537,7 +540,7 @@ def demo(
         if not json_output:
             stderr.print(f"[bold]{stage:>13}[/bold] {message}", highlight=False)
 
-    result = run_demo(workdir, settings, progress=show)
+    result = run_demo(workdir, settings, progress=show, threads=threads)
     if json_output:
         stdout.print_json(json.dumps(result.results))
         return

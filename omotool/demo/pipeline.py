@@ -133,8 +133,25 @@ def run_demo(
     workdir: str | Path,
     settings: DemoSettings = DemoSettings(),
     progress: Progress | None = None,
+    threads: int | None = 1,
 ) -> DemoRun:
-    """Run (or resume) the demo in ``workdir``; see the module docstring for the stages."""
+    """Run (or resume) the demo in ``workdir``; see the module docstring for the stages.
+
+    ``threads``: torch (and numba) threads while it runs, restored afterwards (None: leave
+    them). One by default: the miniature's matrices are too small for intra-op threads to
+    pay, and threads that spin-wait at every op's barrier slow a busy machine down manyfold."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(workdir, settings, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(workdir: str | Path, settings: DemoSettings, progress: Progress | None) -> DemoRun:
     from omotool.demo.report import build_results, plot_frontiers, write_demo_report
 
     started = time.perf_counter()

@@ -31,6 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+# numba's OpenMP layer loads a second libgomp beside torch's, whose threads spin-wait after
+# each parallel region and starve torch's: one kernel call made every later training step
+# 10-30x slower on a busy 2-core machine. The workqueue layer's threads do not spin. Set
+# before numba is first imported (it reads the environment then); a user's choice stands.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+
 CHUNK = 1 << 16  # entries per work item; fixed, so that results do not depend on threads
 SAMPLE = 1 << 12  # OnTIES floor: |Δθ| sampled at about this many entries per tensor
 BINS = 1 << 12  # OnTIES selection: histogram bins of the candidates' |Δθ| (float32 bits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -214,3 +215,21 @@ def test_all_finite_checks_every_chunk() -> None:
                 assert not kernels.all_finite(tensors)
                 tensors[t][at] = 3.0e38  # large but finite
                 assert kernels.all_finite(tensors)
+
+
+def test_kernels_use_numba_workqueue_threads_not_a_second_openmp() -> None:
+    """Regression: with numba's OpenMP layer, the spinning threads of its own libgomp made
+    every torch op after one kernel call 10-30x slower on a busy machine."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from omotool.optim import kernels; "
+        "assert kernels.all_finite([torch.ones(70000)]); "
+        "import numba; print(numba.threading_layer())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout.strip() == "workqueue"
