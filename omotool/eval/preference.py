@@ -7,6 +7,10 @@ For a pair ``(x, y_w, y_l)`` and ``r(x, y) = β·(log π(y|x) − log π_ref(y|x
 - ``reward_margin``: the mean of ``r(x, y_w) − r(x, y_l)``;
 - ``logps_chosen`` / ``logps_rejected``: the mean ``log π(y|x)`` of each side.
 A model whose log-probabilities are not finite is reported as failed, not averaged.
+
+The reference's log-probabilities do not depend on the policy: ``side_logprobs`` computes
+them once and ``preference_scores(..., reference_logps=...)`` reuses them for many policies
+(``run_suite`` does, per task), with the same result as scoring the reference each time.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from omotool.eval.scoring import completion_logprobs
+from omotool.eval.scoring import encode_pair, token_logprobs
 from omotool.eval.stats import Estimate, mean_interval, proportion_interval
 
 
@@ -28,6 +32,31 @@ class TaskScores:
     failed: str | None = None
 
 
+Encoded = list[tuple[list[int], list[int]]]  # (prompt ids, completion ids) per example
+
+
+def encode_pairs(tokenizer: Any, examples: Sequence[dict[str, Any]]) -> tuple[Encoded, Encoded]:
+    """The chosen and the rejected ``(prompt ids, completion ids)`` of each example."""
+    return (
+        [encode_pair(tokenizer, e["prompt"], e["chosen"]) for e in examples],
+        [encode_pair(tokenizer, e["prompt"], e["rejected"]) for e in examples],
+    )
+
+
+def side_logprobs(
+    model: Any,
+    tokenizer: Any,
+    encoded: tuple[Encoded, Encoded],
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[float], list[float]]:
+    """``log π(y_w|x)`` and ``log π(y_l|x)`` of each example, from ``encode_pairs``."""
+    chosen, rejected = (
+        token_logprobs(model, tokenizer, side, batch_size, progress)[0] for side in encoded
+    )
+    return chosen, rejected
+
+
 def preference_scores(
     policy: Any,
     reference: Any,
@@ -36,20 +65,20 @@ def preference_scores(
     beta: float = 0.1,
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    reference_logps: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> TaskScores:
-    """Implicit-reward accuracy and margin of ``policy`` against ``reference`` (see module)."""
-    chosen = [(e["prompt"], e["chosen"]) for e in examples]
-    rejected = [(e["prompt"], e["rejected"]) for e in examples]
-    logps = {}
-    for name, model in (("policy", policy), ("reference", reference)):
-        logps[name] = [
-            completion_logprobs(model, tokenizer, pairs, batch_size, progress)[0]
-            for pairs in (chosen, rejected)
-        ]
-    values = [v for side in logps.values() for pairs in side for v in pairs]
+    """Implicit-reward accuracy and margin of ``policy`` against ``reference`` (see module).
+
+    ``reference_logps``: the reference's ``side_logprobs`` of these examples, encoded with
+    this ``tokenizer``, computed earlier; then ``reference`` is not run (it may be ``None``)."""
+    encoded = encode_pairs(tokenizer, examples)
+    policy_w, policy_l = side_logprobs(policy, tokenizer, encoded, batch_size, progress)
+    if reference_logps is None:
+        reference_logps = side_logprobs(reference, tokenizer, encoded, batch_size, progress)
+    reference_w, reference_l = (list(side) for side in reference_logps)
+    values = [*policy_w, *policy_l, *reference_w, *reference_l]
     if not all(math.isfinite(v) for v in values):
         return TaskScores(failed="non-finite log-probabilities")
-    (policy_w, policy_l), (reference_w, reference_l) = logps["policy"], logps["reference"]
     margins = [
         beta * ((pw - rw) - (pl - rl))
         for pw, pl, rw, rl in zip(policy_w, policy_l, reference_w, reference_l, strict=True)

@@ -4,12 +4,20 @@ For each model: each task's scores with 95% intervals (or why it failed); per ca
 (``reward``, ``capability``) the mean of the tasks' headline scores (``suite.HEADLINE``; failed
 tasks are left out and named); and, when the suite names a baseline, each headline score and
 average minus the baseline's. ``write_report`` saves it as ``report.json``.
+
+Models are evaluated one after another (every task of one, then the next). Held in memory at
+once: the model under evaluation and the models shared by all of them (the suite's
+``reference`` and the tasks' reward models); each evaluated model is released before the next
+is loaded, and a model that is also the reference is loaded once. The reference's
+log-probabilities of a preference task's pairs are computed once and reused for every model
+whose tokenizer encodes the pairs the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +30,23 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
 class _Models:
-    """Models and tokenizers loaded once per path."""
+    """Models and tokenizers by path, loaded on first use and held until ``release``; and the
+    reference log-probabilities of the preference tasks (``reference_logps``)."""
 
     def __init__(self) -> None:
         self.loaded: dict[str, tuple[Any, Any]] = {}
+        # (reference key, task name, digest of the pairs' token ids and pad id) -> log-probs
+        self.reference_logps: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {}
+
+    @staticmethod
+    def key(path: str) -> str:
+        """One key per model folder however its path is spelt (a hub name stays as given)."""
+        local = Path(path)
+        return str(local.resolve()) if local.exists() else path
 
     def get(self, path: str) -> tuple[Any, Any]:
-        if path not in self.loaded:
+        key = self.key(path)
+        if key not in self.loaded:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,8 +57,22 @@ class _Models:
                 tokenizer = AutoTokenizer.from_pretrained(path)
             except (OSError, ValueError) as error:
                 raise InputError(f"model {path} does not load: {error}") from None
-            self.loaded[path] = (model, tokenizer)
-        return self.loaded[path]
+            self.loaded[key] = (model, tokenizer)
+        return self.loaded[key]
+
+    def release(self, keep: set[str]) -> None:
+        """Drop every model whose key is not in ``keep`` and give its memory back."""
+        dropped = [key for key in self.loaded if key not in keep]
+        for key in dropped:
+            del self.loaded[key]
+        if dropped:
+            import gc
+
+            import torch
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def run_task(
@@ -63,9 +95,17 @@ def run_task(
     if spec.task == "preference":
         reference, _ = models.get(suite.reference)
         beta = float(spec.options.get("beta", 0.1))
+        # The reference scores the same token ids the same way for every model: once per task.
+        encoded = preference.encode_pairs(tokenizer, spec.examples)
+        ids = hashlib.sha256(repr((encoded, tokenizer.pad_token_id)).encode()).hexdigest()
+        key = (models.key(suite.reference), spec.name, ids)
+        if key not in models.reference_logps:
+            logps = preference.side_logprobs(reference, tokenizer, encoded, batch, tick)
+            models.reference_logps[key] = logps
         scores = preference.preference_scores(
-            model, reference, tokenizer, spec.examples, beta, batch, tick
-        )
+            model, reference, tokenizer, spec.examples, beta, batch, tick,
+            models.reference_logps[key],
+        )  # fmt: skip
         return scores, None
     if spec.task == "lm_eval":
         from omotool.eval.harness import lm_eval_scores
@@ -99,10 +139,26 @@ def run_task(
 def _reward_model(models: _Models, path: str) -> tuple[Any, Any]:
     from omotool.eval.reward_model import load_reward_model
 
-    key = f"reward-model:{path}"
+    key = _reward_model_key(models, path)
     if key not in models.loaded:
         models.loaded[key] = load_reward_model(path)
     return models.loaded[key]
+
+
+def _reward_model_key(models: _Models, path: str) -> str:
+    return f"reward-model:{models.key(path)}"
+
+
+def _shared(models: _Models, suite: Suite) -> set[str]:
+    """Keys of the models every evaluated model needs: the reference, the reward models."""
+    keep = {
+        _reward_model_key(models, spec.options["reward_model"])
+        for spec in suite.tasks
+        if spec.task == "reward_model"
+    }
+    if suite.reference and any(spec.task == "preference" for spec in suite.tasks):
+        keep.add(models.key(suite.reference))
+    return keep
 
 
 def run_suite(
@@ -113,6 +169,7 @@ def run_suite(
     from omotool.io.reader import ModelReader, fingerprint
 
     models = _Models()
+    shared = _shared(models, suite)
     order = list(model_paths)
     if suite.baseline and suite.baseline not in order:
         order.insert(0, suite.baseline)  # its answers are needed for win rates
@@ -142,6 +199,7 @@ def run_suite(
                 "scores": {k: v.as_dict() for k, v in scores.scores.items()},
                 "answers": answers,
             }
+        models.release(keep=shared)  # this model is done: free it before loading the next
         with ModelReader(path) as reader:
             results[path] = {"path": path, "fingerprint": fingerprint(reader), "tasks": tasks}
         results[path]["averages"] = _averages(tasks)

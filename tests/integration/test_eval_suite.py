@@ -211,3 +211,130 @@ def test_progress_follows_every_task_to_its_end(suite_folder, llama_pair) -> Non
     for task in ("prefs", "helpful", "sums", "facts", "prose"):
         assert f"sft: {task}" in finished and f"base: {task}" in finished
     assert all(0 < done <= total for _, done, total in calls)
+
+
+# -- several models: memory held and reference log-probabilities -----------------------------
+@pytest.fixture(scope="module")
+def three_models(suite_folder, llama_pair, tmp_path_factory):
+    """Three policies (sft perturbed); the second's tokenizer ends completions differently, and
+    a suite of two preference tasks and a reward-model task (reference base, baseline sft)."""
+    from transformers import AutoModelForCausalLM
+
+    from omotool.tiny_models import perturbed, save_model
+
+    base, sft = llama_pair
+    folder = tmp_path_factory.mktemp("three")
+    paths = []
+    for seed, name in ((2, "one"), (3, "other-tokenizer"), (4, "three")):
+        model = AutoModelForCausalLM.from_pretrained(str(sft), dtype=torch.float32)
+        paths.append(str(save_model(perturbed(model, 0.05, seed), folder / name)))
+    config = folder / "other-tokenizer" / "tokenizer_config.json"
+    config.write_text(
+        config.read_text().replace('"eos_token": "<|im_end|>"', '"eos_token": "</s>"')
+    )
+    few = folder / "few.jsonl"
+    few.write_text("".join((suite_folder / "prefs.jsonl").read_text().splitlines(True)[:3]))
+    tasks = [
+        dict(name="prefs", task="preference", data=str(suite_folder / "prefs.jsonl"),
+             category="reward", beta=0.1),
+        dict(name="few", task="preference", data=str(few), category="reward", beta=0.5),
+        dict(name="helpful", task="reward_model", data=str(suite_folder / "sums.jsonl"),
+             category="reward", reward_model=str(suite_folder / "rm")),
+    ]  # fmt: skip
+    suite = dict(baseline=str(sft), reference=str(base), batch_size=4, tasks=tasks,
+                 generation=dict(max_new_tokens=3))  # fmt: skip
+    (folder / "suite.yaml").write_text(yaml.safe_dump(suite))
+    return paths, folder / "suite.yaml"
+
+
+def test_only_the_model_under_evaluation_and_shared_ones_are_held(
+    three_models, llama_pair, monkeypatch
+) -> None:
+    import gc
+    import weakref
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from omotool.eval import reward_model, runner
+
+    base, sft = llama_pair
+    paths, suite_path = three_models
+    load, load_rm = AutoModelForCausalLM.from_pretrained, reward_model.load_reward_model
+    created, rm_loads, seen = [], [], []
+
+    def counting_load(path, *args, **kwargs):
+        model = load(path, *args, **kwargs)
+        created.append((str(Path(path).resolve()), weakref.ref(model)))
+        return model
+
+    def counting_load_rm(path):
+        rm_loads.append(path)
+        return load_rm(path)
+
+    real_run_task = runner.run_task
+
+    def watched_run_task(spec, model_path, suite, models, *args):
+        gc.collect()
+        live = [path for path, ref in created if ref() is not None]
+        seen.append((str(Path(model_path).resolve()), live, len(models.loaded)))
+        return real_run_task(spec, model_path, suite, models, *args)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting_load)
+    monkeypatch.setattr(reward_model, "load_reward_model", counting_load_rm)
+    monkeypatch.setattr(runner, "run_task", watched_run_task)
+    # the reference spelt differently and evaluated too: the same object, loaded once
+    report = run_suite([*paths, str(base) + "/"], load_suite(suite_path))
+    assert [m["path"] for m in report["models"]] == [str(sft), *paths, str(base) + "/"]
+    reference = str(base.resolve())
+    assert len(seen) == 5 * 3
+    for current, live, held in seen:
+        assert len(live) == len(set(live)) <= 2, live  # no model twice, nothing left over
+        assert set(live) <= {current, reference}, (current, live)
+        assert held <= 3  # the model, the reference, the reward model
+    assert [path for path, _ in created].count(reference) == 1
+    assert len(rm_loads) == 1
+    assert len(created) == 5  # sft, three models, the reference (once)
+
+
+def test_the_reference_is_scored_once_per_task_and_tokenizer(
+    three_models, llama_pair, monkeypatch
+) -> None:
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from omotool.eval import preference, scoring
+
+    base, sft = llama_pair
+    paths, suite_path = three_models
+    suite = load_suite(suite_path)
+    separately = {p: run_suite([p], suite)["models"][1] for p in paths}
+    real_token_logprobs, reference_calls = scoring.token_logprobs, []
+
+    def counting(model, *args, **kwargs):
+        if Path(model.name_or_path).resolve() == base.resolve():
+            reference_calls.append(len(args[1]))
+        return real_token_logprobs(model, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "token_logprobs", counting)  # what completion_logprobs runs
+    monkeypatch.setattr(preference, "token_logprobs", counting, raising=False)
+    together = run_suite(paths, suite)
+    # chosen and rejected of 2 tasks, for the 2 tokenizers (sft's, other-tokenizer's) only
+    assert sorted(reference_calls) == [3, 3, 3, 3, 6, 6, 6, 6]
+    monkeypatch.undo()
+    for result in together["models"][1:]:
+        assert result == separately[result["path"]]
+    reference = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    for result in together["models"]:  # as computed before the reference was reused
+        policy = AutoModelForCausalLM.from_pretrained(result["path"], dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(result["path"])
+        for spec in suite.tasks[:2]:
+            beta = spec.options["beta"]
+            direct = preference.preference_scores(
+                policy, reference, tokenizer, spec.examples, beta, suite.batch_size
+            )
+            scores = {k: v.as_dict() for k, v in direct.scores.items()}
+            assert result["tasks"][spec.name]["scores"] == scores
+    other = together["models"][2]["tasks"]["prefs"]["scores"]["logps_chosen"]["value"]
+    assert other != together["models"][1]["tasks"]["prefs"]["scores"]["logps_chosen"]["value"]

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from omotool.errors import InputError
-from omotool.eval.preference import preference_scores
+from omotool.eval.preference import encode_pairs, preference_scores, side_logprobs
 from omotool.eval.scoring import completion_logprobs, encode_pair
 
 PAIRS = [
@@ -70,6 +70,16 @@ def test_preference_scores_equal_the_direct_computation(models) -> None:
     assert result.scores["reward_margin"].value == pytest.approx(sum(margins) / 5, abs=1e-5)
     chosen = [direct_logp(policy, tokenizer, p["prompt"], p["chosen"]) for p in PAIRS]
     assert result.scores["logps_chosen"].value == pytest.approx(sum(chosen) / 5, abs=1e-4)
+
+
+def test_precomputed_reference_log_probs_give_the_same_scores(models) -> None:
+    policy, reference, tokenizer = models
+    direct = preference_scores(policy, reference, tokenizer, PAIRS, batch_size=2)
+    logps = side_logprobs(reference, tokenizer, encode_pairs(tokenizer, PAIRS), batch_size=2)
+    reused = preference_scores(policy, None, tokenizer, PAIRS, batch_size=2, reference_logps=logps)
+    assert reused == direct and reused.failed is None
+    nan = ([float("nan")] * len(PAIRS), logps[1])
+    assert preference_scores(policy, None, tokenizer, PAIRS, reference_logps=nan).failed
 
 
 def test_a_model_against_itself_has_zero_margin(models) -> None:
