@@ -517,7 +517,7 @@ def demo(
         None, min=1, help="DPO seeds per point. [default: 3, or 1 with --fast]"
     ),
     fast: bool = typer.Option(
-        False, "--fast", help="One seed, smaller world and grids (about 2 minutes)."
+        False, "--fast", help="One seed, smaller grids, shorter pre-training (about 1.5 minutes)."
     ),
     threads: int = typer.Option(
         1, min=1, help="CPU threads (the miniature's matrices are too small for more to pay)."

@@ -317,7 +317,9 @@ def report_markdown(results: dict[str, Any], plot: Path | None, seconds: float |
             "| method | " + " | ".join(columns) + " |",
             "|---|" + "---|" * len(columns),
         ]
-        for method, difference in results["differences"].items():
+        for method, difference in sorted(
+            results["differences"].items(), key=lambda kv: list(LABELS).index(kv[0])
+        ):
             cells = [_fmt_interval(difference[c]) for c in columns]
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     lines += [
