@@ -8,6 +8,7 @@ downloading anything. ``build_model`` writes a randomly initialised Llama/Qwen2/
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,13 @@ _CORPUS = [
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
 
 
-def build_tokenizer(out: str | os.PathLike[str], vocab_size: int = 256) -> Any:
-    """Train a byte-level BPE tokenizer on a built-in corpus and save it with a chat template."""
+def build_tokenizer(
+    out: str | os.PathLike[str] | None,
+    vocab_size: int = 256,
+    texts: Sequence[str] | None = None,
+) -> Any:
+    """Train a byte-level BPE tokenizer on ``texts`` (default: a built-in corpus), give it the
+    chat template ``<|im_start|>role ... <|im_end|>`` and save it into ``out`` unless None."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,7 +49,7 @@ def build_tokenizer(out: str | os.PathLike[str], vocab_size: int = 256) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer)
+    tokenizer.train_from_iterator(_CORPUS * 4 if texts is None else texts, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         unk_token="<unk>",

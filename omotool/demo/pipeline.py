@@ -223,8 +223,9 @@ def _world_stage(
 def _base_stage(
     stages: _Stages, workdir: Path, settings: DemoSettings, world: tuple[str, dict[str, Path]]
 ) -> str:
-    from omotool.demo.pretrain import pretrain, train_tokenizer
+    from omotool.demo.pretrain import pretrain
     from omotool.demo.world import read_jsonl
+    from omotool.tiny_models import build_tokenizer
 
     folder = workdir / "base"
     key = {"stage": "base", "world": world[0], "vocab": settings.vocab_size,
@@ -237,7 +238,7 @@ def _base_stage(
             " ".join(turn["content"] for part in ("prompt", "completion") for turn in row[part])
             for row in read_jsonl(world[1]["sft"])
         ]
-        tokenizer = train_tokenizer(corpus + chats, settings.vocab_size)
+        tokenizer = build_tokenizer(None, settings.vocab_size, corpus + chats)
         staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -1,5 +1,6 @@
-"""The demo's base model: a tokenizer trained on the world's text and a small Llama pre-trained
-on its corpus with a plain next-token loop (pre-training is not an omotool command)."""
+"""The demo's base model: a small Llama pre-trained on the world's corpus with a plain
+next-token loop (pre-training is not an omotool command). Its tokenizer is
+``omotool.tiny_models.build_tokenizer`` trained on the world's text."""
 
 from __future__ import annotations
 
@@ -9,35 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from omotool.tiny_models import CHAT_TEMPLATE, SPECIAL_TOKENS
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Any:
-    """A byte-level BPE tokenizer trained on ``texts``, with the chat template of the tiny
-    models (``<|im_start|>role ... <|im_end|>``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        pad_token="</s>",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def base_config(tokenizer: Any, hidden: int, layers: int, heads: int) -> Any:

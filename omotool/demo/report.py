@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from omotool.errors import UsageError
 from omotool.eval.runner import headline
 from omotool.eval.suite import HEADLINE
 
@@ -235,12 +235,11 @@ def _fmt_interval(entry: dict[str, float | None]) -> str:
 def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     """Capability (x) against reward (y): each method's learning rates joined in order, with
     seed standard deviations as bars; the offline-merge sweep dashed. None without matplotlib."""
-    try:
-        import matplotlib
+    from omotool.eval.plot import require_matplotlib, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    try:
+        plt = require_matplotlib()
+    except UsageError:  # the report is complete without the figure
         return None
     figure, axes = plt.subplots(figsize=(6.5, 4.8))
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -266,11 +265,7 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     axes.set_title("omotool demo: reward against alignment tax")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    partial = path.with_name(f".{path.name}.partial.png")
-    figure.savefig(partial, dpi=120)
-    plt.close(figure)
-    os.replace(partial, path)
+    save_figure(plt, figure, path)
     return path
 
 

@@ -73,9 +73,14 @@ def plot_tradeoff(report: dict[str, Any], path: Path) -> int:
     axes.set_title("reward against alignment tax")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
+    save_figure(plt, figure, path)
+    return points
+
+
+def save_figure(plt: Any, figure: Any, path: Path) -> None:
+    """Write ``figure`` to ``path`` as a PNG, whole then renamed, and close it."""
     figure.tight_layout()
     partial = path.with_name(f".{path.name}.partial.png")
     figure.savefig(partial, dpi=120)
     plt.close(figure)
     os.replace(partial, path)
-    return points
