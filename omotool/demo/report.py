@@ -81,10 +81,8 @@ def build_results(settings: Any, evaluations: list[tuple[Any, dict[str, Any]]]) 
         "differences": differences,
     }
     results["beyond_adamw_frontier"] = _beyond_frontier(points)
-    results["tax"] = _tax(points, best)
     sft = [e for m, e in evaluations if m.method == "sft"]
-    if sft and results["tax"]:
-        results["tax"]["sft_capability_half_width"] = _half_width(sft[0], "capability")
+    results["tax"] = _tax(points, _half_width(sft[0], "capability") if sft else 0.0)
     results["verdicts"] = _verdicts(results)
     return results
 
@@ -164,8 +162,9 @@ def _frontier_reward(frontier: list[tuple[float, float]], x: float) -> float:
     raise AssertionError("unreachable: x lies within the frontier")
 
 
-def _tax(points: list[dict[str, Any]], best: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """AdamW's reward gain and capability change against the SFT model, per learning rate."""
+def _tax(points: list[dict[str, Any]], sft_half_width: float) -> dict[str, Any]:
+    """AdamW's reward gain and capability change against the SFT model, per learning rate,
+    and the SFT capability's test-set half-width they are judged against."""
     sft = next((p for p in points if p["method"] == "sft"), None)
     if sft is None:
         return {}
@@ -177,7 +176,7 @@ def _tax(points: list[dict[str, Any]], best: dict[str, dict[str, Any]]) -> dict[
             "reward": interval([r["reward"] - base["reward"] for r in runs]),
             "capability": interval([r["capability"] - base["capability"] for r in runs]),
         }
-    return {"sft": base, "adamw": rows}
+    return {"sft": base, "adamw": rows, "sft_capability_half_width": sft_half_width}
 
 
 def _significance(entry: dict[str, float | None]) -> int:

@@ -72,10 +72,19 @@ def preference_scores(
     ``reference_logps``: the reference's ``side_logprobs`` of these examples, encoded with
     this ``tokenizer``, computed earlier; then ``reference`` is not run (it may be ``None``)."""
     encoded = encode_pairs(tokenizer, examples)
-    policy_w, policy_l = side_logprobs(policy, tokenizer, encoded, batch_size, progress)
+    policy_logps = side_logprobs(policy, tokenizer, encoded, batch_size, progress)
     if reference_logps is None:
         reference_logps = side_logprobs(reference, tokenizer, encoded, batch_size, progress)
-    reference_w, reference_l = (list(side) for side in reference_logps)
+    return margin_scores(policy_logps, reference_logps, beta)
+
+
+def margin_scores(
+    policy_logps: tuple[Sequence[float], Sequence[float]],
+    reference_logps: tuple[Sequence[float], Sequence[float]],
+    beta: float = 0.1,
+) -> TaskScores:
+    """The scores of the module docstring from both models' ``side_logprobs``."""
+    (policy_w, policy_l), (reference_w, reference_l) = policy_logps, reference_logps
     values = [*policy_w, *policy_l, *reference_w, *reference_l]
     if not all(math.isfinite(v) for v in values):
         return TaskScores(failed="non-finite log-probabilities")

@@ -102,11 +102,8 @@ def run_task(
         if key not in models.reference_logps:
             logps = preference.side_logprobs(reference, tokenizer, encoded, batch, tick)
             models.reference_logps[key] = logps
-        scores = preference.preference_scores(
-            model, reference, tokenizer, spec.examples, beta, batch, tick,
-            models.reference_logps[key],
-        )  # fmt: skip
-        return scores, None
+        policy_logps = preference.side_logprobs(model, tokenizer, encoded, batch, tick)
+        return preference.margin_scores(policy_logps, models.reference_logps[key], beta), None
     if spec.task == "lm_eval":
         from omotool.eval.harness import lm_eval_scores
 
