@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from omotool.eval.preference import TaskScores
-from omotool.eval.suite import CATEGORIES, HEADLINE, Suite, TaskSpec
+from omotool.eval.suite import (
+    CATEGORIES,
+    CHAT,
+    GENERATING,
+    HEADLINE,
+    Suite,
+    TaskSpec,
+    task_generation,
+)
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -90,11 +98,12 @@ def run_task(
 
     batch = suite.batch_size
     tick = progress
+    settings = task_generation(spec, suite)
     if spec.task != "lm_eval":  # the harness loads the model itself
         model, tokenizer = models.get(model_path)
     if spec.task == "preference":
         reference, _ = models.get(suite.reference)
-        beta = float(spec.options.get("beta", 0.1))
+        beta = spec.options.get("beta", 0.1)  # checked when the suite is loaded
         # The reference scores the same token ids the same way for every model: once per task.
         encoded = preference.encode_pairs(tokenizer, spec.examples)
         ids = hashlib.sha256(repr((encoded, tokenizer.pad_token_id)).encode()).hexdigest()
@@ -113,7 +122,7 @@ def run_task(
             options.get("num_fewshot"), options.get("limit"),
         ), None  # fmt: skip
     if spec.task == "choice":
-        chat = spec.options.get("chat", suite.generation.chat)
+        chat = settings.chat
         scores = likelihood.choice_scores(model, tokenizer, spec.examples, batch, tick, chat)
         return scores, None
     if spec.task == "perplexity":
@@ -121,10 +130,10 @@ def run_task(
     if spec.task == "generate":
         return generation.generate_scores(
             model, tokenizer, spec.examples, spec.options.get("extract", "exact"),
-            spec.options.get("pattern"), suite.generation, batch, tick,
+            spec.options.get("pattern"), settings, batch, tick,
         )  # fmt: skip
     prompts = [e["prompt"] for e in spec.examples]
-    answers = generation.generate_answers(model, tokenizer, prompts, suite.generation, batch, tick)
+    answers = generation.generate_answers(model, tokenizer, prompts, settings, batch, tick)
     rm, rm_tokenizer = _reward_model(models, spec.options["reward_model"])
     rewards = reward_model.rewards(rm, rm_tokenizer, prompts, answers, batch, tick)
     baseline = None
@@ -223,6 +232,7 @@ def run_suite(
                 "category": t.category,
                 "options": t.options,
                 "examples": len(t.examples),
+                **_generation_report(t, suite),
             }
             for t in suite.tasks
         ],  # fmt: skip
@@ -230,6 +240,14 @@ def run_suite(
         "baseline": suite.baseline,
         "models": [results[p] for p in order if p in model_paths or p == suite.baseline],
     }
+
+
+def _generation_report(spec: TaskSpec, suite: Suite) -> dict[str, Any]:
+    """The generation settings a task ran with (a choice task: ``chat`` only; none if none)."""
+    if spec.task not in CHAT:
+        return {}
+    settings = dataclasses.asdict(task_generation(spec, suite))
+    return {"generation": settings if spec.task in GENERATING else {"chat": settings["chat"]}}
 
 
 def _passes(spec: TaskSpec) -> int:
