@@ -1,6 +1,9 @@
 """RLHF algorithms: each ``--algo`` is a TRL trainer, its config class and the loss settings.
 
-The optimizer is loss-agnostic, so every algorithm here trains with online merging.
+The optimizer is loss-agnostic, so every algorithm here trains with online merging. Options
+of ``omotool train`` that only some losses take (``LOSS_OPTIONS``) are listed per algorithm
+in ``Algorithm.options``: they reach its TRL config, and a value set for an algorithm that
+does not list it is refused (``omotool.train.runner.trl_arguments``), never dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +14,13 @@ from typing import Any
 
 from omotool.registry import Registry
 
+# The options only some losses take: option name → (TRL config field, why a loss lacks it).
+LOSS_OPTIONS: dict[str, tuple[str, str]] = {
+    "beta": ("beta", "its loss has no beta"),
+    "label_smoothing": ("label_smoothing", "its loss does not smooth labels"),
+    "precompute_ref": ("precompute_ref_log_probs", "it has no reference model"),
+}
+
 
 @dataclass(frozen=True)
 class Algorithm:
@@ -20,8 +30,7 @@ class Algorithm:
     trainer: str  # "module:Class"
     config: str  # "module:Class"
     settings: dict[str, Any] = field(default_factory=dict)  # fixed config values (loss type)
-    uses_beta: bool = True  # whether --beta means anything to it
-    uses_reference: bool = True  # whether it compares against a reference model
+    options: tuple[str, ...] = ()  # the LOSS_OPTIONS its TRL loss reads
 
     def trainer_class(self) -> type:
         return _load(self.trainer)
@@ -37,20 +46,21 @@ def _load(path: str) -> type:
 
 ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
 _DPO = ("trl:DPOTrainer", "trl:DPOConfig")
+_REFERENCE = ("beta", "precompute_ref")  # TRL 1.16's DPO losses read label_smoothing only in robust
 ALGORITHMS.register("dpo", help="DPO, sigmoid loss (Rafailov et al. 2023)")(
-    Algorithm("preference", *_DPO, {"loss_type": ["sigmoid"]})
+    Algorithm("preference", *_DPO, {"loss_type": ["sigmoid"]}, _REFERENCE)
 )
 ALGORITHMS.register("ipo", help="IPO (Azar et al. 2023); --beta is its tau")(
-    Algorithm("preference", *_DPO, {"loss_type": ["ipo"]})
+    Algorithm("preference", *_DPO, {"loss_type": ["ipo"]}, _REFERENCE)
 )
 ALGORITHMS.register("hinge", help="SLiC hinge loss on the DPO reward")(
-    Algorithm("preference", *_DPO, {"loss_type": ["hinge"]})
+    Algorithm("preference", *_DPO, {"loss_type": ["hinge"]}, _REFERENCE)
 )
 ALGORITHMS.register("robust", help="cDPO / robust DPO with --label-smoothing")(
-    Algorithm("preference", *_DPO, {"loss_type": ["robust"]})
+    Algorithm("preference", *_DPO, {"loss_type": ["robust"]}, (*_REFERENCE, "label_smoothing"))
 )
 ALGORITHMS.register("kto", help="KTO (Ethayarajh et al. 2024); pairs are unpaired")(
-    Algorithm("unpaired", "trl:KTOTrainer", "trl:KTOConfig")
+    Algorithm("unpaired", "trl:KTOTrainer", "trl:KTOConfig", {"loss_type": "kto"}, _REFERENCE)
 )
 ALGORITHMS.register("simpo", help="SimPO (Meng et al. 2024), reference-free")(
     Algorithm(
@@ -58,23 +68,17 @@ ALGORITHMS.register("simpo", help="SimPO (Meng et al. 2024), reference-free")(
         "trl.experimental.cpo:CPOTrainer",
         "trl.experimental.cpo:CPOConfig",
         {"loss_type": "simpo", "cpo_alpha": 0.0},
-        uses_reference=False,
+        ("beta", "label_smoothing"),
     )
 )
-ALGORITHMS.register("orpo", help="ORPO (Hong et al. 2024), reference-free")(
+ALGORITHMS.register("orpo", help="ORPO (Hong et al. 2024), reference-free; --beta is its lambda")(
     Algorithm(
         "preference",
         "trl.experimental.orpo:ORPOTrainer",
         "trl.experimental.orpo:ORPOConfig",
-        uses_reference=False,
+        options=("beta",),
     )
 )
 ALGORITHMS.register("sft", help="continual supervised fine-tuning on the chosen answers")(
-    Algorithm(
-        "language_modeling",
-        "trl:SFTTrainer",
-        "trl:SFTConfig",
-        uses_beta=False,
-        uses_reference=False,
-    )
+    Algorithm("language_modeling", "trl:SFTTrainer", "trl:SFTConfig")
 )

@@ -8,6 +8,7 @@ merge statistics; the final model lands in ``OUT/`` as a complete model folder.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -15,16 +16,16 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from omotool.errors import InputError, OutputError, UsageError
+from omotool.errors import InputError, OmoError, OutputError, UsageError
 from omotool.io.formats import fsync_path, write_text_atomic
-from omotool.train.algorithms import ALGORITHMS
+from omotool.train.algorithms import ALGORITHMS, LOSS_OPTIONS
 from omotool.train.checkpoints import (
     CHECKPOINT,
     STAGING,
@@ -111,6 +112,40 @@ class TrainConfig:
             )
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise UsageError("--lr must be > 0, --batch-size and --grad-accum at least 1.")
+        check_loss_options(self)
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise UsageError(
+                f"--lr-scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}."
+            )
+        if self.lr_scheduler == "constant" and self.warmup_steps:
+            raise UsageError(
+                "--lr-scheduler constant has no warm-up, so --warmup-steps would be ignored: use "
+                "--lr-scheduler constant_with_warmup, or drop --warmup-steps."
+            )
+        problems = [
+            ("--epochs must be > 0", self.epochs <= 0),
+            ("--max-steps must be -1 (train for --epochs) or at least 1",
+             self.max_steps == 0 or self.max_steps < -1),
+            ("--warmup-steps must be >= 0", self.warmup_steps < 0),
+            ("--weight-decay must be >= 0", self.weight_decay < 0),
+            ("--max-length must be at least 1", self.max_length is not None
+             and self.max_length < 1),
+            ("--save-steps must be >= 0", self.save_steps < 0),
+            ("--save-total-limit must be at least 1", self.save_total_limit is not None
+             and self.save_total_limit < 1),
+            ("--logging-steps must be at least 1", self.logging_steps < 1),
+            ("--eval-steps must be at least 1", (self.eval_steps or 1) < 1),
+            ("--eval-steps needs --eval-dataset", self.eval_steps is not None
+             and not self.eval_dataset),
+            ("--beta must be > 0", self.beta <= 0),
+            ("--label-smoothing must be in [0, 0.5)", not 0 <= self.label_smoothing < 0.5),
+        ]  # fmt: skip
+        for message, wrong in problems:
+            if wrong:
+                raise UsageError(f"{message}.")
 
 
 def load_task_vector(config: TrainConfig) -> Any:
@@ -134,9 +169,49 @@ def load_task_vector(config: TrainConfig) -> Any:
     return tau
 
 
+# Schedulers that need nothing omotool does not pass (others need lr_scheduler_kwargs).
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt",
+)  # fmt: skip
+# transformers (5.x) reads `activation_checkpointing`; `gradient_checkpointing` is its deprecated
+# alias, copied into it only when it is unset, and TRL's configs default that alias to True (so
+# checkpointing is on unless turned off). Both are set, to the same value, on classes that have
+# them; a class with neither is refused.
+CHECKPOINTING = ("activation_checkpointing", "gradient_checkpointing")
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def check_loss_options(config: TrainConfig) -> None:
+    """Refuse a loss option (``LOSS_OPTIONS``) set away from its default for an algorithm whose
+    TRL loss does not read it: it would never reach the trainer."""
+    defaults = TrainConfig()
+    for option, (_, reason) in LOSS_OPTIONS.items():
+        value = getattr(config, option)
+        if option in ALGORITHMS.get(config.algo).options or value == getattr(defaults, option):
+            continue
+        takers = [name for name in ALGORITHMS if option in ALGORITHMS.get(name).options]
+        given = _flag(option) if isinstance(value, bool) else f"{_flag(option)} {value}"
+        raise UsageError(
+            f"{given} has no effect with --algo {config.algo} ({reason}): drop it, or use "
+            f"--algo {', '.join(takers)}."
+        )
+
+
 def trl_arguments(config: TrainConfig, output: Path) -> Any:
-    """The TRL config object for ``config.algo``, with omotool's option names mapped."""
+    """The TRL config object for ``config.algo``, with omotool's option names mapped.
+
+    Every value reaches a field of the TRL config class: an option the algorithm's loss does
+    not read is refused (``check_loss_options``), and a field missing from the installed TRL
+    is an error, never silently dropped.
+    """
+    check_loss_options(config)
     algorithm = ALGORITHMS.get(config.algo)
+    config_class = algorithm.config_class()
+    fields = set(config_class.__dataclass_fields__)
     values: dict[str, Any] = dict(
         output_dir=str(output),
         learning_rate=config.lr,
@@ -147,8 +222,7 @@ def trl_arguments(config: TrainConfig, output: Path) -> Any:
         warmup_steps=config.warmup_steps,
         lr_scheduler_type=config.lr_scheduler,
         weight_decay=config.weight_decay,
-        bf16=config.bf16,
-        activation_checkpointing=config.gradient_checkpointing,
+        bf16=config.bf16,  # (TRL defaults it to True)
         logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps > 0 else "no",
         save_steps=config.save_steps or 500,
@@ -162,20 +236,35 @@ def trl_arguments(config: TrainConfig, output: Path) -> Any:
         # accelerate treats several CPU processes (torchrun, gloo) as one run only when told
         use_cpu=not _has_accelerator(),
     )
+    checkpointing = [name for name in CHECKPOINTING if name in fields] or list(CHECKPOINTING)
+    values.update(dict.fromkeys(checkpointing, config.gradient_checkpointing))
     if config.fsdp:
         values.update(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
     if config.eval_dataset:
         values.update(eval_strategy="steps", eval_steps=config.eval_steps or config.logging_steps)
-    if algorithm.uses_beta:
-        values["beta"] = config.beta
-    if config.algo == "robust":
-        values["label_smoothing"] = config.label_smoothing
-    if config.precompute_ref and algorithm.uses_reference:
-        values["precompute_ref_log_probs"] = True
+    values.update({LOSS_OPTIONS[o][0]: getattr(config, o) for o in algorithm.options})
     values.update(algorithm.settings)
-    config_class = algorithm.config_class()
-    known = set(config_class.__dataclass_fields__)
-    return config_class(**{k: v for k, v in values.items() if k in known})
+    missing = sorted(set(values) - fields)
+    if missing:
+        import trl
+
+        raise OmoError(
+            f"--algo {config.algo}: TRL {trl.__version__}'s {config_class.__name__} has no "
+            f"field {', '.join(missing)}, so these settings cannot reach the trainer; install "
+            "the TRL omotool is tested with (pip install 'trl>=1.16,<2')."
+        )
+    try:
+        arguments = config_class(**values)
+    except ValueError as exc:  # transformers' own checks of a combination of settings
+        raise UsageError(f"--algo {config.algo}: TRL refuses these settings: {exc}") from None
+    for name in checkpointing:
+        if getattr(arguments, name) != config.gradient_checkpointing:
+            raise OmoError(
+                f"TRL's {config_class.__name__} resolved {name} to {getattr(arguments, name)} "
+                f"although --gradient-checkpointing is {config.gradient_checkpointing}; this "
+                "TRL/transformers pair is not supported (pip install 'trl>=1.16,<2')."
+            )
+    return arguments
 
 
 def _is_main_process() -> bool:
@@ -274,12 +363,15 @@ def count_truncated(dataset: Any, max_length: int | None) -> int:
 def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Train per ``config`` (extra transformers ``callbacks``, e.g. a progress display)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
 
     config.validate()
     algorithm = ALGORITHMS.get(config.algo)
     output = Path(config.out)
+    arguments = trl_arguments(config, output)  # TRL's own checks, before any data or model
+    with _loading(config.model):  # its config.json: a wrong --model fails before anything runs
+        AutoConfig.from_pretrained(config.model)
     start = resume_point(config, output) if config.resume else None
     train_data = _dataset(config.dataset, algorithm.kind, config.split)
     eval_data = (
@@ -298,8 +390,9 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
 
     torch.manual_seed(config.seed)
     dtype = torch.bfloat16 if config.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    with _loading(config.model):
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
     metrics = metrics_callback(metrics_path)
     interrupt = Interrupt()
     trainer_class = online_merging_trainer(
@@ -315,7 +408,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     )
     trainer = trainer_class(
         model=model,
-        args=trl_arguments(config, output),
+        args=arguments,
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
@@ -346,6 +439,17 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
                 output / METADATA_FILE, json.dumps(_metadata(config, result), indent=2)
             )
     return result
+
+
+@contextlib.contextmanager
+def _loading(model: str) -> Iterator[None]:
+    """transformers' errors for a ``--model`` it cannot load, as an ``InputError``."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"--model {model}: not a model transformers can load with its tokenizer ({exc})."
+        ) from exc
 
 
 def _save_final_model(trainer: Any, tokenizer: Any, output: Path) -> None:

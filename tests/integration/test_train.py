@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from omotool.delta import DeltaConfig, compute_delta
 from omotool.errors import InputError, OutputError, UsageError
@@ -68,12 +68,33 @@ def test_dpo_trains_and_writes_a_loadable_model(llama_pair, prefs, tmp_path, mer
 @pytest.mark.parametrize("algo", ["ipo", "hinge", "robust", "kto", "simpo", "orpo", "sft"])
 def test_every_algorithm_runs_with_online_merging(llama_pair, prefs, tmp_path, algo) -> None:
     out = tmp_path / algo
-    result = run_training(
-        config(llama_pair, prefs, out, algo=algo, max_steps=2, label_smoothing=0.1)
-    )
+    smoothing = {"label_smoothing": 0.1} if algo in ("robust", "simpo") else {}
+    result = run_training(config(llama_pair, prefs, out, algo=algo, max_steps=2, **smoothing))
     assert result.steps == 2
     assert "merge/kept_fraction" in result.metrics
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["on", "off"])
+@pytest.mark.parametrize("algo", ["dpo", "sft"])
+def test_gradient_checkpointing_flag_reaches_the_model(llama_pair, prefs, tmp_path, algo, on):
+    """Both ways: TRL's configs turn checkpointing on unless told otherwise."""
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append(model.is_gradient_checkpointing)
+
+    options = dict(algo=algo, merge="none", max_steps=1, gradient_checkpointing=on)
+    run_training(config(llama_pair, prefs, tmp_path / "run", **options), callbacks=[Probe()])
+    assert seen == [on]
+
+
+def test_an_option_the_loss_does_not_read_is_refused_before_anything(llama_pair, prefs, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match="--precompute-ref has no effect with --algo orpo"):
+        run_training(config(llama_pair, prefs, out, algo="orpo", precompute_ref=True))
+    assert not out.exists()
 
 
 def test_task_vector_from_delta_must_match_the_model(llama_pair, prefs, tmp_path) -> None:

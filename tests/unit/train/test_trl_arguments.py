@@ -1,0 +1,176 @@
+"""trl_arguments: every option of `omotool train` reaches the TRL config, or is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from transformers import TrainingArguments
+
+from omotool.errors import OmoError, UsageError
+from omotool.train.algorithms import ALGORITHMS, LOSS_OPTIONS, Algorithm
+from omotool.train.runner import TrainConfig, trl_arguments
+
+# The loss each --algo must end up with in its TRL config (orpo's config has no loss_type).
+LOSSES = {
+    "dpo": {"loss_type": ["sigmoid"]},
+    "ipo": {"loss_type": ["ipo"]},
+    "hinge": {"loss_type": ["hinge"]},
+    "robust": {"loss_type": ["robust"]},
+    "kto": {"loss_type": "kto"},
+    "simpo": {"loss_type": "simpo", "cpo_alpha": 0.0},
+    "orpo": {},
+    "sft": {"loss_type": "nll"},
+}
+# Values away from every default, for the loss options an algorithm takes.
+SET = {"beta": 0.3, "label_smoothing": 0.2, "precompute_ref": True}
+
+
+def train_config(tmp_path, **options) -> TrainConfig:
+    return TrainConfig(model="m", dataset="d", out=str(tmp_path), merge="none", **options)
+
+
+def test_losses_cover_every_algorithm() -> None:
+    assert set(LOSSES) == set(ALGORITHMS)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["checkpointing-on", "checkpointing-off"])
+@pytest.mark.parametrize("algo", list(LOSSES))
+def test_every_option_reaches_the_trl_config(tmp_path, algo, on) -> None:
+    algorithm = ALGORITHMS.get(algo)
+    taken = {option: SET[option] for option in algorithm.options}
+    config = train_config(
+        tmp_path, algo=algo, lr=3e-4, max_length=77, warmup_steps=7, lr_scheduler="cosine",
+        bf16=on, gradient_checkpointing=on, report_to="tensorboard" if on else "none", **taken,
+    )  # fmt: skip
+    dataclasses.replace(config, report_to="none").validate()  # (tensorboard is not installed)
+    args = trl_arguments(config, tmp_path)
+    assert type(args) is algorithm.config_class()
+    for field, value in LOSSES[algo].items():
+        assert getattr(args, field) == value
+    if algo == "orpo":
+        assert not hasattr(args, "loss_type")  # one fixed loss
+    assert args.beta == 0.3 if "beta" in taken else not hasattr(args, "beta")
+    if "label_smoothing" in taken:
+        assert args.label_smoothing == 0.2
+    if "precompute_ref" in taken:
+        assert args.precompute_ref_log_probs is True
+    # gradient checkpointing: transformers reads activation_checkpointing, TRL its alias
+    assert args.activation_checkpointing is on and args.gradient_checkpointing is on
+    assert args.bf16 is on  # (TRL's default is True: off must be passed)
+    assert args.report_to == (["tensorboard"] if on else [])
+    assert (args.learning_rate, args.max_length, args.warmup_steps) == (3e-4, 77, 7)
+    assert args.lr_scheduler_type.value == "cosine"
+
+
+@pytest.mark.parametrize("algo", list(LOSSES))
+def test_loss_options_default_off_where_taken(tmp_path, algo) -> None:
+    args = trl_arguments(train_config(tmp_path, algo=algo), tmp_path)
+    if "beta" in ALGORITHMS.get(algo).options:
+        assert args.beta == 0.1
+    if "precompute_ref" in ALGORITHMS.get(algo).options:
+        assert args.precompute_ref_log_probs is False
+    assert args.activation_checkpointing is False and args.bf16 is False
+
+
+REFUSED = [
+    (algo, option)
+    for algo in ALGORITHMS
+    for option in LOSS_OPTIONS
+    if option not in ALGORITHMS.get(algo).options
+]
+
+
+@pytest.mark.parametrize(("algo", "option"), REFUSED, ids=[f"{a}-{o}" for a, o in REFUSED])
+def test_an_option_the_loss_does_not_read_is_refused(tmp_path, algo, option) -> None:
+    config = train_config(tmp_path, algo=algo, **{option: SET[option]})
+    flag = "--" + option.replace("_", "-")
+    for check in (config.validate, lambda: trl_arguments(config, tmp_path)):
+        with pytest.raises(UsageError, match=f"{flag}.* --algo {algo} ") as error:
+            check()
+        assert "drop it" in str(error.value)
+
+
+def test_refusal_names_the_algorithms_that_take_it(tmp_path) -> None:
+    with pytest.raises(UsageError) as error:
+        train_config(tmp_path, algo="dpo", label_smoothing=0.1).validate()
+    message = str(error.value)
+    assert message.startswith("--label-smoothing 0.1 has no effect with --algo dpo")
+    assert "--algo robust, simpo" in message
+
+
+def test_loss_options_name_fields_of_the_config_class() -> None:
+    for name in ALGORITHMS:
+        algorithm = ALGORITHMS.get(name)
+        fields = set(algorithm.config_class().__dataclass_fields__)
+        for option in algorithm.options:
+            assert LOSS_OPTIONS[option][0] in fields, (name, option)
+        assert set(algorithm.settings) <= fields, name
+
+
+def test_trl_defaults_checkpointing_on() -> None:
+    """Why omotool always sets both fields: TRL's configs default the deprecated
+    ``gradient_checkpointing`` alias to True, which turns ``activation_checkpointing`` (what
+    transformers' Trainer reads) on when it is left unset."""
+    from trl import DPOConfig
+
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+        args = DPOConfig(output_dir="unused", use_cpu=True, report_to=[])
+    assert args.activation_checkpointing is True and args.bf16 is True
+
+
+@dataclasses.dataclass
+class NoMaxLength(TrainingArguments):
+    """A TRL config as an older or newer TRL might have it: no ``max_length`` field."""
+
+
+def test_a_field_missing_from_trl_is_an_error_not_dropped(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(Algorithm, "config_class", lambda self: NoMaxLength)
+    with pytest.raises(OmoError, match="NoMaxLength has no field max_length"):
+        trl_arguments(train_config(tmp_path, algo="sft"), tmp_path)
+
+
+@dataclasses.dataclass
+class Refusing(TrainingArguments):
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        raise ValueError("not this combination")
+
+
+def test_a_value_error_of_trl_becomes_a_usage_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(Algorithm, "config_class", lambda self: Refusing)
+    with pytest.raises(UsageError, match="TRL refuses these settings: not this combination"):
+        trl_arguments(train_config(tmp_path, algo="sft"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr_scheduler": "cosine_with_min_lr"}, "--lr-scheduler 'cosine_with_min_lr': choose"),
+        ({"lr_scheduler": "constant", "warmup_steps": 5}, "constant_with_warmup"),
+        ({"warmup_steps": -1}, "--warmup-steps must be >= 0"),
+        ({"max_steps": 0}, "--max-steps must be -1"),
+        ({"epochs": 0.0}, "--epochs must be > 0"),
+        ({"max_length": 0}, "--max-length must be at least 1"),
+        ({"eval_steps": 5}, "--eval-steps needs --eval-dataset"),
+        ({"beta": 0.0}, "--beta must be > 0"),
+        ({"algo": "robust", "label_smoothing": 0.5}, r"--label-smoothing must be in \[0, 0.5\)"),
+        ({"save_total_limit": 0}, "--save-total-limit must be at least 1"),
+    ],
+)
+def test_out_of_range_options_are_refused_before_loading(tmp_path, options, message) -> None:
+    with pytest.raises(UsageError, match=message):
+        train_config(tmp_path, **options).validate()
+
+
+def test_command_line_refuses_an_option_the_loss_does_not_read(cli, tmp_path) -> None:
+    out = tmp_path / "run"
+    result = cli(
+        "train", "--algo", "sft", "--merge", "none", "--beta", "0.3", "--model", "no-model",
+        "--dataset", "no-data.jsonl", "-o", out, expect=2,
+    )  # fmt: skip
+    output = " ".join(result.output.split())
+    assert "--beta 0.3 has no effect with --algo sft" in output
+    assert "Traceback" not in output and len(output) < 300
+    assert not out.exists()  # refused before anything was read or written
