@@ -175,7 +175,8 @@ def adam_direction(
 
 
 class Workspace:
-    """Reusable scratch buffers by purpose, grown to the largest tensor seen.
+    """Reusable scratch buffers by purpose, grown to the largest request seen (the largest
+    tensor; for batched OnTIES, all batched entries together).
 
     Fresh full-size temporaries are page-faulted in on every step (on this kind of machine a
     new buffer costs several times a pass over an existing one), so the fast path keeps them.
@@ -191,6 +192,10 @@ class Workspace:
             buffer = torch.empty(numel, dtype=dtype, device=like.device)
             self._buffers[key] = buffer
         return buffer[:numel]
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers held, by purpose (for ``memory_report``)."""
+        return dict(self._buffers)
 
 
 Direction = Callable[[torch.Tensor | None], torch.Tensor]

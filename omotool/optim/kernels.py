@@ -404,6 +404,12 @@ def _thread_slots() -> np.ndarray:
     return np.full((numba.config.NUMBA_NUM_THREADS, CHUNK), -1, dtype=np.int32)
 
 
+def scratch_bytes() -> int:
+    """Bytes of the per-thread scratch rows allocated so far (shared by the whole process)."""
+    rows = [f() for f in (_thread_scratch, _thread_slots) if f.cache_info().currsize]
+    return sum(row.nbytes for row in rows)
+
+
 def bernoulli_indices_many(
     numels: list[int], density: float, generators: list[torch.Generator]
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:

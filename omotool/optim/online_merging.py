@@ -38,6 +38,13 @@ NAN_POLICIES = ("skip", "raise")
 MISSING_POLICIES = ("error", "adamw")
 _FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "master", "cache")  # kept in float32 on load
 _PLAIN_ADAMW = MergeOptions(method="none")
+_STATE_COMPONENT = {
+    "exp_avg": "moments", "exp_avg_sq": "moments", "step": "steps", "master": "master",
+    "cache": "cache",
+}  # fmt: skip
+_MEMORY_COMPONENTS = (
+    "moments", "steps", "master", "cache", "task_vector_values", "task_vector_indices",
+)  # fmt: skip
 
 
 class OnlineMergingAdamW(torch.optim.Optimizer):
@@ -215,24 +222,59 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
 
     # -- memory ----------------------------------------------------------------------------
     def memory_report(self) -> dict[str, float]:
-        """Bytes held by the optimizer, by kind, and per parameter beyond AdamW's moments."""
+        """Bytes of every buffer the optimizer holds, by component, and per parameter.
+
+        Components (``<component>_bytes`` and ``<component>_bytes_per_parameter``):
+        ``moments`` (``exp_avg``, ``exp_avg_sq``), ``steps`` (step counts), ``master``
+        (float32 copies of bf16/fp16 parameters), ``cache`` (step-K's cached updates),
+        ``task_vector_values`` and ``task_vector_indices`` (``T``; indices only where sparse),
+        and ``workspace_<purpose>``: the fast path's scratch buffers, allocated by the first
+        step that needs them and grown to the largest request (the largest tensor; for
+        batched OnTIES all batched entries, of which only the pages that receive candidates
+        become resident). Sizes are those of the tensors' storages, each counted once.
+        ``total`` is their sum; ``extra`` is what torch.optim.AdamW does not hold (all but
+        moments and steps). ``kernel_scratch_bytes``: the numba kernels' per-thread rows,
+        shared by every optimizer of the process, not in the totals.
+        """
         parameters = sum(p.numel() for group in self.param_groups for p in group["params"])
-        kinds = {"moments": 0, "master": 0, "cache": 0}
+        sizes: dict[str, int] = dict.fromkeys(_MEMORY_COMPONENTS, 0)
+        seen: set[tuple[str, int]] = set()
+
+        def count(component: str, tensor: torch.Tensor | None) -> None:
+            if tensor is None:
+                return
+            storage = tensor.untyped_storage()
+            key = (str(storage.device), storage.data_ptr() or id(storage))
+            if key not in seen:
+                seen.add(key)
+                sizes[component] = sizes.get(component, 0) + storage.nbytes()
+
         for state in self.state.values():
-            kinds["moments"] += sum(
-                state[k].numel() * 4 for k in ("exp_avg", "exp_avg_sq") if k in state
-            )
-            kinds["master"] += state["master"].numel() * 4 if "master" in state else 0
-            kinds["cache"] += state["cache"].numel() * 4 if "cache" in state else 0
-        kinds["task_vector"] = sum(ref.nbytes for ref in self.references.values())
-        extra = kinds["master"] + kinds["cache"] + kinds["task_vector"]
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    count(_STATE_COMPONENT.get(key, f"state_{key}"), value)
+        for reference in self.references.values():
+            count("task_vector_values", reference.values)
+            count("task_vector_indices", reference.indices)
+        for purpose, buffer in sorted(self._workspace.buffers().items()):
+            count(f"workspace_{purpose}", buffer)
+        total = sum(sizes.values())
+        extra = total - sizes["moments"] - sizes["steps"]
+        per = 1 / parameters if parameters else 0.0
+        report: dict[str, float] = {"parameters": float(parameters)}
+        for component, size in sizes.items():
+            report[f"{component}_bytes"] = float(size)
+            report[f"{component}_bytes_per_parameter"] = size * per
+        task_vector = sizes["task_vector_values"] + sizes["task_vector_indices"]
         return {
-            "parameters": parameters,
-            **{f"{kind}_bytes": float(size) for kind, size in kinds.items()},
-            "extra_bytes_per_parameter": extra / parameters if parameters else 0.0,
-            "task_vector_bytes_per_parameter": (
-                kinds["task_vector"] / parameters if parameters else 0.0
-            ),
+            **report,
+            "task_vector_bytes": float(task_vector),
+            "task_vector_bytes_per_parameter": task_vector * per,
+            "total_bytes": float(total),
+            "total_bytes_per_parameter": total * per,
+            "extra_bytes": float(extra),
+            "extra_bytes_per_parameter": extra * per,
+            "kernel_scratch_bytes": float(kernels.scratch_bytes()),
         }
 
     # -- resume ----------------------------------------------------------------------------
