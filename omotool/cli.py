@@ -422,6 +422,19 @@ def eval_(
     include_path: str | None = typer.Option(
         None, help="--task lm_eval: a folder of extra task YAMLs (local data)."
     ),
+    until: list[str] | None = typer.Option(
+        None,
+        "--until",
+        help="--task generate/reward_model: a stop sequence (repeatable); an answer ends before "
+        "the first one. \\n, \\t read as newline, tab.",
+    ),
+    chat: bool | None = typer.Option(
+        None,
+        "--chat/--no-chat",
+        help="--task generate/reward_model/choice: render prompts with the model's chat "
+        "template or not (default: when the model has one).",
+        show_default=False,
+    ),
     batch_size: int = typer.Option(8, help="Examples per forward pass."),
     out: str | None = typer.Option(None, "-o", "--out", help="Folder for report.json/.md."),
     plot: bool = typer.Option(
@@ -442,11 +455,17 @@ def eval_(
     if (suite is None) == (task is None):
         raise UsageError("give --suite FILE, or --task NAME with --data FILE (not both).")
     if suite is not None:
+        if until or chat is not None:
+            raise UsageError(
+                "--until and --chat/--no-chat go with --task; a suite sets 'until' and 'chat' "
+                "under 'generation' or per task."
+            )
         plan = load_suite(suite)
     else:
         plan = single_task_suite(
             task, data, reference=ref_model, batch_size=batch_size, reward_model=reward_model,
             extract=extract, pattern=pattern, tasks=lm_tasks, include_path=include_path,
+            generation={"until": until, "chat": chat},
         )  # fmt: skip
     _quiet_libraries()
     if plot:

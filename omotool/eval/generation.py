@@ -51,6 +51,10 @@ class GenerationSettings:
         for key in GENERATION_KEYS:
             object.__setattr__(self, key, _checked(key, getattr(self, key), key))
 
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (``until`` a list), for the report."""
+        return {**dataclasses.asdict(self), "until": list(self.until)}
+
 
 GENERATION_KEYS = tuple(f.name for f in dataclasses.fields(GenerationSettings))
 
@@ -211,6 +215,7 @@ def generate_answers(
     """The model's answer to each prompt: its new tokens decoded (special tokens skipped) and
     cut before the first stop sequence of ``settings.until``."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = 0 if pad is None else pad  # masked out either way
     device = next(model.parameters()).device
     sampling = settings.temperature > 0
     answers: list[str] = []

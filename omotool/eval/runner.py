@@ -15,7 +15,6 @@ whose tokenizer encodes the pairs the same way.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -236,7 +235,7 @@ def run_suite(
             }
             for t in suite.tasks
         ],  # fmt: skip
-        "generation": dataclasses.asdict(suite.generation),
+        "generation": suite.generation.as_dict(),
         "baseline": suite.baseline,
         "models": [results[p] for p in order if p in model_paths or p == suite.baseline],
     }
@@ -246,7 +245,7 @@ def _generation_report(spec: TaskSpec, suite: Suite) -> dict[str, Any]:
     """The generation settings a task ran with (a choice task: ``chat`` only; none if none)."""
     if spec.task not in CHAT:
         return {}
-    settings = dataclasses.asdict(task_generation(spec, suite))
+    settings = task_generation(spec, suite).as_dict()
     return {"generation": settings if spec.task in GENERATING else {"chat": settings["chat"]}}
 
 

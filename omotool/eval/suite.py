@@ -323,6 +323,8 @@ def single_task_suite(
         if not spec.options.get("tasks"):
             raise UsageError("--task lm_eval needs --lm-tasks NAME[,NAME...].")
         spec.options["tasks"] = [t.strip() for t in spec.options["tasks"].split(",") if t.strip()]
+        if not spec.options["tasks"]:
+            raise UsageError("--lm-tasks names no task; give NAME[,NAME...].")
     else:
         if data is None:
             raise UsageError(f"--task {task} needs --data FILE.")

@@ -338,3 +338,125 @@ def test_the_reference_is_scored_once_per_task_and_tokenizer(
             assert result["tasks"][spec.name]["scores"] == scores
     other = together["models"][2]["tasks"]["prefs"]["scores"]["logps_chosen"]["value"]
     assert other != together["models"][1]["tasks"]["prefs"]["scores"]["logps_chosen"]["value"]
+
+
+# -- generation settings: stop sequences and the chat template -------------------------------
+def first_stop(answer: str) -> tuple[str, str]:
+    """A printable character of ``answer`` after its first, not seen before it; and the text
+    before it (the tiny model writes on past it, as a base model writes on past its answer)."""
+    for at in range(1, len(answer)):
+        char = answer[at]
+        if char.isascii() and char.isprintable() and char not in " \\" + answer[:at]:
+            return char, answer[:at]
+    raise AssertionError(f"no stop candidate in {answer!r}")
+
+
+def test_until_per_task_and_suite_wide_is_used_and_reported(suite_folder, llama_pair, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from omotool.eval.generation import GenerationSettings, generate_answers
+
+    _, sft = llama_pair
+    model = AutoModelForCausalLM.from_pretrained(str(sft), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(sft))
+    prompts = ["what is 1 + 2 ?", "2 + 2"]
+    whole = generate_answers(model, tokenizer, prompts, GenerationSettings(8, chat=False))
+    cut = [first_stop(a) for a in whole]
+    write_jsonl(tmp_path / "base.jsonl", [
+        {"prompt": p, "reference": before} for p, (_, before) in zip(prompts, cut, strict=True)
+    ])  # fmt: skip
+    tasks = [
+        dict(name="plain", task="generate", data="base.jsonl", category="capability"),
+        dict(name="stopped", task="generate", data="base.jsonl", category="capability",
+             until=[stop for stop, _ in cut]),
+        dict(name="facts", task="choice", data=str(suite_folder / "facts.jsonl"),
+             category="capability", chat=True),
+    ]  # fmt: skip
+    suite = dict(generation=dict(max_new_tokens=8, chat=False, until="never written"), tasks=tasks)
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    report = run_suite([str(sft)], load_suite(tmp_path / "suite.yaml"))
+    result = report["models"][0]["tasks"]
+    assert result["plain"]["answers"] == whole  # no stop written: whole answers, all wrong
+    assert result["plain"]["scores"]["accuracy"]["value"] == 0.0
+    assert result["stopped"]["answers"] == [before for _, before in cut]
+    assert result["stopped"]["scores"]["accuracy"]["value"] == 1.0
+    assert report["generation"]["until"] == ["never written"]
+    described = {t["name"]: t.get("generation") for t in report["tasks"]}
+    assert described["plain"]["until"] == ["never written"] and not described["plain"]["chat"]
+    assert described["stopped"]["until"] == [stop for stop, _ in cut]
+    assert described["facts"] == {"chat": True}  # a choice task: only the template matters
+
+
+def test_bad_generation_settings_are_named(suite_folder, tmp_path) -> None:
+    sums, facts = str(suite_folder / "sums.jsonl"), str(suite_folder / "facts.jsonl")
+    prefs = str(suite_folder / "prefs.jsonl")
+
+    def suite(task, **top):
+        path = tmp_path / f"s{len(list(tmp_path.glob('s*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump({"tasks": [task], **top}))
+        return path
+
+    generate = dict(task="generate", data=sums, category="capability")
+    cases = [
+        (suite({**generate, "until": ["\n", ""]}), r"task 0: until: a stop sequence cannot be"),
+        (suite(generate, generation={"until": ""}), r"generation: until: a stop sequence cannot"),
+        (suite(generate, generation={"max_tokens": 5}), r"unknown generation key\(s\) max_tokens"),
+        (suite({**generate, "max_new_tokens": 0}), "task 0: max_new_tokens must be at least 1"),
+        (suite(dict(task="choice", data=facts, category="capability", until="\n")),
+         "until has no effect on a choice task"),
+        (suite({**generate, "extract": "regex", "pattern": "(("}), "is not a regular expression"),
+        (suite({**generate, "extract": "regex"}), "extract 'regex' needs a pattern"),
+        (suite({**generate, "extract": "fuzzy"}), "unknown extract 'fuzzy'"),
+        (suite(generate, batch_size=0), "batch_size must be a whole number >= 1"),
+        (suite(dict(task="preference", data=prefs, category="reward", beta="big"),
+               reference="x"), "beta must be a number > 0"),
+        (suite({**generate, "data": 3}), "'data' must be a file path"),
+    ]  # fmt: skip
+    for path, message in cases:
+        with pytest.raises(InputError, match=message):
+            load_suite(path)
+    numbers = tmp_path / "numbers.jsonl"
+    write_jsonl(numbers, [{"prompt": "1 + 1", "reference": 2}, {"prompt": 3, "reference": "3"}])
+    with pytest.raises(InputError, match=r"numbers.jsonl:2: 'prompt' must be text"):
+        load_suite(suite({**generate, "data": str(numbers)}))
+    write_jsonl(numbers, [{"prompt": "1 + 1", "reference": 2}])
+    assert load_suite(suite({**generate, "data": str(numbers)})).tasks[0].examples == [
+        {"prompt": "1 + 1", "reference": "2"}  # a number as reference is read as its text
+    ]
+
+
+def test_eval_command_until_and_no_chat(cli, llama_pair, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from omotool.eval.generation import GenerationSettings, generate_answers
+
+    _, sft = llama_pair
+    model = AutoModelForCausalLM.from_pretrained(str(sft), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(sft))
+    prompts = ["what is 1 + 2 ?", "2 + 2"]
+    raw = generate_answers(model, tokenizer, prompts, GenerationSettings(8, chat=False))
+    templated = generate_answers(model, tokenizer, prompts, GenerationSettings(8))
+    assert raw != templated and tokenizer.chat_template
+    cut = [first_stop(a) for a in raw]
+    data = tmp_path / "base.jsonl"
+    write_jsonl(data, [
+        {"prompt": p, "reference": before} for p, (_, before) in zip(prompts, cut, strict=True)
+    ])  # fmt: skip
+    stops = [f"--until={stop}" for stop, _ in cut]
+
+    def run(*args):
+        # max_new_tokens is the default 64: the stops end generation well before it
+        report = json.loads(cli("eval", sft, "--task", "generate", "--data", data, "--json",
+                                *args).output)  # fmt: skip
+        return report["generation"], report["models"][0]["tasks"]["generate"]
+
+    settings, task = run("--no-chat", *stops, "--until", r"\n")  # a shell's backslash-n
+    assert settings["chat"] is False and settings["until"] == [s for s, _ in cut] + ["\n"]
+    assert task["answers"] == [before for _, before in cut]
+    assert task["scores"]["accuracy"]["value"] == 1.0
+    settings, task = run("--no-chat")  # the same model without stops: the tail makes it wrong
+    assert settings["until"] == [] and task["scores"]["accuracy"]["value"] == 0.0
+    assert all(a.startswith(before) for a, (_, before) in zip(task["answers"], cut, strict=True))
+    plain = task["answers"]
+    settings, task = run()  # the default: the model's chat template, a different prompt
+    assert settings["chat"] is None and task["answers"] != plain

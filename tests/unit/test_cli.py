@@ -112,3 +112,44 @@ def test_public_api_is_reexported_lazily() -> None:
     code = "import sys, omotool.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # --help does not pay for importing torch
+
+
+# -- eval: generation options ----------------------------------------------------------------
+def test_eval_generation_options_are_checked_before_any_model(cli, tmp_path) -> None:
+    data = tmp_path / "sums.jsonl"
+    data.write_text('{"prompt": "1 + 1 =", "reference": "2"}\n')
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"tasks: [{{task: generate, data: {data}, category: capability}}]\n")
+    model = tmp_path / "no-model"  # never loaded: every case fails first
+    generate = ["eval", model, "--task", "generate", "--data", data]
+    cases = [
+        ([*generate, "--until", "\n", "--until", ""], "--until: a stop sequence cannot be empty"),
+        (["eval", model, "--task", "choice", "--data", data, "--until", "Q:"],
+         "--until has no effect on --task choice"),
+        (["eval", model, "--task", "perplexity", "--data", data, "--no-chat"],
+         "--chat/--no-chat has no effect on --task perplexity"),
+        (["eval", model, "--suite", suite, "--until", "Q:"], "--until and --chat/--no-chat go"),
+        (["eval", model, "--suite", suite, "--chat"], "a suite sets 'until' and 'chat'"),
+        ([*generate, "--extract", "regex", "--pattern", "(("], "is not a regular expression"),
+        ([*generate, "--extract", "fuzzy"], "unknown extract 'fuzzy'"),
+        ([*generate, "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["eval", model, "--task", "lm_eval", "--lm-tasks", ","], "--lm-tasks names no task"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = cli(*args, expect=2)
+        assert message in " ".join(result.output.split()), (args, result.output)
+        assert "Traceback" not in result.output and len(result.output.splitlines()) <= 3
+    assert "--chat" in cli("eval", "--help").output and "--until" in cli("eval", "--help").output
+
+
+def test_eval_until_reads_backslash_escapes(tmp_path) -> None:
+    from omotool.eval.suite import single_task_suite
+
+    data = tmp_path / "sums.jsonl"
+    data.write_text('{"prompt": "1 + 1 =", "reference": "2"}\n')
+
+    def suite(*until):
+        return single_task_suite("generate", data, generation={"until": list(until)})
+
+    assert suite(r"\n", r"Q:\t", r"a\\n").generation.until == ("\n", "Q:\t", "a\\n")
+    assert suite().generation.until == ()
