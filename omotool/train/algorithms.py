@@ -31,6 +31,7 @@ class Algorithm:
     config: str  # "module:Class"
     settings: dict[str, Any] = field(default_factory=dict)  # fixed config values (loss type)
     options: tuple[str, ...] = ()  # the LOSS_OPTIONS its TRL loss reads
+    min_batch_size: int = 1  # per device: KTO estimates its KL term from the other examples
 
     def trainer_class(self) -> type:
         return _load(self.trainer)
@@ -60,7 +61,14 @@ ALGORITHMS.register("robust", help="cDPO / robust DPO with --label-smoothing")(
     Algorithm("preference", *_DPO, {"loss_type": ["robust"]}, (*_REFERENCE, "label_smoothing"))
 )
 ALGORITHMS.register("kto", help="KTO (Ethayarajh et al. 2024); pairs are unpaired")(
-    Algorithm("unpaired", "trl:KTOTrainer", "trl:KTOConfig", {"loss_type": "kto"}, _REFERENCE)
+    Algorithm(
+        "unpaired",
+        "trl:KTOTrainer",
+        "trl:KTOConfig",
+        {"loss_type": "kto"},
+        _REFERENCE,
+        min_batch_size=2,
+    )
 )
 ALGORITHMS.register("simpo", help="SimPO (Meng et al. 2024), reference-free")(
     Algorithm(

@@ -114,6 +114,12 @@ class TrainConfig:
             raise UsageError("--lr must be > 0, --batch-size and --grad-accum at least 1.")
         check_loss_options(self)
         self._check_ranges()
+        least = ALGORITHMS.get(self.algo).min_batch_size
+        if self.batch_size < least:
+            raise UsageError(
+                f"--algo {self.algo} needs --batch-size {least} or more (examples per device: "
+                "TRL's KL estimate compares each example with the others in its batch)."
+            )
 
     def _check_ranges(self) -> None:
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -406,14 +412,18 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         election=config.election,
         seed=config.seed,
     )
-    trainer = trainer_class(
-        model=model,
-        args=arguments,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        processing_class=tokenizer,
-        callbacks=[metrics, interrupt.callback(), *callbacks],
-    )
+    try:
+        trainer = trainer_class(
+            model=model,
+            args=arguments,
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            processing_class=tokenizer,
+            callbacks=[metrics, interrupt.callback(), *callbacks],
+        )
+    except ValueError as exc:  # TRL's checks of the model, tokenizer and settings together
+        name = algorithm.trainer.rpartition(":")[2]
+        raise UsageError(f"TRL's {name} refuses this run: {exc}") from exc
     trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, interrupt.handler) if in_main_thread else None

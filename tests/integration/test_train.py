@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from omotool.delta import DeltaConfig, compute_delta
 from omotool.errors import InputError, OutputError, UsageError
+from omotool.train.algorithms import Algorithm
 from omotool.train.runner import TrainConfig, run_training
 
 
@@ -95,6 +96,19 @@ def test_an_option_the_loss_does_not_read_is_refused_before_anything(llama_pair,
     with pytest.raises(UsageError, match="--precompute-ref has no effect with --algo orpo"):
         run_training(config(llama_pair, prefs, out, algo="orpo", precompute_ref=True))
     assert not out.exists()
+
+
+def test_what_transformers_and_trl_refuse_is_a_user_error(llama_pair, prefs, tmp_path, monkeypatch):
+    with pytest.raises(InputError, match=r"--model .*not a model transformers can load"):
+        run_training(config(llama_pair, prefs, tmp_path / "a", model=str(tmp_path), merge="none"))
+
+    class Refusing:
+        def __init__(self, **kwargs):
+            raise ValueError("pad token missing")
+
+    monkeypatch.setattr(Algorithm, "trainer_class", lambda self: Refusing)
+    with pytest.raises(UsageError, match="TRL's DPOTrainer refuses this run: pad token missing"):
+        run_training(config(llama_pair, prefs, tmp_path / "b", merge="none"))
 
 
 def test_task_vector_from_delta_must_match_the_model(llama_pair, prefs, tmp_path) -> None:

@@ -27,7 +27,8 @@ SET = {"beta": 0.3, "label_smoothing": 0.2, "precompute_ref": True}
 
 
 def train_config(tmp_path, **options) -> TrainConfig:
-    return TrainConfig(model="m", dataset="d", out=str(tmp_path), merge="none", **options)
+    settings = dict(model="m", dataset="d", out=str(tmp_path), merge="none", batch_size=2)
+    return TrainConfig(**(settings | options))
 
 
 def test_losses_cover_every_algorithm() -> None:
@@ -157,6 +158,7 @@ def test_a_value_error_of_trl_becomes_a_usage_error(tmp_path, monkeypatch) -> No
         ({"beta": 0.0}, "--beta must be > 0"),
         ({"algo": "robust", "label_smoothing": 0.5}, r"--label-smoothing must be in \[0, 0.5\)"),
         ({"save_total_limit": 0}, "--save-total-limit must be at least 1"),
+        ({"algo": "kto", "batch_size": 1}, "--algo kto needs --batch-size 2 or more"),
     ],
 )
 def test_out_of_range_options_are_refused_before_loading(tmp_path, options, message) -> None:
