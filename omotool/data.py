@@ -66,7 +66,17 @@ def read_rows(source: str | Path, split: str = "train") -> Iterator[Row]:
         raise InputError(
             f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, .parquet or .csv."
         )
-    yield from {"jsonl": _jsonl, "json": _json, "parquet": _parquet, "csv": _csv}[kind](path)
+    read = {"jsonl": _jsonl, "json": _json, "parquet": _parquet, "csv": _csv}[kind]
+    try:
+        yield from read(path)
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start})."
+        ) from None
+    except csv.Error as error:
+        raise InputError(f"{path}: not a readable CSV file ({error}).") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot be read ({error.strerror or error}).") from None
 
 
 def _jsonl(path: Path) -> Iterator[Row]:

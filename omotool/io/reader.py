@@ -158,10 +158,19 @@ class ModelReader:
         return set(self._where) | set(self.aliases)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[self.aliases.get(name, name)][0]
+        return self._stored_meta(name)[0]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._meta[self.aliases.get(name, name)][1]
+        return self._stored_meta(name)[1]
+
+    def _stored_meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        meta = self._meta.get(self.aliases.get(name, name))
+        if meta is None:
+            raise self._no_tensor(name)
+        return meta
+
+    def _no_tensor(self, name: str) -> InputError:
+        return InputError(f"{self.path}: the model has no tensor {name!r}.")
 
     def layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Stored names → (shape, dtype): the layout a ``ModelWriter`` copy of this model has."""
@@ -184,7 +193,7 @@ class ModelReader:
         stored = self.aliases.get(name, name)
         file = self._where.get(stored)
         if file is None:
-            raise KeyError(name)
+            raise self._no_tensor(name)
         if self.format == "pickle":
             return self._load_pickle(file)[stored].clone()
         return self._safetensors(file).read(stored)

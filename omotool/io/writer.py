@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from omotool.errors import InputError, OutputError
+from omotool.errors import InputError, OutputError, UsageError
 from omotool.io.formats import (
     _ST_NAMES,
     DEFAULT_SHARD_SIZE,
@@ -105,16 +105,16 @@ class ModelWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor of the layout to disk (any order; each name once)."""
         if name not in self._layout:
-            raise ValueError(f"tensor {name} is not in the writer's layout")
+            raise UsageError(f"tensor {name} is not in the writer's layout")
         shape, dtype = self._layout[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(
+            raise InputError(
                 f"tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"the layout says {shape} {dtype}"
             )
         shard = self._where[name]
         if name not in self._pending[shard]:
-            raise ValueError(f"tensor {name} written twice")
+            raise UsageError(f"tensor {name} written twice")
         data = _tensor_array(tensor)
         try:
             file = self._shard_file(shard)
@@ -180,7 +180,7 @@ class ModelWriter:
     def _commit(self) -> None:
         missing = [name for names in self._pending for name in names]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"{len(missing)} tensors of the layout were never written, e.g. {missing[:3]}"
             )
         for shard in range(len(self._shards)):  # a layout with no tensors still gets its file

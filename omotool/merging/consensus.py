@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from omotool.errors import UsageError
+
 ELECTIONS = ("weighted", "unweighted")
 SIGN_METHODS = ("sum", "count")
 
@@ -28,7 +30,7 @@ def elect_sign(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
         vote = deltas.sign().sum(dim=0)
     else:
         choices = ", ".join(SIGN_METHODS)
-        raise ValueError(f"unknown sign method {method!r}; choose one of {choices}")
+        raise UsageError(f"unknown sign method {method!r}; choose one of {choices}")
     one = torch.ones((), dtype=deltas.dtype, device=deltas.device)
     return torch.where(vote >= 0, one, -one)
 
@@ -61,7 +63,7 @@ def disjoint_merge(
         basis = weighted if election == "weighted" else deltas
         mask = agreement_mask(basis, elect_sign(basis, sign_method))
     else:
-        raise ValueError(f"unknown election {election!r}; choose one of {', '.join(ELECTIONS)}")
+        raise UsageError(f"unknown election {election!r}; choose one of {', '.join(ELECTIONS)}")
     merged = (weighted * mask).sum(dim=0)
     if normalize:
         divisor = (w * mask).sum(dim=0)

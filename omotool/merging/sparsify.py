@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from omotool.errors import UsageError
 from omotool.registry import Registry
 
 RESCALES = ("none", "inverse", "l1")
@@ -171,7 +172,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """
     n = values.numel()
     if not 1 <= k <= n:
-        raise ValueError(f"k={k} is outside 1..{n}")
+        raise UsageError(f"k={k} is outside 1..{n}")
     _, candidates = _candidates(values, k)
     return torch.kthvalue(candidates, candidates.numel() - k + 1).values
 
@@ -237,7 +238,7 @@ def rescale(kept: torch.Tensor, original: torch.Tensor, mode: str, density: floa
         if before < 1e-12 or after < 1e-12:
             return kept
         return kept * (before / after)
-    raise ValueError(f"unknown rescale mode {mode!r}; choose one of {', '.join(RESCALES)}")
+    raise UsageError(f"unknown rescale mode {mode!r}; choose one of {', '.join(RESCALES)}")
 
 
 def dare(

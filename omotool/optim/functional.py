@@ -143,7 +143,7 @@ def reference_tensor(tau: torch.Tensor, name: str, options: MergeOptions) -> tor
     elif options.method == "ties":
         reference = magnitude(tau, p, mode)
     else:
-        raise ValueError(f"method {options.method!r} has no reference term")
+        raise UsageError(f"method {options.method!r} has no reference term T (no merging).")
     return reference
 
 

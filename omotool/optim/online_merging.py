@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from omotool.errors import InputError, UsageError
+from omotool.errors import InputError, OmoError, UsageError
 from omotool.optim import kernels
 from omotool.optim.distributed import any_rank, local_tensors
 from omotool.optim.functional import (
@@ -47,6 +47,10 @@ _MEMORY_COMPONENTS = (
 )  # fmt: skip
 
 
+class NonFiniteGradientError(OmoError, FloatingPointError):
+    """A NaN or inf gradient under ``nan_policy="raise"`` (no parameter was changed)."""
+
+
 class OnlineMergingAdamW(torch.optim.Optimizer):
     """AdamW with online merging (OnDARE / OnTIES), step-K, NaN skipping and exact resume.
 
@@ -61,7 +65,8 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         missing: a parameter with no entry in the task vector is an error (``"error"``) or
             trained with plain AdamW (``"adamw"``). A shape mismatch is always an error.
         nan_policy: a non-finite gradient anywhere skips the whole step and counts it
-            (``"skip"``) or raises ``FloatingPointError`` (``"raise"``); parameters are never
+            (``"skip"``) or raises ``NonFiniteGradientError`` (an ``OmoError`` and a
+            ``FloatingPointError``: ``"raise"``); parameters are never
             written with non-finite values.
         master_weights: keep a float32 copy of bf16/fp16 parameters so that updates far below
             the parameter's precision accumulate (moments and merges are float32 anyway).
@@ -293,6 +298,8 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise InputError("not an optimizer state dict (no 'state' and 'param_groups').")
         state_dict = copy.copy(state_dict)
         extra = state_dict.pop("online_merging", None)
         if extra is not None:
@@ -316,7 +323,10 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         for key, values in state_dict["state"].items():
             kept[key] = {k: v for k, v in values.items() if k in _FLOAT32_STATE}
             inner_state[key] = {k: v for k, v in values.items() if k not in _FLOAT32_STATE}
-        super().load_state_dict({**state_dict, "state": inner_state})
+        try:
+            super().load_state_dict({**state_dict, "state": inner_state})
+        except ValueError as exc:  # torch's: another number or size of parameter groups
+            raise InputError(f"the checkpoint does not fit this optimizer: {exc}") from exc
         params = [p for group in self.param_groups for p in group["params"]]
         for key, values in kept.items():
             param = params[key]
@@ -408,7 +418,10 @@ def closure_and_check(optimizer: Any, closure: Any) -> tuple[Any, bool]:
     if gradients_finite(optimizer.param_groups):
         return loss, True
     if optimizer.nan_policy == "raise":
-        raise FloatingPointError("non-finite gradient; no parameter was changed")
+        raise NonFiniteGradientError(
+            "a gradient holds NaN or inf values; no parameter was changed. Lower the learning "
+            "rate or check the data, or use nan_policy='skip' to skip such steps."
+        )
     optimizer.skipped_steps += 1
     return loss, False
 

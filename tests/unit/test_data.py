@@ -146,6 +146,10 @@ def test_bad_paths_and_kinds(tmp_path) -> None:
         list(read_rows(tmp_path / "broken.parquet"))
     with pytest.raises(UsageError, match="unknown data kind"):
         load_examples(tmp_path / "x.jsonl", "pairs")
+    for suffix in (".jsonl", ".json", ".csv"):
+        (tmp_path / f"latin1{suffix}").write_bytes(b'{"prompt": "caf\xe9"}\n')
+        with pytest.raises(InputError, match="not UTF-8 text"):
+            list(read_rows(tmp_path / f"latin1{suffix}"))
 
 
 def test_hub_name_without_network_is_a_clear_error(tmp_path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from omotool.errors import InputError, OutputError
+from omotool.errors import InputError, OutputError, UsageError
 from omotool.io import SAFE_INDEX, ModelReader, ModelWriter, check_output, fingerprint
 from tests.conftest import leftovers, state_dict_of
 
@@ -29,6 +29,9 @@ def test_reads_single_file_lazily_with_names_shapes_dtypes(llama_pair) -> None:
         assert torch.equal(reader.get(name), tensor)
     assert reader.aliases == {}
     assert reader.numel() == sum(t.numel() for t in expected.values())
+    for ask in (reader.get, reader.shape, reader.dtype):
+        with pytest.raises(InputError, match="has no tensor 'nope'"):
+            ask("nope")
 
 
 def test_reads_sharded_model_through_index(sharded_pair) -> None:
@@ -179,16 +182,16 @@ ONE = {"a": ((3,), torch.float32)}
 
 def test_writer_checks_layout_and_completeness(tmp_path) -> None:
     layout = {"a": ((3,), torch.float32), "b": ((2,), torch.float32)}
-    with pytest.raises(ValueError, match="never written"), ModelWriter(tmp_path / "o", layout) as w:
+    with pytest.raises(UsageError, match="never written"), ModelWriter(tmp_path / "o", layout) as w:
         w.add("a", torch.ones(3))
     assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
     with ModelWriter(tmp_path / "p", layout) as writer:
-        with pytest.raises(ValueError, match="layout says"):
+        with pytest.raises(InputError, match="layout says"):
             writer.add("a", torch.ones(4))
-        with pytest.raises(ValueError, match="not in the writer's layout"):
+        with pytest.raises(UsageError, match="not in the writer's layout"):
             writer.add("c", torch.ones(3))
         writer.add("a", torch.ones(3))
-        with pytest.raises(ValueError, match="twice"):
+        with pytest.raises(UsageError, match="twice"):
             writer.add("a", torch.ones(3))
         writer.add("b", torch.zeros(2))
     assert torch.equal(load_file(str(tmp_path / "p" / "model.safetensors"))["b"], torch.zeros(2))

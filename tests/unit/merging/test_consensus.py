@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from omotool.errors import UsageError
 from omotool.merging.consensus import agreement_mask, disjoint_merge, elect_sign
 
 
@@ -49,8 +50,10 @@ def test_elect_sign_methods_and_zero_vote() -> None:
     deltas = torch.tensor([[3.0, -1.0, 0.0], [-1.0, -1.0, 0.0], [-1.0, 5.0, 0.0]])
     assert torch.equal(elect_sign(deltas, "sum"), torch.tensor([1.0, 1.0, 1.0]))
     assert torch.equal(elect_sign(deltas, "count"), torch.tensor([-1.0, -1.0, 1.0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         elect_sign(deltas, "max")
+    with pytest.raises(UsageError, match="unknown election"):
+        disjoint_merge(deltas, [1.0, 1.0, 1.0], election="max")
 
 
 def test_agreement_excludes_zeros() -> None:

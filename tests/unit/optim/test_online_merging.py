@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from omotool.errors import InputError, UsageError
-from omotool.optim import OnlineMergingAdamW
+from omotool.optim import NonFiniteGradientError, OnlineMergingAdamW
 from tests.unit.optim.reference import ReferenceOptimizer
 
 SHAPES = {"layer.weight": (24, 16), "layer.bias": (24,), "head.weight": (5, 24)}
@@ -276,8 +276,9 @@ def test_nan_gradient_skips_the_step_everywhere() -> None:
     assert steps == [int(s["step"]) for s in state_before["state"].values()]
     strict = OnlineMergingAdamW(params.items(), make_tau(), method="ties", nan_policy="raise")
     bad["layer.bias"][0] = float("inf")
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(NonFiniteGradientError, match="NaN or inf") as raised:
         run(strict, params, [bad])
+    assert isinstance(raised.value, FloatingPointError)  # as before: callers catching it
     assert all(torch.equal(p.detach(), before[n]) for n, p in params.items())
 
 
@@ -314,6 +315,11 @@ def test_resume_with_other_options_is_refused() -> None:
     other = OnlineMergingAdamW(params.items(), make_tau(), method="dare", reserve_p=0.2)
     with pytest.raises(InputError, match="merge options"):
         other.load_state_dict(opt.state_dict())
+    with pytest.raises(InputError, match="not an optimizer state dict"):
+        other.load_state_dict({"model": {}})
+    fewer = OnlineMergingAdamW(list(params.items())[:1], make_tau(), method="dare", reserve_p=0.3)
+    with pytest.raises(InputError, match="does not fit this optimizer"):
+        fewer.load_state_dict(opt.state_dict())
 
 
 @pytest.mark.parametrize(
