@@ -3,7 +3,7 @@
 The optimizer is loss-agnostic, so every algorithm here trains with online merging. Options
 of ``omotool train`` that only some losses take (``LOSS_OPTIONS``) are listed per algorithm
 in ``Algorithm.options``: they reach its TRL config, and a value set for an algorithm that
-does not list it is refused (``omotool.train.runner.trl_arguments``), never dropped.
+does not list it is refused (``omotool.train.arguments.check_loss_options``), never dropped.
 """
 
 from __future__ import annotations

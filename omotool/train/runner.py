@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib.util
 import json
 import os
 import shutil
@@ -23,9 +22,10 @@ from typing import Any
 
 import yaml
 
-from omotool.errors import InputError, OmoError, OutputError, UsageError
+from omotool.errors import InputError, OutputError, UsageError
 from omotool.io.formats import fsync_path, write_text_atomic
-from omotool.train.algorithms import ALGORITHMS, LOSS_OPTIONS
+from omotool.train.algorithms import ALGORITHMS
+from omotool.train.arguments import MERGES, TrainConfig, trl_arguments
 from omotool.train.checkpoints import (
     CHECKPOINT,
     STAGING,
@@ -34,124 +34,9 @@ from omotool.train.checkpoints import (
 )
 from omotool.train.trainer import metrics_callback, online_merging_trainer
 
-MERGES = ("none", "dare", "ties")
-REPORTERS = ("none", "tensorboard", "wandb")
 METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Every option of ``omotool train``; recipe keys and command-line names are these."""
-
-    model: str = ""  # the SFT model (policy start and reference)
-    dataset: str = ""
-    split: str = "train"  # of a Hub dataset
-    out: str = ""
-    algo: str = "dpo"
-    merge: str = "dare"  # none (AdamW) | dare (OnDARE) | ties (OnTIES)
-    base: str | None = None  # base model: the task vector is computed at start
-    task_vector: str | None = None  # or an `omotool delta` output
-    reserve_p: float = 0.01
-    alpha: float = 1e-7
-    online_step: int = 1
-    rescale: str | None = None
-    election: str = "unweighted"
-    seed: int = 0
-    lr: float = 5e-7
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 1
-    grad_accum: int = 1
-    max_length: int | None = 1024  # prompt + answer, in tokens (TRL truncates the end)
-    warmup_steps: int = 0
-    lr_scheduler: str = "linear"
-    weight_decay: float = 0.0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) across processes
-    precompute_ref: bool = False
-    save_steps: int = 0  # 0: no intermediate checkpoints
-    save_total_limit: int | None = None
-    logging_steps: int = 1
-    eval_dataset: str | None = None
-    eval_split: str = "test"
-    eval_steps: int | None = None
-    report_to: str = "none"
-    resume: bool = False
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        for name in ("model", "dataset", "out"):
-            if not getattr(self, name):
-                raise UsageError(f"--{name.replace('_', '-')} is required.")
-        ALGORITHMS.get(self.algo)
-        if self.merge not in MERGES:
-            raise UsageError(f"--merge {self.merge!r}: choose one of {', '.join(MERGES)}.")
-        if self.merge != "none" and not (self.base or self.task_vector):
-            raise UsageError(
-                f"--merge {self.merge} merges with the SFT task vector: give --base BASE "
-                "(computed at start) or --task-vector DIR (from `omotool delta`)."
-            )
-        if self.base and self.task_vector:
-            raise UsageError("give --base or --task-vector, not both.")
-        if self.fsdp and not _has_accelerator():
-            raise UsageError(
-                "--fsdp shards across GPUs: accelerate runs FSDP only on GPU (and XPU) "
-                "processes, not on CPU ones. On CPUs, run under torchrun without --fsdp (DDP)."
-            )
-        if self.report_to not in REPORTERS:
-            raise UsageError(
-                f"--report-to {self.report_to!r}: choose one of {', '.join(REPORTERS)}."
-            )
-        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
-            raise UsageError(
-                f"--report-to {self.report_to} needs the {self.report_to} package: "
-                f"pip install {self.report_to}"
-            )
-        if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise UsageError("--lr must be > 0, --batch-size and --grad-accum at least 1.")
-        check_loss_options(self)
-        self._check_ranges()
-        least = ALGORITHMS.get(self.algo).min_batch_size
-        if self.batch_size < least:
-            raise UsageError(
-                f"--algo {self.algo} needs --batch-size {least} or more (examples per device: "
-                "TRL's KL estimate compares each example with the others in its batch)."
-            )
-
-    def _check_ranges(self) -> None:
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise UsageError(
-                f"--lr-scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}."
-            )
-        if self.lr_scheduler == "constant" and self.warmup_steps:
-            raise UsageError(
-                "--lr-scheduler constant has no warm-up, so --warmup-steps would be ignored: use "
-                "--lr-scheduler constant_with_warmup, or drop --warmup-steps."
-            )
-        problems = [
-            ("--epochs must be > 0", self.epochs <= 0),
-            ("--max-steps must be -1 (train for --epochs) or at least 1",
-             self.max_steps == 0 or self.max_steps < -1),
-            ("--warmup-steps must be >= 0", self.warmup_steps < 0),
-            ("--weight-decay must be >= 0", self.weight_decay < 0),
-            ("--max-length must be at least 1", self.max_length is not None
-             and self.max_length < 1),
-            ("--save-steps must be >= 0", self.save_steps < 0),
-            ("--save-total-limit must be at least 1", self.save_total_limit is not None
-             and self.save_total_limit < 1),
-            ("--logging-steps must be at least 1", self.logging_steps < 1),
-            ("--eval-steps must be at least 1", (self.eval_steps or 1) < 1),
-            ("--eval-steps needs --eval-dataset", self.eval_steps is not None
-             and not self.eval_dataset),
-            ("--beta must be > 0", self.beta <= 0),
-            ("--label-smoothing must be in [0, 0.5)", not 0 <= self.label_smoothing < 0.5),
-        ]  # fmt: skip
-        for message, wrong in problems:
-            if wrong:
-                raise UsageError(f"{message}.")
+# TrainConfig, MERGES and trl_arguments live in omotool.train.arguments; imported from here too.
+__all__ = ["MERGES", "TrainConfig", "TrainResult", "run_training", "trl_arguments"]
 
 
 def load_task_vector(config: TrainConfig) -> Any:
@@ -175,115 +60,9 @@ def load_task_vector(config: TrainConfig) -> Any:
     return tau
 
 
-# Schedulers that need nothing omotool does not pass (others need lr_scheduler_kwargs).
-LR_SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt",
-)  # fmt: skip
-# transformers (5.x) reads `activation_checkpointing`; `gradient_checkpointing` is its deprecated
-# alias, copied into it only when it is unset, and TRL's configs default that alias to True (so
-# checkpointing is on unless turned off). Both are set, to the same value, on classes that have
-# them; a class with neither is refused.
-CHECKPOINTING = ("activation_checkpointing", "gradient_checkpointing")
-
-
-def _flag(option: str) -> str:
-    return "--" + option.replace("_", "-")
-
-
-def check_loss_options(config: TrainConfig) -> None:
-    """Refuse a loss option (``LOSS_OPTIONS``) set away from its default for an algorithm whose
-    TRL loss does not read it: it would never reach the trainer."""
-    defaults = TrainConfig()
-    for option, (_, reason) in LOSS_OPTIONS.items():
-        value = getattr(config, option)
-        if option in ALGORITHMS.get(config.algo).options or value == getattr(defaults, option):
-            continue
-        takers = [name for name in ALGORITHMS if option in ALGORITHMS.get(name).options]
-        given = _flag(option) if isinstance(value, bool) else f"{_flag(option)} {value}"
-        raise UsageError(
-            f"{given} has no effect with --algo {config.algo} ({reason}): drop it, or use "
-            f"--algo {', '.join(takers)}."
-        )
-
-
-def trl_arguments(config: TrainConfig, output: Path) -> Any:
-    """The TRL config object for ``config.algo``, with omotool's option names mapped.
-
-    Every value reaches a field of the TRL config class: an option the algorithm's loss does
-    not read is refused (``check_loss_options``), and a field missing from the installed TRL
-    is an error, never silently dropped.
-    """
-    check_loss_options(config)
-    algorithm = ALGORITHMS.get(config.algo)
-    config_class = algorithm.config_class()
-    fields = set(config_class.__dataclass_fields__)
-    values: dict[str, Any] = dict(
-        output_dir=str(output),
-        learning_rate=config.lr,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        warmup_steps=config.warmup_steps,
-        lr_scheduler_type=config.lr_scheduler,
-        weight_decay=config.weight_decay,
-        bf16=config.bf16,  # (TRL defaults it to True)
-        logging_steps=config.logging_steps,
-        save_strategy="steps" if config.save_steps > 0 else "no",
-        save_steps=config.save_steps or 500,
-        save_total_limit=config.save_total_limit,
-        report_to=[] if config.report_to == "none" else [config.report_to],
-        seed=config.seed,
-        data_seed=config.seed,
-        max_length=config.max_length,
-        disable_tqdm=True,
-        dataloader_pin_memory=False,  # pinning only helps (and only works) with an accelerator
-        # accelerate treats several CPU processes (torchrun, gloo) as one run only when told
-        use_cpu=not _has_accelerator(),
-    )
-    checkpointing = [name for name in CHECKPOINTING if name in fields] or list(CHECKPOINTING)
-    values.update(dict.fromkeys(checkpointing, config.gradient_checkpointing))
-    if config.fsdp:
-        values.update(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
-    if config.eval_dataset:
-        values.update(eval_strategy="steps", eval_steps=config.eval_steps or config.logging_steps)
-    values.update({LOSS_OPTIONS[o][0]: getattr(config, o) for o in algorithm.options})
-    values.update(algorithm.settings)
-    missing = sorted(set(values) - fields)
-    if missing:
-        import trl
-
-        raise OmoError(
-            f"--algo {config.algo}: TRL {trl.__version__}'s {config_class.__name__} has no "
-            f"field {', '.join(missing)}, so these settings cannot reach the trainer; install "
-            "the TRL omotool is tested with (pip install 'trl>=1.16,<2')."
-        )
-    try:
-        arguments = config_class(**values)
-    except ValueError as exc:  # transformers' own checks of a combination of settings
-        raise UsageError(f"--algo {config.algo}: TRL refuses these settings: {exc}") from None
-    for name in checkpointing:
-        if getattr(arguments, name) != config.gradient_checkpointing:
-            raise OmoError(
-                f"TRL's {config_class.__name__} resolved {name} to {getattr(arguments, name)} "
-                f"although --gradient-checkpointing is {config.gradient_checkpointing}; this "
-                "TRL/transformers pair is not supported (pip install 'trl>=1.16,<2')."
-            )
-    return arguments
-
-
 def _is_main_process() -> bool:
     """Rank 0 of a torchrun/accelerate launch, or a single process."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available() or (
-        hasattr(torch, "xpu") and torch.xpu.is_available()
-    )  # fmt: skip
 
 
 def _dataset(path: str, kind: str, split: str) -> Any:

@@ -33,11 +33,14 @@ def prefs(tmp_path_factory):
 
 
 def config(llama_pair, prefs, out, **options) -> TrainConfig:
+    """A short run; with ``merge="none"`` the merge options are left out (AdamW refuses them)."""
     base, sft = llama_pair
     settings = dict(
-        model=str(sft), base=str(base), dataset=str(prefs), out=str(out), lr=1e-3,
-        batch_size=4, max_steps=3, reserve_p=0.2, alpha=0.01, max_length=32,
+        model=str(sft), dataset=str(prefs), out=str(out), lr=1e-3, batch_size=4, max_steps=3,
+        max_length=32,
     )  # fmt: skip
+    if options.get("merge") != "none":
+        settings.update(base=str(base), reserve_p=0.2, alpha=0.01)
     return TrainConfig(**(settings | options))
 
 
@@ -95,6 +98,13 @@ def test_an_option_the_loss_does_not_read_is_refused_before_anything(llama_pair,
     out = tmp_path / "run"
     with pytest.raises(UsageError, match="--precompute-ref has no effect with --algo orpo"):
         run_training(config(llama_pair, prefs, out, algo="orpo", precompute_ref=True))
+    assert not out.exists()
+
+
+def test_a_merge_option_adamw_does_not_read_is_refused_before_anything(llama_pair, prefs, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match="--alpha 0.0 has no effect with --merge none"):
+        run_training(config(llama_pair, prefs, out, merge="none", alpha=0.0))
     assert not out.exists()
 
 

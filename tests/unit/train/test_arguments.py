@@ -1,4 +1,5 @@
-"""trl_arguments: every option of `omotool train` reaches the TRL config, or is refused."""
+"""TrainConfig's checks and trl_arguments: every option of `omotool train` reaches the TRL
+config or the optimizer, or is refused before anything is loaded."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from transformers import TrainingArguments
 
 from omotool.errors import OmoError, UsageError
 from omotool.train.algorithms import ALGORITHMS, LOSS_OPTIONS, Algorithm
-from omotool.train.runner import TrainConfig, trl_arguments
+from omotool.train.arguments import MERGE_OPTIONS, MERGES, TrainConfig, trl_arguments
 
 # The loss each --algo must end up with in its TRL config (orpo's config has no loss_type).
 LOSSES = {
@@ -176,3 +177,88 @@ def test_command_line_refuses_an_option_the_loss_does_not_read(cli, tmp_path) ->
     assert "--beta 0.3 has no effect with --algo sft" in output
     assert "Traceback" not in output and len(output) < 300
     assert not out.exists()  # refused before anything was read or written
+
+
+def test_runner_re_exports_the_options() -> None:
+    from omotool.train import arguments, runner
+
+    assert runner.TrainConfig is arguments.TrainConfig
+    assert runner.trl_arguments is arguments.trl_arguments
+    assert runner.MERGES is arguments.MERGES
+
+
+# Values away from every default, for the merge options.
+MERGE_SET = {
+    "base": "base-model", "task_vector": "runs/tau", "reserve_p": 0.2, "alpha": 0.0,
+    "online_step": 4, "rescale": "l1", "election": "weighted",
+}  # fmt: skip
+MERGE_REFUSED = [
+    (merge, option)
+    for merge in MERGES
+    for option, (takers, _) in MERGE_OPTIONS.items()
+    if merge not in takers
+]
+
+
+def test_merge_set_covers_every_merge_option() -> None:
+    assert set(MERGE_SET) == set(MERGE_OPTIONS)
+    defaults = TrainConfig()
+    assert all(MERGE_SET[o] != getattr(defaults, o) for o in MERGE_OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("merge", "option"), MERGE_REFUSED, ids=[f"{m}-{o}" for m, o in MERGE_REFUSED]
+)
+def test_a_merge_option_the_merge_does_not_read_is_refused(tmp_path, merge, option) -> None:
+    vector = {} if merge == "none" or option in ("base", "task_vector") else {"base": "b"}
+    config = train_config(tmp_path, merge=merge, **vector, **{option: MERGE_SET[option]})
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(UsageError, match=f"^{flag} {MERGE_SET[option]} has no effect with "
+                       f"--merge {merge} ") as error:  # fmt: skip
+        config.validate()
+    takers = MERGE_OPTIONS[option][0]
+    assert str(error.value).endswith(f"drop it, or use --merge {' or '.join(takers)}.")
+
+
+def test_merge_options_at_their_defaults_are_accepted_with_adamw(tmp_path) -> None:
+    """Only a value that differs from the default is refused; ``--seed`` also seeds
+    training, so it is never refused."""
+    defaults = TrainConfig()
+    same = {option: getattr(defaults, option) for option in MERGE_OPTIONS}
+    train_config(tmp_path, merge="none", seed=7, **same).validate()
+
+
+@pytest.mark.parametrize("merge", ["dare", "ties"])
+def test_merge_options_reach_a_merge_that_reads_them(tmp_path, merge) -> None:
+    taken = {o: MERGE_SET[o] for o, (takers, _) in MERGE_OPTIONS.items() if merge in takers}
+    taken.pop("base")  # (give --base or --task-vector, not both)
+    train_config(tmp_path, merge=merge, **taken).validate()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"reserve_p": 0.0}, r"--reserve-p must be in \(0, 1\]"),
+        ({"reserve_p": 1.5}, r"--reserve-p must be in \(0, 1\]"),
+        ({"alpha": -0.1}, r"--alpha must be in \[0, 1\]"),
+        ({"alpha": 1.5}, r"--alpha must be in \[0, 1\]"),
+        ({"online_step": 0}, "--online-step must be at least 1"),
+        ({"rescale": "dropout"}, "--rescale 'dropout': choose one of none, inverse, l1"),
+        ({"merge": "ties", "election": "majority"}, "--election 'majority': choose one of"),
+    ],
+)
+def test_out_of_range_merge_options_are_refused_before_loading(tmp_path, options, message):
+    with pytest.raises(UsageError, match=message):
+        train_config(tmp_path, **({"merge": "dare", "base": "b"} | options)).validate()
+
+
+def test_command_line_refuses_a_merge_option_adamw_does_not_read(cli, tmp_path) -> None:
+    out = tmp_path / "run"
+    result = cli(
+        "train", "--algo", "dpo", "--merge", "none", "--alpha", "0", "--model", "no-model",
+        "--dataset", "no-data.jsonl", "-o", out, expect=2,
+    )  # fmt: skip
+    output = " ".join(result.output.split())
+    assert "--alpha 0.0 has no effect with --merge none" in output
+    assert "--merge dare or ties" in output and "Traceback" not in output
+    assert not out.exists()
