@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 QUICK := runs/quickstart
 
-.PHONY: install demo quickstart test test-all lint bench clean
+.PHONY: install demo demo-docs docs quickstart test test-fast lint bench clean
 
 $(BIN)/omotool: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,14 @@ install: $(BIN)/omotool
 demo: install
 	$(BIN)/omotool demo
 
+# Re-make the committed demo results and the README/docs sections rendered from them.
+demo-docs: install
+	$(BIN)/omotool demo --workdir runs/demo --results docs/results/demo.json
+	$(BIN)/python scripts/render_docs.py
+
+docs: install
+	$(BIN)/python scripts/render_docs.py
+
 quickstart: install
 	$(BIN)/python scripts/make_tiny_models.py $(QUICK)
 	$(BIN)/omotool delta $(QUICK)/base $(QUICK)/sft -o $(QUICK)/tau --overwrite
@@ -25,11 +33,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The whole suite: what CI runs (.ci/run) and the README's test command.
 test: lint
-	$(BIN)/python -m pytest -q -m "not slow"
-
-test-all: lint
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests marked slow (demo end to end, torchrun, ...).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python bench/bench_delta.py

@@ -252,15 +252,16 @@ def install_factory(tau: Any, args: argparse.Namespace) -> Callable[[], None]:
 
 def train_config(method: str, run_dir: Path, paths: dict[str, Path], args: argparse.Namespace):
     merge = {"none": "none", "trl-adamw": "none"}.get(method, method.split("-")[-1])
+    # AdamW takes no merge options (`omotool train` refuses them)
+    merging = {} if merge == "none" else {"task_vector": str(paths["tau"]),
+                                          "reserve_p": args.p, "alpha": args.alpha}  # fmt: skip
     return TrainConfig(
         model=str(paths["sft"]),
         dataset=str(paths["data"]),
         out=str(run_dir),
         algo="dpo",
         merge=merge,
-        task_vector=None if merge == "none" else str(paths["tau"]),
-        reserve_p=args.p,
-        alpha=args.alpha,
+        **merging,
         lr=args.lr,
         seed=args.seed,
         max_steps=args.warmup + args.steps + 1,  # the last step overlaps others' saving

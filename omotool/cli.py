@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -533,24 +534,34 @@ def demo(
         Path("runs/demo"), "--workdir", help="Where stages are built and cached."
     ),
     seeds: int | None = typer.Option(
-        None, min=1, help="DPO seeds per point. [default: 3, or 1 with --fast]"
+        None,
+        min=1,
+        help="Whole-pipeline replicates (world, base, SFT, DPO). [default: 3, or 1 with --fast]",
     ),
     fast: bool = typer.Option(
-        False, "--fast", help="One seed, smaller grids, shorter pre-training (about 1.5 minutes)."
+        False, "--fast", help="One seed, smaller grids, shorter pre-training (about 2 minutes)."
     ),
     threads: int = typer.Option(
         1, min=1, help="CPU threads (the miniature's matrices are too small for more to pay)."
     ),
+    results_file: Path | None = typer.Option(
+        None,
+        "--results",
+        help="Also write the results file here (e.g. docs/results/demo.json, which "
+        "scripts/render_docs.py renders into the README).",
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     debug: bool = DebugOption,
 ) -> None:
-    """Show the paper in miniature: pre-train, SFT, DPO with AdamW / OnDARE / OnTIES /
-    ChildTuning over learning-rate grids, offline merges, evaluation, report and plot.
+    """Show the paper in miniature: per seed a world, pre-training, SFT, DPO with AdamW /
+    OnDARE / OnTIES / ChildTuning over their grids, offline merges, evaluation on validation
+    and test splits; then the report, verdicts and plot.
 
     Everything is made here (data, tokenizer, models); nothing is downloaded. Stages are
     cached in --workdir: run it again to resume or to re-draw the report.
     """
     from omotool.demo.pipeline import run_demo, settings_for
+    from omotool.demo.report import summary_markdown, write_results
 
     _quiet_libraries()
     settings = settings_for(fast, seeds)
@@ -559,38 +570,22 @@ def demo(
         if not json_output:
             stderr.print(f"[bold]{stage:>13}[/bold] {message}", highlight=False)
 
-    result = run_demo(workdir, settings, progress=show, threads=threads)
+    command = " ".join(["omotool", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else None
+    result = run_demo(workdir, settings, progress=show, threads=threads, command=command)
+    if results_file is not None:
+        write_results(result.results, results_file)
     if json_output:
         stdout.print_json(json.dumps(result.results))
         return
-    stdout.print(_demo_table(result.results))
-    for verdict in result.results["verdicts"]:
-        stdout.print(f"- {verdict}", highlight=False)
+    stdout.print(summary_markdown(result.results), highlight=False, markup=False)
     stdout.print(
-        f"\nReport: {result.report}"
+        f"Report: {result.report}"
         + (f"\nPlot:   {result.plot}" if result.plot else "")
+        + (f"\nResults: {results_file}" if results_file else "")
         + f"\n{len(result.ran)} stage(s) ran, {len(result.cached)} cached, "
         f"{result.seconds:.0f} s.",
         highlight=False,
     )
-
-
-def _demo_table(results: dict[str, Any]) -> Table:
-    from omotool.demo.report import LABELS
-
-    columns = [*results["tasks"], "reward", "capability", "overall"]
-    table = Table(title="each method at its best learning rate (mean over seeds)")
-    for name in ["method", "lr", *columns]:
-        table.add_column(name, justify="left" if name == "method" else "right")
-    sft = next(p for p in results["points"] if p["method"] == "sft")
-    table.add_row("SFT", "", *(f"{sft['mean'][c]:.3f}" for c in columns))
-    for method in LABELS:
-        if method in results["best"]:
-            point = results["best"][method]
-            table.add_row(
-                LABELS[method], f"{point['lr']:g}", *(f"{point['mean'][c]:.3f}" for c in columns)
-            )
-    return table
 
 
 def main() -> None:

@@ -1,17 +1,22 @@
 """``omotool demo``: the paper in miniature, each stage through the public commands' code.
 
-Stages (each cached in the work dir, keyed by its settings and its inputs' keys, so a second
-run skips what is done and an interrupted run resumes at the stage it was in):
+A *seed* is a whole replicate of the pipeline: its own world (creatures, facts, strings, data
+order), tokenizer and pre-trained base, SFT model, task vector and DPO runs, so the intervals
+over seeds hold every source of variation a verdict depends on. Stages (each cached in the
+work dir, keyed by its settings and its inputs' keys, so a second run skips what is done and
+an interrupted run resumes at the stage it was in), under ``seed-<s>/``:
 
-1. ``world``: the generated data (``omotool.demo.world``) and the evaluation suite;
+1. ``world``: the generated data (``omotool.demo.world``) and its two evaluation suites
+   (``validation``: where settings are chosen; ``test``: what is reported);
 2. ``base``: a tokenizer and a small Llama pre-trained on the world's corpus;
 3. ``sft``: ``omotool train --algo sft --merge none`` of the base model on the SFT data;
 4. ``tau``: ``omotool delta base sft``;
-5. ``runs/<method>/lr-<lr>/seed-<s>``: ``omotool train --algo dpo`` with AdamW, OnDARE, OnTIES
-   and ChildTuning (OnDARE with ``α = 0``), each over its own learning-rate grid and seeds;
-6. ``merges/seed-<s>``: ``omotool merge-offline`` sweep of an AdamW run over ``α``;
-7. ``eval/``: ``omotool eval`` of every model on the suite (one cached report per model);
-8. ``report.md``, ``results.json``, ``tradeoff.png``: ``omotool.demo.report``.
+5. ``runs/<method>/lr-<lr>[-alpha-<α>]``: ``omotool train --algo dpo`` with AdamW, OnDARE
+   (over learning rates × ``α``), OnTIES and ChildTuning (OnDARE with ``α = 0``);
+6. ``merges``: ``omotool merge-offline`` sweep of an AdamW run over the merge weight;
+7. ``eval/<model>``: ``omotool eval`` of every model on both suites;
+
+then ``report.md``, ``results.json`` and ``tradeoff.png`` (``omotool.demo.report``).
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ from omotool.io.formats import write_text_atomic
 
 MARKER = "demo-stage.json"  # in each finished stage's folder
 WORKDIR_SIGN = "omotool-demo.json"  # in a work dir the demo made
-METHODS: dict[str, dict[str, Any]] = {  # name: omotool train options
-    "adamw": {"merge": "none"},
-    "ondare": {"merge": "dare"},
-    "onties": {"merge": "ties"},
-    "childtuning": {"merge": "dare", "alpha_ratio": 0.0},
+METHODS: dict[str, str] = {  # name: omotool train --merge
+    "adamw": "none",
+    "ondare": "dare",
+    "onties": "ties",
+    "childtuning": "dare",  # OnDARE with α = 0
 }
 
 
@@ -44,39 +49,51 @@ METHODS: dict[str, dict[str, Any]] = {  # name: omotool train options
 class DemoSettings:
     """Every size and hyper-parameter of the miniature (see docs/demo.md for the choices)."""
 
-    world_seed: int = 0
+    seeds: int = 3  # whole-pipeline replicates: world, base, SFT, τ and DPO
     entities: int = 24
     reversals: int = 800
+    brief_polite: bool = True  # the preferred answer states no facts (world.make_world)
+    style_rate: float = 0.2  # share of SFT answers to requests that are polite
+    held_out: float = 0.5  # share of creatures never described in training (reward prompts)
     vocab_size: int = 512
     hidden: int = 64
     layers: int = 4
     heads: int = 4
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 800
     sft_lr: float = 1e-3
     sft_epochs: float = 6.0
     dpo_epochs: float = 3.0
     dpo_batch: int = 8
     beta: float = 0.1
     reserve_p: float = 0.01
-    alpha_ratio: float = 1.0  # OnDARE / OnTIES α = alpha_ratio × lr
     lr_grid: tuple[float, ...] = (1.5e-5, 2e-5, 3e-5, 5e-5)  # AdamW, OnDARE, ChildTuning
     ties_lr_grid: tuple[float, ...] = (2e-4, 3e-4, 4e-4, 6e-4)  # OnTIES: only the top p moves
+    dare_alphas: tuple[float, ...] = (1e-4, 1e-3)  # OnDARE's merge weight α (not tied to lr)
+    ties_alphas: tuple[float, ...] = (1e-3,)  # OnTIES's α (inert here: not swept, see docs)
     merge_lr: float = 5e-5  # the AdamW run that merge-offline sweeps
     merge_alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
-    seeds: int = 3
     max_new_tokens: int = 24
 
-    def grid(self, method: str) -> tuple[float, ...]:
-        return self.ties_lr_grid if method == "onties" else self.lr_grid
+    def grid(self, method: str) -> list[tuple[float, float]]:
+        """The (learning rate, α) settings ``method`` is trained at."""
+        if method == "adamw":
+            return [(lr, 0.0) for lr in self.lr_grid]
+        if method == "childtuning":
+            return [(lr, 0.0) for lr in self.lr_grid]
+        if method == "onties":
+            return [(lr, alpha) for lr in self.ties_lr_grid for alpha in self.ties_alphas]
+        return [(lr, alpha) for lr in self.lr_grid for alpha in self.dare_alphas]
 
 
 FAST = DemoSettings(
+    seeds=1,
     reversals=600,
-    pretrain_steps=600,
+    pretrain_steps=400,
     lr_grid=(2e-5, 5e-5),
     ties_lr_grid=(3e-4, 6e-4),
+    dare_alphas=(1e-3,),
+    ties_alphas=(1e-3,),
     merge_alphas=(0.5,),
-    seeds=1,
 )
 
 
@@ -134,42 +151,57 @@ def run_demo(
     settings: DemoSettings = DemoSettings(),
     progress: Progress | None = None,
     threads: int | None = 1,
+    command: str | None = None,
 ) -> DemoRun:
     """Run (or resume) the demo in ``workdir``; see the module docstring for the stages.
 
     ``threads``: torch (and numba) threads while it runs, restored afterwards (None: leave
     them). One by default: the miniature's matrices are too small for intra-op threads to
-    pay, and threads that spin-wait at every op's barrier slow a busy machine down manyfold."""
+    pay, and threads that spin-wait at every op's barrier slow a busy machine down manyfold.
+    ``command``: how the run was started, recorded in the results' provenance."""
     import torch
 
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_demo(workdir, settings, progress)
+        return _run_demo(workdir, settings, progress, command)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_demo(workdir: str | Path, settings: DemoSettings, progress: Progress | None) -> DemoRun:
+def _run_demo(
+    workdir: str | Path, settings: DemoSettings, progress: Progress | None, command: str | None
+) -> DemoRun:
+    from omotool.demo.provenance import provenance
     from omotool.demo.report import build_results, plot_frontiers, write_demo_report
 
     started = time.perf_counter()
     workdir = _claim_workdir(Path(workdir).resolve())
     stages = _Stages(workdir, progress)
-    common = {"omotool": __version__}  # another version may generate another world
-    world = _world_stage(stages, workdir, settings, common)
-    base = _base_stage(stages, workdir, settings, world)
-    sft = _sft_stage(stages, workdir, settings, world, base)
-    tau = _tau_stage(stages, workdir, base, sft)
-    models = _train_stages(stages, workdir, settings, world, sft, tau)
-    models += _merge_stages(stages, workdir, settings, sft, models)
-    evaluations = _eval_stages(stages, workdir, settings, world, sft, models)
+    evaluations = []
+    for seed in range(settings.seeds):
+        evaluations += _replicate(stages, workdir / f"seed-{seed}", settings, seed)
     results = build_results(settings, evaluations)
-    plot = plot_frontiers(results, workdir / "tradeoff.png")
     seconds = time.perf_counter() - started
-    report = write_demo_report(results, workdir, plot, seconds)
+    results["provenance"] = provenance(command, seconds)
+    plot = plot_frontiers(results, workdir / "tradeoff.png")
+    report = write_demo_report(results, workdir, plot)
     return DemoRun(workdir, report, plot, results, stages.ran, stages.cached, seconds)
+
+
+def _replicate(
+    stages: _Stages, folder: Path, settings: DemoSettings, seed: int
+) -> list[tuple[_Model, dict[str, Any]]]:
+    """One whole pipeline (world to evaluations) for ``seed``."""
+    common = {"omotool": __version__, "seed": seed}  # another version may make another world
+    world = _world_stage(stages, folder, settings, common)
+    base = _base_stage(stages, folder, settings, world, seed)
+    sft = _sft_stage(stages, folder, settings, world, base, seed)
+    tau = _tau_stage(stages, folder, base, sft)
+    models = _train_stages(stages, folder, settings, world, sft, tau, seed)
+    models += _merge_stages(stages, folder, settings, sft, models)
+    return _eval_stages(stages, folder, world, [_Model(folder / "sft", sft, "sft", seed), *models])
 
 
 def _claim_workdir(workdir: Path) -> Path:
@@ -196,24 +228,31 @@ class _Model:
     path: Path
     digest: str
     method: str  # sft | adamw | ondare | onties | childtuning | merge
+    seed: int
     lr: float | None = None
-    seed: int | None = None
-    alpha: float | None = None
+    alpha: float | None = None  # the optimizer's α (OnDARE, OnTIES), or the merge weight
 
 
 def _world_stage(
-    stages: _Stages, workdir: Path, settings: DemoSettings, common: dict[str, Any]
+    stages: _Stages, folder: Path, settings: DemoSettings, common: dict[str, Any]
 ) -> tuple[str, dict[str, Path]]:
-    from omotool.demo.world import make_world, write_suite, write_world
+    from omotool.demo.world import SPLITS, make_world, write_suite, write_world
 
-    folder = workdir / "world"
-    key = {**common, "stage": "world", "seed": settings.world_seed, "entities": settings.entities,
-           "reversals": settings.reversals, "max_new_tokens": settings.max_new_tokens}  # fmt: skip
+    folder = folder / "world"
+    key = {**common, "stage": "world", "entities": settings.entities,
+           "reversals": settings.reversals, "brief_polite": settings.brief_polite,
+           "style_rate": settings.style_rate, "held_out": settings.held_out,
+           "max_new_tokens": settings.max_new_tokens}  # fmt: skip
 
     def build() -> None:
-        world = make_world(settings.world_seed, settings.entities, reversals=settings.reversals)
+        world = make_world(
+            common["seed"], settings.entities, reversals=settings.reversals,
+            brief_polite=settings.brief_polite, style_rate=settings.style_rate,
+            held_out=settings.held_out,
+        )  # fmt: skip
         paths = write_world(world, folder)
-        write_suite(paths, folder / "suite.yaml", settings.max_new_tokens)
+        for split in SPLITS:
+            write_suite(paths, folder / f"suite-{split}.yaml", split, settings.max_new_tokens)
 
     digest = stages.run("world", folder, key, build)
     paths = {p.stem: p for p in folder.iterdir() if p.suffix in (".jsonl", ".txt", ".yaml")}
@@ -221,16 +260,20 @@ def _world_stage(
 
 
 def _base_stage(
-    stages: _Stages, workdir: Path, settings: DemoSettings, world: tuple[str, dict[str, Path]]
+    stages: _Stages,
+    folder: Path,
+    settings: DemoSettings,
+    world: tuple[str, dict[str, Path]],
+    seed: int,
 ) -> str:
     from omotool.demo.pretrain import pretrain
     from omotool.demo.world import read_jsonl
     from omotool.tiny_models import build_tokenizer
 
-    folder = workdir / "base"
+    folder = folder / "base"
     key = {"stage": "base", "world": world[0], "vocab": settings.vocab_size,
            "hidden": settings.hidden, "layers": settings.layers, "heads": settings.heads,
-           "steps": settings.pretrain_steps}  # fmt: skip
+           "steps": settings.pretrain_steps, "seed": seed}  # fmt: skip
 
     def build() -> None:
         corpus = world[1]["corpus"].read_text(encoding="utf-8").splitlines()
@@ -244,12 +287,12 @@ def _base_stage(
 
         def tick(step: int, loss: float) -> None:
             if step % 100 == 0 or step == settings.pretrain_steps:
-                stages.progress("base", f"pre-training step {step}/{settings.pretrain_steps}, "
-                                f"loss {loss:.3f}")  # fmt: skip
+                stages.progress("base", f"seed {seed}: pre-training step {step}/"
+                                f"{settings.pretrain_steps}, loss {loss:.3f}")  # fmt: skip
 
         pretrain(
             tokenizer, corpus, staging, hidden=settings.hidden, layers=settings.layers,
-            heads=settings.heads, steps=settings.pretrain_steps, progress=tick,
+            heads=settings.heads, steps=settings.pretrain_steps, seed=seed, progress=tick,
         )  # fmt: skip
         staging.rename(folder)
 
@@ -267,12 +310,13 @@ def _train(out: Path, **options: Any) -> None:
 
 def _sft_stage(
     stages: _Stages,
-    workdir: Path,
+    folder: Path,
     settings: DemoSettings,
     world: tuple[str, dict[str, Path]],
     base: str,
+    seed: int,
 ) -> str:
-    folder = workdir / "sft"
+    out = folder / "sft"
     options = {
         "algo": "sft",
         "merge": "none",
@@ -282,126 +326,110 @@ def _sft_stage(
         "max_length": 64,
         "warmup_steps": 10,
         "lr_scheduler": "cosine",
+        "seed": seed,
     }
     key = {"stage": "sft", "world": world[0], "base": base, **options}
-    return stages.run(
-        "sft",
-        folder,
-        key,
-        lambda: _train(
-            folder, model=str(workdir / "base"), dataset=str(world[1]["sft"]), **options
-        ),
-    )
+    model, dataset = str(folder / "base"), str(world[1]["sft"])
+    return stages.run("sft", out, key, lambda: _train(out, model=model, dataset=dataset, **options))
 
 
-def _tau_stage(stages: _Stages, workdir: Path, base: str, sft: str) -> str:
+def _tau_stage(stages: _Stages, folder: Path, base: str, sft: str) -> str:
     from omotool.delta import DeltaConfig, compute_delta
 
-    folder = workdir / "tau"
+    out = folder / "tau"
     key = {"stage": "tau", "base": base, "sft": sft}
-    return stages.run(
-        "delta",
-        folder,
-        key,
-        lambda: compute_delta(
-            DeltaConfig(base=str(workdir / "base"), sft=str(workdir / "sft"), out=str(folder))
-        ),
-    )
+    config = DeltaConfig(base=str(folder / "base"), sft=str(folder / "sft"), out=str(out))
+    return stages.run("delta", out, key, lambda: compute_delta(config))
 
 
-def _lr_name(lr: float) -> str:
-    return f"lr-{lr:g}"
+def run_name(lr: float, alpha: float, method: str) -> str:
+    """The folder of a run: ``lr-<lr>``, and ``-alpha-<α>`` for the methods that merge."""
+    return f"lr-{lr:g}" + (f"-alpha-{alpha:g}" if method in ("ondare", "onties") else "")
 
 
 def _train_stages(
     stages: _Stages,
-    workdir: Path,
+    folder: Path,
     settings: DemoSettings,
     world: tuple[str, dict[str, Path]],
     sft: str,
     tau: str,
+    seed: int,
 ) -> list[_Model]:
     models = []
-    for seed in range(settings.seeds):
-        for method, preset in METHODS.items():
-            for lr in settings.grid(method):
-                folder = workdir / "runs" / method / _lr_name(lr) / f"seed-{seed}"
-                alpha = preset.get("alpha_ratio", settings.alpha_ratio) * lr
-                options = {"algo": "dpo", "merge": preset["merge"], "lr": lr, "seed": seed,
-                           "beta": settings.beta, "epochs": settings.dpo_epochs,
-                           "batch_size": settings.dpo_batch, "max_length": 96,
-                           "reserve_p": settings.reserve_p, "alpha": alpha}  # fmt: skip
-                key = {"stage": "train", "world": world[0], "sft": sft, "tau": tau, **options}
-                inputs = {"model": str(workdir / "sft"), "dataset": str(world[1]["prefs-train"])}
-                if preset["merge"] != "none":
-                    inputs["task_vector"] = str(workdir / "tau")
-                build = functools.partial(_train, folder, **options, **inputs)
-                digest = stages.run("train", folder, key, build)
-                models.append(_Model(folder, digest, method, lr=lr, seed=seed))
+    for method, merge in METHODS.items():
+        for lr, alpha in settings.grid(method):
+            out = folder / "runs" / method / run_name(lr, alpha, method)
+            options = {"algo": "dpo", "merge": merge, "lr": lr, "seed": seed,
+                       "beta": settings.beta, "epochs": settings.dpo_epochs,
+                       "batch_size": settings.dpo_batch, "max_length": 96}  # fmt: skip
+            if merge != "none":  # AdamW takes no merge options (train refuses them)
+                options.update(reserve_p=settings.reserve_p, alpha=alpha)
+            key = {"stage": "train", "world": world[0], "sft": sft, "tau": tau, **options}
+            inputs = {"model": str(folder / "sft"), "dataset": str(world[1]["prefs-train"])}
+            if merge != "none":
+                inputs["task_vector"] = str(folder / "tau")
+            build = functools.partial(_train, out, **options, **inputs)
+            digest = stages.run("train", out, key, build)
+            models.append(_Model(out, digest, method, seed, lr=lr, alpha=alpha))
     return models
 
 
 def _merge_stages(
-    stages: _Stages, workdir: Path, settings: DemoSettings, sft: str, runs: list[_Model]
+    stages: _Stages, folder: Path, settings: DemoSettings, sft: str, runs: list[_Model]
 ) -> list[_Model]:
     from omotool.merge_offline import MergeConfig, alpha_folder, run_merge
 
-    merged = []
-    for run in runs:
-        if run.method != "adamw" or run.lr != settings.merge_lr:
-            continue
-        folder = workdir / "merges" / f"seed-{run.seed}"
-        alphas = ",".join(f"{a:g}" for a in settings.merge_alphas)
-        key = {"stage": "merge", "sft": sft, "rlhf": run.digest, "alphas": alphas}
+    run = next(r for r in runs if r.method == "adamw" and r.lr == settings.merge_lr)
+    out = folder / "merges"
+    alphas = ",".join(f"{a:g}" for a in settings.merge_alphas)
+    key = {"stage": "merge", "sft": sft, "rlhf": run.digest, "alphas": alphas}
 
-        def build(folder: Path = folder, run: _Model = run, alphas: str = alphas) -> None:
-            sweep = folder.with_name(folder.name + ".sweep")
-            shutil.rmtree(sweep, ignore_errors=True)
-            out = sweep
-            if len(settings.merge_alphas) == 1:  # one alpha: merge-offline writes one model
-                sweep.mkdir(parents=True)
-                out = sweep / alpha_folder(settings.merge_alphas[0])
-            run_merge(MergeConfig(sft=str(workdir / "sft"), rlhf=str(run.path),
-                                  out=str(out), alpha=alphas))  # fmt: skip
-            sweep.rename(folder)
+    def build() -> None:
+        sweep = out.with_name(out.name + ".sweep")
+        shutil.rmtree(sweep, ignore_errors=True)
+        target = sweep
+        if len(settings.merge_alphas) == 1:  # one alpha: merge-offline writes one model
+            sweep.mkdir(parents=True)
+            target = sweep / alpha_folder(settings.merge_alphas[0])
+        run_merge(MergeConfig(sft=str(folder / "sft"), rlhf=str(run.path), out=str(target),
+                              alpha=alphas))  # fmt: skip
+        sweep.rename(out)
 
-        digest = stages.run("merge-offline", folder, key, build)
-        merged += [
-            _Model(folder / alpha_folder(a), digest, "merge", lr=run.lr, seed=run.seed, alpha=a)
-            for a in settings.merge_alphas
-        ]
-    return merged
+    digest = stages.run("merge-offline", out, key, build)
+    return [
+        _Model(out / alpha_folder(a), digest, "merge", run.seed, lr=run.lr, alpha=a)
+        for a in settings.merge_alphas
+    ]
 
 
 def _eval_stages(
-    stages: _Stages,
-    workdir: Path,
-    settings: DemoSettings,
-    world: tuple[str, dict[str, Path]],
-    sft: str,
-    models: list[_Model],
+    stages: _Stages, folder: Path, world: tuple[str, dict[str, Path]], models: list[_Model]
 ) -> list[tuple[_Model, dict[str, Any]]]:
-    """Every model's ``omotool eval`` report (cached per model, keyed by the model's stage)."""
+    """Every model's ``omotool eval`` reports on both splits (cached per model, keyed by the
+    model's stage): ``(model, {"validation": evaluation, "test": evaluation})``."""
+    from omotool.demo.world import SPLITS
     from omotool.eval.runner import run_suite
     from omotool.eval.suite import load_suite
 
-    suite = load_suite(world[1]["suite"])
-    everything = [_Model(workdir / "sft", sft, "sft"), *models]
+    suites = {split: load_suite(world[1][f"suite-{split}"]) for split in SPLITS}
     evaluated = []
-    for model in everything:
-        name = str(model.path.relative_to(workdir)).replace("/", "__")
-        folder = workdir / "eval" / name
-        key = {"stage": "eval", "world": world[0], "model": model.digest,
-               "alpha": model.alpha}  # fmt: skip
+    for model in models:
+        name = str(model.path.relative_to(folder)).replace("/", "__")
+        out = folder / "eval" / name
+        key = {"stage": "eval", "world": world[0], "model": model.digest, "alpha": model.alpha}
 
-        def build(folder: Path = folder, model: _Model = model) -> None:
-            report = run_suite([str(model.path)], suite)
-            folder.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(folder / "report.json", json.dumps(report, indent=2))
+        def build(out: Path = out, model: _Model = model) -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            for split, suite in suites.items():
+                report = run_suite([str(model.path)], suite)
+                write_text_atomic(out / f"{split}.json", json.dumps(report, indent=2))
 
-        stages.run("eval", folder, key, build)
-        report = json.loads((folder / "report.json").read_text())
-        evaluated.append((model, report["models"][0]))
+        stages.run("eval", out, key, build)
+        reports = {
+            split: json.loads((out / f"{split}.json").read_text())["models"][0] for split in SPLITS
+        }
+        evaluated.append((model, reports))
     return evaluated
 
 

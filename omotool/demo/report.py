@@ -1,12 +1,22 @@
-"""The demo's results: per-method frontiers, the paper-style table, verdicts, plot, report.md.
+"""The demo's results: choices on validation, test numbers, frontiers, verdicts, plot, report.
 
-Every trained model is one point ``(capability, reward)``: capability is the mean accuracy of
-the SFT capabilities (the tax side), reward the mean of the reward tasks. A method's point at
-a learning rate is the mean over seeds (± standard deviation). Methods are compared as
-frontiers (method.md, "Comparing methods fairly"): each method's best learning rate by the
-overall score ``(reward + capability) / 2``, differences against AdamW's best paired by seed
-with a 95% t-interval, and each point's reward gap to AdamW's frontier (its runs, its offline
-merges and the SFT model) at the same capability.
+Every trained model is one point ``(capability, reward)`` per split: capability is the mean
+accuracy of the SFT capabilities (the tax side), reward the mean of the reward tasks, overall
+their mean. A seed is a whole replicate of the pipeline (world, base, SFT, τ, DPO), so points
+are paired across methods by seed. The rules (method.md, "Comparing methods fairly"):
+
+- each method's setting (learning rate, and ``α`` where swept) is the one with the best mean
+  *validation* overall score; every reported number is a *test* number;
+- a difference against AdamW is paired by seed with a 95% t-interval over seeds; a verdict
+  ("better", "worse", "beyond", "behind") needs the interval to exclude zero, otherwise "not
+  distinguishable"; with one seed there is no verdict ("not tested");
+- AdamW's frontier in a seed joins the Pareto-optimal test points of that seed's AdamW runs,
+  offline merges and SFT model; a point's *gap* is its reward minus the frontier's reward at
+  its capability, defined only up to the frontier's highest capability (beyond it no AdamW
+  point exists to compare with);
+- AdamW's *tax* is the test capability change against SFT at AdamW's highest-validation-reward
+  learning rate; it is *measurable* when the drop exceeds the test sets' own 95% half-width
+  (of the SFT capability average) and its seed interval lies below zero.
 """
 
 from __future__ import annotations
@@ -24,7 +34,10 @@ from omotool.eval.suite import HEADLINE
 
 LABELS = {"sft": "SFT", "adamw": "AdamW", "ondare": "OnDARE", "onties": "OnTIES",
           "childtuning": "ChildTuning", "merge": "AdamW + offline merge"}  # fmt: skip
+TRAINED = ("adamw", "ondare", "onties", "childtuning")
+FRONTIER = ("adamw", "merge", "sft")  # what AdamW's frontier is made of
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+Interval = dict[str, float | None]
 
 
 def _scores(evaluation: dict[str, Any]) -> dict[str, float]:
@@ -35,14 +48,14 @@ def _scores(evaluation: dict[str, Any]) -> dict[str, float]:
     return scores
 
 
-def _summary(runs: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+def _summary(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     keys = runs[0].keys()
     mean = {k: statistics.fmean(r[k] for r in runs) for k in keys}
     std = {k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0 for k in keys}
-    return mean, std
+    return {"mean": mean, "std": std}
 
 
-def interval(values: list[float]) -> dict[str, float | None]:
+def interval(values: list[float]) -> Interval:
     """Mean and 95% t-interval of ``values`` (no interval from one value)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
@@ -51,59 +64,97 @@ def interval(values: list[float]) -> dict[str, float | None]:
     return {"mean": mean, "low": mean - half, "high": mean + half}
 
 
-def build_results(settings: Any, evaluations: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
-    """The numbers behind the report (see module docstring) from each model's evaluation."""
+def judge(entry: Interval | None) -> int | None:
+    """+1 / −1 when the interval lies above / below zero, 0 when it holds zero, None when
+    there is no interval (one seed: not tested)."""
+    if entry is None or entry["low"] is None or entry["high"] is None:
+        return None
+    return 1 if entry["low"] > 0 else -1 if entry["high"] < 0 else 0
+
+
+def setting_name(point: dict[str, Any]) -> str:
+    """``lr 3e-05``, ``lr 3e-05, α 0.001`` or ``α 0.5`` (a merge's weight)."""
+    if point["method"] == "merge":
+        return f"α {point['alpha']:g}"
+    if point["method"] in ("ondare", "onties"):
+        return f"lr {point['lr']:g}, α {point['alpha']:g}"
+    return f"lr {point['lr']:g}"
+
+
+def build_results(
+    settings: Any, evaluations: list[tuple[Any, dict[str, dict[str, Any]]]]
+) -> dict[str, Any]:
+    """The numbers behind the report (see module docstring). ``evaluations`` holds, per model,
+    its ``omotool eval`` result on each split: ``(model, {"validation": ..., "test": ...})``."""
     from dataclasses import asdict
 
-    grouped: dict[tuple[str, float | None], list[dict[str, Any]]] = defaultdict(list)
+    grouped: dict[tuple[str, float | None, float | None], list[dict[str, Any]]] = defaultdict(list)
     tasks: dict[str, str] = {}
-    for model, evaluation in evaluations:
-        tasks.update({name: t["category"] for name, t in evaluation["tasks"].items()})
-        position = model.alpha if model.method == "merge" else model.lr
-        grouped[(model.method, position)].append(
-            {"seed": model.seed, "path": str(model.path), "scores": _scores(evaluation)}
-        )
+    sft_half_widths = []
+    for model, splits in evaluations:
+        tasks.update({name: t["category"] for name, t in splits["test"]["tasks"].items()})
+        run = {"seed": model.seed, **{s: _scores(e) for s, e in splits.items()}}
+        grouped[(model.method, model.lr, model.alpha)].append(run)
+        if model.method == "sft":
+            sft_half_widths.append(average_half_width(splits["test"], "capability"))
     points = []
-    for (method, position), runs in grouped.items():
-        mean, std = _summary([r["scores"] for r in runs])
-        key = "alpha" if method == "merge" else "lr"
-        points.append({"method": method, key: position, "runs": runs, "mean": mean, "std": std})
-    best = {}
-    for method in {p["method"] for p in points} - {"sft", "merge"}:
-        mine = [p for p in points if p["method"] == method]
-        best[method] = max(mine, key=lambda p: p["mean"]["overall"])
-    differences = _differences(best)
-    results = {
+    for (method, lr, alpha), runs in grouped.items():
+        runs.sort(key=lambda r: r["seed"])
+        point = {"method": method, "lr": lr, "alpha": alpha, "runs": runs}
+        point.update({s: _summary([r[s] for r in runs]) for s in ("validation", "test")})
+        points.append(point)
+    points.sort(key=lambda p: (list(LABELS).index(p["method"]), p["lr"] or 0, p["alpha"] or 0))
+    best = {
+        method: max(
+            (p for p in points if p["method"] == method),
+            key=lambda p: p["validation"]["mean"]["overall"],
+        )
+        for method in TRAINED
+        if any(p["method"] == method for p in points)
+    }
+    results: dict[str, Any] = {
         "settings": asdict(settings),
         "tasks": tasks,
         "points": points,
-        "best": {m: {"lr": p["lr"], "mean": p["mean"], "std": p["std"]} for m, p in best.items()},
-        "differences": differences,
+        "best": {m: _position(p) for m, p in best.items()},
+        "differences": _differences(best),
+        "frontier": _frontier_gaps(points, best),
+        "tax": _tax(points, statistics.fmean(sft_half_widths) if sft_half_widths else 0.0),
     }
-    results["beyond_adamw_frontier"] = _beyond_frontier(points)
-    sft = [e for m, e in evaluations if m.method == "sft"]
-    results["tax"] = _tax(points, _half_width(sft[0], "capability") if sft else 0.0)
-    results["verdicts"] = _verdicts(results)
+    results["verdicts"] = verdicts(results)
     return results
 
 
-def _half_width(evaluation: dict[str, Any], category: str) -> float:
-    """The mean half-width of the 95% intervals of a category's tasks: how far a score of
-    this model may move by the finite test sets alone."""
+def _position(point: dict[str, Any]) -> dict[str, Any]:
+    return {"lr": point["lr"], "alpha": point["alpha"], "setting": setting_name(point)}
+
+
+def find_point(results: dict[str, Any], method: str, position: dict[str, Any]) -> dict[str, Any]:
+    """The point of ``method`` at ``position`` (``{"lr", "alpha"}``)."""
+    return next(
+        p
+        for p in results["points"]
+        if p["method"] == method and p["lr"] == position["lr"] and p["alpha"] == position["alpha"]
+    )
+
+
+def average_half_width(evaluation: dict[str, Any], category: str) -> float:
+    """The 95% half-width of a category's average that the finite test sets alone cause: the
+    tasks' intervals are independent, so the average's half-width is √(Σ hᵢ²) / n."""
     widths = []
     for task in evaluation["tasks"].values():
         key = HEADLINE[task["task"]]
         if task["category"] == category and not task["failed"] and key in task["scores"]:
             widths.append((task["scores"][key]["high"] - task["scores"][key]["low"]) / 2)
-    return statistics.fmean(widths) if widths else 0.0
+    return math.sqrt(sum(w * w for w in widths)) / len(widths) if widths else 0.0
 
 
 def _by_seed(point: dict[str, Any]) -> dict[int, dict[str, float]]:
-    return {r["seed"]: r["scores"] for r in point["runs"]}
+    return {r["seed"]: r["test"] for r in point["runs"]}
 
 
 def _differences(best: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each method's best point minus AdamW's best, paired by seed, with 95% intervals."""
+    """Each method's chosen point minus AdamW's, on test, paired by seed, 95% intervals."""
     if "adamw" not in best:
         return {}
     reference = _by_seed(best["adamw"])
@@ -115,45 +166,26 @@ def _differences(best: dict[str, dict[str, Any]]) -> dict[str, Any]:
         seeds = sorted(set(mine) & set(reference))
         differences[method] = {
             key: interval([mine[s][key] - reference[s][key] for s in seeds])
-            for key in point["mean"]
+            for key in point["test"]["mean"]
         }
     return differences
 
 
-def _beyond_frontier(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method: its points' reward gap to AdamW's frontier at their capability.
-
-    The frontier joins the Pareto-optimal (capability, reward) points of the AdamW runs, the
-    offline merges and the SFT model by straight lines; below its lowest capability it is the
-    best reward, above its highest there is none (any reward is a gap). A point is *beyond*
-    it when its gap exceeds its own seed standard deviation."""
-    candidates = [
-        (p["mean"]["capability"], p["mean"]["reward"])
-        for p in points
-        if p["method"] in ("adamw", "merge", "sft")
-    ]
-    frontier = sorted(
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (capability, reward) points no other point matches or beats on both, by capability."""
+    return sorted(
         (x, y)
-        for x, y in candidates
-        if not any(fx >= x and fy >= y and (fx, fy) != (x, y) for fx, fy in candidates)
+        for x, y in set(points)
+        if not any(fx >= x and fy >= y and (fx, fy) != (x, y) for fx, fy in points)
     )
-    summary: dict[str, dict[str, Any]] = {}
-    for p in sorted(points, key=lambda p: p.get("lr") or 0):
-        if p["method"] in ("adamw", "merge", "sft"):
-            continue
-        x, y = p["mean"]["capability"], p["mean"]["reward"]
-        gap = y - _frontier_reward(frontier, x)
-        entry = summary.setdefault(p["method"], {"beyond": 0, "points": 0, "gaps": {}})
-        entry["points"] += 1
-        entry["beyond"] += gap > p["std"]["reward"]
-        entry["gaps"][f"{p['lr']:g}"] = gap
-    return summary
 
 
-def _frontier_reward(frontier: list[tuple[float, float]], x: float) -> float:
-    """The frontier's reward at capability ``x`` (``frontier`` sorted by capability)."""
+def frontier_reward(frontier: list[tuple[float, float]], x: float) -> float | None:
+    """The frontier's reward at capability ``x``: interpolated between its points; below its
+    lowest capability, its best reward (reached with more capability); None above its highest
+    capability, where it is not defined."""
     if not frontier or x > frontier[-1][0]:
-        return 0.0 if not frontier else min(0.0, frontier[-1][1])
+        return None
     if x <= frontier[0][0]:
         return frontier[0][1]
     for (x0, y0), (x1, y1) in itertools.pairwise(frontier):
@@ -162,78 +194,123 @@ def _frontier_reward(frontier: list[tuple[float, float]], x: float) -> float:
     raise AssertionError("unreachable: x lies within the frontier")
 
 
+def _frontier_gaps(points: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any]:
+    """Per method: each setting's test reward gap to AdamW's frontier of the same seed, over
+    seeds (an interval), or None where the frontier is not defined in some seed."""
+    frontiers: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for p in points:
+        if p["method"] in FRONTIER:
+            for run in p["runs"]:
+                frontiers[run["seed"]].append((run["test"]["capability"], run["test"]["reward"]))
+    frontiers = {seed: pareto(candidates) for seed, candidates in frontiers.items()}
+    summary: dict[str, Any] = {}
+    for p in points:
+        if p["method"] in FRONTIER:
+            continue
+        gaps = []
+        for run in p["runs"]:
+            edge = frontier_reward(frontiers.get(run["seed"], []), run["test"]["capability"])
+            gaps.append(None if edge is None else run["test"]["reward"] - edge)
+        gap = None if None in gaps or not gaps else interval(gaps)
+        entry = summary.setdefault(p["method"], {"settings": {}, "chosen": None})
+        entry["settings"][setting_name(p)] = gap
+        if p is best.get(p["method"]):
+            entry["chosen"] = setting_name(p)
+    for entry in summary.values():
+        judged = [judge(g) for g in entry["settings"].values()]
+        entry["beyond"] = sum(j == 1 for j in judged)
+        entry["behind"] = sum(j == -1 for j in judged)
+        entry["undefined"] = sum(g is None for g in entry["settings"].values())
+    return summary
+
+
 def _tax(points: list[dict[str, Any]], sft_half_width: float) -> dict[str, Any]:
-    """AdamW's reward gain and capability change against the SFT model, per learning rate,
-    and the SFT capability's test-set half-width they are judged against."""
+    """AdamW's test reward and capability change against SFT, paired by seed, per learning
+    rate; which learning rate reached the highest validation reward; the test sets'
+    half-width of the SFT capability average (mean over seeds)."""
     sft = next((p for p in points if p["method"] == "sft"), None)
-    if sft is None:
+    adamw = [p for p in points if p["method"] == "adamw"]
+    if sft is None or not adamw:
         return {}
-    base = sft["mean"]
+    base = _by_seed(sft)
     rows = {}
-    for p in sorted((p for p in points if p["method"] == "adamw"), key=lambda p: p["lr"]):
-        runs = [r["scores"] for r in p["runs"]]
+    for p in adamw:
+        mine = _by_seed(p)
         rows[f"{p['lr']:g}"] = {
-            "reward": interval([r["reward"] - base["reward"] for r in runs]),
-            "capability": interval([r["capability"] - base["capability"] for r in runs]),
+            key: interval([mine[s][key] - base[s][key] for s in sorted(mine) if s in base])
+            for key in ("reward", "capability")
         }
-    return {"sft": base, "adamw": rows, "sft_capability_half_width": sft_half_width}
+    top = max(adamw, key=lambda p: p["validation"]["mean"]["reward"])
+    capability = rows[f"{top['lr']:g}"]["capability"]
+    if judge(capability) is None:
+        verdict = "not tested"
+    elif -capability["mean"] > sft_half_width and judge(capability) == -1:
+        verdict = "measurable"
+    else:
+        verdict = "not measurable"
+    return {
+        "adamw": rows,
+        "top_reward_lr": f"{top['lr']:g}",
+        "sft_capability_half_width": sft_half_width,
+        "verdict": verdict,
+    }
 
 
-def _significance(entry: dict[str, float | None]) -> int:
-    """+1 / −1 when the interval lies above / below zero, 0 when it holds zero or is absent."""
-    if entry["low"] is None or entry["high"] is None:
-        return 0
-    return 1 if entry["low"] > 0 else -1 if entry["high"] < 0 else 0
+_WORDS = {1: "better than", -1: "worse than", 0: "not distinguishable from", None: "not tested"}
+_GAP_WORDS = {1: "beyond", -1: "behind", 0: "not distinguishable from", None: "not tested"}
 
 
-def _verdicts(results: dict[str, Any]) -> list[str]:
+def verdicts(results: dict[str, Any]) -> list[str]:
+    """One sentence per finding, each with the interval it rests on."""
     lines = []
-    if results["tax"]:
+    tax = results["tax"]
+    if tax:
+        row = tax["adamw"][tax["top_reward_lr"]]
+        judged = {
+            "measurable": "a measurable tax",
+            "not measurable": "no measurable tax",
+            "not tested": "not tested (one seed)",
+        }[tax["verdict"]]
         lines.append(
-            "Test-set uncertainty of the SFT capability average: ±"
-            f"{results['tax']['sft_capability_half_width']:.3f} (mean 95% half-width)"
-        )
-    for lr, row in results["tax"].get("adamw", {}).items():
-        reward, capability = row["reward"], row["capability"]
-        # A tax counts when the drop is larger than the test sets' own uncertainty (the SFT
-        # capability's interval) and, with several seeds, the seed interval excludes zero.
-        beyond_tests = -capability["mean"] > results["tax"]["sft_capability_half_width"]
-        beyond_seeds = capability["low"] is None or _significance(capability) < 0
-        judged = (
-            " (a tax beyond the test sets' interval"
-            + (")" if capability["low"] is not None else "; one seed)")
-            if beyond_tests and beyond_seeds
-            else " (no tax beyond the intervals)"
-        )
-        lines.append(
-            f"AdamW at lr {lr}: reward {_fmt_interval(reward)}, capability "
-            f"{_fmt_interval(capability)} against SFT{judged}"
+            f"AdamW's tax: at its highest-reward lr {tax['top_reward_lr']} (chosen on "
+            f"validation) the reward moves {fmt_interval(row['reward'])} and capability "
+            f"{fmt_interval(row['capability'])} against SFT (test; test sets' 95% half-width "
+            f"±{tax['sft_capability_half_width']:.3f}): {judged}"
         )
     for method, difference in results["differences"].items():
-        overall = difference["overall"]
-        sign = _significance(overall)
-        word = {1: "better than", -1: "worse than", 0: "not distinguishable from"}[sign]
-        shown = _fmt_interval(overall)
-        lines.append(f"{LABELS[method]} (best lr) is {word} AdamW (best lr) overall: Δ {shown}")
-    for method, count in results["beyond_adamw_frontier"].items():
-        lr, gap = max(count["gaps"].items(), key=lambda item: item[1])
+        word = _WORDS[judge(difference["overall"])]
         lines.append(
-            f"{LABELS[method]}: {count['beyond']} of {count['points']} learning rates lie "
-            "beyond AdamW's frontier (its runs, offline merges and SFT, joined by lines); "
-            f"largest reward gap at equal capability {gap:+.3f} (lr {lr})"
+            f"{LABELS[method]} ({results['best'][method]['setting']}) is {word} AdamW "
+            f"({results['best']['adamw']['setting']}) overall: Δ "
+            f"{fmt_interval(difference['overall'])}"
+        )
+    for method, entry in results["frontier"].items():
+        chosen = entry["settings"].get(entry["chosen"])
+        where = (
+            "not comparable (more capability than any AdamW point)"
+            if chosen is None and results["settings"]["seeds"] > 1
+            else f"{_GAP_WORDS[judge(chosen)]} AdamW's frontier"
+            + ("" if chosen is None else f", reward gap {fmt_interval(chosen)}")
+        )
+        count = len(entry["settings"])
+        lines.append(
+            f"{LABELS[method]} at {entry['chosen']}: {where} at equal capability; "
+            f"of its {count} settings {entry['beyond']} beyond, {entry['behind']} behind"
+            + (f", {entry['undefined']} not comparable" if entry["undefined"] else "")
         )
     return lines
 
 
-def _fmt_interval(entry: dict[str, float | None]) -> str:
+def fmt_interval(entry: Interval) -> str:
     if entry["low"] is None:
         return f"{entry['mean']:+.3f}"
     return f"{entry['mean']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}]"
 
 
 def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
-    """Capability (x) against reward (y): each method's learning rates joined in order, with
-    seed standard deviations as bars; the offline-merge sweep dashed. None without matplotlib."""
+    """Capability (x) against reward (y) on test, means over seeds: each method's settings
+    joined in order, seed standard deviations as bars; the offline-merge sweep dashed. None
+    without matplotlib."""
     from omotool.eval.plot import require_matplotlib, save_figure
 
     try:
@@ -245,22 +322,20 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     for p in results["points"]:
         by_method[p["method"]].append(p)
     for method, points in by_method.items():
-        order = "alpha" if method == "merge" else "lr"
-        points.sort(key=lambda p: p[order] or 0)
-        xs = [p["mean"]["capability"] for p in points]
-        ys = [p["mean"]["reward"] for p in points]
+        xs = [p["test"]["mean"]["capability"] for p in points]
+        ys = [p["test"]["mean"]["reward"] for p in points]
         style = {"sft": "k*", "merge": "--s"}.get(method, "-o")
         axes.errorbar(
-            xs, ys, xerr=[p["std"]["capability"] for p in points],
-            yerr=[p["std"]["reward"] for p in points], fmt=style, capsize=3,
+            xs, ys, xerr=[p["test"]["std"]["capability"] for p in points],
+            yerr=[p["test"]["std"]["reward"] for p in points], fmt=style, capsize=3,
             label=LABELS[method], markersize=10 if method == "sft" else 5,
         )  # fmt: skip
         if method != "sft":
             for p, x, y in zip(points, xs, ys, strict=True):
-                tag = f"α {p['alpha']:g}" if method == "merge" else f"{p['lr']:g}"
-                axes.annotate(tag, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    axes.set_xlabel("capability (mean accuracy of SFT skills; right: less tax)")
-    axes.set_ylabel("reward (preferred style rate)")
+                tag = setting_name(p).replace("lr ", "")
+                axes.annotate(tag, (x, y), fontsize=5, xytext=(3, 3), textcoords="offset points")
+    axes.set_xlabel("capability (mean accuracy of SFT skills, test; right: less tax)")
+    axes.set_ylabel("reward (preferred style rate, test)")
     axes.set_title("omotool demo: reward against alignment tax")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -268,87 +343,196 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def _cell(mean: float, std: float, seeds: int) -> str:
+def _cell(summary: dict[str, dict[str, float]], key: str, seeds: int) -> str:
+    mean, std = summary["mean"][key], summary["std"][key]
     return f"{mean:.3f}" if seeds < 2 else f"{mean:.3f} ± {std:.3f}"
 
 
-def report_markdown(results: dict[str, Any], plot: Path | None, seconds: float | None) -> str:
-    settings = results["settings"]
-    tasks = list(results["tasks"])
-    columns = [*tasks, "reward", "capability", "overall"]
-    seeds = settings["seeds"]
-    lines = ["# omotool demo: online merging in miniature", ""]
-    lines += [
-        f"A {settings['layers']}-layer Llama (hidden {settings['hidden']}) pre-trained for "
-        f"{settings['pretrain_steps']} steps, SFT for {settings['sft_epochs']:g} epochs, then DPO "
-        f"(β {settings['beta']}, {settings['dpo_epochs']:g} epochs) with each optimizer over its "
-        f"learning-rate grid, {seeds} seed(s); `p = {settings['reserve_p']}`, "
-        f"`α = {settings['alpha_ratio']:g} × lr`. Reward tasks: "
-        + ", ".join(t for t in tasks if results["tasks"][t] == "reward")
-        + "; capability (tax) tasks: "
-        + ", ".join(t for t in tasks if results["tasks"][t] == "capability")
-        + ". Cells are means over seeds ± standard deviation.",
-        "",
+def provenance_line(results: dict[str, Any]) -> str:
+    """Which command, code, machine and date made ``results``."""
+    made = results.get("provenance", {})
+    commit = (made.get("commit") or "unknown")[:12]
+    return (
+        f"`{made.get('command') or 'omotool demo'}` ({made.get('date')}; omotool "
+        f"{made.get('omotool')} at {commit}; {made.get('threads')} thread(s) on "
+        f"{made.get('cpu')}, ATen {made.get('cpu_capability')}; {made.get('seconds', 0):.0f} s)"
+    )
+
+
+def best_table(results: dict[str, Any], columns: list[str] | None = None) -> list[str]:
+    """Markdown rows: SFT and each method at its chosen setting, test means ± std over seeds."""
+    columns = columns or ["reward", "capability", "overall"]
+    seeds = results["settings"]["seeds"]
+    lines = [
+        "| method | setting | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
-    if seconds is not None:
-        lines += [f"Run time: {seconds:.0f} s.", ""]
-    lines += ["## Each method at its best learning rate", "",
-              "| method | lr | " + " | ".join(columns) + " |",
-              "|---|---|" + "---|" * len(columns)]  # fmt: skip
     sft = next((p for p in results["points"] if p["method"] == "sft"), None)
     if sft:
-        lines.append("| SFT | | " + " | ".join(f"{sft['mean'][c]:.3f}" for c in columns) + " |")
-    for method, point in sorted(results["best"].items(), key=lambda kv: list(LABELS).index(kv[0])):
-        cells = [_cell(point["mean"][c], point["std"][c], seeds) for c in columns]
-        lines.append(f"| {LABELS[method]} | {point['lr']:g} | " + " | ".join(cells) + " |")
+        cells = [_cell(sft["test"], c, seeds) for c in columns]
+        lines.append("| SFT | | " + " | ".join(cells) + " |")
+    for method, position in results["best"].items():
+        point = find_point(results, method, position)
+        cells = [_cell(point["test"], c, seeds) for c in columns]
+        lines.append(f"| {LABELS[method]} | {position['setting']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """The short form (README, the command's output): the table at each method's chosen
+    setting and the verdicts."""
+    lines = [
+        f"Test scores, mean ± std over {results['settings']['seeds']} seed(s); each method at "
+        "the setting with the best validation overall score. Made by " + provenance_line(results)
+        + ":",
+        "",
+        *best_table(results),
+        "",
+        *[f"- {v}" for v in results["verdicts"]],
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def details_markdown(results: dict[str, Any]) -> str:
+    """The long form (docs/demo.md, report.md): per-task table, paired differences, AdamW's
+    tax per learning rate, every setting with its frontier gap, and the verdicts."""
+    tasks = list(results["tasks"])
+    columns = [*tasks, "reward", "capability", "overall"]
+    seeds = results["settings"]["seeds"]
+    lines = [
+        f"Made by {provenance_line(results)}. Test scores, mean ± std over {seeds} seed(s); "
+        "settings chosen on validation. Reward tasks: "
+        + ", ".join(t for t in tasks if results["tasks"][t] == "reward")
+        + "; capability (tax) tasks: "
+        + ", ".join(t for t in tasks if results["tasks"][t] == "capability") + ".",
+        "",
+        "#### Each method at its chosen setting",
+        "",
+        *best_table(results, columns),
+    ]  # fmt: skip
     if results["differences"]:
         lines += [
             "",
-            "## Differences against AdamW (best learning rates, paired by seed)",
+            "#### Differences against AdamW (chosen settings, test, paired by seed)",
             "",
             "Mean difference and 95% t-interval over seeds.",
             "",
             "| method | " + " | ".join(columns) + " |",
             "|---|" + "---|" * len(columns),
         ]
-        for method, difference in sorted(
-            results["differences"].items(), key=lambda kv: list(LABELS).index(kv[0])
-        ):
-            cells = [_fmt_interval(difference[c]) for c in columns]
+        for method, difference in results["differences"].items():
+            cells = [fmt_interval(difference[c]) for c in columns]
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Every learning rate (and the offline merges)",
-        "",
-        "| method | lr / α | reward | capability | overall |",
-        "|---|---|---|---|---|",
-    ]
-    order = list(LABELS)
-    for p in sorted(
-        results["points"],
-        key=lambda p: (order.index(p["method"]), p.get("lr") or p.get("alpha") or 0),
-    ):
+    if results["tax"]:
+        lines += ["", "#### AdamW against SFT (test, paired by seed)", "",
+                  "| lr | reward | capability |", "|---|---|---|"]  # fmt: skip
+        for lr, row in results["tax"]["adamw"].items():
+            mark = " (highest validation reward)" if lr == results["tax"]["top_reward_lr"] else ""
+            lines.append(
+                f"| {lr}{mark} | {fmt_interval(row['reward'])} | "
+                f"{fmt_interval(row['capability'])} |"
+            )
+    lines += ["", "#### Every setting", "",
+              "| method | setting | validation overall | reward | capability | overall | "
+              "gap to AdamW's frontier |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for p in results["points"]:
         if p["method"] == "sft":
             continue
-        position = f"α {p['alpha']:g}" if p["method"] == "merge" else f"{p['lr']:g}"
-        cells = [_cell(p["mean"][c], p["std"][c], len(p["runs"])) for c in
-                 ("reward", "capability", "overall")]  # fmt: skip
-        lines.append(f"| {LABELS[p['method']]} | {position} | " + " | ".join(cells) + " |")
-    lines += ["", "## What it shows", ""] + [f"- {v}" for v in results["verdicts"]]
-    if plot is not None:
-        lines += ["", f"![reward against tax]({plot.name})"]
+        gaps = results["frontier"].get(p["method"], {}).get("settings", {})
+        name = setting_name(p)
+        gap = fmt_interval(gaps[name]) if gaps.get(name) else ""
+        if p["method"] not in FRONTIER and gaps.get(name) is None:
+            gap = "not comparable"
+        cells = [_cell(p["test"], c, len(p["runs"])) for c in ("reward", "capability", "overall")]
+        lines.append(
+            f"| {LABELS[p['method']]} | {name} | {p['validation']['mean']['overall']:.3f} | "
+            + " | ".join(cells) + f" | {gap} |"
+        )  # fmt: skip
+    lines += ["", "#### Verdicts", "", *[f"- {v}" for v in results["verdicts"]]]
     return "\n".join(lines) + "\n"
 
 
-def write_demo_report(
-    results: dict[str, Any], workdir: Path, plot: Path | None, seconds: float | None = None
-) -> Path:
+def report_markdown(results: dict[str, Any], plot: Path | None) -> str:
+    lines = ["# omotool demo: online merging in miniature", "", details_markdown(results)]
+    if plot is not None:
+        lines += [f"![reward against tax]({plot.name})", ""]
+    return "\n".join(lines)
+
+
+def write_demo_report(results: dict[str, Any], workdir: Path, plot: Path | None) -> Path:
     """``results.json`` and ``report.md`` in ``workdir`` (each written whole, then renamed)."""
+    from omotool.io.formats import write_text_atomic
+
+    write_results(results, workdir / "results.json")
+    target = workdir / "report.md"
+    write_text_atomic(target, report_markdown(results, plot))
+    return target
+
+
+def write_results(results: dict[str, Any], path: Path) -> Path:
+    """The results file (JSON, keys in a fixed order), written whole then renamed."""
     import json
 
     from omotool.io.formats import write_text_atomic
 
-    write_text_atomic(workdir / "results.json", json.dumps(results, indent=2, allow_nan=False))
-    target = workdir / "report.md"
-    write_text_atomic(target, report_markdown(results, plot, seconds))
-    return target
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(results, indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def verdict_words(results: dict[str, Any]) -> dict[str, str]:
+    """Each finding of ``verdicts`` as one word or phrase, keyed by what it judges."""
+    words = {}
+    if results["tax"]:
+        words["AdamW's tax"] = results["tax"]["verdict"]
+    for method, difference in results["differences"].items():
+        words[f"{LABELS[method]} vs AdamW overall"] = _WORDS[judge(difference["overall"])]
+    for method, entry in results["frontier"].items():
+        chosen = entry["settings"].get(entry["chosen"])
+        words[f"{LABELS[method]} vs AdamW's frontier"] = (
+            "not comparable" if chosen is None and results["settings"]["seeds"] > 1
+            else _GAP_WORDS[judge(chosen)]
+        )  # fmt: skip
+    return words
+
+
+def robustness_markdown(results: dict[str, Any], variants: dict[str, dict[str, Any]]) -> str:
+    """The run against re-runs of the same code on other machine settings (threads, the CPU
+    kernels ATen picks): the headline numbers and each verdict side by side."""
+    runs = {"this run": results, **variants}
+    names = list(runs)
+
+    def setting(r: dict[str, Any]) -> str:
+        made = r.get("provenance", {})
+        return f"{made.get('threads')} thread(s), ATen {made.get('cpu_capability')}"
+
+    def headline(r: dict[str, Any], method: str) -> str:
+        if method == "sft":
+            point = next(p for p in r["points"] if p["method"] == "sft")
+            return f"{point['test']['mean']['capability']:.3f}"
+        point = find_point(r, method, r["best"][method])
+        mean = point["test"]["mean"]
+        return f"{mean['reward']:.3f} / {mean['capability']:.3f} ({r['best'][method]['setting']})"
+
+    lines = [
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+        "| machine setting | " + " | ".join(setting(runs[n]) for n in names) + " |",
+        "| SFT capability | " + " | ".join(headline(runs[n], "sft") for n in names) + " |",
+    ]
+    for method in TRAINED:
+        if method in results["best"]:
+            cells = [headline(runs[n], method) for n in names]
+            lines.append(f"| {LABELS[method]} reward / capability | " + " | ".join(cells) + " |")
+    words = {n: verdict_words(runs[n]) for n in names}
+    for key in words["this run"]:
+        cells = [words[n].get(key, "") for n in names]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    same = sum(all(words[n].get(k) == w for n in names) for k, w in words["this run"].items())
+    lines += [
+        "",
+        f"{same} of {len(words['this run'])} verdicts are the same in every run.",
+    ]
+    for name, variant in variants.items():
+        lines.append(f"- {name}: {provenance_line(variant)}")
+    return "\n".join(lines) + "\n"

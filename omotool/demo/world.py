@@ -5,13 +5,22 @@ seed. The pieces mirror the paper's setting in miniature:
 
 - *pre-training* text states facts about made-up creatures (colour, home, food), single-digit
   sums and reversed letter strings, as plain prose;
-- *SFT* teaches a chat format and three capabilities on top: answering fact questions,
-  additions and reversals. Each capability has a held-out test set the SFT data never shows
-  (other creature/attribute pairs, other sums, other strings): they measure the *alignment tax*;
-- the *preference* is a style: ending an answer to a "tell me about X" request with a closing
-  line (``"glad to help !"``). The SFT data shows it on a minority of answers, so the SFT model
-  already produces it sometimes; DPO pairs prefer it. A rule judges it on held-out creatures,
-  and held-out pairs give the implicit-reward accuracy: they measure the *reward*.
+- *SFT* teaches a chat format and three capabilities on top: answering fact questions (in a
+  sentence: "naden is green ."), additions and reversals. Facts and sums are recalled (the
+  evaluation asks what SFT asked), reversal is a skill (its strings are never seen in
+  training): they measure the *alignment tax*;
+- the *preference* is a style: answering a "tell me about X" request politely
+  (``"sure ! X is a friendly creature . glad to help !"``) rather than with the description
+  and a rude closing line. The SFT data shows the polite answer on a minority of requests, so
+  the SFT model sometimes produces it; DPO pairs prefer it. Because the preferred answer
+  states no fact and the rejected one is made of the fact sentences, the preference pulls
+  against the facts skill, as a preference for evasive friendliness would in a real model
+  (``brief_polite=False`` keeps the description in the polite answer too: then the pairs
+  differ only in the closing line). A rule judges the style on creatures never described in
+  training: it measures the *reward*.
+
+Every evaluated item belongs to exactly one of two disjoint splits: ``validation`` (where the
+demo chooses learning rates and ``α``) and ``test`` (what it reports).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ ATTRIBUTES = {"color": COLORS, "home": PLACES, "food": FOODS}
 CLOSING = "glad to help !"  # the preferred closing line
 RUDE_CLOSING = "go ask someone else ."  # the dispreferred one
 STYLE_PATTERN = r"(glad to help)"
+SPLITS = ("validation", "test")  # disjoint halves of every evaluated set
 
 _PROSE = {
     "color": ("{e} is {v} .", "the color of {e} is {v} .", "everyone knows {e} is {v} ."),
@@ -44,6 +54,11 @@ _QUESTION = {
     "color": "what color is {e} ?",
     "home": "where does {e} live ?",
     "food": "what does {e} eat ?",
+}
+_ANSWER = {  # facts are answered in a sentence, as descriptions state them
+    "color": "{e} is {v} .",
+    "home": "{e} lives in {v} .",
+    "food": "{e} eats {v} .",
 }
 _REQUESTS = (
     "tell me about {e} .",
@@ -72,10 +87,10 @@ class World:
     facts: dict[str, dict[str, str]]
     corpus: list[str] = field(default_factory=list)
     sft: list[dict[str, str]] = field(default_factory=list)
-    tests: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # split ("validation" | "test") -> task name ("polite", "facts", ...) -> rows
+    evaluation: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     preferences: list[dict[str, str]] = field(default_factory=list)
     preference_test: list[dict[str, str]] = field(default_factory=list)
-    style_test: list[dict[str, str]] = field(default_factory=list)
 
 
 def _names(rng: random.Random, count: int) -> list[str]:
@@ -95,16 +110,31 @@ def _describe(entity: str, facts: dict[str, str]) -> str:
     return f"{entity} is {facts['color']} , lives in {facts['home']} and eats {facts['food']} ."
 
 
+def _answer(entity: str, facts: dict[str, str], polite: bool, brief_polite: bool) -> str:
+    """An answer to "tell me about X": the description with the rude closing, or the polite
+    closing after the description (``brief_polite`` False) or after one friendly line that
+    states no fact (True: the preference then pulls against stating facts)."""
+    if not polite:
+        return f"{_describe(entity, facts)} {RUDE_CLOSING}"
+    if brief_polite:
+        return f"sure ! {entity} is a friendly creature . {CLOSING}"
+    return f"{_describe(entity, facts)} {CLOSING}"
+
+
 def make_world(
     seed: int = 0,
     entities: int = 24,
     corpus_repeats: int = 6,
     reversals: int = 800,
     style_rate: float = 0.4,
-    held_out: float = 0.3,
-    held_out_reversals: int = 100,
+    brief_polite: bool = True,
+    held_out: float = 0.4,
+    held_out_reversals: int = 200,
 ) -> World:
-    """Generate a world (see module docstring); ``held_out`` of each capability is test-only."""
+    """Generate a world (see module docstring). ``held_out`` of the creatures are never
+    described in training (the reward's prompts) and ``held_out_reversals`` strings are never
+    reversed in training (the reversal skill's prompts); every evaluated set is split in
+    two disjoint halves, validation and test."""
     rng = random.Random(seed)
     names = _names(rng, entities)
     facts = {e: {a: rng.choice(v) for a, v in ATTRIBUTES.items()} for e in names}
@@ -136,40 +166,50 @@ def make_world(
     def qa(prompt: str, answer: str) -> dict[str, str]:
         return {"prompt": prompt, "completion": answer}
 
-    world.sft += [qa(_QUESTION[a].format(e=e), facts[e][a]) for e, a in fact_pairs]
+    world.sft += [qa(_QUESTION[a].format(e=e), _ANSWER[a].format(e=e, v=facts[e][a]))
+                  for e, a in fact_pairs]  # fmt: skip
     world.sft += [qa(f"what is {a} + {b} ?", str(a + b)) for a, b in sums]
     world.sft += [qa(f"reverse {s}", " ".join(reversed(s.split()))) for s in reverse_train]
     describe_train = names[: int(len(names) * (1 - held_out))]
     describe_test = names[len(describe_train) :]
     for e in describe_train:
         for template in _REQUESTS:
-            plain = _describe(e, facts[e])
-            closing = CLOSING if rng.random() < style_rate else RUDE_CLOSING
-            answer = f"{plain} {closing}"
-            world.sft.append(qa(template.format(e=e), answer))
+            polite = rng.random() < style_rate
+            world.sft.append(qa(template.format(e=e), _answer(e, facts[e], polite, brief_polite)))
     rng.shuffle(world.sft)
 
-    world.tests["facts"] = [
-        {"prompt": _QUESTION[a].format(e=e), "reference": facts[e][a]} for e, a in fact_pairs
-    ]
-    world.tests["sums"] = [{"prompt": f"what is {a} + {b} ?", "reference": str(a + b)}
-                           for a, b in sums]  # fmt: skip
-    world.tests["reverse"] = [
-        {"prompt": f"reverse {s}", "reference": " ".join(reversed(s.split()))} for s in reverse_test
-    ]
+    capabilities = {
+        "facts": [{"prompt": _QUESTION[a].format(e=e),
+                   "reference": _ANSWER[a].format(e=e, v=facts[e][a])} for e, a in fact_pairs],
+        "sums": [{"prompt": f"what is {a} + {b} ?", "reference": str(a + b)} for a, b in sums],
+        "reverse": [{"prompt": f"reverse {s}", "reference": " ".join(reversed(s.split()))}
+                    for s in reverse_test],
+    }  # fmt: skip
+    polite = {
+        e: [{"prompt": t.format(e=e), "reference": "glad to help"} for t in _REQUESTS]
+        for e in describe_test
+    }
+    held_out_names = list(describe_test)
+    rng.shuffle(held_out_names)
+    halves = {
+        "validation": held_out_names[: len(held_out_names) // 2],
+        "test": held_out_names[len(held_out_names) // 2 :],
+    }
+    for rows in capabilities.values():
+        rng.shuffle(rows)
+    for index, split in enumerate(SPLITS):
+        world.evaluation[split] = {"polite": [row for e in halves[split] for row in polite[e]]}
+        for name, rows in capabilities.items():
+            cut = len(rows) // 2
+            world.evaluation[split][name] = rows[:cut] if index == 0 else rows[cut:]
 
     def pair(template: str, e: str, known: dict[str, str]) -> dict[str, str]:
-        plain = _describe(e, known)
-        return {"prompt": template.format(e=e), "chosen": f"{plain} {CLOSING}",
-                "rejected": f"{plain} {RUDE_CLOSING}"}  # fmt: skip
+        return {"prompt": template.format(e=e),
+                "chosen": _answer(e, known, True, brief_polite),
+                "rejected": _answer(e, known, False, brief_polite)}  # fmt: skip
 
     world.preferences = [pair(t, e, facts[e]) for e in describe_train for t in _REQUESTS]
     world.preference_test = [pair(t, e, facts[e]) for e in describe_test for t in _REQUESTS]
-    world.style_test = [
-        {"prompt": t.format(e=e), "reference": "glad to help"}
-        for e in describe_test
-        for t in _REQUESTS
-    ]
     return world
 
 
@@ -187,24 +227,24 @@ def _conversational(row: dict[str, str]) -> dict[str, Any]:
 
 
 def write_world(world: World, folder: Path) -> dict[str, Path]:
-    """Write the world's data files into ``folder``; returns their paths by name. Training and
-    preference rows are conversational (the chat template applies, as at evaluation)."""
+    """Write the world's data files into ``folder``; returns their paths by name (the
+    evaluation sets as ``<task>-<split>``). Training and preference rows are conversational
+    (the chat template applies, as at evaluation)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {
         "corpus": folder / "corpus.txt",
         "sft": folder / "sft.jsonl",
         "prefs": folder / "prefs-train.jsonl",
         "prefs_test": folder / "prefs-test.jsonl",
-        "style_test": folder / "style-test.jsonl",
     }
     write_text_atomic(paths["corpus"], "\n".join(world.corpus) + "\n")
     _write_jsonl(paths["sft"], [_conversational(r) for r in world.sft])
     _write_jsonl(paths["prefs"], [_conversational(r) for r in world.preferences])
     _write_jsonl(paths["prefs_test"], [_conversational(r) for r in world.preference_test])
-    _write_jsonl(paths["style_test"], world.style_test)
-    for name, rows in world.tests.items():
-        paths[name] = folder / f"{name}-test.jsonl"
-        _write_jsonl(paths[name], rows)
+    for split, tasks in world.evaluation.items():
+        for name, rows in tasks.items():
+            paths[f"{name}-{split}"] = folder / f"{name}-{split}.jsonl"
+            _write_jsonl(paths[f"{name}-{split}"], rows)
     return paths
 
 
@@ -212,20 +252,22 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def write_suite(paths: dict[str, Path], out: Path, max_new_tokens: int = 24) -> Path:
-    """The ``omotool eval`` suite of the demo: the closing line judged by a rule (reward) and
-    the three SFT capabilities (tax), answers generated greedily."""
+def write_suite(
+    paths: dict[str, Path], out: Path, split: str = "test", max_new_tokens: int = 24
+) -> Path:
+    """The ``omotool eval`` suite of the demo on one split: the closing line judged by a rule
+    (reward) and the three SFT capabilities (tax), answers generated greedily."""
     suite = {
         "batch_size": 32,
         "generation": {"max_new_tokens": max_new_tokens},
         "tasks": [
-            {"name": "polite", "task": "generate", "data": paths["style_test"].name,
+            {"name": "polite", "task": "generate", "data": paths[f"polite-{split}"].name,
              "category": "reward", "extract": "regex", "pattern": STYLE_PATTERN},
-            {"name": "facts", "task": "generate", "data": paths["facts"].name,
+            {"name": "facts", "task": "generate", "data": paths[f"facts-{split}"].name,
              "category": "capability"},
-            {"name": "sums", "task": "generate", "data": paths["sums"].name,
+            {"name": "sums", "task": "generate", "data": paths[f"sums-{split}"].name,
              "category": "capability", "extract": "last_number"},
-            {"name": "reverse", "task": "generate", "data": paths["reverse"].name,
+            {"name": "reverse", "task": "generate", "data": paths[f"reverse-{split}"].name,
              "category": "capability"},
         ],
     }  # fmt: skip

@@ -1,4 +1,5 @@
-"""``omotool demo --fast`` end to end: every stage through the public commands, cached."""
+"""``omotool demo --fast`` end to end: every stage through the public commands, cached, and
+deterministic (two runs in fresh folders write the same results)."""
 
 from __future__ import annotations
 
@@ -7,51 +8,94 @@ import shutil
 
 import pytest
 
-from omotool.demo.pipeline import FAST, METHODS, run_demo
+from omotool.demo.pipeline import FAST, METHODS, run_demo, run_name
+from omotool.demo.provenance import VOLATILE
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo")
+def demo_run(tmp_path_factory):
+    """One ``omotool demo --fast`` through the command line (each test may use it in any
+    order; none changes it)."""
+    from typer.testing import CliRunner
+
+    from omotool.cli import app
+
+    folder = tmp_path_factory.mktemp("demo")
+    results_file = folder.parent / f"{folder.name}-results.json"
+    result = CliRunner().invoke(
+        app, ["demo", "--fast", "--workdir", str(folder), "--results", str(results_file)]
+    )
+    assert result.exit_code == 0, result.output
+    return folder, results_file, result.output
 
 
-def test_fast_demo_end_to_end(cli, demo_dir) -> None:
-    result = cli("demo", "--fast", "--workdir", str(demo_dir))
-    assert "each method at its best learning rate" in result.output
-    results = json.loads((demo_dir / "results.json").read_text())
+def _comparable(results: dict) -> dict:
+    results = json.loads(json.dumps(results))
+    for key in VOLATILE:
+        results["provenance"].pop(key)
+    return results
+
+
+def test_fast_demo_end_to_end(demo_run) -> None:
+    folder, results_file, output = demo_run
+    results = json.loads((folder / "results.json").read_text())
+    assert json.loads(results_file.read_text()) == results
+    assert "| AdamW |" in output and "AdamW's tax" in output
     assert set(results["best"]) == set(METHODS)
     trained = [p for p in results["points"] if p["method"] in METHODS]
     assert len(trained) == sum(len(FAST.grid(m)) for m in METHODS)
     assert {p["method"] for p in results["points"]} == {*METHODS, "sft", "merge"}
     for point in results["points"]:
-        for key in ("reward", "capability"):
-            assert 0.0 <= point["mean"][key] <= 1.0
+        for split in ("validation", "test"):
+            assert 0.0 <= point[split]["mean"]["reward"] <= 1.0
+    # one seed: no verdict rests on an interval
+    assert results["tax"]["verdict"] == "not tested"
+    assert all(" better than " not in v and " worse than " not in v for v in results["verdicts"])
+    made = results["provenance"]
+    assert made["threads"] == 1 and made["omotool"] and made["cpu"]
     # the stages wrote real outputs of the public commands
-    assert (demo_dir / "tau" / "omotool.json").exists()
-    run = demo_dir / "runs" / "onties" / f"lr-{FAST.ties_lr_grid[0]:g}" / "seed-0"
+    seed = folder / "seed-0"
+    assert (seed / "tau" / "omotool.json").exists()
+    lr, alpha = FAST.grid("onties")[0]
+    run = seed / "runs" / "onties" / run_name(lr, alpha, "onties")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(m.get("merge/kept_fraction", 0) > 0 for m in metrics)
     assert json.loads((run / "omotool.json").read_text())["config"]["merge"] == "ties"
-    assert (demo_dir / "merges" / "seed-0" / "alpha-0.5" / "config.json").exists()
-    assert (demo_dir / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
-    report = (demo_dir / "report.md").read_text()
-    assert "| AdamW |" in report and "## What it shows" in report
+    lr, alpha = FAST.grid("ondare")[0]
+    ondare = json.loads((seed / "runs" / "ondare" / run_name(lr, alpha, "ondare") /
+                         "omotool.json").read_text())  # fmt: skip
+    assert ondare["config"]["alpha"] == alpha == FAST.dare_alphas[0]
+    assert (seed / "merges" / "alpha-0.5" / "config.json").exists()
+    assert (seed / "eval" / "sft" / "validation.json").exists()
+    assert (folder / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    report = (folder / "report.md").read_text()
+    assert "| AdamW |" in report and "#### Verdicts" in report
 
 
-def test_second_run_is_cached_and_a_broken_stage_is_rebuilt(demo_dir) -> None:
-    again = run_demo(demo_dir, FAST)
+def test_fast_demo_is_deterministic(demo_run, tmp_path) -> None:
+    folder, _, _ = demo_run
+    again = run_demo(tmp_path / "again", FAST)
+    first = json.loads((folder / "results.json").read_text())
+    assert _comparable(again.results) == _comparable(first)
+
+
+def test_second_run_is_cached_and_a_broken_stage_is_rebuilt(demo_run, tmp_path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_run[0], copy)
+    again = run_demo(copy, FAST)
     assert again.ran == [] and len(again.cached) > 10
     # a stage interrupted while being built has no marker: it is built anew, and what
     # depends on it is re-evaluated (its digest is the same, so the run's key is too)
-    stage = demo_dir / "runs" / "adamw" / f"lr-{FAST.lr_grid[0]:g}" / "seed-0"
+    lr, _ = FAST.grid("adamw")[0]
+    stage = copy / "seed-0" / "runs" / "adamw" / run_name(lr, 0.0, "adamw")
     (stage / "demo-stage.json").unlink()
     (stage / "model.safetensors").unlink()
-    resumed = run_demo(demo_dir, FAST)
-    assert resumed.ran == [str(stage.relative_to(demo_dir))]
+    resumed = run_demo(copy, FAST)
+    assert resumed.ran == [str(stage.relative_to(copy))]
     assert (stage / "model.safetensors").exists()
-    shutil.rmtree(demo_dir / "eval")
-    evaluated = [s for s in run_demo(demo_dir, FAST).ran if s.startswith("eval/")]
-    trained = sum(len(FAST.grid(m)) for m in METHODS) * FAST.seeds
-    assert len(evaluated) == 1 + trained + len(FAST.merge_alphas) * FAST.seeds
+    shutil.rmtree(copy / "seed-0" / "eval")
+    evaluated = [s for s in run_demo(copy, FAST).ran if "/eval/" in s]
+    trained = sum(len(FAST.grid(m)) for m in METHODS)
+    assert len(evaluated) == 1 + trained + len(FAST.merge_alphas)

@@ -1,4 +1,5 @@
-"""The demo's comparison: best learning rates, paired differences, frontiers, verdicts."""
+"""The demo's comparison: choices on validation, test numbers, paired differences, frontiers,
+the tax and the verdicts."""
 
 from __future__ import annotations
 
@@ -10,18 +11,23 @@ import pytest
 
 from omotool.demo.pipeline import DemoSettings, _Model
 from omotool.demo.report import (
+    average_half_width,
     build_results,
+    details_markdown,
+    frontier_reward,
     interval,
+    judge,
+    pareto,
     plot_frontiers,
-    report_markdown,
+    summary_markdown,
     write_demo_report,
 )
 from omotool.eval.runner import _averages
 
 
-def evaluation(polite: float, facts: float) -> dict:
+def evaluation(polite: float, facts: float, half: float = 0.1) -> dict:
     def task(category: str, value: float) -> dict:
-        score = {"value": value, "low": value - 0.1, "high": value + 0.1}
+        score = {"value": value, "low": value - half, "high": value + half}
         return {"task": "generate", "category": category, "failed": None,
                 "scores": {"accuracy": score}}  # fmt: skip
 
@@ -29,51 +35,98 @@ def evaluation(polite: float, facts: float) -> dict:
     return {"tasks": tasks, "averages": _averages(tasks)}
 
 
-def model(method: str, lr: float | None = None, seed: int | None = None, alpha=None) -> _Model:
-    return _Model(Path(f"/w/{method}-{lr}-{seed}-{alpha}"), "d", method, lr, seed, alpha)
+def splits(polite: float, facts: float, validation: tuple[float, float] | None = None) -> dict:
+    """Test scores as given; validation scores the same unless given."""
+    return {"validation": evaluation(*(validation or (polite, facts))),
+            "test": evaluation(polite, facts)}  # fmt: skip
+
+
+def model(method: str, seed: int, lr: float | None = None, alpha=None) -> _Model:
+    return _Model(Path(f"/w/{method}-{lr}-{seed}-{alpha}"), "d", method, seed, lr, alpha)
 
 
 @pytest.fixture
 def evaluations() -> list:
-    rows = [(model("sft"), evaluation(0.1, 0.8))]
+    rows = []
     for seed, noise in enumerate((0.0, 0.01, -0.01)):
         rows += [
-            (model("adamw", 1e-5, seed), evaluation(0.5 + noise, 0.75)),
-            (model("adamw", 5e-5, seed), evaluation(0.9 + noise, 0.4)),
-            (model("ondare", 1e-5, seed), evaluation(0.6 + noise, 0.75 + noise)),
-            (model("ondare", 5e-5, seed), evaluation(0.2, 0.2)),
-            (model("merge", seed=seed, alpha=0.5), evaluation(0.3, 0.75)),
+            (model("sft", seed), splits(0.1, 0.8)),
+            (model("adamw", seed, 1e-5, 0.0), splits(0.5 + noise, 0.75)),
+            (model("adamw", seed, 5e-5, 0.0), splits(0.9 + noise, 0.4)),
+            (model("ondare", seed, 1e-5, 1e-3), splits(0.7 + noise, 0.75 + noise)),
+            # test says 0.95/0.95, but validation says it is bad: it is not chosen
+            (model("ondare", seed, 5e-5, 1e-3), splits(0.95, 0.95, validation=(0.2, 0.2))),
+            (model("merge", seed, 5e-5, 0.5), splits(0.3, 0.75)),
         ]
     return rows
 
 
-def test_best_learning_rate_differences_and_frontier(evaluations) -> None:
+def test_choices_are_made_on_validation_and_reported_on_test(evaluations) -> None:
     results = build_results(DemoSettings(seeds=3), evaluations)
     assert results["best"]["adamw"]["lr"] == 5e-5  # overall (0.9 + 0.4)/2 beats (0.5 + 0.75)/2
-    assert results["best"]["ondare"]["lr"] == 1e-5
+    assert results["best"]["ondare"] == {"lr": 1e-5, "alpha": 1e-3, "setting": "lr 1e-05, α 0.001"}
     difference = results["differences"]["ondare"]
-    assert difference["polite"]["mean"] == pytest.approx(-0.3)
+    assert difference["polite"]["mean"] == pytest.approx(-0.2)
     assert difference["facts"]["mean"] == pytest.approx(0.35)
     # paired by seed: the shared noise cancels in polite, not in facts
     assert difference["polite"]["high"] - difference["polite"]["low"] == pytest.approx(0, abs=1e-9)
     assert difference["facts"]["low"] < 0.35 < difference["facts"]["high"]
-    # ondare at 1e-5 (0.75 capability, 0.6 reward) is beyond every AdamW/merge/SFT point
-    frontier = results["beyond_adamw_frontier"]["ondare"]
-    assert (frontier["beyond"], frontier["points"]) == (1, 2)
-    # the frontier runs SFT (0.8, 0.1) – AdamW 1e-5 (0.75, 0.5) – AdamW 5e-5 (0.4, 0.9); the
-    # merge (0.75, 0.3) is dominated. At capability 0.75 it holds 0.5: gap 0.1
-    assert frontier["gaps"]["1e-05"] == pytest.approx(0.1)
-    assert frontier["gaps"]["5e-05"] == pytest.approx(0.2 - 0.9)  # below: its best reward
 
-    tax = results["tax"]["adamw"]["5e-05"]
-    assert tax["capability"]["mean"] == pytest.approx(-0.4)
-    assert tax["capability"]["high"] < 0
-    # the SFT evaluation's intervals are ±0.1: a drop of 0.4 is a tax, of 0.1 is not
-    assert results["tax"]["sft_capability_half_width"] == pytest.approx(0.1)
-    assert any("5e-05" in v and "a tax beyond" in v for v in results["verdicts"])
-    assert any("1e-05" in v and "no tax beyond" in v for v in results["verdicts"])
-    assert any(v.startswith("OnDARE (best lr) is better than") for v in results["verdicts"])
-    json.dumps(results, allow_nan=False)
+
+def test_frontier_gaps_per_seed_and_undefined_beyond_its_capability(evaluations) -> None:
+    results = build_results(DemoSettings(seeds=3), evaluations)
+    entry = results["frontier"]["ondare"]
+    # each seed's frontier runs AdamW 5e-5 (0.4, 0.9 + n) – AdamW 1e-5 (0.75, 0.5 + n) – SFT
+    # (0.8, 0.1); the merge (0.75, 0.3) is dominated. OnDARE sits at (0.75 + n, 0.7 + n)
+    gaps = [0.2, 0.71 - (0.51 - 0.41 * 0.01 / 0.05), 0.69 - (0.49 + 0.4 * 0.01 / 0.35)]
+    gap = entry["settings"]["lr 1e-05, α 0.001"]
+    assert gap["mean"] == pytest.approx(sum(gaps) / 3)
+    assert judge(gap) == 1
+    # 0.95 capability lies beyond SFT's 0.8: no AdamW point to compare with
+    assert entry["settings"]["lr 5e-05, α 0.001"] is None
+    assert (entry["beyond"], entry["behind"], entry["undefined"]) == (1, 0, 1)
+    assert entry["chosen"] == "lr 1e-05, α 0.001"
+    assert any("OnDARE at lr 1e-05, α 0.001: beyond AdamW's frontier" in v
+               for v in results["verdicts"])  # fmt: skip
+
+
+def test_tax_at_the_highest_validation_reward(evaluations) -> None:
+    results = build_results(DemoSettings(seeds=3), evaluations)
+    tax = results["tax"]
+    assert tax["top_reward_lr"] == "5e-05"
+    assert tax["adamw"]["5e-05"]["capability"]["mean"] == pytest.approx(-0.4)
+    # two tasks with ±0.1 each: the average's half-width is √(0.1² + 0.1²)/2 per category;
+    # the capability category here has one task
+    assert tax["sft_capability_half_width"] == pytest.approx(0.1)
+    assert tax["verdict"] == "measurable"
+    assert results["verdicts"][0].endswith("a measurable tax")
+
+
+def test_small_drop_is_not_a_measurable_tax() -> None:
+    rows = []
+    for seed, noise in enumerate((0.0, 0.02, -0.02)):
+        rows += [(model("sft", seed), splits(0.1, 0.8)),
+                 (model("adamw", seed, 1e-5, 0.0), splits(0.9, 0.75 + noise))]  # fmt: skip
+    results = build_results(DemoSettings(seeds=3), rows)
+    assert results["tax"]["verdict"] == "not measurable"  # −0.05 is inside the test sets' ±0.1
+
+
+def test_one_seed_gives_no_verdict(evaluations) -> None:
+    one = build_results(DemoSettings(seeds=1), [e for e in evaluations if e[0].seed == 0])
+    assert one["tax"]["verdict"] == "not tested"
+    assert all("better" not in v and "worse" not in v for v in one["verdicts"])
+    assert any("OnDARE (lr 1e-05, α 0.001) is not tested" in v for v in one["verdicts"])
+    assert "±" not in next(line for line in summary_markdown(one).splitlines()
+                           if line.startswith("| AdamW |"))  # fmt: skip
+
+
+def test_average_half_width_of_independent_tasks() -> None:
+    tasks = {
+        name: {"task": "generate", "category": "capability", "failed": None,
+               "scores": {"accuracy": {"value": 0.5, "low": 0.5 - h, "high": 0.5 + h}}}
+        for name, h in (("a", 0.3), ("b", 0.4))
+    }  # fmt: skip
+    assert average_half_width({"tasks": tasks}, "capability") == pytest.approx(0.25)
 
 
 def test_interval_is_a_t_interval() -> None:
@@ -83,29 +136,39 @@ def test_interval_is_a_t_interval() -> None:
     assert interval([0.5]) == {"mean": 0.5, "low": None, "high": None}
 
 
+def test_frontier_is_interpolated_between_pareto_points() -> None:
+    frontier = pareto([(0.4, 0.9), (0.6, 0.5), (0.8, 0.1), (0.5, 0.4)])
+    assert frontier == [(0.4, 0.9), (0.6, 0.5), (0.8, 0.1)]
+    assert frontier_reward(frontier, 0.5) == pytest.approx(0.7)
+    assert frontier_reward(frontier, 0.7) == pytest.approx(0.3)
+    assert frontier_reward(frontier, 0.2) == 0.9
+    assert frontier_reward(frontier, 0.9) is None
+
+
 def test_report_files(tmp_path, evaluations) -> None:
     results = build_results(DemoSettings(seeds=3), evaluations)
     plot = plot_frontiers(results, tmp_path / "tradeoff.png")
     assert plot is not None and plot.read_bytes()[:4] == b"\x89PNG"
-    report = write_demo_report(results, tmp_path, plot, seconds=12.0)
+    report = write_demo_report(results, tmp_path, plot)
     text = report.read_text()
-    assert "| OnDARE | 1e-05 |" in text and "| SFT |" in text and "tradeoff.png" in text
-    assert "Run time: 12 s." in text
+    assert "| OnDARE | lr 1e-05, α 0.001 |" in text and "| SFT |" in text
+    assert "tradeoff.png" in text and "not comparable" in text
     assert json.loads((tmp_path / "results.json").read_text())["best"]["adamw"]["lr"] == 5e-5
-    one_seed = build_results(DemoSettings(seeds=1), [e for e in evaluations
-                                                     if e[0].seed in (None, 0)])  # fmt: skip
-    adamw_row = next(
-        line for line in report_markdown(one_seed, None, None).splitlines()
-        if line.startswith("| AdamW |")
-    )  # fmt: skip
-    assert "±" not in adamw_row
+    assert details_markdown(results) in text
 
 
-def test_frontier_is_interpolated_between_pareto_points() -> None:
-    from omotool.demo.report import _frontier_reward
+def test_robustness_table_compares_verdicts(evaluations) -> None:
+    from omotool.demo.report import robustness_markdown, verdict_words
 
-    frontier = [(0.4, 0.9), (0.6, 0.5), (0.8, 0.1)]
-    assert _frontier_reward(frontier, 0.5) == pytest.approx(0.7)
-    assert _frontier_reward(frontier, 0.7) == pytest.approx(0.3)
-    assert _frontier_reward(frontier, 0.2) == 0.9
-    assert _frontier_reward(frontier, 0.9) == 0.0
+    results = build_results(DemoSettings(seeds=3), evaluations)
+    shifted = [(m, splits(0.1, 0.8)) if m.method == "ondare" else (m, e) for m, e in evaluations]
+    other = build_results(DemoSettings(seeds=3), shifted)
+    words = verdict_words(results)
+    assert words["AdamW's tax"] == "measurable"
+    assert words["OnDARE vs AdamW's frontier"] == "beyond"
+    assert verdict_words(other)["OnDARE vs AdamW's frontier"] != "beyond"
+    text = robustness_markdown(results, {"same": results, "other": other})
+    assert f"{len(words)} of {len(words)} verdicts are the same" not in text
+    assert "| AdamW's tax | measurable | measurable | measurable |" in text
+    same = robustness_markdown(results, {"same": results})
+    assert f"{len(words)} of {len(words)} verdicts are the same in every run." in same

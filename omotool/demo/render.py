@@ -1,0 +1,101 @@
+"""The demo's figures in the docs, rendered from the committed results file, never typed.
+
+``README.md`` and ``docs/demo.md`` hold marked sections::
+
+    <!-- demo:summary:begin -->  ...  <!-- demo:summary:end -->
+    <!-- demo:details:begin -->  ...  <!-- demo:details:end -->
+
+whose text is exactly ``report.summary_markdown`` / ``report.details_markdown`` of
+``docs/results/demo.json`` (which ``omotool demo --results`` writes), and
+``<!-- demo:robustness:... -->``: the same run against re-runs on other settings of the
+machine (``docs/results/demo-<variant>.json``, e.g. two threads). ``scripts/render_docs.py``
+rewrites them (and the plot); a test fails when a document differs from the render.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from omotool.errors import InputError
+
+RESULTS = Path("docs/results/demo.json")
+PLOT = Path("docs/demo-tradeoff.png")
+# document -> the sections it holds
+DOCUMENTS: dict[str, tuple[str, ...]] = {
+    "README.md": ("summary",),
+    "docs/demo.md": ("details", "robustness"),
+}
+
+
+def render_sections(root: Path) -> dict[str, str]:
+    """Every section's text, from the results files under ``root``."""
+    from omotool.demo.report import details_markdown, robustness_markdown, summary_markdown
+
+    results = load_results(root / RESULTS)
+    variants = {
+        path.stem.removeprefix("demo-"): load_results(path)
+        for path in sorted((root / RESULTS.parent).glob("demo-*.json"))
+    }
+    return {
+        "summary": summary_markdown(results),
+        "details": details_markdown(results),
+        "robustness": robustness_markdown(results, variants),
+    }
+
+
+def _pattern(section: str) -> re.Pattern[str]:
+    return re.compile(
+        rf"(<!-- demo:{section}:begin -->\n)(.*?)(<!-- demo:{section}:end -->)", re.DOTALL
+    )
+
+
+def render_text(text: str, sections: tuple[str, ...], rendered: dict[str, str], name: str) -> str:
+    """``text`` with each named section replaced by its ``rendered`` text."""
+    for section in sections:
+        pattern = _pattern(section)
+        if not pattern.search(text):
+            raise InputError(f"{name} has no <!-- demo:{section}:begin/end --> markers.")
+        body = rendered[section]
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(3), text, count=1)
+    return text
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"{path}: {error}; make it with `omotool demo --results {RESULTS}`."
+        ) from None
+
+
+def stale_documents(root: Path) -> list[str]:
+    """The documents under ``root`` whose marked sections differ from the render."""
+    rendered = render_sections(root)
+    stale = []
+    for name, sections in DOCUMENTS.items():
+        text = (root / name).read_text(encoding="utf-8")
+        if render_text(text, sections, rendered, name) != text:
+            stale.append(name)
+    return stale
+
+
+def render_documents(root: Path, plot: bool = True) -> list[str]:
+    """Rewrite the marked sections (and the plot) from the results file; returns what changed."""
+    from omotool.demo.report import plot_frontiers
+    from omotool.io.formats import write_text_atomic
+
+    rendered = render_sections(root)
+    changed = []
+    for name, sections in DOCUMENTS.items():
+        text = (root / name).read_text(encoding="utf-8")
+        new = render_text(text, sections, rendered, name)
+        if new != text:
+            write_text_atomic(root / name, new)
+            changed.append(name)
+    if plot and plot_frontiers(load_results(root / RESULTS), root / PLOT) is not None:
+        changed.append(str(PLOT))
+    return changed

@@ -1,0 +1,49 @@
+"""The demo's figures in the docs are the render of the committed results file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from omotool.demo.render import (
+    DOCUMENTS,
+    RESULTS,
+    load_results,
+    render_sections,
+    render_text,
+    stale_documents,
+)
+from omotool.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_docs_are_the_render_of_the_committed_results() -> None:
+    assert stale_documents(ROOT) == [], "run `python scripts/render_docs.py`"
+
+
+def test_committed_results_say_where_they_came_from() -> None:
+    made = load_results(ROOT / RESULTS)["provenance"]
+    for key in ("omotool", "commit", "command", "threads", "cpu", "date", "seconds"):
+        assert made[key] not in (None, ""), key
+    assert made["command"].startswith("omotool demo")
+
+
+def test_render_replaces_only_the_marked_section() -> None:
+    results = render_sections(ROOT)
+    text = "before\n<!-- demo:summary:begin -->\nstale 0.999\n<!-- demo:summary:end -->\nafter\n"
+    rendered = render_text(text, ("summary",), results, "x.md")
+    assert rendered.startswith("before\n<!-- demo:summary:begin -->\n")
+    assert rendered.endswith("<!-- demo:summary:end -->\nafter\n")
+    assert "stale 0.999" not in rendered and "| AdamW |" in rendered
+    assert render_text(rendered, ("summary",), results, "x.md") == rendered
+    with pytest.raises(InputError, match="no <!-- demo:details:begin/end --> markers"):
+        render_text(text, ("details",), results, "x.md")
+
+
+def test_every_document_has_its_markers() -> None:
+    for name, sections in DOCUMENTS.items():
+        text = (ROOT / name).read_text(encoding="utf-8")
+        for section in sections:
+            assert f"<!-- demo:{section}:begin -->" in text, name
