@@ -560,8 +560,9 @@ def demo(
     Everything is made here (data, tokenizer, models); nothing is downloaded. Stages are
     cached in --workdir: run it again to resume or to re-draw the report.
     """
+    from omotool.demo.markdown import summary_markdown
     from omotool.demo.pipeline import run_demo, settings_for
-    from omotool.demo.report import summary_markdown, write_results
+    from omotool.demo.report import write_results
 
     _quiet_libraries()
     settings = settings_for(fast, seeds)

@@ -32,7 +32,7 @@ DOCUMENTS: dict[str, tuple[str, ...]] = {
 
 def render_sections(root: Path) -> dict[str, str]:
     """Every section's text, from the results files under ``root``."""
-    from omotool.demo.report import details_markdown, robustness_markdown, summary_markdown
+    from omotool.demo.markdown import details_markdown, robustness_markdown, summary_markdown
 
     results = load_results(root / RESULTS)
     variants = {

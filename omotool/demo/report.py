@@ -256,46 +256,70 @@ def _tax(points: list[dict[str, Any]], sft_half_width: float) -> dict[str, Any]:
     }
 
 
-_WORDS = {1: "better than", -1: "worse than", 0: "not distinguishable from", None: "not tested"}
-_GAP_WORDS = {1: "beyond", -1: "behind", 0: "not distinguishable from", None: "not tested"}
+_WORDS = {1: "better", -1: "worse", 0: "not distinguishable", None: "not tested (one seed)"}
+_GAP_WORDS = {1: "beyond", -1: "behind", 0: "not distinguishable", None: "not tested (one seed)"}
+_TAX_WORDS = {"measurable": "a measurable tax", "not measurable": "no measurable tax",
+              "not tested": "not tested (one seed)"}  # fmt: skip
+
+
+TAX_KEY = "AdamW's tax"
+
+
+def overall_key(method: str) -> str:
+    return f"{LABELS[method]} vs AdamW overall"
+
+
+def frontier_key(method: str) -> str:
+    return f"{LABELS[method]} vs AdamW's frontier"
+
+
+def _frontier_word(results: dict[str, Any], entry: dict[str, Any]) -> str:
+    """Where a method's chosen setting lies against AdamW's frontier, in a word."""
+    gap = entry["settings"].get(entry["chosen"])
+    if gap is None and results["settings"]["seeds"] > 1:
+        return "not comparable"  # more capability than any AdamW point in some seed
+    return _GAP_WORDS[judge(gap)]
+
+
+def verdict_words(results: dict[str, Any]) -> dict[str, str]:
+    """Each finding as a word or phrase, keyed by what it judges (``verdicts`` says the same
+    with the intervals)."""
+    words = {}
+    if results["tax"]:
+        words[TAX_KEY] = _TAX_WORDS[results["tax"]["verdict"]]
+    for method, difference in results["differences"].items():
+        words[overall_key(method)] = _WORDS[judge(difference["overall"])]
+    for method, entry in results["frontier"].items():
+        words[frontier_key(method)] = _frontier_word(results, entry)
+    return words
 
 
 def verdicts(results: dict[str, Any]) -> list[str]:
     """One sentence per finding, each with the interval it rests on."""
+    words = verdict_words(results)
     lines = []
     tax = results["tax"]
     if tax:
         row = tax["adamw"][tax["top_reward_lr"]]
-        judged = {
-            "measurable": "a measurable tax",
-            "not measurable": "no measurable tax",
-            "not tested": "not tested (one seed)",
-        }[tax["verdict"]]
         lines.append(
             f"AdamW's tax: at its highest-reward lr {tax['top_reward_lr']} (chosen on "
             f"validation) the reward moves {fmt_interval(row['reward'])} and capability "
             f"{fmt_interval(row['capability'])} against SFT (test; test sets' 95% half-width "
-            f"±{tax['sft_capability_half_width']:.3f}): {judged}"
+            f"±{tax['sft_capability_half_width']:.3f}): {words[TAX_KEY]}"
         )
     for method, difference in results["differences"].items():
-        word = _WORDS[judge(difference["overall"])]
         lines.append(
-            f"{LABELS[method]} ({results['best'][method]['setting']}) is {word} AdamW "
-            f"({results['best']['adamw']['setting']}) overall: Δ "
-            f"{fmt_interval(difference['overall'])}"
+            f"{LABELS[method]} ({results['best'][method]['setting']}) against AdamW "
+            f"({results['best']['adamw']['setting']}), overall: Δ "
+            f"{fmt_interval(difference['overall'])}: {words[overall_key(method)]}"
         )
     for method, entry in results["frontier"].items():
-        chosen = entry["settings"].get(entry["chosen"])
-        where = (
-            "not comparable (more capability than any AdamW point)"
-            if chosen is None and results["settings"]["seeds"] > 1
-            else f"{_GAP_WORDS[judge(chosen)]} AdamW's frontier"
-            + ("" if chosen is None else f", reward gap {fmt_interval(chosen)}")
-        )
-        count = len(entry["settings"])
+        gap = entry["settings"].get(entry["chosen"])
+        shown = "" if gap is None else f" (reward gap at equal capability {fmt_interval(gap)})"
         lines.append(
-            f"{LABELS[method]} at {entry['chosen']}: {where} at equal capability; "
-            f"of its {count} settings {entry['beyond']} beyond, {entry['behind']} behind"
+            f"{LABELS[method]} at {entry['chosen']} against AdamW's frontier{shown}: "
+            f"{words[frontier_key(method)]}; of its "
+            f"{len(entry['settings'])} settings {entry['beyond']} beyond, {entry['behind']} behind"
             + (f", {entry['undefined']} not comparable" if entry["undefined"] else "")
         )
     return lines
@@ -343,124 +367,9 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def _cell(summary: dict[str, dict[str, float]], key: str, seeds: int) -> str:
-    mean, std = summary["mean"][key], summary["std"][key]
-    return f"{mean:.3f}" if seeds < 2 else f"{mean:.3f} ± {std:.3f}"
-
-
-def provenance_line(results: dict[str, Any]) -> str:
-    """Which command, code, machine and date made ``results``."""
-    made = results.get("provenance", {})
-    commit = (made.get("commit") or "unknown")[:12]
-    return (
-        f"`{made.get('command') or 'omotool demo'}` ({made.get('date')}; omotool "
-        f"{made.get('omotool')} at {commit}; {made.get('threads')} thread(s) on "
-        f"{made.get('cpu')}, ATen {made.get('cpu_capability')}; {made.get('seconds', 0):.0f} s)"
-    )
-
-
-def best_table(results: dict[str, Any], columns: list[str] | None = None) -> list[str]:
-    """Markdown rows: SFT and each method at its chosen setting, test means ± std over seeds."""
-    columns = columns or ["reward", "capability", "overall"]
-    seeds = results["settings"]["seeds"]
-    lines = [
-        "| method | setting | " + " | ".join(columns) + " |",
-        "|---|---|" + "---|" * len(columns),
-    ]
-    sft = next((p for p in results["points"] if p["method"] == "sft"), None)
-    if sft:
-        cells = [_cell(sft["test"], c, seeds) for c in columns]
-        lines.append("| SFT | | " + " | ".join(cells) + " |")
-    for method, position in results["best"].items():
-        point = find_point(results, method, position)
-        cells = [_cell(point["test"], c, seeds) for c in columns]
-        lines.append(f"| {LABELS[method]} | {position['setting']} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def summary_markdown(results: dict[str, Any]) -> str:
-    """The short form (README, the command's output): the table at each method's chosen
-    setting and the verdicts."""
-    lines = [
-        f"Test scores, mean ± std over {results['settings']['seeds']} seed(s); each method at "
-        "the setting with the best validation overall score. Made by " + provenance_line(results)
-        + ":",
-        "",
-        *best_table(results),
-        "",
-        *[f"- {v}" for v in results["verdicts"]],
-    ]  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def details_markdown(results: dict[str, Any]) -> str:
-    """The long form (docs/demo.md, report.md): per-task table, paired differences, AdamW's
-    tax per learning rate, every setting with its frontier gap, and the verdicts."""
-    tasks = list(results["tasks"])
-    columns = [*tasks, "reward", "capability", "overall"]
-    seeds = results["settings"]["seeds"]
-    lines = [
-        f"Made by {provenance_line(results)}. Test scores, mean ± std over {seeds} seed(s); "
-        "settings chosen on validation. Reward tasks: "
-        + ", ".join(t for t in tasks if results["tasks"][t] == "reward")
-        + "; capability (tax) tasks: "
-        + ", ".join(t for t in tasks if results["tasks"][t] == "capability") + ".",
-        "",
-        "#### Each method at its chosen setting",
-        "",
-        *best_table(results, columns),
-    ]  # fmt: skip
-    if results["differences"]:
-        lines += [
-            "",
-            "#### Differences against AdamW (chosen settings, test, paired by seed)",
-            "",
-            "Mean difference and 95% t-interval over seeds.",
-            "",
-            "| method | " + " | ".join(columns) + " |",
-            "|---|" + "---|" * len(columns),
-        ]
-        for method, difference in results["differences"].items():
-            cells = [fmt_interval(difference[c]) for c in columns]
-            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
-    if results["tax"]:
-        lines += ["", "#### AdamW against SFT (test, paired by seed)", "",
-                  "| lr | reward | capability |", "|---|---|---|"]  # fmt: skip
-        for lr, row in results["tax"]["adamw"].items():
-            mark = " (highest validation reward)" if lr == results["tax"]["top_reward_lr"] else ""
-            lines.append(
-                f"| {lr}{mark} | {fmt_interval(row['reward'])} | "
-                f"{fmt_interval(row['capability'])} |"
-            )
-    lines += ["", "#### Every setting", "",
-              "| method | setting | validation overall | reward | capability | overall | "
-              "gap to AdamW's frontier |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for p in results["points"]:
-        if p["method"] == "sft":
-            continue
-        gaps = results["frontier"].get(p["method"], {}).get("settings", {})
-        name = setting_name(p)
-        gap = fmt_interval(gaps[name]) if gaps.get(name) else ""
-        if p["method"] not in FRONTIER and gaps.get(name) is None:
-            gap = "not comparable"
-        cells = [_cell(p["test"], c, len(p["runs"])) for c in ("reward", "capability", "overall")]
-        lines.append(
-            f"| {LABELS[p['method']]} | {name} | {p['validation']['mean']['overall']:.3f} | "
-            + " | ".join(cells) + f" | {gap} |"
-        )  # fmt: skip
-    lines += ["", "#### Verdicts", "", *[f"- {v}" for v in results["verdicts"]]]
-    return "\n".join(lines) + "\n"
-
-
-def report_markdown(results: dict[str, Any], plot: Path | None) -> str:
-    lines = ["# omotool demo: online merging in miniature", "", details_markdown(results)]
-    if plot is not None:
-        lines += [f"![reward against tax]({plot.name})", ""]
-    return "\n".join(lines)
-
-
 def write_demo_report(results: dict[str, Any], workdir: Path, plot: Path | None) -> Path:
     """``results.json`` and ``report.md`` in ``workdir`` (each written whole, then renamed)."""
+    from omotool.demo.markdown import report_markdown
     from omotool.io.formats import write_text_atomic
 
     write_results(results, workdir / "results.json")
@@ -478,61 +387,3 @@ def write_results(results: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(results, indent=1, allow_nan=False) + "\n")
     return path
-
-
-def verdict_words(results: dict[str, Any]) -> dict[str, str]:
-    """Each finding of ``verdicts`` as one word or phrase, keyed by what it judges."""
-    words = {}
-    if results["tax"]:
-        words["AdamW's tax"] = results["tax"]["verdict"]
-    for method, difference in results["differences"].items():
-        words[f"{LABELS[method]} vs AdamW overall"] = _WORDS[judge(difference["overall"])]
-    for method, entry in results["frontier"].items():
-        chosen = entry["settings"].get(entry["chosen"])
-        words[f"{LABELS[method]} vs AdamW's frontier"] = (
-            "not comparable" if chosen is None and results["settings"]["seeds"] > 1
-            else _GAP_WORDS[judge(chosen)]
-        )  # fmt: skip
-    return words
-
-
-def robustness_markdown(results: dict[str, Any], variants: dict[str, dict[str, Any]]) -> str:
-    """The run against re-runs of the same code on other machine settings (threads, the CPU
-    kernels ATen picks): the headline numbers and each verdict side by side."""
-    runs = {"this run": results, **variants}
-    names = list(runs)
-
-    def setting(r: dict[str, Any]) -> str:
-        made = r.get("provenance", {})
-        return f"{made.get('threads')} thread(s), ATen {made.get('cpu_capability')}"
-
-    def headline(r: dict[str, Any], method: str) -> str:
-        if method == "sft":
-            point = next(p for p in r["points"] if p["method"] == "sft")
-            return f"{point['test']['mean']['capability']:.3f}"
-        point = find_point(r, method, r["best"][method])
-        mean = point["test"]["mean"]
-        return f"{mean['reward']:.3f} / {mean['capability']:.3f} ({r['best'][method]['setting']})"
-
-    lines = [
-        "| | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-        "| machine setting | " + " | ".join(setting(runs[n]) for n in names) + " |",
-        "| SFT capability | " + " | ".join(headline(runs[n], "sft") for n in names) + " |",
-    ]
-    for method in TRAINED:
-        if method in results["best"]:
-            cells = [headline(runs[n], method) for n in names]
-            lines.append(f"| {LABELS[method]} reward / capability | " + " | ".join(cells) + " |")
-    words = {n: verdict_words(runs[n]) for n in names}
-    for key in words["this run"]:
-        cells = [words[n].get(key, "") for n in names]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    same = sum(all(words[n].get(k) == w for n in names) for k, w in words["this run"].items())
-    lines += [
-        "",
-        f"{same} of {len(words['this run'])} verdicts are the same in every run.",
-    ]
-    for name, variant in variants.items():
-        lines.append(f"- {name}: {provenance_line(variant)}")
-    return "\n".join(lines) + "\n"

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # torchrun: several processes
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 METHODS = ("dare", "ties")
 

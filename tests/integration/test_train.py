@@ -188,6 +188,7 @@ def uninterrupted(llama_pair, prefs, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # subprocesses killed and resumed
 def test_sigkill_then_resume_is_bit_identical(llama_pair, prefs, tmp_path, uninterrupted) -> None:
     out = tmp_path / "killed"
     cfg = long_run(llama_pair, prefs, out)
@@ -203,6 +204,7 @@ def test_sigkill_then_resume_is_bit_identical(llama_pair, prefs, tmp_path, unint
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))  # none twice
 
 
+@pytest.mark.slow  # subprocesses killed and resumed
 def test_ctrl_c_saves_a_checkpoint_and_resumes(llama_pair, prefs, tmp_path, uninterrupted) -> None:
     out = tmp_path / "interrupted"
     cfg = long_run(llama_pair, prefs, out, save_total_limit=1)
@@ -314,6 +316,7 @@ def test_bf16_run_saves_a_bf16_model(llama_pair, prefs, tmp_path) -> None:
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.slow  # subprocesses killed and resumed
 def test_ctrl_c_on_the_command_line_exits_130_with_a_hint(llama_pair, prefs, tmp_path) -> None:
     base, sft = llama_pair
     out = tmp_path / "run"

@@ -17,6 +17,8 @@ from omotool.errors import UsageError
 from omotool.train.runner import TrainConfig, run_training
 from tests.integration.test_distributed import free_port
 
+pytestmark = pytest.mark.slow  # torchrun: several processes
+
 WORKER = Path(__file__).with_name("train_dist_worker.py")
 PREFS = Path(__file__).parents[2] / "recipes" / "data" / "tiny-prefs.jsonl"
 

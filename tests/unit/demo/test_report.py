@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from omotool.demo.markdown import details_markdown, robustness_markdown, summary_markdown
 from omotool.demo.pipeline import DemoSettings, _Model
 from omotool.demo.report import (
     average_half_width,
     build_results,
-    details_markdown,
     frontier_reward,
     interval,
     judge,
     pareto,
     plot_frontiers,
-    summary_markdown,
+    verdict_words,
     write_demo_report,
 )
 from omotool.eval.runner import _averages
@@ -86,8 +86,11 @@ def test_frontier_gaps_per_seed_and_undefined_beyond_its_capability(evaluations)
     assert entry["settings"]["lr 5e-05, α 0.001"] is None
     assert (entry["beyond"], entry["behind"], entry["undefined"]) == (1, 0, 1)
     assert entry["chosen"] == "lr 1e-05, α 0.001"
-    assert any("OnDARE at lr 1e-05, α 0.001: beyond AdamW's frontier" in v
-               for v in results["verdicts"])  # fmt: skip
+    start = "OnDARE at lr 1e-05, α 0.001 against AdamW's frontier (reward gap"
+    assert any(
+        v.startswith(start) and ": beyond; of its 2 settings 1 beyond" in v
+        for v in results["verdicts"]
+    )
 
 
 def test_tax_at_the_highest_validation_reward(evaluations) -> None:
@@ -115,7 +118,8 @@ def test_one_seed_gives_no_verdict(evaluations) -> None:
     one = build_results(DemoSettings(seeds=1), [e for e in evaluations if e[0].seed == 0])
     assert one["tax"]["verdict"] == "not tested"
     assert all("better" not in v and "worse" not in v for v in one["verdicts"])
-    assert any("OnDARE (lr 1e-05, α 0.001) is not tested" in v for v in one["verdicts"])
+    assert any(v.startswith("OnDARE (lr 1e-05, α 0.001) against AdamW (lr 5e-05), overall")
+               and v.endswith(": not tested (one seed)") for v in one["verdicts"])  # fmt: skip
     assert "±" not in next(line for line in summary_markdown(one).splitlines()
                            if line.startswith("| AdamW |"))  # fmt: skip
 
@@ -158,17 +162,15 @@ def test_report_files(tmp_path, evaluations) -> None:
 
 
 def test_robustness_table_compares_verdicts(evaluations) -> None:
-    from omotool.demo.report import robustness_markdown, verdict_words
-
     results = build_results(DemoSettings(seeds=3), evaluations)
     shifted = [(m, splits(0.1, 0.8)) if m.method == "ondare" else (m, e) for m, e in evaluations]
     other = build_results(DemoSettings(seeds=3), shifted)
     words = verdict_words(results)
-    assert words["AdamW's tax"] == "measurable"
+    assert words["AdamW's tax"] == "a measurable tax"
     assert words["OnDARE vs AdamW's frontier"] == "beyond"
     assert verdict_words(other)["OnDARE vs AdamW's frontier"] != "beyond"
     text = robustness_markdown(results, {"same": results, "other": other})
     assert f"{len(words)} of {len(words)} verdicts are the same" not in text
-    assert "| AdamW's tax | measurable | measurable | measurable |" in text
+    assert "| AdamW's tax | a measurable tax | a measurable tax | a measurable tax |" in text
     same = robustness_markdown(results, {"same": results})
     assert f"{len(words)} of {len(words)} verdicts are the same in every run." in same
