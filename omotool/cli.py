@@ -536,7 +536,7 @@ def demo(
     seeds: int | None = typer.Option(
         None,
         min=1,
-        help="Whole-pipeline replicates (world, base, SFT, DPO). [default: 3, or 1 with --fast]",
+        help="Whole-pipeline replicates (world, base, SFT, DPO). [default: 4, or 1 with --fast]",
     ),
     fast: bool = typer.Option(
         False, "--fast", help="One seed, smaller grids, shorter pre-training (about 2 minutes)."

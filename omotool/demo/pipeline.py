@@ -49,7 +49,7 @@ METHODS: dict[str, str] = {  # name: omotool train --merge
 class DemoSettings:
     """Every size and hyper-parameter of the miniature (see docs/demo.md for the choices)."""
 
-    seeds: int = 3  # whole-pipeline replicates: world, base, SFT, τ and DPO
+    seeds: int = 4  # whole-pipeline replicates: world, base, SFT, τ and DPO
     entities: int = 24
     reversals: int = 800
     brief_polite: bool = True  # the preferred answer states no facts (world.make_world)
@@ -59,15 +59,15 @@ class DemoSettings:
     hidden: int = 64
     layers: int = 4
     heads: int = 4
-    pretrain_steps: int = 800
+    pretrain_steps: int = 700
     sft_lr: float = 1e-3
     sft_epochs: float = 6.0
     dpo_epochs: float = 3.0
     dpo_batch: int = 8
     beta: float = 0.1
     reserve_p: float = 0.01
-    lr_grid: tuple[float, ...] = (1.5e-5, 2e-5, 3e-5, 5e-5)  # AdamW, OnDARE, ChildTuning
-    ties_lr_grid: tuple[float, ...] = (2e-4, 3e-4, 4e-4, 6e-4)  # OnTIES: only the top p moves
+    lr_grid: tuple[float, ...] = (2e-5, 3e-5, 5e-5)  # AdamW, OnDARE, ChildTuning
+    ties_lr_grid: tuple[float, ...] = (3e-4, 4e-4, 6e-4)  # OnTIES: only the top p moves
     dare_alphas: tuple[float, ...] = (1e-4, 1e-3)  # OnDARE's merge weight α (not tied to lr)
     ties_alphas: tuple[float, ...] = (1e-3,)  # OnTIES's α (inert here: not swept, see docs)
     merge_lr: float = 5e-5  # the AdamW run that merge-offline sweeps

@@ -332,9 +332,9 @@ def fmt_interval(entry: Interval) -> str:
 
 
 def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
-    """Capability (x) against reward (y) on test, means over seeds: each method's settings
-    joined in order, seed standard deviations as bars; the offline-merge sweep dashed. None
-    without matplotlib."""
+    """Capability (x) against reward (y) on test, means over seeds: each method's learning
+    rates joined in order (one line per ``α`` for OnDARE), the offline-merge sweep dashed,
+    SFT with its seed standard deviations. None without matplotlib."""
     from omotool.eval.plot import require_matplotlib, save_figure
 
     try:
@@ -342,27 +342,31 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     except UsageError:  # the report is complete without the figure
         return None
     figure, axes = plt.subplots(figsize=(6.5, 4.8))
-    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    lines: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for p in results["points"]:
-        by_method[p["method"]].append(p)
-    for method, points in by_method.items():
+        label = LABELS[p["method"]]
+        lines[f"{label}, α {p['alpha']:g}" if p["method"] == "ondare" else label].append(p)
+    for label, points in lines.items():
         xs = [p["test"]["mean"]["capability"] for p in points]
         ys = [p["test"]["mean"]["reward"] for p in points]
-        style = {"sft": "k*", "merge": "--s"}.get(method, "-o")
-        axes.errorbar(
-            xs, ys, xerr=[p["test"]["std"]["capability"] for p in points],
-            yerr=[p["test"]["std"]["reward"] for p in points], fmt=style, capsize=3,
-            label=LABELS[method], markersize=10 if method == "sft" else 5,
-        )  # fmt: skip
-        if method != "sft":
-            for p, x, y in zip(points, xs, ys, strict=True):
-                tag = setting_name(p).replace("lr ", "")
-                axes.annotate(tag, (x, y), fontsize=5, xytext=(3, 3), textcoords="offset points")
+        if points[0]["method"] == "sft":
+            std = points[0]["test"]["std"]
+            axes.errorbar(
+                xs, ys, xerr=[std["capability"]], yerr=[std["reward"]], fmt="k*", capsize=3,
+                markersize=10, label=f"{label} (± std over seeds)",
+            )  # fmt: skip
+            continue
+        style = "--s" if points[0]["method"] == "merge" else "-o"
+        axes.plot(xs, ys, style, label=label, markersize=4, linewidth=1)
+        for p, x, y in zip(points, xs, ys, strict=True):
+            tag = f"α {p['alpha']:g}" if p["method"] == "merge" else f"{p['lr']:g}"
+            axes.annotate(tag, (x, y), fontsize=5, xytext=(3, 3), textcoords="offset points")
     axes.set_xlabel("capability (mean accuracy of SFT skills, test; right: less tax)")
     axes.set_ylabel("reward (preferred style rate, test)")
-    axes.set_title("omotool demo: reward against alignment tax")
+    seeds = results["settings"]["seeds"]
+    axes.set_title(f"omotool demo: reward against alignment tax (means over {seeds} seed(s))")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7)
     save_figure(plt, figure, path)
     return path
 
