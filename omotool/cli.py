@@ -578,7 +578,8 @@ def demo(
     if json_output:
         stdout.print_json(json.dumps(result.results))
         return
-    stdout.print(summary_markdown(result.results), highlight=False, markup=False)
+    # soft_wrap: lines as the README shows them (the terminal may fold them, rich does not)
+    stdout.print(summary_markdown(result.results), highlight=False, markup=False, soft_wrap=True)
     stdout.print(
         f"Report: {result.report}"
         + (f"\nPlot:   {result.plot}" if result.plot else "")

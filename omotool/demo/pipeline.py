@@ -76,9 +76,7 @@ class DemoSettings:
 
     def grid(self, method: str) -> list[tuple[float, float]]:
         """The (learning rate, α) settings ``method`` is trained at."""
-        if method == "adamw":
-            return [(lr, 0.0) for lr in self.lr_grid]
-        if method == "childtuning":
+        if method in ("adamw", "childtuning"):  # AdamW merges nothing; ChildTuning: α = 0
             return [(lr, 0.0) for lr in self.lr_grid]
         if method == "onties":
             return [(lr, alpha) for lr in self.ties_lr_grid for alpha in self.ties_alphas]
