@@ -68,12 +68,43 @@ def local_tensors(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
     return param.to_local(), grad, shard
 
 
+def group_device(group: Any) -> torch.device:
+    """The device a collective of ``group`` takes tensors on: CUDA for NCCL, else the CPU."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def collective_device(group: Any, like: torch.Tensor) -> torch.device:
+    """Where a collective of ``group`` on data like ``like`` runs: ``like``'s device, unless
+    the group takes only CPU tensors (gloo) and ``like`` is elsewhere."""
+    if like.device.type == "cpu" or group_device(group).type != "cpu":
+        return like.device
+    return torch.device("cpu")
+
+
 def any_rank(flag: bool, groups: list[Any]) -> bool:
-    """Whether ``flag`` is true on any rank of any of ``groups`` (one tiny all-reduce each)."""
-    value = torch.tensor([1.0 if flag else 0.0])
+    """Whether ``flag`` is true on any rank of any of ``groups`` (one tiny all-reduce each,
+    on each group's device)."""
+    value = flag
     for group in groups:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return bool(value.item() > 0)
+        device = group_device(group)
+        tensor = torch.full((1,), 1.0 if value else 0.0, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+        value = bool(tensor.item() > 0)
+    return value
+
+
+def any_rank_on_device(flag: torch.Tensor, groups: list[Any]) -> torch.Tensor:
+    """``any_rank`` of a 0-d bool tensor, kept on its device (no host read)."""
+    value = flag.reshape(1).to(torch.float32)
+    for group in groups:
+        device = collective_device(group, value)
+        moved = value.to(device)
+        dist.all_reduce(moved, op=dist.ReduceOp.MAX, group=group)
+        value = moved.to(flag.device)
+    return value.reshape(()) > 0
 
 
 def sharded_magnitude_mask(local: torch.Tensor, density: float, shard: Shard) -> torch.Tensor:
@@ -91,12 +122,15 @@ def sharded_magnitude_mask(local: torch.Tensor, density: float, shard: Shard) ->
     threshold = kth_largest(gathered, k)
     mask = magnitudes > threshold
     ties = torch.nonzero(magnitudes == threshold).flatten()
-    counts = torch.tensor([int(mask.sum()), ties.numel()], dtype=torch.long)
+    device = collective_device(shard.group, magnitudes)
+    counts = torch.stack([mask.sum(), torch.full((), ties.numel(), device=mask.device)])
+    counts = counts.to(device, torch.long)
     per_rank = [torch.zeros_like(counts) for _ in range(dist.get_world_size(shard.group))]
     dist.all_gather(per_rank, counts, group=shard.group)
     rank = dist.get_rank(shard.group)
-    above = sum(int(c[0]) for c in per_rank)
-    ties_before = sum(int(c[1]) for c in per_rank[:rank])  # ranks hold increasing indices
+    per_rank_counts = torch.stack(per_rank).tolist()  # one host read of world × 2 counts
+    above = sum(c[0] for c in per_rank_counts)
+    ties_before = sum(c[1] for c in per_rank_counts[:rank])  # ranks hold increasing indices
     take = min(max(k - above - ties_before, 0), ties.numel())
     mask[ties[:take]] = True
     return mask.view(local.shape)
@@ -105,12 +139,14 @@ def sharded_magnitude_mask(local: torch.Tensor, density: float, shard: Shard) ->
 def _all_gather_ragged(values: torch.Tensor, group: Any) -> torch.Tensor:
     """Concatenation of every rank's 1-D ``values`` (sizes may differ)."""
     world = dist.get_world_size(group)
-    size = torch.tensor([values.numel()], dtype=torch.long)
+    device = collective_device(group, values)
+    size = torch.full((1,), values.numel(), dtype=torch.long, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)
-    longest = max(int(s) for s in sizes)
-    padded = torch.full((longest,), -1.0, dtype=values.dtype)
+    counts = [int(s) for s in torch.cat(sizes).tolist()]  # sizes decide shapes: a host read
+    padded = torch.full((max(counts),), -1.0, dtype=values.dtype, device=device)
     padded[: values.numel()] = values
     pieces = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(pieces, padded, group=group)
-    return torch.cat([piece[: int(s)] for piece, s in zip(pieces, sizes, strict=True)])
+    whole = torch.cat([piece[:count] for piece, count in zip(pieces, counts, strict=True)])
+    return whole.to(values.device)

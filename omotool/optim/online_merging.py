@@ -20,7 +20,7 @@ import torch
 
 from omotool.errors import InputError, OmoError, UsageError
 from omotool.optim import kernels
-from omotool.optim.distributed import any_rank, local_tensors
+from omotool.optim.distributed import any_rank, any_rank_on_device, local_tensors
 from omotool.optim.functional import (
     BatchEntry,
     MergeOptions,
@@ -31,6 +31,7 @@ from omotool.optim.functional import (
     fused_online_merging_adamw_,
     online_merging_adamw_,
     reference_tensor,
+    sync_free_online_merging_adamw_,
 )
 from omotool.optim.task_vector import FlatDelta, TaskVector
 
@@ -76,6 +77,13 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             (``functional.fused_online_merging_adamw_``); or plain tensor ops
             (``functional.online_merging_adamw_``, the readable reference; with
             ``method="none"`` it follows ``AdamW(foreach=False)`` bit for bit).
+        sync_free: take the path that never waits on the device
+            (``functional.sync_free_online_merging_adamw_``): state on the parameters'
+            device, no value read on the host during ``step()`` (NaN skipping decided on the
+            device; statistics read only by ``stats()``). ``None`` (default): when any
+            parameter is off the CPU; ``True`` forces it on the CPU too (tests use this).
+            Exceptions: ``nan_policy="raise"`` reads one flag per step (it must raise), and
+            the OnTIES threshold of FSDP-sharded tensors still gathers candidates on the host.
     """
 
     def __init__(
@@ -98,6 +106,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         nan_policy: str = "skip",
         master_weights: bool = True,
         fused: bool | None = None,
+        sync_free: bool | None = None,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise UsageError(
@@ -120,19 +129,33 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         self.missing = missing
         self.master_weights = master_weights
         self.fused = hasattr(torch, "_fused_adamw_") if fused is None else fused
+        self.sync_free = sync_free
         self._workspace = Workspace()
+        self._skipped_on_device: torch.Tensor | None = None  # the sync-free path's count
         self.skipped_steps = 0
         self.last_stats = StepStats()
         self.references, self.task_vector_fingerprint = set_up_merging(
             self.param_groups, task_vector, self.options, missing, nan_policy
         )
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (reads the device count: a sync)."""
+        on_device = self._skipped_on_device
+        return self._skipped_steps + (0 if on_device is None else int(on_device.item()))
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_steps = int(value)
+        self._skipped_on_device = None
+
     # -- set-up ----------------------------------------------------------------------------
     def _state_for(self, param: torch.Tensor, local: torch.Tensor, merges: bool) -> dict[str, Any]:
-        """Lazily created state; tensors are shaped like the local shard, in float32."""
+        """Lazily created state; tensors are shaped like the local shard, in float32, on its
+        device (``step`` too, as torch keeps it for its fused kernels)."""
         state = self.state[param]
         if not state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
             state["exp_avg"] = torch.zeros_like(local, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(local, dtype=torch.float32)
             if self.master_weights and local.dtype != torch.float32:
@@ -142,9 +165,16 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         return state
 
     # -- the step --------------------------------------------------------------------------
+    def _uses_sync_free(self) -> bool:
+        if self.sync_free is not None:
+            return self.sync_free
+        return any(p.device.type != "cpu" for group in self.param_groups for p in group["params"])
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One step for every parameter with a gradient (all or none of them: see nan_policy)."""
+        if self._uses_sync_free():
+            return self._sync_free_step(closure)
         loss, finite = closure_and_check(self, closure)
         if not finite:
             return loss
@@ -204,6 +234,61 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         self._batched_step(batch, stats)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
             self.last_stats = stats
+        return loss
+
+    def _sync_free_step(self, closure: Any) -> Any:
+        """``step`` on ``functional.sync_free_online_merging_adamw_``: nothing read on the host.
+
+        A non-finite gradient is found on the device (``gradients_nonfinite``); under
+        ``nan_policy="skip"`` the step is then applied as no change (the device ``step``
+        stays, ``state["host_step"]``, which keys the masks and step-K's phase, moves on).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        nonfinite = gradients_nonfinite(self.param_groups)
+        keep = None
+        if nonfinite is not None:
+            if self.nan_policy == "raise":
+                if bool(nonfinite):  # the one read of this path: raising needs the host
+                    raise _non_finite_error()
+            else:
+                keep = ~nonfinite
+                skipped = nonfinite.to(torch.float64)
+                before = self._skipped_on_device
+                self._skipped_on_device = skipped if before is None else before + skipped
+        counted = None if keep is None else keep.to(torch.float32)
+        stats = StepStats()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, param in zip(names, group["params"], strict=True):
+                local, grad, shard = local_tensors(param)
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise UsageError("sparse gradients are not supported")
+                reference = self.references.get(name) if name is not None else None
+                merges = self.options.merges and reference is not None
+                state = self._state_for(param, local, merges)
+                state["step"].add_(1.0 if counted is None else counted)
+                state["host_step"] = state.get("host_step", 0) + 1
+                work = state.get("master")
+                if work is None:
+                    work = local if local.dtype == torch.float32 else local.float()
+                sync_free_online_merging_adamw_(
+                    work, grad.float(), state["exp_avg"], state["exp_avg_sq"], state["step"],
+                    state.get("cache"), reference, self._workspace,
+                    host_step=state["host_step"], keep=keep, name=name or "", lr=group["lr"],
+                    beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    options=self.options if merges else _PLAIN_ADAMW, stats=stats, shard=shard,
+                )  # fmt: skip
+                if work is not local:
+                    local.copy_(work)
+        if stats.merged:  # plain steps of step-K leave the last merge's figures in place
+            self.last_stats = stats.select(keep, self.last_stats)
         return loss
 
     def _batched_step(self, batch: list[tuple[BatchEntry, torch.Tensor]], stats: StepStats):
@@ -332,6 +417,12 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             param = params[key]
             for name, value in values.items():
                 self.state[param][name] = value.to(param.device, torch.float32, copy=True)
+        for param in params:  # torch leaves `step` where it was saved (the CPU, often)
+            state = self.state.get(param)
+            if state and isinstance(state.get("step"), torch.Tensor):
+                step = state["step"]
+                state["step"] = step.to(param.device, torch.float32, copy=True)
+                state.setdefault("host_step", int(step.item()))
 
 
 def set_up_merging(
@@ -402,6 +493,7 @@ def build_references(
         if shard is not None:  # each rank keeps its own run of the whole T
             reference = shard.local_part(reference, local.numel()).clone()
         references[name] = FlatDelta.from_dense(reference.view(local.shape)).to(local.device)
+        references[name].sq_norm  # noqa: B018 - computed once here, not read during a step
     return references
 
 
@@ -418,12 +510,38 @@ def closure_and_check(optimizer: Any, closure: Any) -> tuple[Any, bool]:
     if gradients_finite(optimizer.param_groups):
         return loss, True
     if optimizer.nan_policy == "raise":
-        raise NonFiniteGradientError(
-            "a gradient holds NaN or inf values; no parameter was changed. Lower the learning "
-            "rate or check the data, or use nan_policy='skip' to skip such steps."
-        )
+        raise _non_finite_error()
     optimizer.skipped_steps += 1
     return loss, False
+
+
+def _non_finite_error() -> NonFiniteGradientError:
+    return NonFiniteGradientError(
+        "a gradient holds NaN or inf values; no parameter was changed. Lower the learning "
+        "rate or check the data, or use nan_policy='skip' to skip such steps."
+    )
+
+
+def gradients_nonfinite(param_groups: list[dict[str, Any]]) -> torch.Tensor | None:
+    """Whether any gradient, on any rank, holds NaN or inf: a 0-d bool on the gradients'
+    device, never read here (``None`` when there is no gradient).
+
+    One min/max pass per gradient (as ``gradients_finite``); with sharded parameters the
+    flag is all-reduced on the device (``any_rank_on_device``).
+    """
+    extremes, groups = [], []
+    for group in param_groups:
+        for param in group["params"]:
+            _, grad, shard = local_tensors(param)
+            if grad is not None and grad.numel():
+                extremes.extend(extreme.float() for extreme in torch.aminmax(grad))
+            if shard is not None and shard.group not in groups:
+                groups.append(shard.group)
+    if not extremes:
+        return None
+    device = extremes[0].device
+    nonfinite = ~torch.isfinite(torch.stack([e.to(device) for e in extremes])).all()
+    return any_rank_on_device(nonfinite, groups) if groups else nonfinite
 
 
 def gradients_finite(param_groups: list[dict[str, Any]]) -> bool:

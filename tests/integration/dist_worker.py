@@ -48,6 +48,8 @@ def batches(rank: int, world: int):
 
 
 def train(mode: str, method: str, rank: int, world: int):
+    """``method``: ``dare`` or ``ties``, ``+sync_free`` for the path a GPU takes."""
+    method, _, path = method.partition("+")
     model = build_model()
     tau = task_vector(model)
     if mode == "ddp":
@@ -69,7 +71,15 @@ def train(mode: str, method: str, rank: int, world: int):
     # is ±lr almost everywhere and the TIES top-k would hinge on last-bit rounding of the
     # batch-split gradients.
     opt = OnlineMergingAdamW(
-        named, tau, method=method, reserve_p=0.1, alpha=0.01, lr=1e-2, eps=0.1, seed=3
+        named,
+        tau,
+        method=method,
+        reserve_p=0.1,
+        alpha=0.01,
+        lr=1e-2,
+        eps=0.1,
+        seed=3,
+        sync_free=path == "sync_free",
     )
     for ids in batches(rank, world):
         loss = model(input_ids=ids, labels=ids).loss
@@ -109,7 +119,7 @@ def main() -> None:
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     torch.set_num_threads(1)
-    for method in ("dare", "ties"):
+    for method in ("dare", "ties", "dare+sync_free", "ties+sync_free"):
         state = train(mode, method, rank, world)
         save_file(state, str(out / f"{method}-{mode}-rank{rank}.safetensors"))
     if mode == "fsdp":

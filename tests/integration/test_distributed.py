@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow  # torchrun: several processes
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-METHODS = ("dare", "ties")
+METHODS = ("dare", "ties", "dare+sync_free", "ties+sync_free")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,15 @@ def test_two_ranks_end_where_one_ends(runs, method, mode) -> None:
     assert set(single) == set(sharded)
     for name in single:
         assert torch.allclose(sharded[name], single[name], rtol=0, atol=1e-6), name
+
+
+@pytest.mark.parametrize("method", ["dare", "ties"])
+def test_the_sync_free_path_ends_where_the_cpu_path_ends(runs, method) -> None:
+    # The path a GPU takes (device-side NaN check, all-reduced flag, collectives on the
+    # group's device), here on gloo: the same parameters as the CPU path, to rounding.
+    cpu, sync_free = load(runs, method, "single"), load(runs, f"{method}+sync_free", "fsdp")
+    for name in cpu:
+        assert torch.allclose(sync_free[name], cpu[name], rtol=0, atol=1e-6), name
 
 
 def test_sharded_top_k_equals_whole_tensor_top_k_with_ties(runs) -> None:
