@@ -437,6 +437,21 @@ def eval_(
         show_default=False,
     ),
     batch_size: int = typer.Option(8, help="Examples per forward pass."),
+    device: str | None = typer.Option(
+        None,
+        "--device",
+        help="Where the models run: auto (CUDA when there is one, else the CPU), cpu, cuda or "
+        "cuda:N. Overrides a suite's 'device'.",
+        show_default="auto",
+    ),
+    dtype: str | None = typer.Option(
+        None,
+        "--dtype",
+        help="The models' weights: auto (float32 on the CPU; bfloat16 on a GPU that supports "
+        "it, else float32), float32, bfloat16 or float16. Log-probabilities are summed in "
+        "float32 either way. Overrides a suite's 'dtype'.",
+        show_default="auto",
+    ),
     out: str | None = typer.Option(None, "-o", "--out", help="Folder for report.json/.md."),
     plot: bool = typer.Option(
         False, help="Also draw OUT/tradeoff.png: reward against capability (needs matplotlib)."
@@ -446,7 +461,7 @@ def eval_(
 ) -> None:
     """Reward and alignment tax side by side: scores with 95% intervals, deltas, report."""
     from omotool.errors import UsageError
-    from omotool.eval.runner import run_suite, write_report
+    from omotool.eval.runner import run_suite, suite_placement, write_report
     from omotool.eval.suite import load_suite, single_task_suite
 
     if not models:
@@ -468,13 +483,16 @@ def eval_(
             extract=extract, pattern=pattern, tasks=lm_tasks, include_path=include_path,
             generation={"until": until, "chat": chat},
         )  # fmt: skip
+    placement = suite_placement(plan, device, dtype)  # before the long part
     _quiet_libraries()
     if plot:
         from omotool.eval.plot import require_matplotlib
 
         require_matplotlib()  # before the long part
     with _progress(enabled=not json_output) as advance:
-        report = run_suite(list(models), plan, progress=advance)
+        report = run_suite(
+            list(models), plan, progress=advance, device=placement.device, dtype=placement.dtype
+        )
     if out is not None:
         write_report(report, Path(out))
     if plot:
@@ -550,6 +568,19 @@ def demo(
         help="Also write the results file here (e.g. docs/results/demo.json, which "
         "scripts/render_docs.py renders into the README).",
     ),
+    device: str = typer.Option(
+        "cpu",
+        "--device",
+        help="Where the evaluation stages run: cpu, cuda, cuda:N or auto (as omotool eval's). "
+        "The committed results are from the CPU in float32; another device or dtype "
+        "re-runs the evaluation stages (it is part of their key).",
+    ),
+    dtype: str = typer.Option(
+        "float32",
+        "--dtype",
+        help="Weights of the evaluated models: float32, bfloat16, float16 or auto (as omotool "
+        "eval's). Only the evaluation stages use it.",
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     debug: bool = DebugOption,
 ) -> None:
@@ -563,7 +594,9 @@ def demo(
     from omotool.demo.markdown import summary_markdown
     from omotool.demo.pipeline import run_demo, settings_for
     from omotool.demo.report import write_results
+    from omotool.eval.device import resolve_placement
 
+    placement = resolve_placement(device, dtype)
     _quiet_libraries()
     settings = settings_for(fast, seeds)
 
@@ -572,7 +605,9 @@ def demo(
             stderr.print(f"[bold]{stage:>13}[/bold] {message}", highlight=False)
 
     command = " ".join(["omotool", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else None
-    result = run_demo(workdir, settings, progress=show, threads=threads, command=command)
+    result = run_demo(
+        workdir, settings, progress=show, threads=threads, command=command, placement=placement
+    )
     if results_file is not None:
         write_results(result.results, results_file)
     if json_output:

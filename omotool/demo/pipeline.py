@@ -29,11 +29,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omotool import __version__
 from omotool.errors import OutputError
 from omotool.io.formats import write_text_atomic
+
+if TYPE_CHECKING:
+    from omotool.eval.device import Placement
 
 MARKER = "demo-stage.json"  # in each finished stage's folder
 WORKDIR_SIGN = "omotool-demo.json"  # in a work dir the demo made
@@ -150,26 +153,35 @@ def run_demo(
     progress: Progress | None = None,
     threads: int | None = 1,
     command: str | None = None,
+    placement: Placement | None = None,
 ) -> DemoRun:
     """Run (or resume) the demo in ``workdir``; see the module docstring for the stages.
 
     ``threads``: torch (and numba) threads while it runs, restored afterwards (None: leave
     them). One by default: the miniature's matrices are too small for intra-op threads to
     pay, and threads that spin-wait at every op's barrier slow a busy machine down manyfold.
-    ``command``: how the run was started, recorded in the results' provenance."""
+    ``command``: how the run was started, recorded in the results' provenance.
+    ``placement``: the device and dtype of the evaluation stages (``omotool eval``'s
+    ``--device``/``--dtype``); the CPU in float32 when not given, as the committed results.
+    Another placement is part of the evaluation stages' keys; the default is not, so the
+    stages cached before it could be chosen are still found."""
     import torch
 
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_demo(workdir, settings, progress, command)
+        return _run_demo(workdir, settings, progress, command, placement)
     finally:
         torch.set_num_threads(previous)
 
 
 def _run_demo(
-    workdir: str | Path, settings: DemoSettings, progress: Progress | None, command: str | None
+    workdir: str | Path,
+    settings: DemoSettings,
+    progress: Progress | None,
+    command: str | None,
+    placement: Placement | None = None,
 ) -> DemoRun:
     from omotool.demo.provenance import provenance
     from omotool.demo.report import build_results, plot_frontiers, write_demo_report
@@ -179,7 +191,7 @@ def _run_demo(
     stages = _Stages(workdir, progress)
     evaluations = []
     for seed in range(settings.seeds):
-        evaluations += _replicate(stages, workdir / f"seed-{seed}", settings, seed)
+        evaluations += _replicate(stages, workdir / f"seed-{seed}", settings, seed, placement)
     results = build_results(settings, evaluations)
     seconds = time.perf_counter() - started
     results["provenance"] = provenance(command, seconds)
@@ -189,7 +201,11 @@ def _run_demo(
 
 
 def _replicate(
-    stages: _Stages, folder: Path, settings: DemoSettings, seed: int
+    stages: _Stages,
+    folder: Path,
+    settings: DemoSettings,
+    seed: int,
+    placement: Placement | None = None,
 ) -> list[tuple[_Model, dict[str, Any]]]:
     """One whole pipeline (world to evaluations) for ``seed``."""
     common = {"omotool": __version__, "seed": seed}  # another version may make another world
@@ -199,7 +215,8 @@ def _replicate(
     tau = _tau_stage(stages, folder, base, sft)
     models = _train_stages(stages, folder, settings, world, sft, tau, seed)
     models += _merge_stages(stages, folder, settings, sft, models)
-    return _eval_stages(stages, folder, world, [_Model(folder / "sft", sft, "sft", seed), *models])
+    evaluated = [_Model(folder / "sft", sft, "sft", seed), *models]
+    return _eval_stages(stages, folder, world, evaluated, placement)
 
 
 def _claim_workdir(workdir: Path) -> Path:
@@ -402,25 +419,38 @@ def _merge_stages(
 
 
 def _eval_stages(
-    stages: _Stages, folder: Path, world: tuple[str, dict[str, Path]], models: list[_Model]
+    stages: _Stages,
+    folder: Path,
+    world: tuple[str, dict[str, Path]],
+    models: list[_Model],
+    placement: Placement | None = None,
 ) -> list[tuple[_Model, dict[str, Any]]]:
     """Every model's ``omotool eval`` reports on both splits (cached per model, keyed by the
-    model's stage): ``(model, {"validation": evaluation, "test": evaluation})``."""
+    model's stage, and by ``placement`` when it is not the CPU in float32):
+    ``(model, {"validation": evaluation, "test": evaluation})``."""
     from omotool.demo.world import SPLITS
+    from omotool.eval.device import resolve_placement
     from omotool.eval.runner import run_suite
     from omotool.eval.suite import load_suite
 
+    placement = placement or resolve_placement("cpu", "float32")
+    where = {} if placement.is_default else {
+        "device": placement.device.type, "dtype": placement.dtype_name
+    }  # fmt: skip
     suites = {split: load_suite(world[1][f"suite-{split}"]) for split in SPLITS}
     evaluated = []
     for model in models:
         name = str(model.path.relative_to(folder)).replace("/", "__")
         out = folder / "eval" / name
-        key = {"stage": "eval", "world": world[0], "model": model.digest, "alpha": model.alpha}
+        key = {"stage": "eval", "world": world[0], "model": model.digest, "alpha": model.alpha,
+               **where}  # fmt: skip
 
         def build(out: Path = out, model: _Model = model) -> None:
             out.mkdir(parents=True, exist_ok=True)
             for split, suite in suites.items():
-                report = run_suite([str(model.path)], suite)
+                report = run_suite(
+                    [str(model.path)], suite, device=placement.device, dtype=placement.dtype
+                )
                 write_text_atomic(out / f"{split}.json", json.dumps(report, indent=2))
 
         stages.run("eval", out, key, build)

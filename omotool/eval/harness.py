@@ -4,7 +4,8 @@
 and turns every reported metric into an estimate with a 95% interval (``value ± 1.96·stderr``,
 clipped to [0, 1] for fractions). ``tasks`` are harness task names (GSM8K, MMLU, IFEval, ...
 where the machine has their data) or tasks defined in YAML files under ``include_path``
-(local data works offline). Needs the optional extra: ``pip install 'omotool[lm-eval]'``.
+(local data works offline). The harness loads the model itself, with the evaluation's device
+and dtype (``eval/device.py``). Needs the optional extra: ``pip install 'omotool[lm-eval]'``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from omotool.errors import InputError, UsageError
+from omotool.eval.device import Placement
 from omotool.eval.preference import TaskScores
 from omotool.eval.stats import Z95, Estimate
 
@@ -24,8 +26,12 @@ def lm_eval_scores(
     batch_size: int = 8,
     num_fewshot: int | None = None,
     limit: int | None = None,
+    placement: Placement | None = None,
 ) -> TaskScores:
-    """Scores named ``<task>/<metric>`` (e.g. ``gsm8k/exact_match``) with 95% intervals."""
+    """Scores named ``<task>/<metric>`` (e.g. ``gsm8k/exact_match``) with 95% intervals.
+
+    ``placement``: the device and dtype the harness loads the model with (``None``: float32,
+    on CUDA when there is one)."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
@@ -42,12 +48,17 @@ def lm_eval_scores(
             f"lm-evaluation-harness has no task {', '.join(map(repr, unknown))}"
             + (f" (also looked in {include_path})." if include_path else ".")
         )
+    if placement is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = "float32"
+    else:
+        device, dtype = str(placement.device), placement.dtype_name
     results = simple_evaluate(
         model="hf",
-        model_args=f"pretrained={model_path},dtype=float32",
+        model_args=f"pretrained={model_path},dtype={dtype}",
         tasks=list(tasks),
         task_manager=manager,
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        device=device,
         batch_size=batch_size,
         num_fewshot=num_fewshot,
         limit=limit,

@@ -17,13 +17,15 @@ from typing import Any
 import torch
 
 from omotool.errors import InputError
+from omotool.eval.device import Placement, load_options, placed
 from omotool.eval.preference import TaskScores
 from omotool.eval.stats import mean_interval, proportion_interval
 
 
-def load_reward_model(path: str) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of a reward-model folder; anything but a 1-output classifier is
-    an error (loading a causal LM as a classifier would silently add a random head)."""
+def load_reward_model(path: str, placement: Placement | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a reward-model folder, loaded with ``placement`` (the CPU in
+    float32 when not given); anything but a 1-output classifier is an error (loading a causal
+    LM as a classifier would silently add a random head)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     try:
@@ -38,8 +40,10 @@ def load_reward_model(path: str) -> tuple[Any, Any]:
         )
     if getattr(config, "num_labels", 1) != 1:
         raise InputError(f"reward model {path} has {config.num_labels} outputs; expected 1.")
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    if placement is None:
+        placement = Placement(torch.device("cpu"), torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(path, **load_options(placement))
+    return placed(model, placement), AutoTokenizer.from_pretrained(path)
 
 
 def _render(tokenizer: Any, prompt: str, answer: str) -> str:
@@ -58,7 +62,8 @@ def rewards(
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """``r(x, y)`` for each prompt and answer (batched, right-padded)."""
+    """``r(x, y)`` for each prompt and answer (batched, right-padded, on the model's device;
+    the rewards read from the logits upcast to float32)."""
     texts = [_render(tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
     # The classifier reads the last token that is not its config's pad token: pad with that.
     pad = getattr(model.config, "pad_token_id", None)
@@ -75,7 +80,7 @@ def rewards(
             ids[row, : len(sequence)] = torch.tensor(sequence)
             mask[row, : len(sequence)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        scores.extend(float(x) for x in logits[:, 0].float())
+        scores.extend(float(x) for x in logits[:, 0].float().cpu())  # one copy per batch
         if progress is not None:
             progress(min(start + batch_size, len(texts)))
     return scores

@@ -11,6 +11,10 @@ once: the model under evaluation and the models shared by all of them (the suite
 is loaded, and a model that is also the reference is loaded once. The reference's
 log-probabilities of a preference task's pairs are computed once and reused for every model
 whose tokenizer encodes the pairs the same way.
+
+Every model (evaluated, reference, reward models) is loaded with one ``Placement``
+(``eval/device.py``): ``run_suite``'s ``device``/``dtype`` over the suite's, ``auto`` when
+neither gives one (the CPU in float32 on a machine without CUDA). The report records it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from omotool.eval.device import Placement, load_options, placed, resolve_placement
 from omotool.eval.preference import TaskScores
 from omotool.eval.suite import (
     CATEGORIES,
@@ -38,9 +43,11 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 class _Models:
     """Models and tokenizers by path, loaded on first use and held until ``release``; and the
-    reference log-probabilities of the preference tasks (``reference_logps``)."""
+    reference log-probabilities of the preference tasks (``reference_logps``); every model is
+    loaded with ``placement`` (the CPU in float32 unless given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, placement: Placement | None = None) -> None:
+        self.placement = placement or resolve_placement("cpu", "float32")
         self.loaded: dict[str, tuple[Any, Any]] = {}
         # (reference key, task name, digest of the pairs' token ids and pad id) -> log-probs
         self.reference_logps: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {}
@@ -54,13 +61,15 @@ class _Models:
     def get(self, path: str) -> tuple[Any, Any]:
         key = self.key(path)
         if key not in self.loaded:
-            import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             from omotool.errors import InputError
 
             try:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+                options = load_options(self.placement)
+                model = placed(
+                    AutoModelForCausalLM.from_pretrained(path, **options), self.placement
+                )
                 tokenizer = AutoTokenizer.from_pretrained(path)
             except (OSError, ValueError) as error:
                 raise InputError(f"model {path} does not load: {error}") from None
@@ -118,7 +127,7 @@ def run_task(
         options = spec.options
         return lm_eval_scores(
             model_path, options["tasks"], options.get("include_path"), batch,
-            options.get("num_fewshot"), options.get("limit"),
+            options.get("num_fewshot"), options.get("limit"), models.placement,
         ), None  # fmt: skip
     if spec.task == "choice":
         chat = settings.chat
@@ -146,7 +155,7 @@ def _reward_model(models: _Models, path: str) -> tuple[Any, Any]:
 
     key = _reward_model_key(models, path)
     if key not in models.loaded:
-        models.loaded[key] = load_reward_model(path)
+        models.loaded[key] = load_reward_model(path, models.placement)
     return models.loaded[key]
 
 
@@ -166,14 +175,32 @@ def _shared(models: _Models, suite: Suite) -> set[str]:
     return keep
 
 
+def suite_placement(suite: Suite, device: Any = None, dtype: Any = None) -> Placement:
+    """Where ``suite`` runs: ``device``/``dtype`` (the command line's) over the suite's own,
+    ``auto`` for what neither gives; a ``UsageError`` names where a bad value came from."""
+    where = f"suite {suite.path}: " if suite.path else ""
+    return resolve_placement(
+        device if device is not None else suite.device,
+        dtype if dtype is not None else suite.dtype,
+        "--device" if device is not None or suite.device is None else f"{where}device",
+        "--dtype" if dtype is not None or suite.dtype is None else f"{where}dtype",
+    )
+
+
 def run_suite(
-    model_paths: list[str], suite: Suite, progress: Progress | None = None
+    model_paths: list[str],
+    suite: Suite,
+    progress: Progress | None = None,
+    device: Any = None,
+    dtype: Any = None,
 ) -> dict[str, Any]:
     """The report of every model on every task (see module docstring); ``progress(what,
-    done, total)`` follows the long parts (scoring, generation)."""
+    done, total)`` follows the long parts (scoring, generation). ``device`` and ``dtype``
+    (names, ``torch.device``/``torch.dtype``, or ``None``) override the suite's."""
     from omotool.io.reader import ModelReader, fingerprint
 
-    models = _Models()
+    placement = suite_placement(suite, device, dtype)
+    models = _Models(placement)
     shared = _shared(models, suite)
     order = list(model_paths)
     if suite.baseline and suite.baseline not in order:
@@ -221,6 +248,7 @@ def run_suite(
         "kind": "evaluation",
         "omotool_version": __version__,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        **placement.as_dict(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "suite": str(suite.path) if suite.path else None,
         "tasks": [
@@ -315,6 +343,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = ["# Evaluation report", ""]
     if report.get("suite"):
         lines += [f"Suite: `{report['suite']}`", ""]
+    if report.get("device"):
+        lines += [f"Device: `{report['device']}`, weights in `{report['dtype']}`.", ""]
     if report.get("baseline"):
         lines += [f"Differences (Δ) are against `{report['baseline']}`.", ""]
     for model in report["models"]:

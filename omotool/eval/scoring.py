@@ -73,7 +73,9 @@ def token_logprobs(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[float], list[int]]:
     """``Σ log π(c_t | p, c_<t)`` for token-id pairs ``(p, c)`` (``p`` not empty), batched
-    with right padding; and ``len(c)``. An empty ``c`` scores 0."""
+    with right padding on the model's device; and ``len(c)``. An empty ``c`` scores 0. The
+    log-probabilities come from the logits upcast to float32 (whatever the weights' dtype)
+    and are summed in float32."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     scores: list[float] = []
@@ -89,6 +91,7 @@ def token_logprobs(
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         targets = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        targets = targets.cpu()  # one copy per batch from an accelerator; sums in float32
         for row, (prompt_ids, completion_ids) in enumerate(batch):
             first = len(prompt_ids) - 1  # the position that predicts the first completion token
             scores.append(float(targets[row, first : first + len(completion_ids)].sum()))

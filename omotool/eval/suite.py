@@ -5,6 +5,8 @@ A suite is a YAML file::
     baseline: runs/adamw            # differences are reported against this model (optional)
     reference: runs/sft             # the reference of the preference task
     batch_size: 8
+    device: auto                    # auto, cpu, cuda or cuda:N (optional; --device overrides)
+    dtype: auto                     # auto, float32, bfloat16, float16 (optional; --dtype overrides)
     generation: {max_new_tokens: 64, temperature: 0.0, top_p: 1.0}  # chat: true/false forces it
     tasks:
       - {name: prefs, task: preference, data: prefs-test.jsonl, category: reward, beta: 0.1}
@@ -22,6 +24,10 @@ when the suite is loaded, before any model is.
 ``temperature``, ``top_p``, ``seed``, ``chat``, ``until``: stop sequences); a task that
 generates (``generate``, ``reward_model``) may set any of them for itself, and a ``choice``
 task its own ``chat`` (``task_generation``). Giving one to a task it cannot affect is an error.
+
+``device`` and ``dtype`` say where the models are loaded and in which dtype (``eval/device.py``;
+``auto`` when not given); the command line's ``--device``/``--dtype`` override them. Their
+spelling is checked when the suite is loaded, whether the machine has the device when it runs.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 import yaml
 
 from omotool.errors import InputError, UsageError
+from omotool.eval.device import check_device, check_dtype
 from omotool.eval.generation import (
     GENERATION_KEYS,
     GenerationSettings,
@@ -75,6 +82,8 @@ class Suite:
     batch_size: int = 8
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     path: Path | None = None
+    device: str | None = None  # None: auto (see eval/device.py)
+    dtype: str | None = None
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -88,7 +97,8 @@ def load_suite(path: str | Path) -> Suite:
         raise InputError(f"suite {path}: not valid YAML ({error}).") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list) or not raw["tasks"]:
         raise InputError(f"suite {path}: needs a non-empty 'tasks' list.")
-    unknown = set(raw) - {"baseline", "reference", "batch_size", "generation", "tasks"}
+    known = {"baseline", "reference", "batch_size", "generation", "tasks", "device", "dtype"}
+    unknown = set(raw) - known
     if unknown:
         raise InputError(f"suite {path}: unknown key(s) {', '.join(sorted(unknown))}.")
     folder = path.parent
@@ -102,6 +112,13 @@ def load_suite(path: str | Path) -> Suite:
     for key in ("baseline", "reference"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise InputError(f"suite {path}: {key} must be a model folder or Hub id.")
+    placement = {}
+    for key, check in (("device", check_device), ("dtype", check_dtype)):
+        if raw.get(key) is not None:
+            try:
+                placement[key] = check(raw[key], f"suite {path}: {key}")
+            except UsageError as error:
+                raise InputError(str(error)) from None
     tasks = [_task(entry, number, folder, path) for number, entry in enumerate(raw["tasks"])]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
@@ -115,6 +132,7 @@ def load_suite(path: str | Path) -> Suite:
         batch_size=batch_size,
         generation=generation,
         path=path,
+        **placement,
     )
     for number, spec in enumerate(tasks):
         try:

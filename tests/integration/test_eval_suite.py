@@ -10,7 +10,7 @@ import yaml
 from transformers import LlamaForSequenceClassification
 
 from omotool.errors import InputError, UsageError
-from omotool.eval.runner import run_suite, write_report
+from omotool.eval.runner import report_markdown, run_suite, write_report
 from omotool.eval.suite import load_suite
 from omotool.tiny_models import build_tokenizer, model_config
 
@@ -268,9 +268,9 @@ def test_only_the_model_under_evaluation_and_shared_ones_are_held(
         created.append((str(Path(path).resolve()), weakref.ref(model)))
         return model
 
-    def counting_load_rm(path):
+    def counting_load_rm(path, *args):
         rm_loads.append(path)
-        return load_rm(path)
+        return load_rm(path, *args)
 
     real_run_task = runner.run_task
 
@@ -460,3 +460,157 @@ def test_eval_command_until_and_no_chat(cli, llama_pair, tmp_path) -> None:
     plain = task["answers"]
     settings, task = run()  # the default: the model's chat template, a different prompt
     assert settings["chat"] is None and task["answers"] != plain
+
+
+# -- device and dtype --------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+
+
+def scores_of(report):
+    """Every model's task scores and failures (what the device and dtype may change)."""
+    return [
+        {name: (task["failed"], task["scores"]) for name, task in model["tasks"].items()}
+        for model in report["models"]
+    ]
+
+
+def close_scores(report, other, logps=0.2, perplexity=0.05):
+    """Every task of ``report`` scored as in ``other``: preference log-probabilities within
+    ``logps`` (nats, summed over a completion), perplexity within a relative ``perplexity``."""
+    for mine, theirs in zip(report["models"], other["models"], strict=True):
+        for name, task in mine["tasks"].items():
+            assert not task["failed"], (name, task["failed"])
+            expected = theirs["tasks"][name]["scores"]
+            assert set(task["scores"]) == set(expected)
+            if name == "prefs":
+                for key in ("logps_chosen", "logps_rejected"):
+                    value = task["scores"][key]["value"]
+                    assert value == pytest.approx(expected[key]["value"], abs=logps), key
+            if name == "prose":
+                value = task["scores"]["perplexity"]["value"]
+                assert value == pytest.approx(expected["perplexity"]["value"], rel=perplexity)
+
+
+@without_cuda
+def test_the_default_is_the_cpu_in_float32_with_the_same_scores(suite_folder, llama_pair):
+    _, sft = llama_pair
+    suite = load_suite(suite_folder / "suite.yaml")
+    default = run_suite([str(sft)], suite)
+    assert (default["device"], default["dtype"]) == ("cpu", "float32")
+    assert "device_name" not in default
+    explicit = run_suite([str(sft)], suite, device="cpu", dtype="float32")
+    assert scores_of(explicit) == scores_of(default)  # bit for bit
+    assert "Device: `cpu`, weights in `float32`." in report_markdown(default)
+
+
+def test_bfloat16_on_the_cpu_loads_bf16_models_and_still_scores(suite_folder, llama_pair):
+    from omotool.eval.device import resolve_placement
+    from omotool.eval.reward_model import load_reward_model
+    from omotool.eval.runner import _Models
+
+    _, sft = llama_pair
+    placement = resolve_placement("cpu", "bfloat16")
+    model, _ = _Models(placement).get(str(sft))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert next(model.parameters()).device == torch.device("cpu") and not model.training
+    rm, _ = load_reward_model(str(suite_folder / "rm"), placement)
+    assert {p.dtype for p in rm.parameters()} == {torch.bfloat16} and not rm.training
+    suite = load_suite(suite_folder / "suite.yaml")
+    bf16 = run_suite([str(sft)], suite, device="cpu", dtype="bfloat16")
+    assert (bf16["device"], bf16["dtype"]) == ("cpu", "bfloat16")
+    close_scores(bf16, run_suite([str(sft)], suite, device="cpu", dtype="float32"))
+
+
+def test_a_suite_sets_device_and_dtype_and_the_options_override_it(suite_folder, llama_pair):
+    from omotool.eval.runner import suite_placement
+
+    _, sft = llama_pair
+    raw = yaml.safe_load((suite_folder / "suite.yaml").read_text())
+    raw["tasks"] = [t for t in raw["tasks"] if t["name"] == "prose"]
+    path = suite_folder / "placed.yaml"
+    path.write_text(yaml.safe_dump({**raw, "device": "cpu", "dtype": "bfloat16"}))
+    suite = load_suite(path)
+    assert (suite.device, suite.dtype) == ("cpu", "bfloat16")
+    assert run_suite([str(sft)], suite)["dtype"] == "bfloat16"
+    assert run_suite([str(sft)], suite, dtype="float32")["dtype"] == "float32"
+    assert suite_placement(suite, dtype="float16").dtype == torch.float16
+    bad = [("device", "gpu", "device must be auto, cpu, cuda or cuda:N"),
+           ("dtype", "fp8", "dtype must be one of auto, float32")]  # fmt: skip
+    for key, value, message in bad:
+        path.write_text(yaml.safe_dump({**raw, key: value}))
+        with pytest.raises(InputError, match=f"suite {path}: {message}"):
+            load_suite(path)
+
+
+@without_cuda
+def test_a_suite_asking_for_cuda_without_it_is_refused_by_name(suite_folder, llama_pair):
+    from omotool.eval.runner import suite_placement
+
+    raw = yaml.safe_load((suite_folder / "suite.yaml").read_text())
+    path = suite_folder / "cuda.yaml"
+    path.write_text(yaml.safe_dump({**raw, "device": "cuda"}))
+    suite = load_suite(path)
+    with pytest.raises(UsageError, match=f"suite {path}: device cuda: CUDA is not available"):
+        run_suite([str(llama_pair[1])], suite)
+    assert suite_placement(suite, device="cpu").device == torch.device("cpu")  # the flag wins
+
+
+@without_cuda
+def test_eval_command_device_and_dtype(cli, suite_folder, llama_pair, tmp_path) -> None:
+    _, sft = llama_pair
+    prose = ["eval", sft, "--task", "perplexity", "--data", suite_folder / "prose.txt"]
+    refused = cli(*prose, "--device", "cuda", expect=2).output
+    assert "--device cuda: CUDA is not available here" in " ".join(refused.split())
+    assert "Traceback" not in refused and len(refused.splitlines()) <= 3
+    suite = ["eval", sft, "--suite", suite_folder / "suite.yaml"]
+    assert "--device cuda:1: CUDA" in cli(*suite, "--device", "cuda:1", expect=2).output
+    assert "--dtype must be one of" in cli(*prose, "--dtype", "fp16", expect=2).output
+    assert "--device must be auto" in cli(*prose, "--device", "tpu", expect=2).output
+    default = json.loads(cli(*prose, "--json").output)
+    assert (default["device"], default["dtype"]) == ("cpu", "float32")
+    auto = json.loads(cli(*prose, "--json", "--device", "auto", "--dtype", "auto").output)
+    assert scores_of(auto) == scores_of(default)
+    out = tmp_path / "bf16"
+    cli(*prose, "--dtype", "bfloat16", "-o", out)
+    bf16 = json.loads((out / "report.json").read_text())
+    assert (bf16["device"], bf16["dtype"]) == ("cpu", "bfloat16")
+    close_scores(bf16, default)
+    assert "weights in `bfloat16`" in (out / "report.md").read_text()
+    from omotool.cli import app
+
+    help_text = cli.runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "250"}).output
+    assert "--device" in help_text and "--dtype" in help_text and "[default: (auto)]" in help_text
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_a_suite_on_cuda_scores_as_on_the_cpu(suite_folder, llama_pair) -> None:
+    from omotool.eval.device import resolve_placement
+    from omotool.eval.runner import _Models
+
+    _, sft = llama_pair
+    model, _ = _Models(resolve_placement("cuda", "float32")).get(str(sft))
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    suite = load_suite(suite_folder / "suite.yaml")
+    cpu = run_suite([str(sft)], suite, device="cpu", dtype="float32")
+    cuda = run_suite([str(sft)], suite, device="cuda", dtype="float32")
+    assert cuda["device"].startswith("cuda:") and cuda["dtype"] == "float32"
+    assert cuda["device_name"]
+    close_scores(cuda, cpu, logps=1e-3, perplexity=1e-4)
+    auto = run_suite([str(sft)], suite, device="cuda")  # bfloat16 where the GPU has it
+    assert auto["dtype"] == (
+        "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+    )
+    close_scores(auto, cpu)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_eval_command_on_cuda(cli, suite_folder, llama_pair) -> None:
+    _, sft = llama_pair
+    args = ["eval", sft, "--suite", suite_folder / "suite.yaml", "--json"]
+    report = json.loads(cli(*args, "--device", "cuda", "--dtype", "bfloat16").output)
+    assert report["device"].startswith("cuda:") and report["dtype"] == "bfloat16"
+    assert not any(t["failed"] for m in report["models"] for t in m["tasks"].values())
+    assert json.loads(cli(*args).output)["device"].startswith("cuda:")  # auto: the GPU

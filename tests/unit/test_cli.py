@@ -153,3 +153,75 @@ def test_eval_until_reads_backslash_escapes(tmp_path) -> None:
 
     assert suite(r"\n", r"Q:\t", r"a\\n").generation.until == ("\n", "Q:\t", "a\\n")
     assert suite().generation.until == ()
+
+
+# -- eval and demo: device and dtype ---------------------------------------------------------
+def test_demo_refuses_cuda_without_it_before_making_anything(cli, tmp_path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal without CUDA")
+    result = cli("demo", "--device", "cuda", "--workdir", tmp_path / "d", expect=2)
+    assert "--device cuda: CUDA is not available here" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert "--dtype must be one of" in cli("demo", "--dtype", "fp8", expect=2).output
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_passes_device_and_dtype_to_its_evaluation(cli, tmp_path, monkeypatch) -> None:
+    import torch
+
+    from omotool.demo import pipeline
+    from omotool.errors import OmoError
+
+    given = []
+
+    def fake_run_demo(workdir, settings, **options):
+        given.append(options["placement"])
+        raise OmoError("stopped by the test")
+
+    monkeypatch.setattr(pipeline, "run_demo", fake_run_demo)
+    cli("demo", "--fast", "--workdir", tmp_path / "d", expect=1)
+    cli("demo", "--fast", "--workdir", tmp_path / "d", "--dtype", "bfloat16", expect=1)
+    assert [(p.device.type, p.dtype) for p in given] == [
+        ("cpu", torch.float32),  # the default: the committed results' placement
+        ("cpu", torch.bfloat16),
+    ]
+
+
+def test_demo_eval_stage_key_changes_only_off_the_default(tmp_path, monkeypatch) -> None:
+    """The CPU in float32 keys the evaluation stages as before (cached stages and the
+    committed results stay valid); another placement is its own stage."""
+    import json
+
+    import torch
+
+    from omotool.demo import pipeline
+    from omotool.eval import runner, suite
+    from omotool.eval.device import resolve_placement
+
+    keys, runs = [], []
+
+    class Stages:
+        def run(self, name, folder, key, build):
+            keys.append(key)
+            build()
+            return "digest"
+
+    def fake_run_suite(paths, plan, device=None, dtype=None):
+        runs.append((device, dtype))
+        return {"models": [{"path": paths[0]}]}
+
+    monkeypatch.setattr(suite, "load_suite", lambda path: path)
+    monkeypatch.setattr(runner, "run_suite", fake_run_suite)
+    world = ("world-digest", {"suite-validation": "v.yaml", "suite-test": "t.yaml"})
+    model = pipeline._Model(tmp_path / "sft", "sft-digest", "sft", 0)
+    evaluated = pipeline._eval_stages(Stages(), tmp_path, world, [model])
+    assert evaluated[0][1]["test"] == {"path": str(tmp_path / "sft")}
+    pipeline._eval_stages(Stages(), tmp_path, world, [model], resolve_placement("cpu", "auto"))
+    pipeline._eval_stages(Stages(), tmp_path, world, [model], resolve_placement("cpu", "bfloat16"))
+    before = {"stage": "eval", "world": "world-digest", "model": "sft-digest", "alpha": None}
+    assert keys == [before, before, {**before, "device": "cpu", "dtype": "bfloat16"}]
+    assert json.dumps(keys[0], sort_keys=True) == json.dumps(before, sort_keys=True)
+    cpu = torch.device("cpu")
+    assert runs == [(cpu, torch.float32)] * 4 + [(cpu, torch.bfloat16)] * 2
