@@ -18,6 +18,26 @@ of the parameters and its own optimizer, and is timed on ``optimizer.step()`` on
   ``|Δθ|`` for the top-p trim, then the TIES sign election against ``T``. ``T = F(τ)`` is
   dense and computed once, at construction.
 
+``--shapes qwen2.5-1.5b`` gives Qwen2.5-1.5B's shapes instead (hidden 1536, 28 layers, MLP
+8960, vocab 151936, 12 heads and 2 KV heads of size 128, biases on q/k/v, tied embeddings:
+~1.54B entries).
+
+``--device cuda`` builds parameters, ``τ`` and gradients on the GPU (from a CUDA generator, so
+the values differ from the CPU run's), calls ``torch.cuda.synchronize()`` before and after each
+timed ``step()`` and reads ``time.perf_counter`` after it: a step's time includes its launches
+and any host synchronisation inside it. It also reports ``torch.cuda.max_memory_allocated`` and,
+per method, the device memory its parameter copy and optimizer state hold.
+
+``--dtype bfloat16`` makes the parameters and gradients bfloat16. OnDARE/OnTIES then keep float32
+master weights and float32 moments (``master_weights=True``, the default). The baseline
+``adamw-fused`` does the same job: ``torch.optim.AdamW(fused=True)`` over float32 master copies,
+each step copying the bf16 gradients into float32 gradient buffers (``torch._foreach_copy_``),
+stepping, and copying the masters back into the bf16 parameters, all timed. ``adamw-fused-bf16``
+is ``torch.optim.AdamW(fused=True)`` directly on the bf16 parameters (bf16 moments, no master
+copy): less memory traffic, and updates below bf16's resolution are lost; it is reported for
+reference, not used as the baseline. The transcriptions keep bf16 moments (as the released code
+would on bf16 parameters).
+
 All methods use lr 1e-6, betas (0.9, 0.999), eps 1e-8, no weight decay; the merging ones
 reserve_p 0.01 and alpha 1e-7. The gradients are assigned to ``p.grad`` before every step,
 outside the timed region. Every method first runs a few warm-up steps (state allocation),
@@ -34,6 +54,8 @@ How to run
     python bench/bench_optim.py --methods adamw-fused,ondare   # a subset
     python bench/bench_optim.py --profile                      # plus cProfile of one step each
     python bench/bench_optim.py --json                         # results as JSON
+    python bench/bench_optim.py --device cuda --shapes qwen2.5-1.5b --dtype bfloat16 \
+        --methods adamw-fused,adamw-fused-bf16,ondare,onties    # on a GPU
 
 The full size holds every method's parameters and moments at once: about 14 GB of RAM.
 On a machine shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE``: with OpenMP's spinning
@@ -53,6 +75,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,13 +87,39 @@ from omotool.optim import OnlineMergingAdamW
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64
 DEFAULT_LAYERS, DEFAULT_VOCAB = 30, 49152
 
+
+@dataclass(frozen=True)
+class Shapes:
+    """A decoder's parameter shapes (Llama/Qwen2 layout, tied embeddings)."""
+
+    label: str  # as the report names it
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    qkv_bias: bool = False  # Qwen2 has biases on q/k/v
+
+
+PRESETS = {
+    "llama-135m": Shapes(
+        "llama-135M", HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, DEFAULT_LAYERS, DEFAULT_VOCAB
+    ),
+    "qwen2.5-1.5b": Shapes("qwen2.5-1.5B", 1536, 8960, 12, 2, 128, 28, 151936, qkv_bias=True),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-6, (0.9, 0.999), 1e-8, 0.0
 DEFAULT_P, DEFAULT_ALPHA = 0.01, 1e-7
 TAU_SCALE, PARAM_SCALE = 1e-3, 0.02
 BASELINE = "adamw-fused"
+BF16_ONLY = "adamw-fused-bf16"  # the same as adamw-fused on float32: left out of the default
 
 # Goals: (method, most times slower than fused AdamW, what we aim for).
 RATIO_GOALS = (("ondare", 1.5, 1.0), ("onties", 2.5, 1.5))
+CUDA_RATIO_GOALS = (("ondare", 1.1, 1.0), ("onties", 1.3, 1.0))  # issue 15's GPU goals
 SPEEDUP_GOAL = 10.0  # OnDARE / OnTIES at least this many times faster than their transcription
 MEMORY_GOAL = 0.1  # optimizer bytes per parameter beyond AdamW's (moments, steps): all of them,
 # scratch buffers included (memory_report after the timed steps; allocated, not resident)
@@ -80,33 +129,61 @@ Named = dict[str, torch.Tensor]
 
 
 # -- model, task vector and gradients --------------------------------------------------------
-def model_shapes(layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of a Llama with tied embeddings (no ``lm_head``)."""
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, HIDDEN)}
+def model_shapes(layers: int, vocab: int, preset: str = "llama-135m") -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of ``preset`` with tied embeddings (no ``lm_head``)."""
+    d = PRESETS[preset]
+    hidden, q_out, kv_out = d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         prefix = f"model.layers.{i}"
         shapes.update(
             {
-                f"{prefix}.self_attn.q_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
-                f"{prefix}.self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
-                f"{prefix}.self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
-                f"{prefix}.self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
-                f"{prefix}.mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-                f"{prefix}.mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-                f"{prefix}.mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-                f"{prefix}.input_layernorm.weight": (HIDDEN,),
-                f"{prefix}.post_attention_layernorm.weight": (HIDDEN,),
+                f"{prefix}.self_attn.q_proj.weight": (q_out, hidden),
+                f"{prefix}.self_attn.k_proj.weight": (kv_out, hidden),
+                f"{prefix}.self_attn.v_proj.weight": (kv_out, hidden),
             }
         )
-    shapes["model.norm.weight"] = (HIDDEN,)
+        if d.qkv_bias:
+            shapes.update(
+                {
+                    f"{prefix}.self_attn.q_proj.bias": (q_out,),
+                    f"{prefix}.self_attn.k_proj.bias": (kv_out,),
+                    f"{prefix}.self_attn.v_proj.bias": (kv_out,),
+                }
+            )
+        shapes.update(
+            {
+                f"{prefix}.self_attn.o_proj.weight": (hidden, q_out),
+                f"{prefix}.mlp.gate_proj.weight": (d.intermediate, hidden),
+                f"{prefix}.mlp.up_proj.weight": (d.intermediate, hidden),
+                f"{prefix}.mlp.down_proj.weight": (hidden, d.intermediate),
+                f"{prefix}.input_layernorm.weight": (hidden,),
+                f"{prefix}.post_attention_layernorm.weight": (hidden,),
+            }
+        )
+    shapes["model.norm.weight"] = (hidden,)
     return shapes
 
 
-def random_tensors(shapes: Mapping[str, tuple[int, ...]], scale: float, seed: int) -> Named:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        name: torch.randn(shape, generator=generator).mul_(scale) for name, shape in shapes.items()
-    }
+def random_tensors(
+    shapes: Mapping[str, tuple[int, ...]],
+    scale: float,
+    seed: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Named:
+    """``scale·N(0, 1)`` tensors, drawn in float32 on ``device`` and then cast to ``dtype``."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        tensor = torch.randn(shape, generator=generator, device=device).mul_(scale)
+        out[name] = tensor if dtype == torch.float32 else tensor.to(dtype)
+    return out
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def copy_params(params: Named) -> Named:
@@ -208,6 +285,44 @@ def _adamw(**kwargs: Any) -> Factory:
     return make
 
 
+class MasterWeightAdamW(torch.optim.Optimizer):
+    """``torch.optim.AdamW(fused=True)`` on float32 master copies of bf16/fp16 parameters.
+
+    The usual mixed-precision step, and the same job as ``OnlineMergingAdamW``'s master
+    weights: the low-precision gradients are copied into float32 gradient buffers (made once),
+    the fused AdamW steps the masters, and the masters are copied back into the parameters.
+    """
+
+    def __init__(self, params: list[torch.Tensor], **adamw: Any) -> None:
+        super().__init__(params, {})
+        self.params = params
+        self.masters = [p.detach().to(torch.float32, copy=True) for p in params]
+        for master in self.masters:
+            master.grad = torch.zeros_like(master)
+        self.inner = torch.optim.AdamW(self.masters, fused=True, **adamw)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = closure() if closure is not None else None
+        torch._foreach_copy_([m.grad for m in self.masters], [p.grad for p in self.params])
+        self.inner.step()
+        torch._foreach_copy_(self.params, self.masters)
+        return loss
+
+
+def _adamw_fused_master() -> Factory:
+    """Fused AdamW; on bf16/fp16 parameters with float32 master weights (the baseline)."""
+    plain = _adamw(fused=True)
+
+    def make(params: Named, tau: Named, args: argparse.Namespace) -> torch.optim.Optimizer:
+        values = list(params.values())
+        if all(p.dtype == torch.float32 for p in values):
+            return plain(params, tau, args)
+        return MasterWeightAdamW(values, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+
+    return make
+
+
 def _online(method: str) -> Factory:
     def make(params: Named, tau: Named, args: argparse.Namespace) -> torch.optim.Optimizer:
         return OnlineMergingAdamW(
@@ -235,7 +350,8 @@ def _transcription(method: str) -> Factory:
 
 
 METHODS: dict[str, tuple[str, Factory]] = {
-    "adamw-fused": ("torch.optim.AdamW(fused=True)", _adamw(fused=True)),
+    "adamw-fused": ("torch.optim.AdamW(fused=True)", _adamw_fused_master()),
+    "adamw-fused-bf16": ("torch.optim.AdamW(fused=True) on bf16, no master", _adamw(fused=True)),
     "adamw-foreach": ("torch.optim.AdamW(foreach=True)", _adamw(foreach=True)),
     "adamw-forloop": ("torch.optim.AdamW(foreach=False)", _adamw(foreach=False)),
     "ondare": ('OnlineMergingAdamW(method="dare")', _online("dare")),
@@ -251,21 +367,40 @@ class Runner:
 
     def __init__(self, name: str, params: Named, tau: Named, args: argparse.Namespace) -> None:
         self.name = name
+        self.device = getattr(args, "device", "cpu")
+        cuda = self.device.startswith("cuda")
+        before = torch.cuda.memory_allocated() if cuda else 0
         self.params = copy_params(params)
+        synchronize(self.device)
         started = time.perf_counter()
         self.optimizer = METHODS[name][1](self.params, tau, args)
+        synchronize(self.device)
         self.setup_s = time.perf_counter() - started
+        # Device bytes this method holds: its parameter copy and optimizer state (cuda only;
+        # the state created lazily by the first step is added by warm_up).
+        self.device_bytes = torch.cuda.memory_allocated() - before if cuda else 0
         self.steps_done = 0
         self.samples: list[float] = []
         self.round_means: list[float] = []
+
+    def warm_up(self, grad_sets: list[Named], steps: int) -> list[float]:
+        """Untimed-for-the-report steps; on cuda also counts the state they allocate."""
+        cuda = self.device.startswith("cuda")
+        before = torch.cuda.memory_allocated() if cuda else 0
+        times = [self.step(grad_sets) for _ in range(steps)]
+        if cuda:
+            self.device_bytes += torch.cuda.memory_allocated() - before
+        return times
 
     def step(self, grad_sets: list[Named]) -> float:
         """Assign the next gradient set (untimed), then time one ``optimizer.step()``."""
         grads = grad_sets[self.steps_done % len(grad_sets)]
         for name, param in self.params.items():
             param.grad = grads[name]
+        synchronize(self.device)
         started = time.perf_counter()
         self.optimizer.step()
+        synchronize(self.device)
         elapsed = time.perf_counter() - started
         self.steps_done += 1
         return elapsed
@@ -310,11 +445,15 @@ def summarise(runners: dict[str, Runner]) -> dict[str, dict[str, Any]]:
             "setup_s": runner.setup_s,
             "params_finite": runner.finite(),
         }
+        if runner.device.startswith("cuda"):
+            summary[name]["device_bytes"] = runner.device_bytes
     return summary
 
 
 def evaluate_goals(
-    summary: dict[str, dict[str, Any]], memory: dict[str, dict[str, float]]
+    summary: dict[str, dict[str, Any]],
+    memory: dict[str, dict[str, float]],
+    ratio_goals: tuple[tuple[str, float, float], ...] = RATIO_GOALS,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Speed-ups over the transcriptions, and the goals (``met`` is None when not measured)."""
     speedups = {
@@ -323,7 +462,7 @@ def evaluate_goals(
         if ours in summary and theirs in summary
     }
     goals = []
-    for method, limit, aim in RATIO_GOALS:
+    for method, limit, aim in ratio_goals:
         ratio = (summary.get(method) or {}).get("ratio_vs_fused")
         goals.append(
             {
@@ -356,15 +495,30 @@ def evaluate_goals(
 
 def render(result: dict[str, Any]) -> str:
     config, summary = result["config"], result["methods"]
+    dtype = config.get("dtype", "float32")
+    precision = f"{dtype} parameters"
+    if dtype != "float32":
+        precision += " (float32 master weights and moments, fused AdamW's too)"
     lines = [
         "optimizer step time: OnlineMergingAdamW vs torch AdamW vs a transcription of Alg. 1",
-        f"model: llama-135M-shaped, {config['layers']} layers, vocab {config['vocab']}, "
-        f"{config['parameters']:,} float32 parameters in {config['tensors']} tensors",
+        f"model: {config.get('shapes_label', 'llama-135M')}-shaped, {config['layers']} layers, "
+        f"vocab {config['vocab']}, {config['parameters']:,} {precision} in "
+        f"{config['tensors']} tensors",
         f"reserve_p {config['p']:g}, alpha {config['alpha']:g}, lr {LR:g}; torch "
         f"{torch.__version__}, {config['threads']} thread(s) (torch.set_num_threads), "
         f"{os.cpu_count()} CPU(s)",
         f"timing: {config['warmup']} warm-up step(s), then {config['rounds']} round(s) x "
         f"{config['steps']} step(s) per method, round-robin; median over all timed steps",
+    ]
+    cuda = result.get("cuda")
+    if cuda:
+        lines += [
+            f"device: {config['device']} ({cuda['name']}), torch CUDA {cuda['version']}; each "
+            "step timed by perf_counter between torch.cuda.synchronize() calls",
+            f"peak torch.cuda.max_memory_allocated: {cuda['peak_allocated_bytes'] / 2**30:.2f} "
+            "GiB (all methods' copies at once, tau and the gradient sets included)",
+        ]
+    lines += [
         "",
         f"{'method':<20}{'median ms/step':>15}{'vs fused':>10}{'min ms':>10}{'setup s':>9}"
         "  per-round mean ms",
@@ -380,6 +534,14 @@ def render(result: dict[str, Any]) -> str:
         speedup = result["speedups"].get(f"{ours}_over_{theirs}")
         if speedup is not None:
             lines.append(f"speed-up of {ours} over {theirs}: {speedup:.1f}x")
+    if cuda:
+        lines += ["", "device memory per method (parameter copy + optimizer state, allocated):"]
+        params = config["parameters"]
+        for name, m in summary.items():
+            held = m.get("device_bytes", 0)
+            lines.append(
+                f"  {name:<20}{held / 2**30:8.2f} GiB  {held / params:6.2f} bytes/parameter"
+            )
     not_finite = [name for name, m in summary.items() if not m["params_finite"]]
     if not_finite:
         lines.append(f"WARNING: non-finite parameters after the run: {', '.join(not_finite)}")
@@ -397,11 +559,21 @@ def render(result: dict[str, Any]) -> str:
 
 def benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    shapes = model_shapes(args.layers, args.vocab)
+    device = getattr(args, "device", "cpu")
+    dtype_name = getattr(args, "dtype", "float32")
+    dtype = DTYPES[dtype_name]
+    preset = getattr(args, "shapes", "llama-135m")
+    cuda = device.startswith("cuda")
+    shapes = model_shapes(args.layers, args.vocab, preset)
     log(f"threads: {torch.get_num_threads()}; building parameters, tau and gradients ...")
-    params = random_tensors(shapes, PARAM_SCALE, seed=0)
-    tau = random_tensors(shapes, TAU_SCALE, seed=1)
-    grad_sets = [random_tensors(shapes, 1.0, seed=2 + i) for i in range(args.grad_sets)]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    params = random_tensors(shapes, PARAM_SCALE, seed=0, device=device, dtype=dtype)
+    tau = random_tensors(shapes, TAU_SCALE, seed=1, device=device)  # task vectors: float32
+    grad_sets = [
+        random_tensors(shapes, 1.0, seed=2 + i, device=device, dtype=dtype)
+        for i in range(args.grad_sets)
+    ]
     # The first optimizer built pays torch.optim's lazy imports (~1 s): not any method's setup.
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
     runners = {}
@@ -410,7 +582,7 @@ def benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         log(f"{name}: set up in {runners[name].setup_s:.2f} s")
     del params
     for runner in runners.values():
-        warm = [runner.step(grad_sets) for _ in range(args.warmup)]
+        warm = runner.warm_up(grad_sets, args.warmup)
         log(f"{runner.name}: warm-up {', '.join(f'{t * 1e3:.1f}' for t in warm)} ms")
     for round_index in range(1, args.rounds + 1):
         for runner in runners.values():
@@ -423,9 +595,13 @@ def benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         for name in ("ondare", "onties")
         if name in runners
     }
-    speedups, goals = evaluate_goals(summary, memory)
+    speedups, goals = evaluate_goals(summary, memory, CUDA_RATIO_GOALS if cuda else RATIO_GOALS)
     result = {
         "config": {
+            "shapes": preset,
+            "shapes_label": PRESETS[preset].label,
+            "device": device,
+            "dtype": dtype_name,
             "layers": args.layers,
             "vocab": args.vocab,
             "parameters": sum(math.prod(s) for s in shapes.values()),
@@ -445,6 +621,12 @@ def benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         "memory": memory,
         "goals": goals,
     }
+    if cuda:
+        result["cuda"] = {
+            "name": torch.cuda.get_device_name(),
+            "version": torch.version.cuda,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+        }
     if args.profile:
         result["profiles"] = {
             name: profile_step(runners[name], grad_sets, args.profile_top)
@@ -458,8 +640,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Time OnlineMergingAdamW.step against torch AdamW and a dense transcription."
     )
-    parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="decoder layers [30]")
-    parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help="vocabulary [49152]")
+    parser.add_argument(
+        "--shapes",
+        "--preset",
+        dest="shapes",
+        choices=list(PRESETS),
+        default="llama-135m",
+        help="parameter shapes: llama-135m (30 layers, vocab 49152) or qwen2.5-1.5b "
+        "(28 layers, vocab 151936) [llama-135m]",
+    )
+    parser.add_argument("--layers", type=int, help="decoder layers [the shapes' own]")
+    parser.add_argument("--vocab", type=int, help="vocabulary [the shapes' own]")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N [cpu]; cuda needs a CUDA device"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="parameters and gradients; bfloat16: float32 master weights [float32]",
+    )
     parser.add_argument("--p", type=float, default=DEFAULT_P, help="reserve rate p [0.01]")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="alpha [1e-7]")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round [5]")
@@ -471,13 +671,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated subset of: {', '.join(METHODS)} [all]",
+        help=f"comma-separated subset of: {', '.join(METHODS)} [all; adamw-fused-bf16 only "
+        "with --dtype bfloat16]",
     )
     parser.add_argument("--profile", action="store_true", help="cProfile one OnDARE/OnTIES step")
     parser.add_argument("--profile-top", type=int, default=20, help="profile rows [20]")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
+    preset = PRESETS[args.shapes]
+    args.layers = preset.layers if args.layers is None else args.layers
+    args.vocab = preset.vocab if args.vocab is None else args.vocab
+    if args.device != "cpu":
+        if not (args.device == "cuda" or args.device.startswith("cuda:")):
+            parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+        if not torch.cuda.is_available():
+            parser.error(
+                f"--device {args.device}: CUDA is not available here (torch "
+                f"{torch.__version__}, built for CUDA {torch.version.cuda})"
+            )
+        if ":" in args.device:
+            torch.cuda.set_device(torch.device(args.device))
+    if args.methods is None:
+        args.methods = ",".join(m for m in METHODS if m != BF16_ONLY or args.dtype != "float32")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
