@@ -494,12 +494,14 @@ def fused_adamw_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
-    """torch's fused AdamW kernel on one tensor (``step`` already counts this step)."""
+    """torch's fused AdamW kernel on one tensor (``step`` already counts this step); with a
+    ``found_inf`` tensor holding 1 it changes nothing (decided on the device, no host read)."""
     torch._fused_adamw_(
         [param], [grad], [exp_avg], [exp_avg_sq], [], [step],
         lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-        amsgrad=False, maximize=False,
+        amsgrad=False, maximize=False, found_inf=found_inf,
     )  # fmt: skip
 
 
@@ -763,7 +765,7 @@ def sync_free_online_merging_adamw_(
     found_inf = None if keep is None else (~keep).float()
     adam = dict(beta1=beta1, beta2=beta2, eps=eps, found_inf=found_inf)
     if not options.merges:
-        _fused_adamw_masked_(
+        fused_adamw_(
             param, grad, exp_avg, exp_avg_sq, step, lr=lr, weight_decay=weight_decay, **adam
         )
         return
@@ -779,9 +781,7 @@ def sync_free_online_merging_adamw_(
     flat = param.view(-1)
     if dense:  # Δθ in a zeroed buffer; on a skipped step the kernel leaves it zero
         update = workspace.get("update", param).view_as(param).zero_()
-        _fused_adamw_masked_(
-            update, grad, exp_avg, exp_avg_sq, step, lr=lr, weight_decay=0.0, **adam
-        )
+        fused_adamw_(update, grad, exp_avg, exp_avg_sq, step, lr=lr, weight_decay=0.0, **adam)
         update = update.view(-1)
         if cache is not None:
             if host_step % options.online_step != 0:  # plain step, applied update cached
@@ -797,9 +797,7 @@ def sync_free_online_merging_adamw_(
                 cache.mul_(found_inf)
         direction = None
     else:  # the moments only; Δθ is computed at the kept entries
-        _fused_adamw_masked_(
-            param, grad, exp_avg, exp_avg_sq, step, lr=0.0, weight_decay=0.0, **adam
-        )
+        fused_adamw_(param, grad, exp_avg, exp_avg_sq, step, lr=0.0, weight_decay=0.0, **adam)
         update = None
 
         def direction(index: torch.Tensor) -> torch.Tensor:
@@ -813,28 +811,6 @@ def sync_free_online_merging_adamw_(
     else:
         assert update is not None
         _sync_free_ties_(flat, update, reference, keep, options, stats, shard, workspace)
-
-
-def _fused_adamw_masked_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: torch.Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    found_inf: torch.Tensor | None,
-) -> None:
-    """torch's fused AdamW kernel on one tensor; with ``found_inf`` = 1 it changes nothing."""
-    torch._fused_adamw_(
-        [param], [grad], [exp_avg], [exp_avg_sq], [], [step],
-        lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-        amsgrad=False, maximize=False, found_inf=found_inf,
-    )  # fmt: skip
 
 
 def _adam_direction_at(
