@@ -323,10 +323,11 @@ def _adamw_fused_master() -> Factory:
     return make
 
 
-def _online(method: str) -> Factory:
+def _online(method: str, backend: str = "auto") -> Factory:
     def make(params: Named, tau: Named, args: argparse.Namespace) -> torch.optim.Optimizer:
         return OnlineMergingAdamW(
             list(params.items()),
+            backend=backend,
             task_vector=tau,
             method=method,
             reserve_p=args.p,
@@ -354,8 +355,10 @@ METHODS: dict[str, tuple[str, Factory]] = {
     "adamw-fused-bf16": ("torch.optim.AdamW(fused=True) on bf16, no master", _adamw(fused=True)),
     "adamw-foreach": ("torch.optim.AdamW(foreach=True)", _adamw(foreach=True)),
     "adamw-forloop": ("torch.optim.AdamW(foreach=False)", _adamw(foreach=False)),
-    "ondare": ('OnlineMergingAdamW(method="dare")', _online("dare")),
-    "onties": ('OnlineMergingAdamW(method="ties")', _online("ties")),
+    "ondare": ('OnlineMergingAdamW(method="dare"), backend auto', _online("dare")),
+    "onties": ('OnlineMergingAdamW(method="ties"), backend auto', _online("ties")),
+    "ondare-torch": ('OnlineMergingAdamW("dare", backend="torch")', _online("dare", "torch")),
+    "onties-torch": ('OnlineMergingAdamW("ties", backend="torch")', _online("ties", "torch")),
     "transcription-dare": ("Algorithm 1, dense dropout", _transcription("dare")),
     "transcription-ties": ("Algorithm 1, argsort top-p", _transcription("ties")),
 }

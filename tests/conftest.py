@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without CUDA, Triton kernels (the optimizer's ``triton`` backend) run in Triton's interpreter
+# on CPU tensors; set before any kernel module is imported (``triton.jit`` reads it then).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from typer.testing import CliRunner
 
 from omotool.cli import app

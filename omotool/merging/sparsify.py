@@ -42,15 +42,20 @@ def kept_count(numel: int, density: float) -> int:
     return min(numel, max(1, int(density * numel)))
 
 
-def keyed_generator(seed: int, *key: object, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator seeded from ``(seed, *key)``, e.g. ``(seed, step, tensor_name)``.
+def key_seed(seed: int, *key: object) -> int:
+    """A 63-bit seed derived from ``(seed, *key)``, e.g. ``(seed, "update", step, name)``.
 
-    The same key gives the same stream on every process and in every run, with no communication
-    and independent of the order in which tensors are visited.
+    The same key gives the same number on every process and in every run, with no
+    communication and independent of the order in which tensors are visited.
     """
     digest = hashlib.sha256(repr((int(seed), *key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def keyed_generator(seed: int, *key: object, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded with ``key_seed(seed, *key)``."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    generator.manual_seed(key_seed(seed, *key))
     return generator
 
 

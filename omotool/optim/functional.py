@@ -215,9 +215,18 @@ class Workspace:
 
     def get(self, key: str, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A 1-D buffer of ``like.numel()`` entries (contents undefined)."""
-        numel, buffer = like.numel(), self._buffers.get(key)
-        if buffer is None or buffer.numel() < numel or buffer.device != like.device:
-            buffer = torch.empty(numel, dtype=dtype, device=like.device)
+        return self.take(key, like.numel(), dtype, like.device)
+
+    def take(self, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A 1-D buffer of ``numel`` entries of ``dtype`` on ``device`` (contents undefined)."""
+        buffer = self._buffers.get(key)
+        if (
+            buffer is None
+            or buffer.numel() < numel
+            or buffer.device != device
+            or buffer.dtype != dtype
+        ):
+            buffer = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buffer
         return buffer[:numel]
 

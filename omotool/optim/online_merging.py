@@ -13,14 +13,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from omotool.errors import InputError, OmoError, UsageError
-from omotool.optim import kernels
-from omotool.optim.distributed import any_rank, any_rank_on_device, local_tensors
+from omotool.optim import kernels, triton_backend
+from omotool.optim.distributed import Shard, any_rank, any_rank_on_device, local_tensors
 from omotool.optim.functional import (
     BatchEntry,
     MergeOptions,
@@ -36,6 +36,7 @@ from omotool.optim.functional import (
 from omotool.optim.task_vector import FlatDelta, TaskVector
 
 NAN_POLICIES = ("skip", "raise")
+BACKENDS = ("auto", "reference", "cpu", "torch", "triton")
 MISSING_POLICIES = ("error", "adamw")
 _FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "master", "cache")  # kept in float32 on load
 _PLAIN_ADAMW = MergeOptions(method="none")
@@ -46,6 +47,30 @@ _STATE_COMPONENT = {
 _MEMORY_COMPONENTS = (
     "moments", "steps", "master", "cache", "task_vector_values", "task_vector_indices",
 )  # fmt: skip
+
+
+@dataclasses.dataclass
+class TensorStep:
+    """One parameter's part of a step: tensors, state and settings (``_tensor_steps``)."""
+
+    name: str
+    local: torch.Tensor  # the parameter (this rank's shard)
+    work: torch.Tensor  # its float32 working copy: itself, its master, or a float32 copy
+    grad: torch.Tensor
+    shard: Shard | None
+    reference: FlatDelta | None  # T, or None (no merging for this tensor)
+    state: dict[str, Any]
+    adam: dict[str, float]  # lr, beta1, beta2, eps, weight_decay
+    options: MergeOptions  # the optimizer's, or plain AdamW where this tensor has no T
+
+    @property
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.state["exp_avg"], self.state["exp_avg_sq"]
+
+    def write_back(self) -> None:
+        """Copy the working copy into the parameter when they differ (bf16/fp16)."""
+        if self.work is not self.local:
+            self.local.copy_(self.work)
 
 
 class NonFiniteGradientError(OmoError, FloatingPointError):
@@ -71,19 +96,26 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             written with non-finite values.
         master_weights: keep a float32 copy of bf16/fp16 parameters so that updates far below
             the parameter's precision accumulate (moments and merges are float32 anyway).
-        fused: the fast path (default where torch has it): on the CPU, OnDARE/OnTIES steps of
-            float32 tensors in a few numba kernels over all tensors at once
-            (``optim.kernels``), other tensors in torch's fused AdamW kernel
-            (``functional.fused_online_merging_adamw_``); or plain tensor ops
-            (``functional.online_merging_adamw_``, the readable reference; with
-            ``method="none"`` it follows ``AdamW(foreach=False)`` bit for bit).
-        sync_free: take the path that never waits on the device
+        backend: how the step is computed (``BACKENDS``; the model is ``torch.optim.adam``:
+            one functional step, implementations chosen by device). All agree with the
+            readable ``"reference"`` (plain tensor ops, ``functional.online_merging_adamw_``;
+            any device, reads values on the host; with ``method="none"`` it follows
+            ``AdamW(foreach=False)`` bit for bit) to float32 rounding:
+            ``"cpu"``: CPU tensors; OnDARE/OnTIES steps of float32 tensors in a few numba
+            kernels over all tensors at once (``optim.kernels``), others in torch's fused
+            AdamW kernel. ``"torch"``: tensor ops that never wait on the device
             (``functional.sync_free_online_merging_adamw_``): state on the parameters'
             device, no value read on the host during ``step()`` (NaN skipping decided on the
-            device; statistics read only by ``stats()``). ``None`` (default): when any
-            parameter is off the CPU; ``True`` forces it on the CPU too (tests use this).
-            Exceptions: ``nan_policy="raise"`` reads one flag per step (it must raise), and
-            the OnTIES threshold of FSDP-sharded tensors still gathers candidates on the host.
+            device; statistics read only by ``stats()``); any device. ``"triton"``: fused
+            Triton kernels (``optim.triton_backend``; CUDA, or CPU tensors under
+            ``TRITON_INTERPRET=1``), sync-free as ``"torch"``; refuses by name what it does
+            not do (step-K, ``rescale="l1"``, sharded OnTIES). ``"auto"`` (default):
+            ``"cpu"`` when every parameter is on the CPU, else ``"triton"`` where Triton
+            imports and supports the options, else ``"torch"``. Exceptions to sync-free:
+            ``nan_policy="raise"`` reads one flag per step (it must raise), and the OnTIES
+            threshold of FSDP-sharded tensors (``"torch"``) gathers candidates on the host.
+            OnDARE's masks come from the backend's generator: ``"triton"`` draws from
+            Philox by element offset, the others by geometric gaps (same law, other draws).
     """
 
     def __init__(
@@ -105,8 +137,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         missing: str = "error",
         nan_policy: str = "skip",
         master_weights: bool = True,
-        fused: bool | None = None,
-        sync_free: bool | None = None,
+        backend: str = "auto",
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise UsageError(
@@ -128,8 +159,10 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         self.nan_policy = nan_policy
         self.missing = missing
         self.master_weights = master_weights
-        self.fused = hasattr(torch, "_fused_adamw_") if fused is None else fused
-        self.sync_free = sync_free
+        if backend not in BACKENDS:
+            raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
+        self.backend = backend
+        self._resolved_backend: str | None = None
         self._workspace = Workspace()
         self._skipped_on_device: torch.Tensor | None = None  # the sync-free path's count
         self.skipped_steps = 0
@@ -165,23 +198,44 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         return state
 
     # -- the step --------------------------------------------------------------------------
-    def _uses_sync_free(self) -> bool:
-        if self.sync_free is not None:
-            return self.sync_free
-        return any(p.device.type != "cpu" for group in self.param_groups for p in group["params"])
+    @property
+    def resolved_backend(self) -> str:
+        """The backend ``step()`` uses (``backend``, with ``"auto"`` decided by the devices)."""
+        if self._resolved_backend is None:
+            self._resolved_backend = self._resolve_backend()
+        return self._resolved_backend
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """One step for every parameter with a gradient (all or none of them: see nan_policy)."""
-        if self._uses_sync_free():
-            return self._sync_free_step(closure)
-        loss, finite = closure_and_check(self, closure)
-        if not finite:
-            return loss
-        stats = StepStats()
-        batch: list[tuple[BatchEntry, torch.Tensor]] = []  # tensors for one batched step
+    def _resolve_backend(self) -> str:
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        on_cpu = all(device.type == "cpu" for device in devices)
+        backend = self.backend
+        if backend == "auto":
+            if on_cpu:
+                return "cpu"
+            params = [p for group in self.param_groups for p in group["params"]]
+            sharded_ties = self.options.method == "ties" and any(
+                local_tensors(p)[2] is not None for p in params
+            )
+            triton_fits = (
+                triton_backend.triton_import_error() is None
+                and all(triton_backend.usable_device(device) for device in devices)
+                and triton_backend.unsupported(self.options) is None
+                and not sharded_ties
+            )
+            return "triton" if triton_fits else "torch"
+        if backend == "cpu" and not on_cpu:
+            raise UsageError(
+                "backend='cpu' runs on CPU tensors; the parameters are on "
+                f"{', '.join(sorted(str(d) for d in devices))}. Use backend='auto'."
+            )
+        if backend == "triton":
+            for device in devices:
+                triton_backend.check_usable(self.options, device)
+        return backend
+
+    def _tensor_steps(self) -> Iterator[TensorStep]:
+        """Every parameter with a gradient, with its state, ``T`` and float32 working copy."""
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             names = group.get("param_names") or [None] * len(group["params"])
             for name, param in zip(names, group["params"], strict=True):
                 local, grad, shard = local_tensors(param)
@@ -192,52 +246,61 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 reference = self.references.get(name) if name is not None else None
                 merges = self.options.merges and reference is not None
                 state = self._state_for(param, local, merges)
-                state["step"] += 1
                 work = state.get("master")
                 if work is None:
                     work = local if local.dtype == torch.float32 else local.float()
-                hyper = dict(
-                    name=name or "",
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    options=self.options if merges else _PLAIN_ADAMW,
-                    stats=stats,
-                    shard=shard,
+                beta1, beta2 = group["betas"]
+                yield TensorStep(
+                    name or "", local, work, grad, shard, reference, state,
+                    dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"]),
+                    self.options if merges else _PLAIN_ADAMW,
+                )  # fmt: skip
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One step for every parameter with a gradient (all or none of them: see nan_policy)."""
+        backend = self.resolved_backend
+        if backend in ("torch", "triton"):
+            return self._device_step(closure, backend)
+        loss, finite = closure_and_check(self, closure)
+        if not finite:
+            return loss
+        stats = StepStats()
+        batch: list[tuple[BatchEntry, torch.Tensor]] = []  # tensors for one batched step
+        for t in self._tensor_steps():
+            t.state["step"] += 1
+            grad, (m, v), cache = t.grad.float(), t.moments, t.state.get("cache")
+            hyper = dict(name=t.name, options=t.options, stats=stats, shard=t.shard, **t.adam)
+            if (
+                backend == "cpu"
+                and t.options.merges
+                and t.shard is None
+                and batches(self.options, t.reference, t.work, grad, m, v)
+            ):
+                entry = BatchEntry(
+                    t.name, t.work, grad, m, v, int(t.state["step"]), reference=t.reference,
+                    **t.adam,
+                )  # fmt: skip
+                batch.append((entry, t.local))
+                continue
+            if backend == "cpu":
+                fused_online_merging_adamw_(
+                    t.work, grad, m, v, t.state["step"], cache, t.reference, self._workspace,
+                    **hyper,
+                )  # fmt: skip
+            else:
+                online_merging_adamw_(
+                    t.work, grad, m, v, cache, t.reference, step=int(t.state["step"]), **hyper
                 )
-                m, v, cache = state["exp_avg"], state["exp_avg_sq"], state.get("cache")
-                grad = grad.float()
-                if (
-                    self.fused
-                    and merges
-                    and shard is None
-                    and batches(self.options, reference, work, grad, m, v)
-                ):
-                    entry = BatchEntry(
-                        name or "", work, grad, m, v, int(state["step"]), group["lr"], beta1,
-                        beta2, group["eps"], group["weight_decay"], reference,
-                    )  # fmt: skip
-                    batch.append((entry, local))
-                    continue
-                if self.fused:
-                    fused_online_merging_adamw_(
-                        work, grad, m, v, state["step"], cache, reference, self._workspace, **hyper
-                    )
-                else:
-                    online_merging_adamw_(
-                        work, grad, m, v, cache, reference, step=int(state["step"]), **hyper
-                    )
-                if work is not local:
-                    local.copy_(work)
+            t.write_back()
         self._batched_step(batch, stats)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
             self.last_stats = stats
         return loss
 
-    def _sync_free_step(self, closure: Any) -> Any:
-        """``step`` on ``functional.sync_free_online_merging_adamw_``: nothing read on the host.
+    def _device_step(self, closure: Any, backend: str) -> Any:
+        """``step`` on the ``torch`` or ``triton`` backend: nothing read on the host.
 
         A non-finite gradient is found on the device (``gradients_nonfinite``); under
         ``nan_policy="skip"`` the step is then applied as no change (the device ``step``
@@ -259,34 +322,26 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 before = self._skipped_on_device
                 self._skipped_on_device = skipped if before is None else before + skipped
         counted = None if keep is None else keep.to(torch.float32)
+        found_inf = None if keep is None else nonfinite.to(torch.float32)
         stats = StepStats()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            names = group.get("param_names") or [None] * len(group["params"])
-            for name, param in zip(names, group["params"], strict=True):
-                local, grad, shard = local_tensors(param)
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise UsageError("sparse gradients are not supported")
-                reference = self.references.get(name) if name is not None else None
-                merges = self.options.merges and reference is not None
-                state = self._state_for(param, local, merges)
-                state["step"].add_(1.0 if counted is None else counted)
-                state["host_step"] = state.get("host_step", 0) + 1
-                work = state.get("master")
-                if work is None:
-                    work = local if local.dtype == torch.float32 else local.float()
-                sync_free_online_merging_adamw_(
-                    work, grad.float(), state["exp_avg"], state["exp_avg_sq"], state["step"],
-                    state.get("cache"), reference, self._workspace,
-                    host_step=state["host_step"], keep=keep, name=name or "", lr=group["lr"],
-                    beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    options=self.options if merges else _PLAIN_ADAMW, stats=stats, shard=shard,
+        for t in self._tensor_steps():
+            t.state["step"].add_(1.0 if counted is None else counted)
+            t.state["host_step"] = t.state.get("host_step", 0) + 1
+            common = dict(name=t.name, options=t.options, stats=stats, shard=t.shard, **t.adam)
+            if backend == "triton" and t.options.merges:
+                low = t.local if t.work is not t.local else None
+                triton_backend.triton_online_merging_adamw_(
+                    t.work, low, t.grad.contiguous(), *t.moments, t.state["step"], t.reference,
+                    self._workspace, host_step=t.state["host_step"], found_inf=found_inf,
+                    **common,
                 )  # fmt: skip
-                if work is not local:
-                    local.copy_(work)
+                continue  # the kernels wrote the parameter
+            sync_free_online_merging_adamw_(
+                t.work, t.grad.float(), *t.moments, t.state["step"], t.state.get("cache"),
+                t.reference, self._workspace, host_step=t.state["host_step"], keep=keep,
+                **common,
+            )  # fmt: skip
+            t.write_back()
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
             self.last_stats = stats.select(keep, self.last_stats)
         return loss

@@ -79,7 +79,7 @@ def train(mode: str, method: str, rank: int, world: int):
         lr=1e-2,
         eps=0.1,
         seed=3,
-        sync_free=path == "sync_free",
+        backend="torch" if path == "sync_free" else "auto",
     )
     for ids in batches(rank, world):
         loss = model(input_ids=ids, labels=ids).loss

@@ -24,9 +24,9 @@ def make(seed: int) -> dict[str, torch.Tensor]:
     return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
 
 
-def optimizer(params, *, fused=True, **options) -> OnlineMergingAdamW:
+def optimizer(params, *, backend="cpu", **options) -> OnlineMergingAdamW:
     settings = dict(method="dare", reserve_p=0.05, alpha=0.1, lr=1e-2, weight_decay=0.0, seed=3)
-    return OnlineMergingAdamW(params.items(), make(1), fused=fused, **(settings | options))
+    return OnlineMergingAdamW(params.items(), make(1), backend=backend, **(settings | options))
 
 
 def one_step(state, start, grads, *, use_kernels, monkeypatch, **options):

@@ -65,7 +65,7 @@ CASES = {
     "none": dict(method="none"),
     "dare": dict(method="dare"),
     "ties": dict(method="ties"),
-    "dare-reference-path": dict(method="dare", fused=False),
+    "dare-reference-path": dict(method="dare", backend="reference"),
     "ties-per-tensor": dict(method="ties", kernels=False),
     "dare-step-k": dict(method="dare", online_step=3),
     "ties-step-k": dict(method="ties", online_step=2),

@@ -47,21 +47,21 @@ def run_reference(tau, grads, **kwargs):
     return params
 
 
-@pytest.fixture(params=[False, True], ids=["reference", "fused"])
-def fused(request) -> bool:
-    """Both paths of the optimizer: plain tensor ops, and torch's fused kernel."""
+@pytest.fixture(params=["reference", "cpu"])
+def backend(request) -> str:
+    """Both CPU backends of the optimizer: plain tensor ops, and the fused/numba kernels."""
     return request.param
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_method_none_is_torch_adamw_exactly(weight_decay, fused) -> None:
+def test_method_none_is_torch_adamw_exactly(weight_decay, backend) -> None:
     grads = grad_sequence(60)
     ours = make_params()
     theirs = make_params()
     opt = OnlineMergingAdamW(
-        ours.items(), method="none", lr=3e-3, weight_decay=weight_decay, fused=fused
+        ours.items(), method="none", lr=3e-3, weight_decay=weight_decay, backend=backend
     )
-    path = {"fused": True} if fused else {"foreach": False}
+    path = {"fused": True} if backend == "cpu" else {"foreach": False}
     torch_opt = torch.optim.AdamW(theirs.values(), lr=3e-3, weight_decay=weight_decay, **path)
     a, b = run(opt, ours, grads), run(torch_opt, theirs, grads)
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -79,7 +79,7 @@ def test_param_groups_and_scheduler_match_torch() -> None:
             {"params": [wrap(kv) for kv in items[1:]]},
         ]
 
-    opt = OnlineMergingAdamW(groups(ours, True), method="none", lr=1e-3, fused=True)
+    opt = OnlineMergingAdamW(groups(ours, True), method="none", lr=1e-3, backend="cpu")
     torch_opt = torch.optim.AdamW(groups(theirs, False), lr=1e-3, weight_decay=0.0, fused=True)
     sched = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=30) for o in (opt, torch_opt)]
     for step_grads in grads:
@@ -91,7 +91,7 @@ def test_param_groups_and_scheduler_match_torch() -> None:
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
 
 
-def test_dare_full_density_zero_alpha_is_adamw(fused) -> None:
+def test_dare_full_density_zero_alpha_is_adamw(backend) -> None:
     grads = grad_sequence(40)
     ours, theirs = make_params(), make_params()
     opt = OnlineMergingAdamW(
@@ -102,7 +102,7 @@ def test_dare_full_density_zero_alpha_is_adamw(fused) -> None:
         alpha=0.0,
         lr=3e-3,
         weight_decay=0.05,
-        fused=fused,
+        backend=backend,
     )
     torch_opt = torch.optim.AdamW(theirs.values(), lr=3e-3, weight_decay=0.05, foreach=False)
     a, b = run(opt, ours, grads), run(torch_opt, theirs, grads)
@@ -122,14 +122,14 @@ def test_dare_full_density_zero_alpha_is_adamw(fused) -> None:
         dict(method="ties", p=0.2, alpha=0.3, online_step=4),
     ],
 )
-def test_matches_dense_transcription_step_by_step(options, fused) -> None:
+def test_matches_dense_transcription_step_by_step(options, backend) -> None:
     grads, tau = grad_sequence(12), make_tau(scale=0.5)
     kwargs = dict(options)
     p = kwargs.pop("p")
     params = make_params()
     # A large eps keeps |Δθ| of Adam's first steps apart, so rounding cannot reorder the top-k.
     common = dict(lr=1e-2, weight_decay=0.01, seed=3, eps=0.1, **kwargs)
-    opt = OnlineMergingAdamW(params.items(), tau, reserve_p=p, fused=fused, **common)
+    opt = OnlineMergingAdamW(params.items(), tau, reserve_p=p, backend=backend, **common)
     reference = {n: t.detach().clone() for n, t in make_params().items()}
     oracle = ReferenceOptimizer(reference, tau, p=p, **common)
     for step_grads in grads:
@@ -226,7 +226,7 @@ def test_step_k_moves_every_tensor_on_every_step() -> None:
 
 
 @pytest.mark.parametrize("method", ["dare", "ties"])
-def test_step_k_equal_to_total_steps_is_one_offline_merge(method, fused) -> None:
+def test_step_k_equal_to_total_steps_is_one_offline_merge(method, backend) -> None:
     steps, tau, grads = 6, make_tau(), grad_sequence(6)
     params = make_params()
     opt = OnlineMergingAdamW(
@@ -238,7 +238,7 @@ def test_step_k_equal_to_total_steps_is_one_offline_merge(method, fused) -> None
         lr=1e-2,
         online_step=steps,
         seed=4,
-        fused=fused,
+        backend=backend,
     )
     merged = run(opt, params, grads)
     # Offline: plain Adam for all steps, then one merge of the total update with T.
@@ -286,10 +286,10 @@ def test_nan_gradient_skips_the_step_everywhere() -> None:
     ("method", "k", "dtype"),
     [("dare", 1, torch.float32), ("ties", 3, torch.float32), ("dare", 2, torch.bfloat16)],
 )
-def test_state_dict_resume_is_bit_exact(method, k, dtype, fused) -> None:
+def test_state_dict_resume_is_bit_exact(method, k, dtype, backend) -> None:
     tau, grads = make_tau(), grad_sequence(10)
     kwargs = dict(
-        method=method, reserve_p=0.3, alpha=0.1, lr=1e-2, online_step=k, seed=11, fused=fused
+        method=method, reserve_p=0.3, alpha=0.1, lr=1e-2, online_step=k, seed=11, backend=backend
     )
     straight = make_params(dtype=dtype)
     expected = run(OnlineMergingAdamW(straight.items(), tau, **kwargs), straight, grads)
@@ -328,14 +328,14 @@ def test_resume_with_other_options_is_refused() -> None:
      dict(method="ties", reserve_p=0.5)],
     ids=["dare-dense", "dare-batched", "ties-batched"],
 )  # fmt: skip
-def test_bf16_master_weights_keep_tiny_updates(options, fused) -> None:
+def test_bf16_master_weights_keep_tiny_updates(options, backend) -> None:
     # lr 1e-5 on weights of magnitude ~1: every update is far below bf16's half-ulp (~2e-3).
     grads = grad_sequence(30)
     for step_grads in grads:  # the bf16 runs see bf16 gradients: give the float32 run the same
         for name, grad in step_grads.items():
             step_grads[name] = grad.to(torch.bfloat16).float()
     start = {n: p.detach().float() for n, p in make_params(dtype=torch.bfloat16).items()}
-    kwargs = dict(options, alpha=0.0, lr=1e-5, fused=fused)
+    kwargs = dict(options, alpha=0.0, lr=1e-5, backend=backend)
 
     def bf16_run(master_weights):
         params = make_params(dtype=torch.bfloat16)

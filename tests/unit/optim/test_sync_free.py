@@ -1,6 +1,6 @@
 """The sync-free path (what a GPU takes): same results, nothing read on the host in ``step()``.
 
-With no GPU here, ``sync_free=True`` forces the path onto CPU tensors, and a guard turns every
+With no GPU here, ``backend="torch"`` forces the path onto CPU tensors, and a guard turns every
 Python-level way of reading a tensor on the host (``item``, ``bool``, ``int``, ``float``,
 ``tolist``, ``nonzero``, ``cpu``, ``numpy``, ``torch.tensor``) into an error during ``step()``.
 Tests marked ``cuda`` run the same steps under ``torch.cuda.set_sync_debug_mode("error")``.
@@ -82,7 +82,7 @@ def steps_without_host_reads(monkeypatch, opt, params, grads) -> None:
 def test_step_reads_nothing_on_the_host(case, dtype, monkeypatch) -> None:
     params = make_params(dtype=dtype)
     opt = OnlineMergingAdamW(
-        params.items(), make_tau(), lr=1e-2, weight_decay=0.01, sync_free=True, **CASES[case]
+        params.items(), make_tau(), lr=1e-2, weight_decay=0.01, backend="torch", **CASES[case]
     )
     grads = grad_sequence(5)
     grads[2]["layer.weight"][3, 3] = float("nan")  # a skipped step, decided on the device
@@ -104,10 +104,10 @@ def _pair(case, *, nan_at=None, steps=9, dtype=torch.float32, **extra):
     if nan_at is not None:
         grads[nan_at]["head.weight"][0, 1] = float("inf")
     result = []
-    for sync_free in (True, False):
+    for backend in ("torch", "cpu"):
         params = make_params(dtype=dtype)
         kwargs = dict(lr=1e-2, weight_decay=0.01, eps=0.1, seed=3, **CASES[case], **extra)
-        opt = OnlineMergingAdamW(params.items(), make_tau(scale=0.5), sync_free=sync_free, **kwargs)
+        opt = OnlineMergingAdamW(params.items(), make_tau(scale=0.5), backend=backend, **kwargs)
         stats = []
         for step_grads in grads:
             run(opt, params, [step_grads])
@@ -152,7 +152,7 @@ def test_matches_the_dense_transcription(options) -> None:
     grads, tau = grad_sequence(12), make_tau(scale=0.5)
     common = dict(lr=1e-2, weight_decay=0.01, seed=3, eps=0.1, **options)
     params = make_params()
-    opt = OnlineMergingAdamW(params.items(), tau, reserve_p=0.3, sync_free=True, **common)
+    opt = OnlineMergingAdamW(params.items(), tau, reserve_p=0.3, backend="torch", **common)
     reference = {n: t.detach().clone() for n, t in make_params().items()}
     oracle = ReferenceOptimizer(reference, tau, p=0.3, **common)
     for step_grads in grads:
@@ -164,7 +164,9 @@ def test_matches_the_dense_transcription(options) -> None:
 
 def test_method_none_is_fused_adamw_exactly() -> None:
     ours, theirs = make_params(), make_params()
-    opt = OnlineMergingAdamW(ours.items(), method="none", lr=3e-3, weight_decay=0.1, sync_free=True)
+    opt = OnlineMergingAdamW(
+        ours.items(), method="none", lr=3e-3, weight_decay=0.1, backend="torch"
+    )
     torch_opt = torch.optim.AdamW(theirs.values(), lr=3e-3, weight_decay=0.1, fused=True)
     for step_grads in grad_sequence(6):
         run(opt, ours, [step_grads])
@@ -175,7 +177,7 @@ def test_method_none_is_fused_adamw_exactly() -> None:
 def test_raise_policy_still_raises() -> None:
     params = make_params()
     opt = OnlineMergingAdamW(
-        params.items(), make_tau(), method="ties", nan_policy="raise", sync_free=True
+        params.items(), make_tau(), method="ties", nan_policy="raise", backend="torch"
     )
     before = {n: p.detach().clone() for n, p in params.items()}
     bad = grad_sequence(1)[0]
@@ -193,14 +195,14 @@ def test_resume_is_bit_exact_across_paths(case, k) -> None:
     if case == "ties":
         options["online_step"] = k
     straight = make_params()
-    opt = OnlineMergingAdamW(straight.items(), make_tau(), sync_free=True, **options)
+    opt = OnlineMergingAdamW(straight.items(), make_tau(), backend="torch", **options)
     run(opt, straight, grads)
     first = make_params()
-    opt_first = OnlineMergingAdamW(first.items(), make_tau(), sync_free=False, **options)
+    opt_first = OnlineMergingAdamW(first.items(), make_tau(), backend="cpu", **options)
     run(opt_first, first, grads[:5])
     saved = copy.deepcopy(opt_first.state_dict())
     resumed = {n: p.detach().clone().requires_grad_() for n, p in first.items()}
-    opt_resumed = OnlineMergingAdamW(resumed.items(), make_tau(), sync_free=True, **options)
+    opt_resumed = OnlineMergingAdamW(resumed.items(), make_tau(), backend="torch", **options)
     opt_resumed.load_state_dict(saved)
     assert all(s["host_step"] == 5 for s in opt_resumed.state.values())
     run(opt_resumed, resumed, grads[5:])
@@ -263,7 +265,7 @@ def test_cuda_matches_the_cpu_sync_free_path(case) -> None:
         params = {n: p.detach().to(device).requires_grad_() for n, p in make_params().items()}
         tau = {n: t.to(device) for n, t in make_tau(scale=0.5).items()}
         opt = OnlineMergingAdamW(
-            params.items(), tau, lr=1e-2, eps=0.1, sync_free=True, **CASES[case]
+            params.items(), tau, lr=1e-2, eps=0.1, backend="torch", **CASES[case]
         )
         for step_grads in grads:
             run(opt, params, [{n: g.to(device) for n, g in step_grads.items()}])

@@ -1,0 +1,376 @@
+"""Triton kernels of the ``triton`` backend (``optim.triton_backend`` launches them).
+
+Each kernel makes one pass over a run of ``BLOCK`` entries per program; everything a kernel
+decides (bias corrections from the device ``step``, the NaN-skip flag, the TIES threshold)
+is read from device memory, so a step never waits on the host. The equations are those of
+``omotool.optim.functional`` (Adam with ``torch.optim.AdamW``'s conventions; Eq. 2–7 of Lu et
+al. 2024); the kernels are tested equal to the ``reference``/``torch`` backends under
+``TRITON_INTERPRET=1``.
+
+Written for the Triton releases torch's CUDA builds ship (3.6 with torch 2.11) and the
+interpreter of triton 3.9: no ``histogram`` mask argument, no early returns.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+"""Entries per program."""
+
+
+@triton.jit
+def _written(local, n, skip_ptr, HAS_SKIP: tl.constexpr):
+    """Which entries a kernel writes: those below ``n``, or none when the step is skipped
+    (``skip ≠ 0``)."""
+    if HAS_SKIP:
+        n = tl.where(tl.load(skip_ptr) == 0, n, 0)
+    return local < n
+
+
+@triton.jit
+def _to_low(theta, low_ptr, LOW_BF16: tl.constexpr):
+    """``θ`` in the low-precision parameter's type, rounded to nearest even. bf16 is rounded
+    by hand into int16 bits (``low_ptr`` then points at the bf16 tensor viewed as int16):
+    Triton's interpreter truncates where CUDA rounds."""
+    if LOW_BF16:
+        bits = theta.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+    return theta.to(low_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _bias_corrections(step_ptr, log_beta1, log_beta2, lr):
+    """``(η / (1 − β1ᵗ), √(1 − β2ᵗ))`` in float64 from the device step ``t``, as float32."""
+    t = tl.load(step_ptr).to(tl.float64)
+    correction1 = 1.0 - tl.exp(t * log_beta1)
+    correction2 = 1.0 - tl.exp(t * log_beta2)
+    return (lr / correction1).to(tl.float32), tl.sqrt(correction2).to(tl.float32)
+
+
+@triton.jit
+def _adam(grad, exp_avg, exp_avg_sq, beta2, one_minus_beta1, one_minus_beta2, eps, step_size,
+          correction2_sqrt):  # fmt: skip
+    """New moments and ``Δθ = −η/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε)`` (float32), with
+    ``m ← m + (1 − β1)·(g − m)`` and ``v ← β2·v + (1 − β2)·g²`` as torch's AdamW (``1 − β``
+    rounded from float64 on the host, as torch rounds its scalars)."""
+    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * (grad * grad)
+    denom = tl.sqrt(exp_avg_sq) / correction2_sqrt + eps
+    return exp_avg, exp_avg_sq, (exp_avg / denom) * -step_size
+
+
+@triton.jit
+def _adam_moments(
+    grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
+    log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
+):  # fmt: skip
+    """Load ``g, m, v`` at ``local``, store the new moments where ``write``; return ``Δθ``."""
+    step_size, correction2_sqrt = _bias_corrections(step_ptr, log_beta1, log_beta2, lr)
+    grad = tl.load(grad_ptr + local, mask=inside, other=0.0).to(tl.float32)
+    exp_avg = tl.load(exp_avg_ptr + local, mask=inside, other=0.0)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + local, mask=inside, other=0.0)
+    exp_avg, exp_avg_sq, update = _adam(
+        grad, exp_avg, exp_avg_sq, beta2, one_minus_beta1, one_minus_beta2, eps, step_size,
+        correction2_sqrt,
+    )  # fmt: skip
+    tl.store(exp_avg_ptr + local, exp_avg, mask=write)
+    tl.store(exp_avg_sq_ptr + local, exp_avg_sq, mask=write)
+    return update
+
+
+@triton.jit
+def dare_keep(key, offsets, density):
+    """OnDARE's mask ``F_R``: entry at global flat offset ``o`` is kept iff
+    ``Philox(key, o) < p`` (counter-based: no mask tensor, independent of sharding)."""
+    return tl.rand(key, offsets) < density
+
+
+@triton.jit
+def _magnitude_bits(update):
+    """``|Δθ|`` as its 31 float bits: ordered as the magnitudes are (non-negative floats)."""
+    return tl.abs(update).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _selected(update, inside, select_ptr, tie_base_ptr, pid):
+    """``F_K``'s mask on this program's entries: ``|Δθ|`` above the threshold, or equal to it
+    and among the first ``r`` such entries in index order (``select = (threshold bits, r)``,
+    ``tie_base[pid]``: entries equal to it in earlier programs)."""
+    bits = _magnitude_bits(update)
+    threshold = tl.load(select_ptr).to(tl.int32)
+    tie = inside & (bits == threshold)
+    rank = tl.load(tie_base_ptr + pid) + tl.cumsum(tie.to(tl.int64), axis=0)
+    return inside & ((bits > threshold) | (tie & (rank <= tl.load(select_ptr + 1))))
+
+
+@triton.jit
+def topk_mask_kernel(update_ptr, select_ptr, tie_base_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """``out[i] = 1`` where ``F_K`` keeps entry ``i`` (for tests and inspection)."""
+    pid = tl.program_id(0)
+    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = local < n
+    update = tl.load(update_ptr + local, mask=inside, other=0.0)
+    selected = _selected(update, inside, select_ptr, tie_base_ptr, pid)
+    tl.store(out_ptr + local, selected.to(tl.int8), mask=inside)
+
+
+@triton.jit
+def _elect(tau, update, alpha, weight, WEIGHTED: tl.constexpr):
+    """TIES disjoint merge of ``α·T`` and ``(1 − α)·u`` (``merging.disjoint_merge``).
+
+    Returns ``(merged, T agrees, u agrees)``; the sign is elected on ``T + u`` (unweighted, the
+    released code) or ``α·T + (1 − α)·u`` (weighted); a zero vote elects +1, zeros never agree.
+    """
+    weighted_tau = tau * alpha
+    weighted_update = update * weight
+    if WEIGHTED:  # noqa: SIM108 - a static branch on a constexpr
+        vote = weighted_tau + weighted_update
+    else:
+        vote = tau + update
+    positive = vote >= 0
+    tau_agrees = tl.where(positive, tau > 0, tau < 0)
+    update_agrees = tl.where(positive, update > 0, update < 0)
+    merged = tl.where(tau_agrees, weighted_tau, 0.0) + tl.where(update_agrees, weighted_update, 0.0)
+    return merged, tau_agrees, update_agrees
+
+
+@triton.jit
+def dare_mask_kernel(out_ptr, n, offset, key, density, BLOCK: tl.constexpr):
+    """``out[i] = 1`` where ``dare_keep`` keeps local entry ``i`` (for tests and inspection)."""
+    pid = tl.program_id(0)
+    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = local < n
+    keep = dare_keep(key, local + offset, density)
+    tl.store(out_ptr + local, keep.to(tl.int8), mask=inside)
+
+
+@triton.jit
+def dare_adamw_kernel(
+    theta_ptr, low_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, tau_ptr, skip_ptr,
+    partial_ptr, n, offset, key, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
+    one_minus_beta2, eps, decay, density,
+    divisor, weight, alpha,
+    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, DENSE_TAU: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+):  # fmt: skip
+    """OnDARE in one pass (Eq. 3, 4): moments, mask, ``θ ← θ·(1 − ηλ) + w·F_R(Δθ)/s
+    (+ α·T if T is dense)``, and the write-back to the low-precision parameter.
+
+    ``w = 1 − α`` and ``decay = 1 − ηλ`` are computed on the host in float64 (as torch rounds
+    its scalars); ``s`` (``divisor``) is ``p`` (inverse rescale) or 1. Per program,
+    ``partial[pid] = (kept, Σ (Δθ/s)²)`` over the kept entries. With ``HAS_SKIP``, a
+    non-zero ``skip`` changes nothing.
+    """
+    pid = tl.program_id(0)
+    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = local < n
+    write = _written(local, n, skip_ptr, HAS_SKIP)
+    update = _adam_moments(
+        grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
+        log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
+    )  # fmt: skip
+    theta = tl.load(theta_ptr + local, mask=inside, other=0.0)
+    keep = dare_keep(key, local + offset, density) & write
+    kept = tl.where(keep, update / divisor, 0.0)
+    theta = theta * decay + weight * kept
+    if DENSE_TAU:
+        theta = theta + alpha * tl.load(tau_ptr + local, mask=inside, other=0.0)
+    tl.store(theta_ptr + local, theta, mask=write)
+    if HAS_LOW:
+        tl.store(low_ptr + local, _to_low(theta, low_ptr, LOW_BF16), mask=write)
+    tl.store(partial_ptr + pid * 2, tl.sum(keep.to(tl.float32), axis=0))
+    tl.store(partial_ptr + pid * 2 + 1, tl.sum(kept * kept, axis=0))
+
+
+@triton.jit
+def adam_update_kernel(
+    grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, update_ptr, skip_ptr, hist_ptr, n, lr,
+    log_beta1, log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
+    BLOCK: tl.constexpr, BINS: tl.constexpr, SHIFT: tl.constexpr, HAS_SKIP: tl.constexpr,
+):  # fmt: skip
+    """Moments and ``update = Δθ`` (0 on a skipped step), plus the histogram of the first
+    radix digit of ``|Δθ|`` (bits ``SHIFT`` and up) added into ``hist``."""
+    pid = tl.program_id(0)
+    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = local < n
+    write = _written(local, n, skip_ptr, HAS_SKIP)
+    update = _adam_moments(
+        grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
+        log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
+    )  # fmt: skip
+    update = tl.where(write, update, 0.0)
+    tl.store(update_ptr + local, update, mask=inside)
+    digit = _magnitude_bits(update) >> SHIFT
+    # Entries past the end land in bin 0 (Δθ = 0 there) and are taken out again.
+    counts = tl.histogram(digit, BINS)
+    outside = BLOCK - tl.sum(inside.to(tl.int32), axis=0)
+    counts = counts - tl.where(tl.arange(0, BINS) == 0, outside, 0)
+    tl.atomic_add(hist_ptr + tl.arange(0, BINS), counts)
+
+
+@triton.jit
+def radix_histogram_kernel(
+    update_ptr, hist_ptr, select_ptr, n,
+    BLOCK: tl.constexpr, BINS: tl.constexpr, SHIFT: tl.constexpr, HIGH: tl.constexpr,
+):  # fmt: skip
+    """Histogram of the digit of ``|Δθ|`` at bits ``[SHIFT, HIGH)`` over the entries whose
+    bits from ``HIGH`` up equal those of the threshold prefix chosen so far (``select[0]``)."""
+    pid = tl.program_id(0)
+    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = local < n
+    bits = _magnitude_bits(tl.load(update_ptr + local, mask=inside, other=0.0))
+    prefix = tl.load(select_ptr).to(tl.int32)
+    match = inside & ((bits >> HIGH) == (prefix >> HIGH))
+    digit = tl.where(match, (bits >> SHIFT) & (BINS - 1), 0)
+    counts = tl.histogram(digit, BINS)
+    outside = BLOCK - tl.sum(match.to(tl.int32), axis=0)
+    counts = counts - tl.where(tl.arange(0, BINS) == 0, outside, 0)
+    tl.atomic_add(hist_ptr + tl.arange(0, BINS), counts)
+
+
+@triton.jit
+def radix_pick_kernel(
+    hist_ptr, select_ptr, k, BINS: tl.constexpr, SHIFT: tl.constexpr, FIRST: tl.constexpr
+):
+    """One program: the digit ``d`` of the ``r``-th largest magnitude among the entries that
+    match the prefix (``r = select[1]``, or ``k`` on the first digit): the largest ``d`` with
+    ``count(digit ≥ d) ≥ r``. Then ``prefix |= d << SHIFT`` and ``r -= count(digit > d)``.
+
+    ``select = (prefix, r)`` (int64). After the last digit, ``prefix`` is the bits of the
+    threshold ``|Δθ|`` and ``r`` the number of entries equal to it that are kept.
+    """
+    counts = tl.load(hist_ptr + tl.arange(0, BINS)).to(tl.int64)
+    if FIRST:
+        prefix = tl.zeros((), dtype=tl.int64)
+        rank = tl.zeros((), dtype=tl.int64) + k
+    else:
+        prefix = tl.load(select_ptr)
+        rank = tl.load(select_ptr + 1)
+    at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+    digits = tl.arange(0, BINS)
+    digit = tl.max(tl.where(at_or_above >= rank, digits, 0), axis=0)
+    above = tl.sum(tl.where(digits > digit, counts, 0), axis=0)
+    tl.store(select_ptr, prefix | (digit.to(tl.int64) << SHIFT))
+    tl.store(select_ptr + 1, rank - above)
+
+
+@triton.jit
+def tie_count_kernel(update_ptr, select_ptr, ties_ptr, n, BLOCK: tl.constexpr):
+    """``ties[pid]``: entries of this program whose ``|Δθ|`` equals the threshold."""
+    pid = tl.program_id(0)
+    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = local < n
+    bits = _magnitude_bits(tl.load(update_ptr + local, mask=inside, other=0.0))
+    tie = inside & (bits == tl.load(select_ptr).to(tl.int32))
+    tl.store(ties_ptr + pid, tl.sum(tie.to(tl.int64), axis=0))
+
+
+@triton.jit
+def ties_merge_kernel(
+    theta_ptr, low_ptr, update_ptr, tau_ptr, skip_ptr, select_ptr, tie_base_ptr, partial_ptr,
+    n, decay, divisor, weight, alpha,
+    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, DENSE_TAU: tl.constexpr,
+    SPARSE_TAU: tl.constexpr, WEIGHTED: tl.constexpr, HAS_SKIP: tl.constexpr,
+):  # fmt: skip
+    """OnTIES's merge (Eq. 5–7) in one pass: ``F_K`` = entries above the threshold plus the
+    first ``r`` ties in index order (``tie_base``: ties in earlier programs), divided by ``s``.
+
+    - dense ``T``: ``θ ← θ·(1 − ηλ) + disjoint merge of α·T and (1 − α)·F_K(Δθ)``;
+    - otherwise ``θ ← θ·(1 − ηλ) + (1 − α)·F_K(Δθ)``; with a sparse ``T`` the kept values are
+      written back over ``update`` for ``ties_tau_kernel``, which merges at ``T``'s entries.
+
+    ``partial[pid] = (Σ kept², overlap, conflicts, Σ dropped², Σ agreeing T²)`` (the last
+    four for a dense ``T`` only).
+    """
+    pid = tl.program_id(0)
+    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = local < n
+    write = _written(local, n, skip_ptr, HAS_SKIP)
+    update = tl.load(update_ptr + local, mask=inside, other=0.0)
+    selected = _selected(update, inside, select_ptr, tie_base_ptr, pid)
+    kept = tl.where(selected, update / divisor, 0.0)
+    theta = tl.load(theta_ptr + local, mask=inside, other=0.0) * decay
+    overlap, conflicts, dropped_sq, tau_sq = 0.0, 0.0, 0.0, 0.0
+    if DENSE_TAU:
+        tau = tl.load(tau_ptr + local, mask=inside, other=0.0)
+        merged, tau_agrees, update_agrees = _elect(tau, kept, alpha, weight, WEIGHTED)
+        theta = theta + merged
+        dropped = selected & ~update_agrees
+        overlap = tl.sum(selected.to(tl.float32), axis=0)
+        conflicts = tl.sum(dropped.to(tl.float32), axis=0)
+        dropped_sq = tl.sum(tl.where(dropped, kept * kept, 0.0), axis=0)
+        tau_sq = tl.sum(tl.where(tau_agrees, tau * tau, 0.0), axis=0)
+    else:
+        theta = theta + weight * kept
+    if SPARSE_TAU:
+        tl.store(update_ptr + local, kept, mask=inside)
+    tl.store(theta_ptr + local, theta, mask=write)
+    if HAS_LOW:
+        tl.store(low_ptr + local, _to_low(theta, low_ptr, LOW_BF16), mask=write)
+    tl.store(partial_ptr + pid * 5, tl.sum(kept * kept, axis=0))
+    tl.store(partial_ptr + pid * 5 + 1, overlap)
+    tl.store(partial_ptr + pid * 5 + 2, conflicts)
+    tl.store(partial_ptr + pid * 5 + 3, dropped_sq)
+    tl.store(partial_ptr + pid * 5 + 4, tau_sq)
+
+
+@triton.jit
+def ties_tau_kernel(
+    theta_ptr, low_ptr, kept_ptr, index_ptr, tau_ptr, skip_ptr, partial_ptr, count, alpha,
+    weight,
+    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, WEIGHTED: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+):  # fmt: skip
+    """OnTIES at the entries of a sparse ``T`` (after ``ties_merge_kernel``, which added
+    ``(1 − α)·u`` there): ``θ[i] += merge(α·T, (1 − α)·u) − (1 − α)·u`` with ``u = kept[i]``.
+
+    ``partial[pid] = (overlap, conflicts, Σ dropped², Σ agreeing T²)``; an entry of ``F_K`` is
+    present where ``u ≠ 0``.
+    """
+    pid = tl.program_id(0)
+    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = j < count
+    write = _written(j, count, skip_ptr, HAS_SKIP)
+    index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)
+    tau = tl.load(tau_ptr + j, mask=inside, other=0.0)
+    update = tl.load(kept_ptr + index, mask=inside, other=0.0)
+    merged, tau_agrees, update_agrees = _elect(tau, update, alpha, weight, WEIGHTED)
+    theta = tl.load(theta_ptr + index, mask=inside, other=0.0)
+    theta = theta + (merged - weight * update)
+    tl.store(theta_ptr + index, theta, mask=write)
+    if HAS_LOW:
+        tl.store(low_ptr + index, _to_low(theta, low_ptr, LOW_BF16), mask=write)
+    present = inside & (update != 0)
+    dropped = present & ~update_agrees
+    tl.store(partial_ptr + pid * 4, tl.sum(present.to(tl.float32), axis=0))
+    tl.store(partial_ptr + pid * 4 + 1, tl.sum(dropped.to(tl.float32), axis=0))
+    tl.store(partial_ptr + pid * 4 + 2, tl.sum(tl.where(dropped, update * update, 0.0), axis=0))
+    tl.store(
+        partial_ptr + pid * 4 + 3, tl.sum(tl.where(inside & tau_agrees, tau * tau, 0.0), axis=0)
+    )
+
+
+def grid(n: int) -> tuple[int]:
+    """Programs for ``n`` entries."""
+    return (max(1, triton.cdiv(n, BLOCK)),)
+
+
+@triton.jit
+def dare_tau_kernel(
+    theta_ptr, low_ptr, index_ptr, tau_ptr, skip_ptr, count, alpha,
+    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, HAS_SKIP: tl.constexpr,
+):  # fmt: skip
+    """OnDARE's second term at the entries of a sparse ``T``: ``θ[i] += α·T[i]`` (Eq. 4)."""
+    pid = tl.program_id(0)
+    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = j < count
+    write = _written(j, count, skip_ptr, HAS_SKIP)
+    index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)
+    tau = tl.load(tau_ptr + j, mask=inside, other=0.0)
+    theta = tl.load(theta_ptr + index, mask=inside, other=0.0) + alpha * tau
+    tl.store(theta_ptr + index, theta, mask=write)
+    if HAS_LOW:
+        tl.store(low_ptr + index, _to_low(theta, low_ptr, LOW_BF16), mask=write)
