@@ -9,8 +9,9 @@ row-major flattened tensor. With that geometry:
 - ``T = F(τ)`` is computed from the whole τ (one tensor at a time, at set-up) and each rank keeps
   its run only;
 - the TIES top-k is the top-k of the whole tensor: its exact threshold comes from the union of
-  the ranks' local candidates, and ties at the threshold go to the lowest global indices, as
-  in ``omotool.merging.magnitude_mask``.
+  the ranks' local candidates (``sharded_magnitude_mask``), or, in the ``triton`` backend,
+  from radix-select histograms summed over the ranks (``all_reduce_on_device``); ties at the
+  threshold go to the lowest global indices, as in ``omotool.merging.magnitude_mask``.
 Replicated DTensors (and plain tensors, e.g. under DDP) need none of this.
 """
 
@@ -105,6 +106,28 @@ def any_rank_on_device(flag: torch.Tensor, groups: list[Any]) -> torch.Tensor:
         dist.all_reduce(moved, op=dist.ReduceOp.MAX, group=group)
         value = moved.to(flag.device)
     return value.reshape(()) > 0
+
+
+def all_reduce_on_device(tensor: torch.Tensor, group: Any) -> None:
+    """Sum ``tensor`` over the ranks of ``group`` in place, on the group's device; nothing is
+    read on the host (for histograms: the exact TIES threshold across shards)."""
+    device = collective_device(group, tensor)
+    moved = tensor if device == tensor.device else tensor.to(device)
+    dist.all_reduce(moved, group=group)
+    if moved is not tensor:
+        tensor.copy_(moved)
+
+
+def sum_over_lower_ranks(count: torch.Tensor, group: Any) -> torch.Tensor:
+    """``Σ count`` over the ranks of ``group`` below this one (0 on rank 0), a 0-d int64 on
+    ``count``'s device; nothing is read on the host. Under FSDP2's dim-0 sharding lower ranks
+    hold lower flat indices, so this is how many ties precede this rank's."""
+    device = collective_device(group, count)
+    value = count.reshape(1).to(device, torch.long)
+    gathered = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, value, group=group)
+    before = torch.cat(gathered[: dist.get_rank(group)] + [torch.zeros_like(value)]).sum()
+    return before.to(count.device)
 
 
 def sharded_magnitude_mask(local: torch.Tensor, density: float, shard: Shard) -> torch.Tensor:

@@ -109,11 +109,11 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             device; statistics read only by ``stats()``); any device. ``"triton"``: fused
             Triton kernels (``optim.triton_backend``; CUDA, or CPU tensors under
             ``TRITON_INTERPRET=1``), sync-free as ``"torch"``; refuses by name what it does
-            not do (step-K, ``rescale="l1"``, sharded OnTIES). ``"auto"`` (default):
+            not do (step-K, ``rescale="l1"``). ``"auto"`` (default):
             ``"cpu"`` when every parameter is on the CPU, else ``"triton"`` where Triton
             imports and supports the options, else ``"torch"``. Exceptions to sync-free:
             ``nan_policy="raise"`` reads one flag per step (it must raise), and the OnTIES
-            threshold of FSDP-sharded tensors (``"torch"``) gathers candidates on the host.
+            threshold of FSDP-sharded tensors (``"torch"`` only) gathers candidates on the host.
             OnDARE's masks come from the backend's generator: ``"triton"`` draws from
             Philox by element offset, the others by geometric gaps (same law, other draws).
     """
@@ -212,15 +212,10 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         if backend == "auto":
             if on_cpu:
                 return "cpu"
-            params = [p for group in self.param_groups for p in group["params"]]
-            sharded_ties = self.options.method == "ties" and any(
-                local_tensors(p)[2] is not None for p in params
-            )
             triton_fits = (
                 triton_backend.triton_import_error() is None
                 and all(triton_backend.usable_device(device) for device in devices)
                 and triton_backend.unsupported(self.options) is None
-                and not sharded_ties
             )
             return "triton" if triton_fits else "torch"
         if backend == "cpu" and not on_cpu:

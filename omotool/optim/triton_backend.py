@@ -15,8 +15,11 @@ skip flag, the step count and the statistics stay on the device), in few passes:
   in index order, as ``merging.magnitude_mask``); a sparse ``T`` is merged at its entries in
   a small last kernel.
 
-Unsupported here, refused by name (``unsupported``): step-K (``online_step > 1``), the
-``l1`` rescale (whole-tensor norms), sharded OnTIES (FSDP). Tensors must be on a CUDA device,
+Under FSDP2 each rank steps its shard: DARE masks are keyed by global offsets, and the
+OnTIES histograms are summed over the ranks (``distributed.all_reduce_on_device``) with ties
+numbered across ranks, so the kept entries are those of the whole tensor.
+Unsupported here, refused by name (``unsupported``): step-K (``online_step > 1``) and the
+``l1`` rescale (whole-tensor norms). Tensors must be on a CUDA device,
 or on the CPU with ``TRITON_INTERPRET=1`` (Triton's interpreter: how tests run it).
 """
 
@@ -29,7 +32,7 @@ import torch
 
 from omotool.errors import UsageError
 from omotool.merging import kept_count, key_seed
-from omotool.optim.distributed import Shard
+from omotool.optim.distributed import Shard, all_reduce_on_device, sum_over_lower_ranks
 from omotool.optim.functional import MergeOptions, StepStats, Workspace
 from omotool.optim.task_vector import FlatDelta
 
@@ -57,14 +60,12 @@ def usable_device(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
-def unsupported(options: MergeOptions, shard: Shard | None = None) -> str | None:
+def unsupported(options: MergeOptions) -> str | None:
     """What of ``options`` this backend does not do (``None``: everything)."""
     if options.online_step > 1:
         return "step-K merging (online_step > 1)"
     if options.merges and options.resolved_rescale == "l1":
         return "rescale='l1'"
-    if options.method == "ties" and shard is not None:
-        return "OnTIES on FSDP-sharded parameters"
     return None
 
 
@@ -166,18 +167,24 @@ def triton_online_merging_adamw_(
     _ties_(
         param, low_ptr, grad, exp_avg, exp_avg_sq, step, reference, workspace, skip, common,
         flags, writes, options=options, decay=decay, divisor=divisor, stats=stats,
-        programs=programs, sparse_tau=sparse_tau, dense_tau=dense_tau,
+        programs=programs, sparse_tau=sparse_tau, dense_tau=dense_tau, shard=shard,
     )  # fmt: skip
 
 
 def radix_select_(
-    update: torch.Tensor, k: int, hist: torch.Tensor, workspace: Workspace
+    update: torch.Tensor,
+    k: int,
+    hist: torch.Tensor,
+    workspace: Workspace,
+    shard: Shard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact ``k``-th largest ``|update|`` by radix select on the device:
     ``(select, tie_base)`` for ``_selected`` in the kernels (see ``topk_mask``).
 
     ``hist`` holds the first digit's histogram already (``adam_update_kernel`` makes it in
-    the same pass as ``Δθ``) and zeros for the other digits.
+    the same pass as ``Δθ``) and zeros for the other digits. With a ``shard``, ``update`` is
+    this rank's part and ``k`` counts over the whole tensor: every histogram is summed over
+    the ranks, and ``tie_base`` counts the ties of lower ranks too.
     """
     from omotool.optim import triton_kernels as tk
 
@@ -193,12 +200,17 @@ def radix_select_(
                 update, counts, select, n, BLOCK=tk.BLOCK, BINS=counts.numel(), SHIFT=shift,
                 HIGH=_SHIFTS[digit - 1],
             )  # fmt: skip
+        if shard is not None:
+            all_reduce_on_device(counts, shard.group)
         tk.radix_pick_kernel[(1,)](
             counts, select, k, BINS=counts.numel(), SHIFT=shift, FIRST=digit == 0
         )
     ties = workspace.take("tie_counts", programs, torch.int64, device)
     tk.tie_count_kernel[(programs,)](update, select, ties, n, BLOCK=tk.BLOCK)
-    return select, torch.cumsum(ties, dim=0).sub_(ties)
+    tie_base = torch.cumsum(ties, dim=0).sub_(ties)
+    if shard is not None:
+        tie_base += sum_over_lower_ranks(ties.sum(), shard.group)
+    return select, tie_base
 
 
 def topk_mask(update: torch.Tensor, density: float) -> torch.Tensor:
@@ -239,13 +251,14 @@ def _ties_(
     programs: int,
     sparse_tau: bool,
     dense_tau: bool,
+    shard: Shard | None,
 ) -> None:
     """OnTIES's passes (see the module docstring); ``low_ptr``: where the kernels write the
     low-precision parameter (``param`` itself when there is none, ``writes`` says)."""
     from omotool.optim import triton_kernels as tk
 
     n, device = param.numel(), param.device
-    k = kept_count(n, options.reserve_p)
+    k = kept_count(shard.numel if shard is not None else n, options.reserve_p)
     alpha, weight = options.alpha, 1.0 - options.alpha
     update = workspace.get("update", param)
     hist = workspace.take("radix_histogram", RADIX_BINS, torch.int32, device)
@@ -255,8 +268,8 @@ def _ties_(
         grad, exp_avg, exp_avg_sq, step, update, skip, first_counts, n,
         BINS=first_counts.numel(), SHIFT=_SHIFTS[0], **common, **flags,
     )  # fmt: skip
-    select, tie_base = radix_select_(update, k, hist, workspace)
-    partial = workspace.take("partials", 5 * programs, torch.float32, device)
+    select, tie_base = radix_select_(update, k, hist, workspace, shard)
+    partial = workspace.take("partials", 6 * programs, torch.float32, device)
     tk.ties_merge_kernel[(programs,)](
         param, low_ptr, update,
         reference.values if dense_tau else param, skip, select, tie_base, partial, n,
@@ -264,9 +277,9 @@ def _ties_(
         DENSE_TAU=dense_tau, SPARSE_TAU=sparse_tau,
         WEIGHTED=options.election == "weighted", **writes,
     )  # fmt: skip
-    sums = partial.view(programs, 5).sum(dim=0, dtype=torch.float64)
-    kept_sq, overlap, conflicts, dropped_sq, tau_sq = sums.unbind()
-    stats.kept += k
+    sums = partial.view(programs, 6).sum(dim=0, dtype=torch.float64)
+    kept_sq, overlap, conflicts, dropped_sq, tau_sq, kept = sums.unbind()
+    stats.kept += kept
     if sparse_tau:
         count = reference.values.numel()
         tau_programs = tk.grid(count)[0]

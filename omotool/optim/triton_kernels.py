@@ -282,8 +282,8 @@ def ties_merge_kernel(
     - otherwise ``θ ← θ·(1 − ηλ) + (1 − α)·F_K(Δθ)``; with a sparse ``T`` the kept values are
       written back over ``update`` for ``ties_tau_kernel``, which merges at ``T``'s entries.
 
-    ``partial[pid] = (Σ kept², overlap, conflicts, Σ dropped², Σ agreeing T²)`` (the last
-    four for a dense ``T`` only).
+    ``partial[pid] = (Σ kept², overlap, conflicts, Σ dropped², Σ agreeing T², kept)`` (the
+    middle four for a dense ``T`` only).
     """
     pid = tl.program_id(0)
     local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -310,11 +310,12 @@ def ties_merge_kernel(
     tl.store(theta_ptr + local, theta, mask=write)
     if HAS_LOW:
         tl.store(low_ptr + local, _to_low(theta, low_ptr, LOW_BF16), mask=write)
-    tl.store(partial_ptr + pid * 5, tl.sum(kept * kept, axis=0))
-    tl.store(partial_ptr + pid * 5 + 1, overlap)
-    tl.store(partial_ptr + pid * 5 + 2, conflicts)
-    tl.store(partial_ptr + pid * 5 + 3, dropped_sq)
-    tl.store(partial_ptr + pid * 5 + 4, tau_sq)
+    tl.store(partial_ptr + pid * 6, tl.sum(kept * kept, axis=0))
+    tl.store(partial_ptr + pid * 6 + 1, overlap)
+    tl.store(partial_ptr + pid * 6 + 2, conflicts)
+    tl.store(partial_ptr + pid * 6 + 3, dropped_sq)
+    tl.store(partial_ptr + pid * 6 + 4, tau_sq)
+    tl.store(partial_ptr + pid * 6 + 5, tl.sum(selected.to(tl.float32), axis=0))
 
 
 @triton.jit

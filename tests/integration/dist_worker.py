@@ -23,6 +23,7 @@ from omotool.optim.distributed import local_tensors
 from omotool.tiny_models import model_config
 
 STEPS, BATCH, LENGTH = 4, 4, 16
+METHODS = ("dare", "ties", "dare+sync_free", "ties+sync_free", "dare+triton", "ties+triton")
 
 
 def build_model():
@@ -48,7 +49,8 @@ def batches(rank: int, world: int):
 
 
 def train(mode: str, method: str, rank: int, world: int):
-    """``method``: ``dare`` or ``ties``, ``+sync_free`` for the path a GPU takes."""
+    """``method``: ``dare`` or ``ties``; ``+sync_free`` for the ``torch`` backend (the path a
+    GPU takes without Triton), ``+triton`` for the Triton kernels (in Triton's interpreter)."""
     method, _, path = method.partition("+")
     model = build_model()
     tau = task_vector(model)
@@ -79,7 +81,7 @@ def train(mode: str, method: str, rank: int, world: int):
         lr=1e-2,
         eps=0.1,
         seed=3,
-        backend="torch" if path == "sync_free" else "auto",
+        backend={"sync_free": "torch", "triton": "triton"}.get(path, "auto"),
     )
     for ids in batches(rank, world):
         loss = model(input_ids=ids, labels=ids).loss
@@ -119,7 +121,7 @@ def main() -> None:
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     torch.set_num_threads(1)
-    for method in ("dare", "ties", "dare+sync_free", "ties+sync_free"):
+    for method in METHODS:
         state = train(mode, method, rank, world)
         save_file(state, str(out / f"{method}-{mode}-rank{rank}.safetensors"))
     if mode == "fsdp":

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow  # torchrun: several processes
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-METHODS = ("dare", "ties", "dare+sync_free", "ties+sync_free")
+METHODS = ("dare", "ties", "dare+sync_free", "ties+sync_free", "dare+triton", "ties+triton")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,15 @@ def test_the_sync_free_path_ends_where_the_cpu_path_ends(runs, method) -> None:
     cpu, sync_free = load(runs, method, "single"), load(runs, f"{method}+sync_free", "fsdp")
     for name in cpu:
         assert torch.allclose(sync_free[name], cpu[name], rtol=0, atol=1e-6), name
+
+
+@pytest.mark.parametrize("mode", ["single", "fsdp"])
+def test_the_triton_kernels_end_where_the_cpu_path_ends(runs, mode) -> None:
+    # OnTIES keeps the same entries in every backend; under FSDP the Triton backend sums the
+    # radix-select histograms over the ranks. (OnDARE's Triton masks are other draws.)
+    cpu, triton = load(runs, "ties", "single"), load(runs, "ties+triton", mode)
+    for name in cpu:
+        assert torch.allclose(triton[name], cpu[name], rtol=0, atol=1e-6), name
 
 
 def test_sharded_top_k_equals_whole_tensor_top_k_with_ties(runs) -> None:
