@@ -12,10 +12,12 @@ of ``CHUNK`` entries, so results do not depend on the number of threads):
   in the same pass while ``m_i, v_i`` are in cache: ``θ_i += (1 − α)·Δθ_i / d`` (``d = p`` for
   the inverse rescale, 1 otherwise), then ``θ_j += α·T_j``.
 - ``ties_steps_``: a floor from a strided sample of this step's ``|Δθ|`` a little below the
-  k-th largest (as ``sparsify.magnitude_topk_indices``), one pass that advances ``m, v`` and
-  collects the entries at or above it, the exact top-k among those (a histogram of their
-  float32 bits, then a partition of one bin; ties to lower indices), and the TIES merge with
-  ``T`` per chunk (``ties_apply``: a per-thread map from chunk offset to kept update).
+  k-th largest (as ``sparsify.magnitude_topk_indices``), one pass that advances ``m, v``,
+  collects the entries above it and counts those equal to it (so that a pile of equal
+  values, as in Adam's first steps, costs no writes), the exact top-k (a histogram of the
+  candidates' float32 bits, then a partition of one bin; or the floor itself, with the first
+  equal entries in index order; ties to lower indices), and the TIES merge with ``T`` per
+  chunk (``ties_apply``: a per-thread map from chunk offset to kept update).
 Arithmetic is float32 in the order of ``functional.adam_moments_`` and
 ``functional.adam_direction`` (torch's single-tensor AdamW). The kernels take contiguous
 float32 CPU tensors; ``OnlineMergingAdamW`` batches those when numba is importable
@@ -132,19 +134,30 @@ def _compiled() -> Any:
                 out[start[t] + j] = abs((mi / (np.sqrt(vi) / bias2[t] + eps[t])) * size[t])
 
     @jit
-    def sample_floors(samples, start, rank, floors):
-        """floors[t]: the rank[t]-th largest of tensor t's sample (0 without a sample)."""
+    def sample_floors(samples, start, rank, floors, piled):
+        """floors[t]: the rank[t]-th largest of tensor t's sample (0 without a sample);
+        piled[t]: whether over 1/16 of the sample lies within 1e-5 of the floor or above it
+        (a pile of |Δθ| there: ``ties_candidates_many`` then computes Δθ everywhere)."""
         for t in prange(floors.size):
             count = start[t + 1] - start[t]
+            piled[t] = True
             if count > 0:
                 ordered = np.partition(samples[start[t] : start[t + 1]], count - rank[t])
                 floors[t] = ordered[count - rank[t]]
+                near, limit = 0, floors[t] * np.float32(0.99999)
+                for j in range(start[t], start[t + 1]):
+                    near += samples[j] >= limit
+                piled[t] = near * 16 > count
 
     @jit
     def ties_candidates_many(
         g_at, m_at, v_at, sizes, item_tensor, item_start, base, w1, b2, w2, bias2, eps, size,
-        floors, out_i, out_v, counts, scratch,
+        floors, piled, out_i, out_v, counts, ties, scratch,
     ):  # fmt: skip
+        """Moments everywhere; entries with ``|Δθ| > floor`` written as candidates, those
+        equal to the floor only counted (``ties[item]``): however many entries share the
+        floor's value (Adam's first steps pile |Δθ| onto a few values), the candidates stay
+        about as many as the sample put above the floor."""
         for item in prange(item_tensor.size):
             t = item_tensor[item]
             n = sizes[t]
@@ -164,43 +177,76 @@ def _compiled() -> Any:
             fe, fb2 = f * tiny, (f / bias) * (f / bias)
             slack = np.float32(1.00001)
             passes = scratch[get_thread_id()]
-            for i in range(hi - lo):
-                gi = gc[i]
-                mi = mc[i] + a1 * (gi - mc[i])
-                vi = vc[i] * c2 + a2 * gi * gi
-                mc[i], vc[i] = mi, vi
-                margin = abs(mi) * slack - fe
-                passes[i] = margin if margin * margin >= fb2 * vi else np.float32(-1)
-            at, found = base[t] + lo, 0
-            for i in range(hi - lo):
-                if everything or passes[i] >= 0:
-                    mi, vi = mc[i], vc[i]
+            at, found, equal = base[t] + lo, 0, 0
+            if everything or piled[t]:
+                # Δθ everywhere, in a loop that vectorises; a test per entry would mispredict
+                # on a pile whose entries interleave with smaller ones.
+                for i in range(hi - lo):
+                    gi = gc[i]
+                    mi = mc[i] + a1 * (gi - mc[i])
+                    vi = vc[i] * c2 + a2 * gi * gi
+                    mc[i], vc[i] = mi, vi
                     update = (mi / (np.sqrt(vi) / bias + tiny)) * scale
-                    if abs(update) >= floor:
+                    passes[i] = update
+                    equal += abs(update) == floor
+                for i in range(hi - lo):  # about as many above the floor as will be kept
+                    if abs(passes[i]) > floor:
                         out_i[at + found] = lo + i
-                        out_v[at + found] = update
+                        out_v[at + found] = passes[i]
                         found += 1
-            counts[item] = found
+            else:
+                for i in range(hi - lo):
+                    gi = gc[i]
+                    mi = mc[i] + a1 * (gi - mc[i])
+                    vi = vc[i] * c2 + a2 * gi * gi
+                    mc[i], vc[i] = mi, vi
+                    margin = abs(mi) * slack - fe
+                    passes[i] = margin if margin * margin >= fb2 * vi else np.float32(-1)
+                for i in range(hi - lo):
+                    if passes[i] >= 0:
+                        update = (mc[i] / (np.sqrt(vc[i]) / bias + tiny)) * scale
+                        if abs(update) > floor:
+                            out_i[at + found] = lo + i
+                            out_v[at + found] = update
+                            found += 1
+                        elif abs(update) == floor:
+                            equal += 1
+            counts[item], ties[item] = found, equal
 
     magnitude_bits = np.int32(0x7FFFFFFF)  # a float32's bits without the sign: |x| in order
 
     @jit
     def ties_thresholds(
-        out_i, out_v, counts, item_first, item_start, base, k, short, thresholds, cutoffs,
+        out_i, out_v, counts, ties, floors, item_first, item_start, base, k, short, thresholds,
+        cutoffs, tie_keep,
     ):  # fmt: skip
-        """Tensor t's k[t]-th largest |Δθ| among its candidates, as float32 bits, and the
-        highest index admitted at exactly that magnitude (ties go to lower indices).
+        """Tensor t's k[t]-th largest |Δθ|, as float32 bits, and the highest index admitted
+        at exactly that magnitude among the candidates (ties go to lower indices).
 
-        A histogram of the candidates' bits (``BINS`` equal bins from the least to the
-        largest) finds the bin holding the k-th largest; only that bin is partitioned.
+        When the candidates (all above the floor) hold fewer than k, the threshold is the
+        floor itself: every candidate is kept, and the first ``k − candidates`` entries equal
+        to the floor in index order, counted per chunk in ``tie_keep`` (``ties_apply`` finds
+        them). Otherwise a histogram of the candidates' bits (``BINS`` equal bins from the
+        least to the largest) finds the bin holding the k-th largest; only that bin is
+        partitioned.
         """
-        out_u = out_v.view(np.int32)
+        out_u, floor_bits = out_v.view(np.int32), floors.view(np.int32)
         for t in prange(k.size):
-            total = 0
+            total, equal = 0, 0
             for item in range(item_first[t], item_first[t + 1]):
                 total += counts[item]
+                equal += ties[item]
+                tie_keep[item] = 0
+            if total < k[t] and total + equal >= k[t] and k[t] > 0:
+                left = k[t] - total
+                for item in range(item_first[t], item_first[t + 1]):
+                    tie_keep[item] = min(ties[item], left)
+                    left -= tie_keep[item]
+                thresholds[t] = floor_bits[t] & magnitude_bits
+                cutoffs[t] = -1  # no candidate equals the floor: they are all above it
+                continue
             if total < k[t] or k[t] <= 0:
-                short[t] = total < k[t]
+                short[t] = total + equal < k[t]
                 thresholds[t], cutoffs[t] = magnitude_bits, -1  # nothing is kept
                 continue
             low, high = magnitude_bits, np.int32(0)
@@ -246,8 +292,9 @@ def _compiled() -> Any:
 
     @jit
     def ties_apply(
-        p_at, sizes, item_tensor, item_start, base, out_i, out_v, counts, thresholds, cutoffs,
-        density, ref_index_at, ref_value_at, ref_count, alpha, w, weighted, short, stats, slots,
+        p_at, m_at, v_at, bias2, eps, size, floors, sizes, item_tensor, item_start, base, out_i,
+        out_v, counts, tie_keep, thresholds, cutoffs, density, ref_index_at, ref_value_at,
+        ref_count, alpha, w, weighted, short, stats, slots,
     ):  # fmt: skip
         """Per chunk: keep the candidates at or above the threshold (compacted in place,
         rescaled by 1/density), then the TIES merge with T into the parameter: at T's
@@ -255,7 +302,9 @@ def _compiled() -> Any:
 
         ``slots`` (one chunk-sized int32 row per thread, all −1 between calls) maps a kept
         entry's offset in the chunk to its place in the kept list, so that T's entries find
-        the update there without a branchy merge of the two sorted lists."""
+        the update there without a branchy merge of the two sorted lists. A chunk with
+        ``tie_keep[item] > 0`` also keeps that many of its entries equal to the threshold (the
+        floor), found by recomputing ``Δθ`` from the updated moments, in index order."""
         out_u = out_v.view(np.int32)
         for item in prange(item_tensor.size):
             t = item_tensor[item]
@@ -274,6 +323,20 @@ def _compiled() -> Any:
                     out_i[found], out_v[found] = i, out_v[j] / density
                     slot[i - lo] = found
                     found += 1
+            if tie_keep[item] > 0:
+                m = carray(float_pointer(m_at[t]), (n,))
+                v = carray(float_pointer(v_at[t]), (n,))
+                bias, tiny, scale, left = bias2[t], eps[t], size[t], tie_keep[item]
+                floor = floors[t]
+                for i in range(lo, hi):
+                    update = (m[i] / (np.sqrt(v[i]) / bias + tiny)) * scale
+                    if abs(update) == floor:
+                        out_i[found], out_v[found] = i, update / density
+                        slot[i - lo] = found
+                        found += 1
+                        left -= 1
+                        if left == 0:
+                            break
             overlap = conflicts = 0
             update_sq = tau_sq = 0.0
             if ref_count[t] > 0:
@@ -549,29 +612,34 @@ def ties_steps_(
         dtype=np.int64,
     )
     floors = np.zeros(count, dtype=np.float32)
-    kernels["sample_floors"](samples, sample_start, ranks, floors)
+    piled = np.ones(count, dtype=np.bool_)
+    kernels["sample_floors"](samples, sample_start, ranks, floors, piled)
     item_tensor, item_start, item_first = _items(sizes)
     base = np.zeros(count, dtype=np.int64)
     np.cumsum(sizes[:-1], out=base[1:])
     out_i, out_v = (buffer.numpy() for buffer in buffers)
     counts = np.zeros(item_tensor.size, dtype=np.int64)
+    ties = np.zeros(item_tensor.size, dtype=np.int64)
     kernels["ties_candidates_many"](
-        grad_at, m_at, v_at, sizes, item_tensor, item_start, base, *scalars, floors, out_i,
-        out_v, counts, _thread_scratch(),
+        grad_at, m_at, v_at, sizes, item_tensor, item_start, base, *scalars, floors, piled,
+        out_i, out_v, counts, ties, _thread_scratch(),
     )  # fmt: skip
     keep_array = np.asarray(keep, dtype=np.int64)
     short = np.zeros(count, dtype=np.bool_)
     thresholds = np.empty(count, dtype=np.int32)
     cutoffs = np.empty(count, dtype=np.int64)
+    tie_keep = np.zeros(item_tensor.size, dtype=np.int64)
     kernels["ties_thresholds"](
-        out_i, out_v, counts, item_first, item_start, base, keep_array, short, thresholds,
-        cutoffs,
+        out_i, out_v, counts, ties, floors, item_first, item_start, base, keep_array, short,
+        thresholds, cutoffs, tie_keep,
     )  # fmt: skip
     ref_index_at, ref_value_at, ref_count = _references(references)
     stats = np.zeros((item_tensor.size, 4))
+    _, _, _, bias2, eps, step_size = scalars
     kernels["ties_apply"](
-        param_at, sizes, item_tensor, item_start, base, out_i, out_v, counts, thresholds,
-        cutoffs, np.float32(density), ref_index_at, ref_value_at, ref_count, np.float32(alpha),
-        np.float32(1 - alpha), weighted, short, stats, _thread_slots(),
+        param_at, m_at, v_at, bias2, eps, step_size, floors, sizes, item_tensor, item_start,
+        base, out_i, out_v, counts, tie_keep, thresholds, cutoffs, np.float32(density),
+        ref_index_at, ref_value_at, ref_count, np.float32(alpha), np.float32(1 - alpha),
+        weighted, short, stats, _thread_slots(),
     )  # fmt: skip
     return short, stats.sum(axis=0)

@@ -85,6 +85,36 @@ def test_kernel_step_matches_tensor_ops(options, monkeypatch) -> None:
         state, params = slow.state_dict(), theirs
 
 
+@pytest.mark.parametrize("reserve_p", [0.01, 0.3, 1.0])
+def test_ties_kernel_keeps_the_lowest_indices_of_a_pile_of_equal_updates(
+    reserve_p, monkeypatch
+) -> None:
+    """The same ±1 gradient every step: every |Δθ| of a tensor is the same value (Adam's
+    first steps on a steady gradient), the floor equals it, and the top-k is the first k
+    entries in index order, as the tensor ops keep (issue 15: such piles used to be written
+    out as candidates, entry by entry)."""
+    gen = torch.Generator().manual_seed(2)
+    signs = {n: torch.randn(s, generator=gen).sign() for n, s in SHAPES.items()}
+    state, params = None, make(0)
+    options = dict(method="ties", reserve_p=reserve_p, alpha=0.0)
+    for _ in range(3):
+        ours, fast = one_step(
+            state, params, signs, use_kernels=True, monkeypatch=monkeypatch, **options
+        )
+        theirs, slow = one_step(
+            state, params, signs, use_kernels=False, monkeypatch=monkeypatch, **options
+        )
+        for name in SHAPES:
+            moved = (ours[name] != params[name]).flatten()
+            assert torch.equal(moved, (theirs[name] != params[name]).flatten()), name
+            k = sparsify.kept_count(moved.numel(), reserve_p)
+            # kept: the first k; moved: those of them the sign election with T lets through
+            assert not moved[k:].any() and moved[:k].float().mean() > 0.3, name
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-6)
+        assert fast.stats() == pytest.approx(slow.stats())
+        state, params = slow.state_dict(), theirs
+
+
 def test_ties_kernel_falls_back_when_the_sample_misleads(monkeypatch) -> None:
     """A floor above the k-th largest |Δθ| finds too few candidates: the step still selects
     the exact top-k (from the whole Δθ)."""
