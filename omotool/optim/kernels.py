@@ -39,7 +39,7 @@ import torch
 # before numba is first imported (it reads the environment then); a user's choice stands.
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
-CHUNK = 1 << 16  # entries per work item; fixed, so that results do not depend on threads
+CHUNK = 1 << 14  # entries per work item; fixed, so that results do not depend on threads
 SAMPLE = 1 << 12  # OnTIES floor: |Δθ| sampled at about this many entries per tensor
 SAMPLE_RUN = 16  # ... in runs of this many neighbours (one 64-byte line of float32)
 BINS = 1 << 12  # OnTIES selection: histogram bins of the candidates' |Δθ| (float32 bits)
@@ -298,7 +298,7 @@ def _compiled() -> Any:
     def ties_apply(
         p_at, m_at, v_at, bias2, eps, size, floors, sizes, item_tensor, item_start, base, out_i,
         out_v, counts, tie_keep, thresholds, cutoffs, density, ref_index_at, ref_value_at,
-        ref_count, alpha, w, weighted, short, stats, slots,
+        ref_count, alpha, w, weighted, short, stats, slots, scratch,
     ):  # fmt: skip
         """Per chunk: keep the candidates at or above the threshold (compacted in place,
         rescaled by 1/density), then the TIES merge with T into the parameter: at T's
@@ -328,15 +328,16 @@ def _compiled() -> Any:
                     slot[i - lo] = found
                     found += 1
             if tie_keep[item] > 0:
-                m = carray(float_pointer(m_at[t]), (n,))
-                v = carray(float_pointer(v_at[t]), (n,))
+                mc = carray(float_pointer(m_at[t]), (n,))[lo:hi]
+                vc = carray(float_pointer(v_at[t]), (n,))[lo:hi]
                 bias, tiny, scale, left = bias2[t], eps[t], size[t], tie_keep[item]
-                floor = floors[t]
-                for i in range(lo, hi):
-                    update = (m[i] / (np.sqrt(v[i]) / bias + tiny)) * scale
-                    if abs(update) == floor:
-                        out_i[found], out_v[found] = i, update / density
-                        slot[i - lo] = found
+                floor, row = floors[t], scratch[get_thread_id()]
+                for i in range(hi - lo):  # vectorises; the search below then only compares
+                    row[i] = (mc[i] / (np.sqrt(vc[i]) / bias + tiny)) * scale
+                for i in range(hi - lo):
+                    if abs(row[i]) == floor:
+                        out_i[found], out_v[found] = lo + i, row[i] / density
+                        slot[i] = found
                         found += 1
                         left -= 1
                         if left == 0:
@@ -644,6 +645,6 @@ def ties_steps_(
         param_at, m_at, v_at, bias2, eps, step_size, floors, sizes, item_tensor, item_start,
         base, out_i, out_v, counts, tie_keep, thresholds, cutoffs, np.float32(density),
         ref_index_at, ref_value_at, ref_count, np.float32(alpha), np.float32(1 - alpha),
-        weighted, short, stats, _thread_slots(),
+        weighted, short, stats, _thread_slots(), _thread_scratch(),
     )  # fmt: skip
     return short, stats.sum(axis=0)
