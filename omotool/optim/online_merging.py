@@ -20,20 +20,22 @@ import torch
 
 from omotool.errors import InputError, OmoError, UsageError
 from omotool.optim import kernels, triton_backend
-from omotool.optim.distributed import Shard, any_rank, any_rank_on_device, local_tensors
-from omotool.optim.functional import (
+from omotool.optim.cpu_backend import (
     BatchEntry,
-    MergeOptions,
-    StepStats,
-    Workspace,
     batched_step_,
     batches,
     fused_online_merging_adamw_,
+)
+from omotool.optim.distributed import Shard, any_rank, any_rank_on_device, local_tensors
+from omotool.optim.functional import (
+    MergeOptions,
+    StepStats,
+    Workspace,
     online_merging_adamw_,
     reference_tensor,
-    sync_free_online_merging_adamw_,
 )
 from omotool.optim.task_vector import FlatDelta, TaskVector
+from omotool.optim.torch_backend import sync_free_online_merging_adamw_
 
 NAN_POLICIES = ("skip", "raise")
 BACKENDS = ("auto", "reference", "cpu", "torch", "triton")
@@ -102,9 +104,9 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             any device, reads values on the host; with ``method="none"`` it follows
             ``AdamW(foreach=False)`` bit for bit) to float32 rounding:
             ``"cpu"``: CPU tensors; OnDARE/OnTIES steps of float32 tensors in a few numba
-            kernels over all tensors at once (``optim.kernels``), others in torch's fused
-            AdamW kernel. ``"torch"``: tensor ops that never wait on the device
-            (``functional.sync_free_online_merging_adamw_``): state on the parameters'
+            kernels over all tensors at once (``optim.cpu_backend``, ``optim.kernels``),
+            others in torch's fused AdamW kernel. ``"torch"``: tensor ops that never wait on
+            the device (``torch_backend.sync_free_online_merging_adamw_``): state on the parameters'
             device, no value read on the host during ``step()`` (NaN skipping decided on the
             device; statistics read only by ``stats()``); any device. ``"triton"``: fused
             Triton kernels (``optim.triton_backend``; CUDA, or CPU tensors under

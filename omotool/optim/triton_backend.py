@@ -1,6 +1,6 @@
 """The ``triton`` backend: one tensor's online-merging AdamW step in fused Triton kernels.
 
-The same step as ``functional.sync_free_online_merging_adamw_`` (no host synchronisation; the
+The step of ``torch_backend.sync_free_online_merging_adamw_`` (no host synchronisation; the
 skip flag, the step count and the statistics stay on the device), in few passes:
 
 - OnDARE: one kernel (``dare_adamw_kernel``) does the moments, the Philox mask keyed by
