@@ -241,10 +241,10 @@ step cuda-tests 200 pytest "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
 step triton-tests 150 pytest "$PY" -m pytest -q -p no:cacheprovider \
     tests/unit/optim/test_triton_backend.py
 step bench-float32 150 bench "${BENCH[@]}" --dtype float32 \
-    --methods adamw-fused,ondare,onties,ondare-torch,onties-torch
+    --methods adamw-fused,ondare,onties,ondare-triton,onties-triton
 [ -s "$WORK/logs/bench-float32.out" ] && cp "$WORK/logs/bench-float32.out" "$WORK/bench-float32.json"
 step bench-bfloat16 150 bench "${BENCH[@]}" --dtype bfloat16 \
-    --methods adamw-fused,adamw-fused-bf16,ondare,onties,ondare-torch,onties-torch
+    --methods adamw-fused,adamw-fused-bf16,ondare,onties,ondare-triton,onties-triton
 [ -s "$WORK/logs/bench-bfloat16.out" ] && cp "$WORK/logs/bench-bfloat16.out" "$WORK/bench-bfloat16.json"
 step tiny-models 60 plain "$PY" scripts/make_tiny_models.py "$TINY"
 step tiny-delta 60 plain "${OMOTOOL[@]}" delta "$TINY/base" "$TINY/sft" -o "$TINY/tau" --overwrite

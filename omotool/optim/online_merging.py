@@ -111,9 +111,9 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             device; statistics read only by ``stats()``); any device. ``"triton"``: fused
             Triton kernels (``optim.triton_backend``; CUDA, or CPU tensors under
             ``TRITON_INTERPRET=1``), sync-free as ``"torch"``; refuses by name what it does
-            not do (step-K, ``rescale="l1"``). ``"auto"`` (default):
-            ``"cpu"`` when every parameter is on the CPU, else ``"triton"`` where Triton
-            imports and supports the options, else ``"torch"``. Exceptions to sync-free:
+            not do (step-K, ``rescale="l1"``); not yet compiled on a GPU, so only on request.
+            ``"auto"`` (default): ``"cpu"`` when every parameter is on the CPU, else
+            ``"torch"``. Exceptions to sync-free:
             ``nan_policy="raise"`` reads one flag per step (it must raise), and the OnTIES
             threshold of FSDP-sharded tensors (``"torch"`` only) gathers candidates on the host.
             OnDARE's masks come from the backend's generator: ``"triton"`` draws from
@@ -212,14 +212,9 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         on_cpu = all(device.type == "cpu" for device in devices)
         backend = self.backend
         if backend == "auto":
-            if on_cpu:
-                return "cpu"
-            triton_fits = (
-                triton_backend.triton_import_error() is None
-                and all(triton_backend.usable_device(device) for device in devices)
-                and triton_backend.unsupported(self.options) is None
-            )
-            return "triton" if triton_fits else "torch"
+            # "triton" only on request until its kernels have been compiled and checked on a
+            # GPU (scripts/gpu-check.sh): they have run in Triton's interpreter alone so far.
+            return "cpu" if on_cpu else "torch"
         if backend == "cpu" and not on_cpu:
             raise UsageError(
                 "backend='cpu' runs on CPU tensors; the parameters are on "
