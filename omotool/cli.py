@@ -340,6 +340,11 @@ def train(
     precompute_ref: bool = typer.Option(
         False, help="Reference log-probs once up front, then free the reference model."
     ),
+    optimizer_backend: str = typer.Option(
+        "auto",
+        help="How the optimizer computes a step: auto (cpu on CPUs, torch on GPUs), reference, "
+        "cpu, torch, or triton (fused GPU kernels; not yet checked on a GPU).",
+    ),
     save_steps: int = typer.Option(0, help="Checkpoint every N steps; 0: none."),
     save_total_limit: int | None = typer.Option(None, help="Keep only the newest N checkpoints."),
     logging_steps: int = typer.Option(1, help="Log metrics every N steps."),

@@ -260,6 +260,9 @@ for merge in none dare ties; do
     step "train-fsdp-$merge" 90 train "${TORCHRUN[@]}" "${TRAIN[@]}" --merge "$merge" "${tau[@]}" \
         --fsdp --out "$WORK/dpo-fsdp-$merge"
 done
+step train-fsdp-ties-triton 90 train "${TORCHRUN[@]}" "${TRAIN[@]}" --merge ties \
+    --task-vector "$TINY/tau" --reserve-p 0.1 --alpha 1e-4 --fsdp --optimizer-backend triton \
+    --out "$WORK/dpo-fsdp-ties-triton"
 step eval-cuda 90 eval "${OMOTOOL[@]}" eval "$TINY/sft" --task preference --data "$PREFS" \
     --ref-model "$TINY/base" --device cuda --json
 

@@ -79,6 +79,7 @@ class TrainConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) across processes
+    optimizer_backend: str = "auto"  # how OnlineMergingAdamW computes a step (its `backend`)
     precompute_ref: bool = False
     save_steps: int = 0  # 0: no intermediate checkpoints
     save_total_limit: int | None = None
@@ -105,6 +106,7 @@ class TrainConfig:
             )
         if self.base and self.task_vector:
             raise UsageError("give --base or --task-vector, not both.")
+        check_optimizer_backend(self)
         if self.fsdp and not _has_accelerator():
             raise UsageError(
                 "--fsdp shards across GPUs: accelerate runs FSDP only on GPU (and XPU) "
@@ -173,6 +175,37 @@ class TrainConfig:
         for message, wrong in problems:
             if wrong:
                 raise UsageError(f"{message}.")
+
+
+def check_optimizer_backend(config: TrainConfig) -> None:
+    """Refuse an unknown ``--optimizer-backend``, and ``triton`` where it cannot run this
+    config (no Triton, no CUDA and no interpreter, step-K, the l1 rescale)."""
+    from omotool.optim import triton_backend
+    from omotool.optim.functional import MergeOptions
+    from omotool.optim.online_merging import BACKENDS
+
+    backend = config.optimizer_backend
+    if backend not in BACKENDS:
+        raise UsageError(f"--optimizer-backend {backend!r}: choose one of {', '.join(BACKENDS)}.")
+    if backend != "triton":
+        return
+    import torch
+
+    error = triton_backend.triton_import_error()
+    if error is not None:
+        raise UsageError(f"--optimizer-backend triton needs Triton ({error}): pip install triton.")
+    if not (torch.cuda.is_available() or triton_backend.interpreting()):
+        raise UsageError(
+            "--optimizer-backend triton runs on CUDA GPUs (or in Triton's CPU interpreter with "
+            "TRITON_INTERPRET=1, slowly); use auto here."
+        )
+    if config.merge != "none":
+        options = MergeOptions(
+            method=config.merge, online_step=config.online_step, rescale=config.rescale
+        )
+        reason = triton_backend.unsupported(options)
+        if reason is not None:
+            raise UsageError(f"--optimizer-backend triton does not support {reason}; use auto.")
 
 
 def check_loss_options(config: TrainConfig) -> None:

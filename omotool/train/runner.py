@@ -124,6 +124,7 @@ class TrainResult:
     examples: int = 0  # training examples read (after unpairing for KTO)
     dropped: int = 0  # removed by TRL: the prompt alone reaches max_length
     truncated: int = 0  # shortened to max_length by TRL
+    optimizer_backend: str | None = None  # the backend OnlineMergingAdamW ran (auto resolved)
 
 
 def count_truncated(dataset: Any, max_length: int | None) -> int:
@@ -190,6 +191,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         rescale=config.rescale,
         election=config.election,
         seed=config.seed,
+        backend=config.optimizer_backend,
     )
     try:
         trainer = trainer_class(
@@ -220,6 +222,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         examples=len(train_data),
         dropped=len(train_data) - len(trainer.train_dataset),
         truncated=count_truncated(trainer.train_dataset, config.max_length),
+        optimizer_backend=_resolved_backend(trainer.optimizer),
     )
     if not interrupt.requested:
         _save_final_model(trainer, tokenizer, output)
@@ -256,6 +259,12 @@ def _save_final_model(trainer: Any, tokenizer: Any, output: Path) -> None:
         fsync_path(output)
 
 
+def _resolved_backend(optimizer: Any) -> str | None:
+    """``OnlineMergingAdamW.resolved_backend`` under accelerate's wrapper (None: no step)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return getattr(inner, "resolved_backend", None) if inner is not None else None
+
+
 def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
     import accelerate
     import torch
@@ -286,6 +295,7 @@ def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
         "task_vector": str(Path(config.task_vector).absolute()) if config.task_vector else None,
         "dataset": str(Path(config.dataset).absolute()),
         "seed": config.seed,
+        "optimizer_backend": result.optimizer_backend,
         "steps": result.steps,
         "resumed_from": result.resumed_from,
         "examples": {

@@ -66,7 +66,18 @@ def test_dpo_trains_and_writes_a_loadable_model(llama_pair, prefs, tmp_path, mer
     assert yaml.safe_load((out / "config.yaml").read_text())["merge"] == merge
     metadata = json.loads((out / "omotool.json").read_text())
     assert metadata["steps"] == 3 and metadata["model"]["fingerprint"]
+    assert metadata["optimizer_backend"] == result.optimizer_backend == "cpu"  # auto on CPUs
     assert set(metadata["versions"]) == {"torch", "transformers", "trl", "accelerate"}
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_optimizer_backend_reaches_the_optimizer(llama_pair, prefs, tmp_path, backend) -> None:
+    out = tmp_path / backend
+    options = dict(merge="ties", max_steps=2, optimizer_backend=backend)
+    result = run_training(config(llama_pair, prefs, out, **options))
+    assert result.optimizer_backend == backend
+    assert json.loads((out / "omotool.json").read_text())["optimizer_backend"] == backend
+    assert result.metrics["merge/kept_fraction"] == pytest.approx(0.2, abs=0.01)
 
 
 @pytest.mark.parametrize("algo", ["ipo", "hinge", "robust", "kto", "simpo", "orpo", "sft"])

@@ -252,6 +252,32 @@ def test_out_of_range_merge_options_are_refused_before_loading(tmp_path, options
         train_config(tmp_path, **({"merge": "dare", "base": "b"} | options)).validate()
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"optimizer_backend": "gpu"}, "--optimizer-backend 'gpu': choose one of auto, reference"),
+        ({"optimizer_backend": "triton", "online_step": 2}, "triton does not support step-K"),
+        ({"optimizer_backend": "triton", "rescale": "l1"}, "triton does not support rescale='l1'"),
+    ],
+)
+def test_optimizer_backend_is_checked_before_loading(tmp_path, options, message) -> None:
+    with pytest.raises(UsageError, match=message):
+        train_config(tmp_path, **({"merge": "dare", "base": "b"} | options)).validate()
+
+
+def test_triton_backend_needs_cuda_or_the_interpreter(tmp_path, monkeypatch) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    config = train_config(tmp_path, merge="dare", base="b", optimizer_backend="triton")
+    with pytest.raises(UsageError, match="runs on CUDA GPUs"):
+        config.validate()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    config.validate()
+
+
 def test_command_line_refuses_a_merge_option_adamw_does_not_read(cli, tmp_path) -> None:
     out = tmp_path / "run"
     result = cli(
