@@ -243,9 +243,9 @@ def radix_pick_kernel(
     threshold ``|Δθ|`` and ``r`` the number of entries equal to it that are kept.
     """
     counts = tl.load(hist_ptr + tl.arange(0, BINS)).to(tl.int64)
-    if FIRST:
-        prefix = tl.zeros((), dtype=tl.int64)
-        rank = tl.zeros((), dtype=tl.int64) + k
+    if FIRST:  # select holds last step's values: only its type is used here
+        prefix = tl.load(select_ptr) * 0
+        rank = prefix + k
     else:
         prefix = tl.load(select_ptr)
         rank = tl.load(select_ptr + 1)
