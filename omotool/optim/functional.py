@@ -220,8 +220,11 @@ class Workspace:
         """A 1-D buffer of ``like.numel()`` entries (contents undefined)."""
         return self.take(key, like.numel(), dtype, like.device)
 
-    def take(self, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A 1-D buffer of ``numel`` entries of ``dtype`` on ``device`` (contents undefined)."""
+    def take(
+        self, key: str, numel: int, dtype: torch.dtype, device: torch.device, keep: int = 0
+    ) -> torch.Tensor:
+        """A 1-D buffer of ``numel`` entries of ``dtype`` on ``device``; contents undefined but
+        for the first ``keep``, carried over when the buffer has to grow."""
         buffer = self._buffers.get(key)
         if (
             buffer is None
@@ -229,8 +232,10 @@ class Workspace:
             or buffer.device != device
             or buffer.dtype != dtype
         ):
-            buffer = torch.empty(numel, dtype=dtype, device=device)
-            self._buffers[key] = buffer
+            grown = torch.empty(numel, dtype=dtype, device=device)
+            if keep and buffer is not None:
+                grown[:keep].copy_(buffer[:keep])
+            self._buffers[key] = buffer = grown
         return buffer[:numel]
 
     def buffers(self) -> dict[str, torch.Tensor]:

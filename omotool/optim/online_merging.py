@@ -316,6 +316,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         counted = None if keep is None else keep.to(torch.float32)
         found_inf = None if keep is None else nonfinite.to(torch.float32)
         stats = StepStats()
+        partials = triton_backend.StepPartials(self._workspace)
         for t in self._tensor_steps():
             t.state["step"].add_(1.0 if counted is None else counted)
             t.state["host_step"] = t.state.get("host_step", 0) + 1
@@ -325,7 +326,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 triton_backend.triton_online_merging_adamw_(
                     t.work, low, t.grad.contiguous(), *t.moments, t.state["step"], t.reference,
                     self._workspace, host_step=t.state["host_step"], found_inf=found_inf,
-                    **common,
+                    partials=partials, **common,
                 )  # fmt: skip
                 continue  # the kernels wrote the parameter
             sync_free_online_merging_adamw_(
@@ -334,6 +335,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 **common,
             )  # fmt: skip
             t.write_back()
+        partials.fold(stats, self.options.alpha)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
             self.last_stats = stats.select(keep, self.last_stats)
         return loss

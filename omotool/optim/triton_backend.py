@@ -41,6 +41,46 @@ _SHIFTS = tuple(31 - sum(_DIGIT_BITS[: i + 1]) for i in range(len(_DIGIT_BITS)))
 RADIX_BINS = sum(1 << width for width in _DIGIT_BITS)
 
 
+PARTIAL_FIELDS = ("kept", "kept_sq", "overlap", "conflicts", "dropped_sq", "tau_sq")
+
+
+class StepPartials:
+    """The kernels' per-program statistics of one step, in one device buffer (a row of
+    ``PARTIAL_FIELDS`` per program), reduced once per step by ``fold``: no torch op per tensor.
+
+    The buffer (``workspace_partials``) grows during the first step to the step's rows, about
+    ``24 / BLOCK`` bytes per parameter.
+    """
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace, self.rows, self.device = workspace, 0, None
+
+    def take(self, rows: int, device: torch.device) -> torch.Tensor:
+        """``rows`` fresh rows (contents undefined) for one kernel launch."""
+        self.device = device
+        width = len(PARTIAL_FIELDS)
+        start, self.rows = self.rows, self.rows + rows
+        buffer = self.workspace.take(
+            "partials", self.rows * width, torch.float32, device, keep=start * width
+        )
+        return buffer[start * width :].view(rows, width)
+
+    def fold(self, stats: StepStats, alpha: float) -> None:
+        """Add the step's sums to ``stats`` (``update_sq`` and ``tau_sq`` weighted by
+        ``(1 − α)²`` and ``α²``)."""
+        if not self.rows:
+            return
+        width = len(PARTIAL_FIELDS)
+        buffer = self.workspace.take("partials", self.rows * width, torch.float32, self.device)
+        sums = buffer.view(self.rows, width).sum(dim=0, dtype=torch.float64)
+        kept, kept_sq, overlap, conflicts, dropped_sq, tau_sq = sums.unbind()
+        stats.kept += kept
+        stats.update_sq += (1 - alpha) ** 2 * (kept_sq - dropped_sq)
+        stats.overlap += overlap
+        stats.conflicts += conflicts
+        stats.tau_sq += alpha**2 * tau_sq
+
+
 def triton_import_error() -> str | None:
     """Why ``import triton`` fails, or ``None`` when it works."""
     try:
@@ -104,6 +144,7 @@ def triton_online_merging_adamw_(
     weight_decay: float,
     options: MergeOptions,
     stats: StepStats,
+    partials: StepPartials,
     shard: Shard | None = None,
 ) -> None:
     """One merging step of one tensor (``options.method`` ``dare`` or ``ties``).
@@ -112,6 +153,8 @@ def triton_online_merging_adamw_(
     bf16/fp16 parameter the kernels also write, or ``None``. ``step`` (device) already counts
     this step unless it is skipped; ``host_step`` counts it in any case and keys the masks.
     ``found_inf``: a float32 0-d device tensor, non-zero to skip the step (``None``: never).
+    The kernels' statistics go to ``partials`` (``StepPartials.fold`` adds them to ``stats``
+    once the step is done); only host figures (entries, DARE's ``α²·‖T‖²``) go to ``stats``.
     """
     from omotool.optim import triton_kernels as tk
 
@@ -141,7 +184,7 @@ def triton_online_merging_adamw_(
     stats.merged = True
     stats.entries += n
     if options.method == "dare":
-        partial = workspace.take("partials", 2 * programs, torch.float32, param.device)
+        partial = partials.take(programs, param.device)
         tk.dare_adamw_kernel[(programs,)](
             param, low_ptr, grad, exp_avg, exp_avg_sq, step,
             reference.values if dense_tau else param, skip, partial, n,
@@ -150,9 +193,6 @@ def triton_online_merging_adamw_(
             decay=decay, density=options.reserve_p, divisor=divisor, weight=weight, alpha=alpha,
             DENSE_TAU=dense_tau, **common, **writes,
         )  # fmt: skip
-        sums = partial.view(programs, 2).sum(dim=0, dtype=torch.float64)
-        stats.kept += sums[0]
-        stats.update_sq += weight**2 * sums[1]
         if sparse_tau:
             count = reference.values.numel()
             tk.dare_tau_kernel[tk.grid(count)](
@@ -168,6 +208,7 @@ def triton_online_merging_adamw_(
         param, low_ptr, grad, exp_avg, exp_avg_sq, step, reference, workspace, skip, common,
         flags, writes, options=options, decay=decay, divisor=divisor, stats=stats,
         programs=programs, sparse_tau=sparse_tau, dense_tau=dense_tau, shard=shard,
+        partials=partials,
     )  # fmt: skip
 
 
@@ -252,6 +293,7 @@ def _ties_(
     sparse_tau: bool,
     dense_tau: bool,
     shard: Shard | None,
+    partials: StepPartials,
 ) -> None:
     """OnTIES's passes (see the module docstring); ``low_ptr``: where the kernels write the
     low-precision parameter (``param`` itself when there is none, ``writes`` says)."""
@@ -269,7 +311,7 @@ def _ties_(
         BINS=first_counts.numel(), SHIFT=_SHIFTS[0], **common, **flags,
     )  # fmt: skip
     select, tie_base = radix_select_(update, k, hist, workspace, shard)
-    partial = workspace.take("partials", 6 * programs, torch.float32, device)
+    partial = partials.take(programs, device)
     tk.ties_merge_kernel[(programs,)](
         param, low_ptr, update,
         reference.values if dense_tau else param, skip, select, tie_base, partial, n,
@@ -277,22 +319,11 @@ def _ties_(
         DENSE_TAU=dense_tau, SPARSE_TAU=sparse_tau,
         WEIGHTED=options.election == "weighted", **writes,
     )  # fmt: skip
-    sums = partial.view(programs, 6).sum(dim=0, dtype=torch.float64)
-    kept_sq, overlap, conflicts, dropped_sq, tau_sq, kept = sums.unbind()
-    stats.kept += kept
     if sparse_tau:
         count = reference.values.numel()
         tau_programs = tk.grid(count)[0]
-        tau_partial = workspace.take("tau_partials", 4 * tau_programs, torch.float32, device)
         tk.ties_tau_kernel[(tau_programs,)](
-            param, low_ptr, update, reference.indices,
-            reference.values, skip, tau_partial, count, alpha, weight,
+            param, low_ptr, update, reference.indices, reference.values, skip,
+            partials.take(tau_programs, device), count, alpha, weight,
             WEIGHTED=options.election == "weighted", **writes,
         )  # fmt: skip
-        overlap, conflicts, dropped_sq, tau_sq = (
-            tau_partial.view(tau_programs, 4).sum(dim=0, dtype=torch.float64).unbind()
-        )
-    stats.overlap += overlap
-    stats.conflicts += conflicts
-    stats.update_sq += weight**2 * (kept_sq - dropped_sq)
-    stats.tau_sq += alpha**2 * tau_sq

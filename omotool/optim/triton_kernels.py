@@ -21,6 +21,18 @@ BLOCK = 1024
 
 
 @triton.jit
+def _store_partials(partial_ptr, pid, kept, kept_sq, overlap, conflicts, dropped_sq, tau_sq):
+    """This program's row of a step's statistics (``triton_backend.PARTIAL_FIELDS``)."""
+    row = partial_ptr + pid * 6
+    tl.store(row, kept)
+    tl.store(row + 1, kept_sq)
+    tl.store(row + 2, overlap)
+    tl.store(row + 3, conflicts)
+    tl.store(row + 4, dropped_sq)
+    tl.store(row + 5, tau_sq)
+
+
+@triton.jit
 def _written(local, n, skip_ptr, HAS_SKIP: tl.constexpr):
     """Which entries a kernel writes: those below ``n``, or none when the step is skipped
     (``skip ≠ 0``)."""
@@ -160,9 +172,9 @@ def dare_adamw_kernel(
     (+ α·T if T is dense)``, and the write-back to the low-precision parameter.
 
     ``w = 1 − α`` and ``decay = 1 − ηλ`` are computed on the host in float64 (as torch rounds
-    its scalars); ``s`` (``divisor``) is ``p`` (inverse rescale) or 1. Per program,
-    ``partial[pid] = (kept, Σ (Δθ/s)²)`` over the kept entries. With ``HAS_SKIP``, a
-    non-zero ``skip`` changes nothing.
+    its scalars); ``s`` (``divisor``) is ``p`` (inverse rescale) or 1. Per program, a row of
+    statistics: kept entries and ``Σ (Δθ/s)²`` over them. With ``HAS_SKIP``, a non-zero
+    ``skip`` changes nothing.
     """
     pid = tl.program_id(0)
     local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -181,8 +193,10 @@ def dare_adamw_kernel(
     tl.store(theta_ptr + local, theta, mask=write)
     if HAS_LOW:
         tl.store(low_ptr + local, _to_low(theta, low_ptr, LOW_BF16), mask=write)
-    tl.store(partial_ptr + pid * 2, tl.sum(keep.to(tl.float32), axis=0))
-    tl.store(partial_ptr + pid * 2 + 1, tl.sum(kept * kept, axis=0))
+    _store_partials(
+        partial_ptr, pid, tl.sum(keep.to(tl.float32), axis=0), tl.sum(kept * kept, axis=0),
+        0.0, 0.0, 0.0, 0.0,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -282,8 +296,8 @@ def ties_merge_kernel(
     - otherwise ``θ ← θ·(1 − ηλ) + (1 − α)·F_K(Δθ)``; with a sparse ``T`` the kept values are
       written back over ``update`` for ``ties_tau_kernel``, which merges at ``T``'s entries.
 
-    ``partial[pid] = (Σ kept², overlap, conflicts, Σ dropped², Σ agreeing T², kept)`` (the
-    middle four for a dense ``T`` only).
+    Per program, a row of statistics: kept entries, ``Σ kept²``, and for a dense ``T`` the
+    overlap, conflicts, ``Σ dropped²`` and ``Σ agreeing T²``.
     """
     pid = tl.program_id(0)
     local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -310,12 +324,10 @@ def ties_merge_kernel(
     tl.store(theta_ptr + local, theta, mask=write)
     if HAS_LOW:
         tl.store(low_ptr + local, _to_low(theta, low_ptr, LOW_BF16), mask=write)
-    tl.store(partial_ptr + pid * 6, tl.sum(kept * kept, axis=0))
-    tl.store(partial_ptr + pid * 6 + 1, overlap)
-    tl.store(partial_ptr + pid * 6 + 2, conflicts)
-    tl.store(partial_ptr + pid * 6 + 3, dropped_sq)
-    tl.store(partial_ptr + pid * 6 + 4, tau_sq)
-    tl.store(partial_ptr + pid * 6 + 5, tl.sum(selected.to(tl.float32), axis=0))
+    _store_partials(
+        partial_ptr, pid, tl.sum(selected.to(tl.float32), axis=0), tl.sum(kept * kept, axis=0),
+        overlap, conflicts, dropped_sq, tau_sq,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -328,8 +340,8 @@ def ties_tau_kernel(
     """OnTIES at the entries of a sparse ``T`` (after ``ties_merge_kernel``, which added
     ``(1 − α)·u`` there): ``θ[i] += merge(α·T, (1 − α)·u) − (1 − α)·u`` with ``u = kept[i]``.
 
-    ``partial[pid] = (overlap, conflicts, Σ dropped², Σ agreeing T²)``; an entry of ``F_K`` is
-    present where ``u ≠ 0``.
+    Per program, a row of statistics: overlap, conflicts, ``Σ dropped²``, ``Σ agreeing T²``;
+    an entry of ``F_K`` is present where ``u ≠ 0``.
     """
     pid = tl.program_id(0)
     j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -346,12 +358,12 @@ def ties_tau_kernel(
         tl.store(low_ptr + index, _to_low(theta, low_ptr, LOW_BF16), mask=write)
     present = inside & (update != 0)
     dropped = present & ~update_agrees
-    tl.store(partial_ptr + pid * 4, tl.sum(present.to(tl.float32), axis=0))
-    tl.store(partial_ptr + pid * 4 + 1, tl.sum(dropped.to(tl.float32), axis=0))
-    tl.store(partial_ptr + pid * 4 + 2, tl.sum(tl.where(dropped, update * update, 0.0), axis=0))
-    tl.store(
-        partial_ptr + pid * 4 + 3, tl.sum(tl.where(inside & tau_agrees, tau * tau, 0.0), axis=0)
-    )
+    _store_partials(
+        partial_ptr, pid, 0.0, 0.0, tl.sum(present.to(tl.float32), axis=0),
+        tl.sum(dropped.to(tl.float32), axis=0),
+        tl.sum(tl.where(dropped, update * update, 0.0), axis=0),
+        tl.sum(tl.where(inside & tau_agrees, tau * tau, 0.0), axis=0),
+    )  # fmt: skip
 
 
 def grid(n: int) -> tuple[int]:
