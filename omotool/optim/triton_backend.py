@@ -109,19 +109,26 @@ def unsupported(options: MergeOptions) -> str | None:
     return None
 
 
-def check_usable(options: MergeOptions, device: torch.device) -> None:
-    """Raise ``UsageError`` naming why ``backend="triton"`` cannot run ``options`` on ``device``."""
+def why_not(options: MergeOptions, device: torch.device) -> str | None:
+    """Why this backend cannot run ``options`` on tensors of ``device`` (a phrase that follows
+    "backend triton"), or ``None`` when it can."""
     error = triton_import_error()
     if error is not None:
-        raise UsageError(f"backend='triton' needs Triton ({error}); pip install triton.")
+        return f"needs Triton ({error}): pip install triton"
     if not usable_device(device):
-        raise UsageError(
-            f"backend='triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1); "
-            f"the parameters are on {device}. Use backend='auto'."
+        return (
+            "runs on CUDA GPUs (or on CPU tensors in Triton's interpreter, TRITON_INTERPRET=1, "
+            f"slowly), not on {device}"
         )
     reason = unsupported(options)
+    return None if reason is None else f"does not support {reason}"
+
+
+def check_usable(options: MergeOptions, device: torch.device) -> None:
+    """Raise ``UsageError`` naming why ``backend="triton"`` cannot run ``options`` on ``device``."""
+    reason = why_not(options, device)
     if reason is not None:
-        raise UsageError(f"backend='triton' does not support {reason}; use backend='torch'.")
+        raise UsageError(f"backend='triton' {reason}; use backend='auto'.")
 
 
 def triton_online_merging_adamw_(

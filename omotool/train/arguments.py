@@ -191,21 +191,13 @@ def check_optimizer_backend(config: TrainConfig) -> None:
         return
     import torch
 
-    error = triton_backend.triton_import_error()
-    if error is not None:
-        raise UsageError(f"--optimizer-backend triton needs Triton ({error}): pip install triton.")
-    if not (torch.cuda.is_available() or triton_backend.interpreting()):
-        raise UsageError(
-            "--optimizer-backend triton runs on CUDA GPUs (or in Triton's CPU interpreter with "
-            "TRITON_INTERPRET=1, slowly); use auto here."
-        )
-    if config.merge != "none":
-        options = MergeOptions(
-            method=config.merge, online_step=config.online_step, rescale=config.rescale
-        )
-        reason = triton_backend.unsupported(options)
-        if reason is not None:
-            raise UsageError(f"--optimizer-backend triton does not support {reason}; use auto.")
+    options = MergeOptions(
+        method=config.merge, online_step=config.online_step, rescale=config.rescale
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where it will run
+    reason = triton_backend.why_not(options, device)
+    if reason is not None:
+        raise UsageError(f"--optimizer-backend triton {reason}; use auto.")
 
 
 def check_loss_options(config: TrainConfig) -> None:
