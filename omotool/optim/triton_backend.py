@@ -211,12 +211,33 @@ def triton_online_merging_adamw_(
         return
     if options.method != "ties":
         raise UsageError(f"the triton backend merges with dare or ties, not {options.method!r}.")
-    _ties_(
-        param, low_ptr, grad, exp_avg, exp_avg_sq, step, reference, workspace, skip, common,
-        flags, writes, options=options, decay=decay, divisor=divisor, stats=stats,
-        programs=programs, sparse_tau=sparse_tau, dense_tau=dense_tau, shard=shard,
-        partials=partials,
+    device = param.device
+    k = kept_count(shard.numel if shard is not None else n, options.reserve_p)
+    update = workspace.get("update", param)
+    hist = workspace.take("radix_histogram", RADIX_BINS, torch.int32, device)
+    hist.zero_()
+    first_counts = hist[: 1 << _DIGIT_BITS[0]]
+    tk.adam_update_kernel[(programs,)](
+        grad, exp_avg, exp_avg_sq, step, update, skip, first_counts, n,
+        BINS=first_counts.numel(), SHIFT=_SHIFTS[0], **common, **flags,
     )  # fmt: skip
+    select, tie_base = radix_select_(update, k, hist, workspace, shard)
+    partial = partials.take(programs, device)
+    tk.ties_merge_kernel[(programs,)](
+        param, low_ptr, update,
+        reference.values if dense_tau else param, skip, select, tie_base, partial, n,
+        decay=decay, divisor=divisor, weight=weight, alpha=alpha,
+        DENSE_TAU=dense_tau, SPARSE_TAU=sparse_tau,
+        WEIGHTED=options.election == "weighted", **writes,
+    )  # fmt: skip
+    if sparse_tau:
+        count = reference.values.numel()
+        tau_programs = tk.grid(count)[0]
+        tk.ties_tau_kernel[(tau_programs,)](
+            param, low_ptr, update, reference.indices, reference.values, skip,
+            partials.take(tau_programs, device), count, alpha, weight,
+            WEIGHTED=options.election == "weighted", **writes,
+        )  # fmt: skip
 
 
 def radix_select_(
@@ -276,61 +297,3 @@ def topk_mask(update: torch.Tensor, density: float) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.int8, device=update.device)
     tk.topk_mask_kernel[tk.grid(n)](update, select, tie_base, out, n, BLOCK=tk.BLOCK)
     return out.bool()
-
-
-def _ties_(
-    param: torch.Tensor,
-    low_ptr: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: torch.Tensor,
-    reference: FlatDelta | None,
-    workspace: Workspace,
-    skip: torch.Tensor,
-    common: dict[str, float],
-    flags: dict[str, object],
-    writes: dict[str, object],
-    *,
-    options: MergeOptions,
-    decay: float,
-    divisor: float,
-    stats: StepStats,
-    programs: int,
-    sparse_tau: bool,
-    dense_tau: bool,
-    shard: Shard | None,
-    partials: StepPartials,
-) -> None:
-    """OnTIES's passes (see the module docstring); ``low_ptr``: where the kernels write the
-    low-precision parameter (``param`` itself when there is none, ``writes`` says)."""
-    from omotool.optim import triton_kernels as tk
-
-    n, device = param.numel(), param.device
-    k = kept_count(shard.numel if shard is not None else n, options.reserve_p)
-    alpha, weight = options.alpha, 1.0 - options.alpha
-    update = workspace.get("update", param)
-    hist = workspace.take("radix_histogram", RADIX_BINS, torch.int32, device)
-    hist.zero_()
-    first_counts = hist[: 1 << _DIGIT_BITS[0]]
-    tk.adam_update_kernel[(programs,)](
-        grad, exp_avg, exp_avg_sq, step, update, skip, first_counts, n,
-        BINS=first_counts.numel(), SHIFT=_SHIFTS[0], **common, **flags,
-    )  # fmt: skip
-    select, tie_base = radix_select_(update, k, hist, workspace, shard)
-    partial = partials.take(programs, device)
-    tk.ties_merge_kernel[(programs,)](
-        param, low_ptr, update,
-        reference.values if dense_tau else param, skip, select, tie_base, partial, n,
-        decay=decay, divisor=divisor, weight=weight, alpha=alpha,
-        DENSE_TAU=dense_tau, SPARSE_TAU=sparse_tau,
-        WEIGHTED=options.election == "weighted", **writes,
-    )  # fmt: skip
-    if sparse_tau:
-        count = reference.values.numel()
-        tau_programs = tk.grid(count)[0]
-        tk.ties_tau_kernel[(tau_programs,)](
-            param, low_ptr, update, reference.indices, reference.values, skip,
-            partials.take(tau_programs, device), count, alpha, weight,
-            WEIGHTED=options.election == "weighted", **writes,
-        )  # fmt: skip
