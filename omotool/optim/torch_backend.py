@@ -51,7 +51,7 @@ def sync_free_online_merging_adamw_(
     stats: StepStats,
     shard: Shard | None = None,
 ) -> None:
-    """``fused_online_merging_adamw_`` with no host synchronisation (see above).
+    """``cpu_backend.fused_online_merging_adamw_`` without host synchronisation (note above).
 
     ``step`` (on ``param``'s device) already counts this step unless it is skipped;
     ``host_step`` counts it in any case (it keys masks and step-K's phase). ``keep``: a 0-d
