@@ -8,7 +8,11 @@ its task vector ``τ = θ_sft − θ_base`` (``omotool.delta.compute_delta``) an
 preferences of ``recipes/data/tiny-prefs.jsonl``. Every method trains DPO on the same model,
 data, seed and settings through omotool's real training path,
 ``omotool.train.runner.run_training`` (TRL's ``DPOTrainer`` with a reference model,
-``TrainConfig`` defaults otherwise):
+``TrainConfig`` defaults otherwise). With ``--algo grpo`` it trains GRPO instead (TRL's
+``GRPOTrainer``, beta 0: no reference model) on the arithmetic prompts of
+``recipes/data/tiny-prompts.jsonl`` with the ``last_number`` reward, ``--num-generations``
+completions per prompt of up to ``--max-completion-length`` tokens; the sampling
+(``GRPOTrainer._generate``) is timed too, and reported as its share of the step:
 
 - ``none``: ``--merge none`` (``OnlineMergingAdamW(method="none")``, plain AdamW): the
   baseline, ratio 1.0;
@@ -46,6 +50,7 @@ How to run
     python bench/bench_train.py --methods none,dare,ties,trl-adamw
     python bench/bench_train.py --workdir /tmp/bt        # keep models, τ and runs there
     python bench/bench_train.py --json                   # results as JSON
+    python bench/bench_train.py --algo grpo --methods none,dare,ties   # online RL steps
 
 Run it with this checkout first on ``PYTHONPATH`` (``export PYTHONPATH=$PWD``) so that the
 omotool being measured is this one.
@@ -79,7 +84,11 @@ from omotool.train import runner as train_runner  # noqa: E402
 from omotool.train.runner import TrainConfig, run_training  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO / "recipes" / "data" / "tiny-prefs.jsonl"
+DEFAULT_DATA = {
+    "dpo": REPO / "recipes" / "data" / "tiny-prefs.jsonl",
+    "grpo": REPO / "recipes" / "data" / "tiny-prompts.jsonl",
+}
+ALGOS = tuple(DEFAULT_DATA)
 BASELINE = "none"
 METHODS: dict[str, str] = {
     "none": "--merge none (OnlineMergingAdamW, plain AdamW)",
@@ -182,6 +191,7 @@ def step_timer(turns: Turns, index: int) -> Any:
         def __init__(self) -> None:
             self.steps: list[float] = []
             self.optimizer: list[float] = []
+            self.generation: list[float] = []  # GRPO: sampling, once per step
             self._step = self._opt = 0.0
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -217,8 +227,8 @@ def install_factory(tau: Any, args: argparse.Namespace) -> Callable[[], None]:
     def factory(trainer_class: type, task_vector: Any = None, **options: Any) -> type:
         method = getattr(_current, "method", None)
         if method == "trl-adamw":
-            return trainer_class
-        base = real(trainer_class, task_vector, **options)
+            return timed_sampling(trainer_class)
+        base = timed_sampling(real(trainer_class, task_vector, **options))
         if method is None or not method.startswith("transcription-"):
             return base
         merge = method.removeprefix("transcription-")
@@ -250,23 +260,48 @@ def install_factory(tau: Any, args: argparse.Namespace) -> Callable[[], None]:
     return restore
 
 
+def timed_sampling(trainer_class: type) -> type:
+    """``trainer_class`` with its sampling (TRL's online trainers' ``_generate``) timed into
+    the calling thread's ``StepTimer.generation``; other trainers unchanged."""
+    if not hasattr(trainer_class, "_generate"):
+        return trainer_class
+
+    class TimedSampling(trainer_class):  # type: ignore[misc, valid-type]
+        def _generate(self, prompts: list) -> Any:
+            start = time.perf_counter()
+            try:
+                return super()._generate(prompts)
+            finally:
+                _current.timer.generation.append(time.perf_counter() - start)
+
+    TimedSampling.__name__ = trainer_class.__name__
+    return TimedSampling
+
+
 def train_config(method: str, run_dir: Path, paths: dict[str, Path], args: argparse.Namespace):
     merge = {"none": "none", "trl-adamw": "none"}.get(method, method.split("-")[-1])
     # AdamW takes no merge options (`omotool train` refuses them)
     merging = {} if merge == "none" else {"task_vector": str(paths["tau"]),
                                           "reserve_p": args.p, "alpha": args.alpha}  # fmt: skip
+    if args.algo == "grpo":  # completions sampled and scored; no reference model (beta 0)
+        algorithm = dict(
+            reward=["last_number"], num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length,
+        )  # fmt: skip
+    else:
+        algorithm = dict(max_length=args.max_length)
     return TrainConfig(
         model=str(paths["sft"]),
         dataset=str(paths["data"]),
         out=str(run_dir),
-        algo="dpo",
+        algo=args.algo,
         merge=merge,
         **merging,
+        **algorithm,
         lr=args.lr,
         seed=args.seed,
         max_steps=args.warmup + args.steps + 1,  # the last step overlaps others' saving
         batch_size=args.batch_size,
-        max_length=args.max_length,
         logging_steps=1,
         overwrite=True,
     )
@@ -282,6 +317,7 @@ def run_all(
 
     def train(index: int, method: str) -> None:
         _current.method = method
+        _current.timer = timers[index]
         torch.set_num_threads(args.threads)  # per thread, as OpenMP's setting is
         try:
             turns.begin_setup(index)
@@ -317,6 +353,10 @@ def run_all(
             "steps": timer.steps[args.warmup : expected - 1],
             "optimizer": timer.optimizer[args.warmup : expected - 1],
         }
+        if timer.generation:  # one sampling per step (TRL's steps_per_generation = 1)
+            if len(timer.generation) != expected:
+                raise RuntimeError(f"{method}: {len(timer.generation)} samplings timed")
+            samples[method]["generation"] = timer.generation[args.warmup : expected - 1]
     return samples
 
 
@@ -384,8 +424,13 @@ def summarise(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str,
         opt_ms = statistics.median(data["optimizer"]) * 1e3
         rest = [(s - o) * 1e3 for s, o in zip(data["steps"], data["optimizer"], strict=True)]
         quartiles = statistics.quantiles(steps_ms, n=4) if len(steps_ms) > 1 else [step_ms] * 3
+        generation_ms = (
+            statistics.median(data["generation"]) * 1e3 if "generation" in data else None
+        )
         summary[name] = {
             "description": METHODS[name],
+            "median_generation_ms": generation_ms,
+            "generation_share": generation_ms / step_ms if generation_ms is not None else None,
             "median_step_ms": step_ms,
             "q1_step_ms": quartiles[0],
             "q3_step_ms": quartiles[2],
@@ -433,13 +478,19 @@ def evaluate_goals(summary: dict[str, dict[str, Any]]) -> tuple[dict[str, float]
 def render(result: dict[str, Any]) -> str:
     config, summary = result["config"], result["methods"]
     lines = [
-        "training step time: DPO through omotool's run_training, --merge none vs dare vs ties",
+        f"training step time: {config['algo'].upper()} through omotool's run_training, --merge "
+        "none vs dare vs ties",
         f"model: llama, hidden {config['hidden']}, {config['layers']} layers, {config['heads']} "
         f"heads, MLP {config['intermediate']}, vocab {config['vocab']}: "
         f"{config['parameters']:,} float32 parameters in {config['tensors']} tensors",
         f"data: {config['data']} ({config['examples']} examples), batch {config['batch_size']}, "
-        f"max_length {config['max_length']}, lr {config['lr']:g}, reserve_p {config['p']:g}, "
-        f"alpha {config['alpha']:g}",
+        + (
+            f"{config['num_generations']} completions per prompt of up to "
+            f"{config['max_completion_length']} tokens (reward last_number)"
+            if config["algo"] == "grpo"
+            else f"max_length {config['max_length']}"
+        )
+        + f", lr {config['lr']:g}, reserve_p {config['p']:g}, alpha {config['alpha']:g}",
         f"torch {config['torch']}, {config['threads']} thread(s), {os.cpu_count()} CPU(s)",
         "timing: one run_training per method, the runs taking steps in turn (one step each "
         "per round, the order rotating by one place a round);",
@@ -472,6 +523,14 @@ def render(result: dict[str, Any]) -> str:
         "the step; optim +%: (median optimizer ms - none's) / none's median step; rest: the",
         "step without the optimizer (forward, backward, clipping, ...).",
     ]
+    sampled = {name: m for name, m in summary.items() if m["median_generation_ms"] is not None}
+    if sampled:
+        lines += ["", "sampling (GRPOTrainer._generate), inside each step:"]
+        for name, m in sampled.items():
+            lines.append(
+                f"  {name:<18}{m['median_generation_ms']:>9.1f} ms/step, "
+                f"{m['generation_share'] * 100:.1f}% of the step"
+            )
     lines.append("")
     for ours, theirs in PAIRS:
         slowdown = result["slowdowns"].get(f"{theirs}_over_{ours}")
@@ -502,12 +561,16 @@ def benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         log(f"trained in {time.perf_counter() - started:.1f} s")
         from omotool.data import load_examples
 
-        examples = len(load_examples(str(args.data), "preference", "train"))
+        kind = "prompt" if args.algo == "grpo" else "preference"
+        examples = len(load_examples(str(args.data), kind, "train"))
     summary = summarise(samples)
     slowdowns, goals = evaluate_goals(summary)
     spec = setup["spec"]
     return {
         "config": {
+            "algo": args.algo,
+            "num_generations": args.num_generations,
+            "max_completion_length": args.max_completion_length,
             "hidden": spec["hidden_size"],
             "layers": spec["layers"],
             "heads": spec["heads"],
@@ -536,14 +599,24 @@ def benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Time DPO training steps with --merge none / dare / ties and a transcription."
+        description="Time DPO (or GRPO) training steps with --merge none / dare / ties and a "
+        "transcription."
     )
     parser.add_argument("--hidden", type=int, default=256, help="hidden size [256]")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers [4]")
     parser.add_argument("--heads", type=int, default=4, help="attention heads [4]")
     parser.add_argument("--intermediate", type=int, help="MLP size [4 x hidden]")
     parser.add_argument("--vocab", type=int, default=320, help="vocabulary [320]")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="preference JSONL [tiny-prefs]")
+    parser.add_argument("--algo", choices=ALGOS, default="dpo", help="what to train [dpo]")
+    parser.add_argument(
+        "--data", help="preference JSONL (dpo) or prompts (grpo) [tiny-prefs / tiny-prompts]"
+    )
+    parser.add_argument(
+        "--num-generations", type=int, default=4, help="grpo: completions per prompt [4]"
+    )
+    parser.add_argument(
+        "--max-completion-length", type=int, default=32, help="grpo: sampled tokens [32]"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="per-step batch [8]")
     parser.add_argument("--max-length", type=int, default=64, help="prompt + answer tokens [64]")
     parser.add_argument("--lr", type=float, default=1e-6, help="learning rate [1e-6]")
@@ -588,6 +661,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup must be >= 0 and --batch-size >= 1")
     if not 0 < args.p <= 1:
         parser.error("--p must be in (0, 1]")
+    args.data = args.data or str(DEFAULT_DATA[args.algo])
+    if args.algo == "grpo" and args.batch_size % args.num_generations:
+        parser.error("--batch-size must be a multiple of --num-generations (completions)")
     if not Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file")
     if args.threads is None:

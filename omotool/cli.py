@@ -303,7 +303,11 @@ def train(
     set_: list[str] = typer.Option(
         [], "--set", help="Override a recipe key: --set lr=5e-7 (repeatable)."
     ),
-    algo: str = typer.Option("dpo", help="dpo, ipo, hinge, robust, kto, simpo, orpo or sft."),
+    algo: str = typer.Option(
+        "dpo",
+        help="dpo, ipo, hinge, robust, kto, simpo, orpo, sft; or grpo, rloo (online: sample "
+        "completions, learn from --reward).",
+    ),
     merge: str = typer.Option(
         "dare", help="Online merging: none (AdamW), dare (OnDARE) or ties (OnTIES)."
     ),
@@ -320,8 +324,60 @@ def train(
     election: str = typer.Option("unweighted", help="OnTIES sign election: unweighted, weighted."),
     seed: int = typer.Option(0, help="Seed of data order, masks and initialisation."),
     lr: float = typer.Option(5e-7, help="Learning rate."),
-    beta: float = typer.Option(0.1, help="beta of DPO-style losses (IPO: its tau)."),
+    beta: float | None = typer.Option(
+        None,
+        help="beta of DPO-style losses (IPO: its tau); the KL weight of grpo/rloo (0: no "
+        "reference model). [default: TRL's: 0.1; grpo 0, rloo 0.05]",
+        show_default=False,
+    ),
     label_smoothing: float = typer.Option(0.0, help="Label smoothing of --algo robust (cDPO)."),
+    reward: list[str] = typer.Option(
+        [],
+        help="grpo/rloo reward (repeatable): exact, regex, last_number (verifiers: the "
+        "completion against the --reference-field column), or path/to/file.py:function / "
+        "package.module:function (TRL's reward-function signature).",
+    ),
+    reward_model: list[str] = typer.Option(
+        [], help="grpo/rloo reward model folder: a 1-output sequence classifier (repeatable)."
+    ),
+    reward_weights: str | None = typer.Option(
+        None, help="One weight per reward, comma-separated: the --reward ones, then the models."
+    ),
+    reward_pattern: str | None = typer.Option(
+        None, help="Regular expression of --reward regex (its group 1, if any, is the answer)."
+    ),
+    reference_field: str = typer.Option(
+        "reference", help="The data column the verifier rewards compare with."
+    ),
+    num_generations: int | None = typer.Option(
+        None, help="grpo/rloo: completions sampled per prompt. [default: TRL's, 8]"
+    ),
+    max_completion_length: int | None = typer.Option(
+        None, help="grpo/rloo: longest sampled completion, in tokens. [default: TRL's, 512]"
+    ),
+    temperature: float | None = typer.Option(
+        None, help="grpo/rloo: sampling temperature. [default: TRL's, 1.0]"
+    ),
+    top_p: float | None = typer.Option(
+        None, help="grpo/rloo: nucleus sampling mass. [default: TRL's, 1.0]"
+    ),
+    epsilon: float | None = typer.Option(
+        None, help="grpo/rloo: clipping of the probability ratio. [default: TRL's, 0.2]"
+    ),
+    loss_type: str | None = typer.Option(
+        None,
+        help="grpo: TRL's loss: grpo, dr_grpo, dapo, bnpo, cispo, sapo, luspo, vespo. "
+        "[default: TRL's, dapo]",
+    ),
+    scale_rewards: str | None = typer.Option(
+        None,
+        help="grpo: advantages divided by the std of the group, batch, or none. "
+        "[default: TRL's, group]",
+    ),
+    num_iterations: int | None = typer.Option(
+        None, help="grpo/rloo: optimizer steps per batch of completions. [default: TRL's, 1]"
+    ),
+    use_vllm: bool = typer.Option(False, help="grpo/rloo: sample with vLLM (GPU machines)."),
     epochs: float = typer.Option(1.0, help="Epochs over the data (unless --max-steps)."),
     max_steps: int = typer.Option(-1, help="Optimizer steps; -1: as --epochs give."),
     batch_size: int = typer.Option(1, help="Examples per device per micro-batch."),
@@ -359,8 +415,9 @@ def train(
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     debug: bool = DebugOption,
 ) -> None:
-    """RLHF training (DPO, IPO, KTO, ...) on TRL with the online-merging optimizer."""
+    """RLHF training (DPO, IPO, KTO, ..., GRPO, RLOO) on TRL with the online-merging optimizer."""
     from omotool.config import parse_overrides
+    from omotool.train.algorithms import ALGORITHMS
     from omotool.train.progress import progress_callback
     from omotool.train.runner import TrainConfig, run_training
 
@@ -375,15 +432,19 @@ def train(
     table.add_column(style="bold")
     table.add_column()
     table.add_row("steps", str(result.steps))
-    table.add_row(
-        "examples",
-        f"{result.examples:,} ({result.truncated:,} truncated to --max-length, "
-        f"{result.dropped:,} dropped: prompt alone too long)",
-    )
+    if ALGORITHMS.get(cfg.algo).online:
+        table.add_row("prompts", f"{result.examples:,}")
+    else:
+        table.add_row(
+            "examples",
+            f"{result.examples:,} ({result.truncated:,} truncated to --max-length, "
+            f"{result.dropped:,} dropped: prompt alone too long)",
+        )
     if result.resumed_from:
         table.add_row("resumed from", result.resumed_from)
     for key in (
-        "loss", "rewards/accuracies", "rewards/margins", "merge/kept_fraction",
+        "loss", "rewards/accuracies", "rewards/margins", "reward", "reward_std",
+        "merge/kept_fraction",
         "merge/sign_conflict_fraction", "merge/skipped_steps", "train_loss",
     ):  # fmt: skip
         if key in result.metrics:

@@ -122,6 +122,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if value is None and type(None) in options:
         return None
     for option in options:
+        if typing.get_origin(option) is list:  # a YAML list, or "a,b" / one value as text
+            (item,) = typing.get_args(option)
+            if isinstance(value, str) and item is not str:
+                value = [part for part in value.split(",") if part.strip()]
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [_coerce(key, v, item) for v in items]
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):

@@ -9,7 +9,10 @@ Three shapes of example, as TRL's trainers take them:
   not); a preference dataset given here is unpaired, one desirable and one undesirable example
   per pair;
 - ``language_modeling`` (SFT): ``text``, ``messages``, or ``prompt``/``completion``; a preference
-  dataset given here trains on ``prompt`` + ``chosen``.
+  dataset given here trains on ``prompt`` + ``chosen``;
+- ``prompt`` (GRPO, RLOO: the trainer samples the completions): ``prompt``, plus every other
+  column of the row, which the rewards read (``reference``, ``answer``, ...); the columns the
+  run's rewards need must be present and not null in every row.
 
 Each text field is either a string (standard) or a list of ``{"role", "content"}`` messages
 (conversational: the tokenizer's chat template is applied by the trainer). Files are read here,
@@ -21,18 +24,19 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omotool.errors import InputError, UsageError
 
-KINDS = ("preference", "unpaired", "language_modeling")
+KINDS = ("preference", "unpaired", "language_modeling", "prompt")
 FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "preference": (("prompt", "chosen", "rejected"), ("chosen", "rejected")),
     "unpaired": (("prompt", "completion", "label"),),
     "language_modeling": (("messages",), ("prompt", "completion"), ("text",)),
+    "prompt": (("prompt",),),
 }
 ROLES = ("system", "user", "assistant", "tool")
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -150,9 +154,19 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 
 # -- checking --------------------------------------------------------------------------------
-def check_row(row: Row, kind: str) -> dict[str, Any]:
-    """The row's fields for ``kind`` (see module docstring), or an InputError naming it."""
+def check_row(row: Row, kind: str, columns: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The row's fields for ``kind`` (see module docstring), or an InputError naming it.
+
+    ``columns`` (``prompt`` rows): column → who reads it; each must be present and not null.
+    """
     fields = row.fields
+    for column, reader in (columns or {}).items():
+        if fields.get(column) is None:
+            state = "null" if column in fields else "missing"
+            raise InputError(
+                f"{row.where}: field {column!r} is {state}, but {reader} reads it (found: "
+                f"{', '.join(sorted(k for k, v in fields.items() if v is not None)) or 'none'})."
+            )
     for names in FIELDS[kind]:
         if all(name in fields for name in names):
             break
@@ -169,7 +183,10 @@ def check_row(row: Row, kind: str) -> dict[str, Any]:
                 f"algorithm: {describe_formats(kind)}."
             )
     example = {name: fields[name] for name in names}
-    for name, value in example.items():
+    checked = dict(example)
+    if kind == "prompt":  # the other columns go to the rewards as they are
+        example = {**fields, **example}
+    for name, value in checked.items():
         if name == "label":
             example[name] = _label(value, row.where)
         elif name == "messages":
@@ -242,17 +259,23 @@ def as_language_modeling(example: dict[str, Any]) -> dict[str, Any]:
     return {"text": example["chosen"]}
 
 
-def load_examples(source: str | Path, kind: str, split: str = "train") -> list[dict[str, Any]]:
+def load_examples(
+    source: str | Path,
+    kind: str,
+    split: str = "train",
+    columns: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
     """Every row of ``source`` checked and shaped for ``kind``; an empty dataset is an error.
 
     All rows must share one format (TRL batches them together): the first row decides it.
+    ``columns``: see ``check_row``.
     """
     if kind not in KINDS:
         raise UsageError(f"unknown data kind {kind!r}; choose one of {', '.join(KINDS)}")
     examples: list[dict[str, Any]] = []
     first: tuple[str, ...] | None = None
     for row in read_rows(source, split):
-        example = check_row(row, kind)
+        example = check_row(row, kind, columns)
         shaped = _shape(example, kind)
         keys = tuple(sorted(shaped[0]))
         if first is None:

@@ -46,18 +46,21 @@ def load_reward_model(path: str, placement: Placement | None = None) -> tuple[An
     return placed(model, placement), AutoTokenizer.from_pretrained(path)
 
 
-def _render(tokenizer: Any, prompt: str, answer: str) -> str:
+def _render(tokenizer: Any, prompt: str | list[dict[str, str]], answer: str) -> str:
+    """The text the reward model reads: the conversation (a string prompt is one user message;
+    a list of messages is the conversation so far) with the answer as the assistant's turn."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    messages.append({"role": "assistant", "content": answer})
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         return tokenizer.apply_chat_template(messages, tokenize=False)
-    return f"{prompt}\n{answer}"
+    return "\n".join(message["content"] for message in messages)
 
 
 @torch.no_grad()
 def rewards(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | list[dict[str, str]]],
     answers: Sequence[str],
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,

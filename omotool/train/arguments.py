@@ -2,7 +2,7 @@
 from them (``trl_arguments``).
 
 Every option either reaches TRL's trainer or the optimizer, or is refused before anything is
-loaded: a loss option the algorithm's loss does not read (``check_loss_options``), a merge option
+loaded: an option the algorithm does not read (``check_algorithm_options``), a merge option
 the chosen ``--merge`` does not read (``check_merge_options``), a value out of range, and a
 setting the installed TRL has no field for.
 """
@@ -10,14 +10,18 @@ setting the installed TRL has no field for.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omotool.errors import OmoError, UsageError
-from omotool.train.algorithms import ALGORITHMS, LOSS_OPTIONS
+from omotool.train.algorithms import ALGORITHM_OPTIONS, ALGORITHMS
 
 MERGES = ("none", "dare", "ties")
+# TRL 1.16's GRPO losses and reward scalings (GRPOConfig's loss_type and scale_rewards).
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+SCALE_REWARDS = ("group", "batch", "none")
 REPORTERS = ("none", "tensorboard", "wandb")
 # The options only some --merge values read: option → (those values, what the option does).
 MERGE_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -66,8 +70,23 @@ class TrainConfig:
     election: str = "unweighted"
     seed: int = 0
     lr: float = 5e-7
-    beta: float = 0.1
+    beta: float | None = None  # None: TRL's default for the algorithm (resolved by validate)
     label_smoothing: float = 0.0
+    # online RL (grpo, rloo): rewards, and TRL's sampling and loss settings (None: TRL's default)
+    reward: list[str] = field(default_factory=list)  # verifiers and Python functions, in order
+    reward_model: list[str] = field(default_factory=list)  # reward model folders, after them
+    reward_weights: list[float] | None = None  # one per reward, in that order
+    reward_pattern: str | None = None  # of the regex verifier
+    reference_field: str = "reference"  # the column verifiers compare with
+    num_generations: int | None = None
+    max_completion_length: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    epsilon: float | None = None
+    loss_type: str | None = None
+    scale_rewards: str | None = None
+    num_iterations: int | None = None
+    use_vllm: bool = False
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 1
@@ -123,8 +142,10 @@ class TrainConfig:
             )
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise UsageError("--lr must be > 0, --batch-size and --grad-accum at least 1.")
-        check_loss_options(self)
+        self._resolve_beta()
+        check_algorithm_options(self)
         self._check_ranges()
+        check_rewards(self)
         least = ALGORITHMS.get(self.algo).min_batch_size
         if self.batch_size < least:
             raise UsageError(
@@ -132,12 +153,21 @@ class TrainConfig:
                 "TRL's KL estimate compares each example with the others in its batch)."
             )
 
+    def _resolve_beta(self) -> None:
+        """An unset ``beta`` becomes the TRL default of the algorithm's config (DPO 0.1, GRPO
+        0, RLOO 0.05), so that the saved config says which was used."""
+        algorithm = ALGORITHMS.get(self.algo)
+        if self.beta is None and "beta" in algorithm.options:
+            self.beta = float(algorithm.config_class().__dataclass_fields__["beta"].default)
+
     def _check_ranges(self) -> None:
         from omotool.merging import RESCALES
         from omotool.merging.consensus import ELECTIONS
 
         for option, value, choices in (
             ("rescale", self.rescale, RESCALES), ("election", self.election, ELECTIONS),
+            ("loss_type", self.loss_type, LOSS_TYPES),
+            ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
         ):  # fmt: skip
             if value is not None and value not in choices:
                 raise UsageError(f"{_flag(option)} {value!r}: choose one of {', '.join(choices)}.")
@@ -169,7 +199,19 @@ class TrainConfig:
              not 0 < self.reserve_p <= 1),
             ("--alpha must be in [0, 1]", not 0 <= self.alpha <= 1),
             ("--online-step must be at least 1", self.online_step < 1),
-            ("--beta must be > 0", self.beta <= 0),
+            ("--beta must be > 0", self.beta is not None and self.beta <= 0
+             and not ALGORITHMS.get(self.algo).online),
+            ("--beta must be >= 0 (0: no KL term, no reference model)",
+             self.beta is not None and self.beta < 0),
+            ("--num-generations must be at least 2 (advantages compare a prompt's completions)",
+             self.num_generations is not None and self.num_generations < 2),
+            ("--max-completion-length must be at least 1", self.max_completion_length is not None
+             and self.max_completion_length < 1),
+            ("--temperature must be > 0", self.temperature is not None and self.temperature <= 0),
+            ("--top-p must be in (0, 1]", self.top_p is not None and not 0 < self.top_p <= 1),
+            ("--epsilon must be > 0", self.epsilon is not None and self.epsilon <= 0),
+            ("--num-iterations must be at least 1", self.num_iterations is not None
+             and self.num_iterations < 1),
             ("--label-smoothing must be in [0, 0.5)", not 0 <= self.label_smoothing < 0.5),
         ]  # fmt: skip
         for message, wrong in problems:
@@ -200,15 +242,93 @@ def check_optimizer_backend(config: TrainConfig) -> None:
         raise UsageError(f"--optimizer-backend triton {reason}; use auto.")
 
 
-def check_loss_options(config: TrainConfig) -> None:
-    """Refuse a loss option (``LOSS_OPTIONS``) set away from its default for an algorithm whose
-    TRL loss does not read it: it would never reach the trainer."""
+def check_rewards(config: TrainConfig) -> None:
+    """The rewards of an online algorithm, checked before anything loads: at least one, each
+    understood (``rewards.parse_rewards``), their options used, one weight each, vLLM present
+    when asked for, and a batch TRL can cut into groups of ``--num-generations`` completions.
+    Offline algorithms take no rewards."""
+    from omotool.train.rewards import parse_rewards
+
+    algorithm = ALGORITHMS.get(config.algo)
     defaults = TrainConfig()
-    for option, (_, reason) in LOSS_OPTIONS.items():
+    given = [
+        f"{_flag(name)} {', '.join(map(str, value)) if isinstance(value, list) else value}"
+        for name in ("reward", "reward_model", "reward_pattern", "reference_field")
+        if (value := getattr(config, name)) != getattr(defaults, name)
+    ]
+    online = [name for name in ALGORITHMS if ALGORITHMS.get(name).online]
+    if not algorithm.online:
+        if given:
+            raise UsageError(
+                f"{given[0]} has no effect with --algo {config.algo} (it learns from fixed "
+                f"examples, not from rewards): drop it, or use --algo {' or '.join(online)}."
+            )
+        return
+    specs = parse_rewards(config.reward, config.reward_model)
+    if not specs:
+        raise UsageError(
+            f"--algo {config.algo} learns from rewards: give --reward (exact, regex, last_number, "
+            "or path/to/file.py:function) or --reward-model DIR, several if you like."
+        )
+    verifiers = [spec.source for spec in specs if spec.kind == "verifier"]
+    if "regex" in verifiers and not config.reward_pattern:
+        raise UsageError("--reward regex needs --reward-pattern (a regular expression).")
+    if config.reward_pattern is not None:
+        if "regex" not in verifiers:
+            raise UsageError("--reward-pattern is read by --reward regex only: add it, or drop it.")
+        from omotool.eval.generation import check_extract
+
+        check_extract("regex", config.reward_pattern)
+    if config.reference_field != defaults.reference_field and not verifiers:
+        raise UsageError(
+            f"--reference-field {config.reference_field} is read by the verifiers only "
+            "(--reward exact, regex, last_number): add one, or drop it."
+        )
+    if config.reward_weights is not None and len(config.reward_weights) != len(specs):
+        raise UsageError(
+            f"--reward-weights gives {len(config.reward_weights)} weights for {len(specs)} "
+            f"rewards ({', '.join(spec.option for spec in specs)}): give one per reward, in that "
+            "order (the --reward ones first, then the --reward-model ones)."
+        )
+    if config.max_length != defaults.max_length:
+        raise UsageError(
+            f"--max-length has no effect with --algo {config.algo} (it samples the completions): "
+            "use --max-completion-length."
+        )
+    if config.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise UsageError(
+            "--use-vllm needs the vllm package, which runs on GPU machines (pip install vllm); "
+            "without it, completions are sampled with transformers (drop --use-vllm)."
+        )
+    generations = config.num_generations or _trl_default(config.algo, "num_generations")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    completions = config.batch_size * processes * config.grad_accum
+    if completions % generations:
+        raise UsageError(
+            f"--algo {config.algo} samples --num-generations {generations} completions per "
+            f"prompt, but a step holds --batch-size {config.batch_size} × {processes} "
+            f"process(es) × --grad-accum {config.grad_accum} = {completions} completions, not a "
+            f"multiple of {generations}: make the product a multiple (e.g. --batch-size "
+            f"{generations}), or change --num-generations."
+        )
+
+
+def _trl_default(algo: str, name: str) -> Any:
+    return ALGORITHMS.get(algo).config_class().__dataclass_fields__[name].default
+
+
+def check_algorithm_options(config: TrainConfig) -> None:
+    """Refuse an option only some algorithms take (``ALGORITHM_OPTIONS``) set away from its
+    default for an algorithm whose TRL config does not read it: it would never reach the
+    trainer."""
+    defaults = TrainConfig()
+    for option, (_, reason) in ALGORITHM_OPTIONS.items():
         value = getattr(config, option)
         if option in ALGORITHMS.get(config.algo).options or value == getattr(defaults, option):
             continue
         takers = [name for name in ALGORITHMS if option in ALGORITHMS.get(name).options]
+        if isinstance(value, list):
+            value = ",".join(f"{v:g}" for v in value)
         given = _flag(option) if isinstance(value, bool) else f"{_flag(option)} {value}"
         raise UsageError(
             f"{given} has no effect with --algo {config.algo} ({reason}): drop it, or use "
@@ -236,10 +356,10 @@ def trl_arguments(config: TrainConfig, output: Path) -> Any:
     """The TRL config object for ``config.algo``, with omotool's option names mapped.
 
     Every value reaches a field of the TRL config class: an option the algorithm's loss does
-    not read is refused (``check_loss_options``), and a field missing from the installed TRL
+    not read is refused (``check_algorithm_options``), and a field missing from the installed TRL
     is an error, never silently dropped.
     """
-    check_loss_options(config)
+    check_algorithm_options(config)
     algorithm = ALGORITHMS.get(config.algo)
     config_class = algorithm.config_class()
     fields = set(config_class.__dataclass_fields__)
@@ -273,7 +393,15 @@ def trl_arguments(config: TrainConfig, output: Path) -> Any:
         values.update(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
     if config.eval_dataset:
         values.update(eval_strategy="steps", eval_steps=config.eval_steps or config.logging_steps)
-    values.update({LOSS_OPTIONS[o][0]: getattr(config, o) for o in algorithm.options})
+    values.update(
+        {
+            ALGORITHM_OPTIONS[option][0]: getattr(config, option)
+            for option in algorithm.options
+            if getattr(config, option) is not None  # unset: TRL's default
+        }
+    )
+    if algorithm.online:  # completions are cut at --max-completion-length instead
+        values.pop("max_length")
     values.update(algorithm.settings)
     missing = sorted(set(values) - fields)
     if missing:

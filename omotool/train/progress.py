@@ -1,4 +1,5 @@
-"""A rich progress bar for training runs: steps with ETA, live loss and reward accuracy."""
+"""A rich progress bar for training runs: steps with ETA, live loss, and the reward accuracy (DPO
+family) or the mean reward (GRPO, RLOO)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def progress_callback(console: Console) -> Any:
             shown = [f"loss {logs['loss']:.4f}"]
             if "rewards/accuracies" in logs:
                 shown.append(f"reward acc {logs['rewards/accuracies']:.2f}")
+            if "reward" in logs:  # online RL: the mean reward of the step's completions
+                shown.append(f"reward {logs['reward']:.3f}")
             self.bar.update(self.task, description="  ".join(shown))
 
         def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:

@@ -32,6 +32,7 @@ from omotool.train.checkpoints import (
     Interrupt,
     checkpoints,
 )
+from omotool.train.rewards import load_reward, name_uniquely, parse_rewards, required_columns
 from omotool.train.trainer import metrics_callback, online_merging_trainer
 
 METRICS_FILE = "metrics.jsonl"
@@ -65,12 +66,29 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _dataset(path: str, kind: str, split: str) -> Any:
+def _dataset(path: str, kind: str, split: str, columns: dict[str, str] | None = None) -> Any:
     from datasets import Dataset
 
     from omotool.data import load_examples
 
-    return Dataset.from_list(load_examples(path, kind, split))
+    return Dataset.from_list(load_examples(path, kind, split, columns))
+
+
+def _verifier_settings(config: TrainConfig) -> tuple[str, str | None]:
+    return config.reference_field, config.reward_pattern
+
+
+def _reward_model_placement(config: TrainConfig) -> Any:
+    """Reward models run where this process trains (its GPU under torchrun), in the policy's
+    dtype."""
+    import torch
+
+    from omotool.eval.device import Placement
+
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return Placement(device, torch.bfloat16 if config.bf16 else torch.float32)
 
 
 def prepare_output(output: Path, overwrite: bool) -> None:
@@ -159,12 +177,25 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     with _loading(config.model):  # its config.json: a wrong --model fails before anything runs
         AutoConfig.from_pretrained(config.model)
     start = resume_point(config, output) if config.resume else None
-    train_data = _dataset(config.dataset, algorithm.kind, config.split)
+    specs = parse_rewards(config.reward, config.reward_model) if algorithm.online else []
+    # Verifiers and Python functions first (an import error before any data or model is read),
+    # reward models once the data are checked; all before the policy loads.
+    rewards = [
+        None if s.kind == "model" else load_reward(s, *_verifier_settings(config)) for s in specs
+    ]
+    columns = required_columns([r for r in rewards if r is not None])
+    train_data = _dataset(config.dataset, algorithm.kind, config.split, columns)
     eval_data = (
-        _dataset(config.eval_dataset, algorithm.kind, config.eval_split)
+        _dataset(config.eval_dataset, algorithm.kind, config.eval_split, columns)
         if config.eval_dataset
         else None
     )
+    placement = _reward_model_placement(config)
+    rewards = [
+        reward or load_reward(spec, *_verifier_settings(config), placement)
+        for reward, spec in zip(rewards, specs, strict=True)
+    ]
+    name_uniquely(rewards)
     tau = load_task_vector(config) if config.merge != "none" else None
     metrics_path = output / METRICS_FILE
     if _is_main_process():  # under torchrun/accelerate the other ranks only train
@@ -193,6 +224,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         seed=config.seed,
         backend=config.optimizer_backend,
     )
+    extra = {"reward_funcs": rewards} if algorithm.online else {}
     try:
         trainer = trainer_class(
             model=model,
@@ -201,6 +233,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
             eval_dataset=eval_data,
             processing_class=tokenizer,
             callbacks=[metrics, interrupt.callback(), *callbacks],
+            **extra,
         )
     except ValueError as exc:  # TRL's checks of the model, tokenizer and settings together
         name = algorithm.trainer.rpartition(":")[2]
@@ -221,7 +254,9 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         metrics=metrics.last,
         examples=len(train_data),
         dropped=len(train_data) - len(trainer.train_dataset),
-        truncated=count_truncated(trainer.train_dataset, config.max_length),
+        truncated=0
+        if algorithm.online
+        else count_truncated(trainer.train_dataset, config.max_length),
         optimizer_backend=_resolved_backend(trainer.optimizer),
     )
     if not interrupt.requested:

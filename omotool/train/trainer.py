@@ -83,6 +83,7 @@ def online_merging_trainer(
                 if (output / name).exists():
                     shutil.rmtree(output / name)
                 os.replace(staging / name, output / name)
+                shutil.rmtree(staging)  # what else the trainer wrote there (TRL: a model card)
                 fsync_path(output)
                 rotate_checkpoints(output, self.args.save_total_limit)
             self.accelerator.wait_for_everyone()

@@ -72,7 +72,9 @@ def test_every_shipped_recipe_loads_and_validates(recipe: Path) -> None:
     config_cls = kinds[recipe.parent.name]
     values = load_recipe(recipe)
     required = {
-        f.name: "x" for f in dataclasses.fields(config_cls) if f.default is dataclasses.MISSING
+        f.name: "x"
+        for f in dataclasses.fields(config_cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
     build_config(config_cls, {**required, **values}, {}).validate()
 

@@ -133,6 +133,31 @@ def test_sft_takes_text_messages_or_the_chosen_answer(tmp_path) -> None:
     assert load_examples(chats, "language_modeling")[0]["messages"][1]["content"] == "4"
 
 
+def test_prompt_rows_keep_the_columns_rewards_read(tmp_path) -> None:
+    rows = [
+        {"prompt": "2+2?", "reference": "4", "topic": "math"},
+        {"prompt": CHAT_PAIR["prompt"], "reference": 4, "topic": "math"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    assert load_examples(path, "prompt", columns={"reference": "--reward exact"}) == rows
+    assert load_examples(write_jsonl(tmp_path / "pairs.jsonl", [PAIR]), "prompt") == [PAIR]
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ({"prompt": "a"}, r"p.jsonl:2: field 'reference' is missing, but --reward exact reads it"),
+        ({"prompt": "a", "reference": None}, r"p.jsonl:2: field 'reference' is null"),
+        ({"reference": "1"}, r"p.jsonl:2: missing field 'prompt'"),
+        ({"prompt": "", "reference": "1"}, r"p.jsonl:2: field 'prompt' is empty"),
+    ],
+)
+def test_bad_prompt_rows_are_named(tmp_path, row, problem) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine", "reference": "1"}, row])
+    with pytest.raises(InputError, match=problem):
+        load_examples(path, "prompt", columns={"reference": "--reward exact"})
+
+
 def test_bad_paths_and_kinds(tmp_path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         list(read_rows(tmp_path / "missing.jsonl"))

@@ -9,7 +9,7 @@ import pytest
 from transformers import TrainingArguments
 
 from omotool.errors import OmoError, UsageError
-from omotool.train.algorithms import ALGORITHMS, LOSS_OPTIONS, Algorithm
+from omotool.train.algorithms import ALGORITHM_OPTIONS, ALGORITHMS, Algorithm
 from omotool.train.arguments import MERGE_OPTIONS, MERGES, TrainConfig, trl_arguments
 
 # The loss each --algo must end up with in its TRL config (orpo's config has no loss_type).
@@ -22,13 +22,22 @@ LOSSES = {
     "simpo": {"loss_type": "simpo", "cpo_alpha": 0.0},
     "orpo": {},
     "sft": {"loss_type": "nll"},
+    "grpo": {},
+    "rloo": {},
 }
-# Values away from every default, for the loss options an algorithm takes.
-SET = {"beta": 0.3, "label_smoothing": 0.2, "precompute_ref": True}
+# Values away from every default, for the options only some algorithms take.
+SET = {
+    "beta": 0.3, "label_smoothing": 0.2, "precompute_ref": True, "num_generations": 2,
+    "max_completion_length": 17, "temperature": 0.7, "top_p": 0.9, "use_vllm": True,
+    "num_iterations": 2, "epsilon": 0.3, "loss_type": "grpo", "scale_rewards": "batch",
+    "reward_weights": [0.5],
+}  # fmt: skip
 
 
 def train_config(tmp_path, **options) -> TrainConfig:
     settings = dict(model="m", dataset="d", out=str(tmp_path), merge="none", batch_size=2)
+    if ALGORITHMS.get(options.get("algo", "dpo")).online:
+        settings.update(reward=["exact"], batch_size=8)  # TRL's 8 generations per prompt
     return TrainConfig(**(settings | options))
 
 
@@ -40,10 +49,12 @@ def test_losses_cover_every_algorithm() -> None:
 @pytest.mark.parametrize("algo", list(LOSSES))
 def test_every_option_reaches_the_trl_config(tmp_path, algo, on) -> None:
     algorithm = ALGORITHMS.get(algo)
-    taken = {option: SET[option] for option in algorithm.options}
+    # (use_vllm: vLLM is not installed here; test_use_vllm_needs_vllm)
+    taken = {option: SET[option] for option in algorithm.options if option != "use_vllm"}
+    length = {} if algorithm.online else {"max_length": 77}  # online: max_completion_length
     config = train_config(
-        tmp_path, algo=algo, lr=3e-4, max_length=77, warmup_steps=7, lr_scheduler="cosine",
-        bf16=on, gradient_checkpointing=on, report_to="tensorboard" if on else "none", **taken,
+        tmp_path, algo=algo, lr=3e-4, warmup_steps=7, lr_scheduler="cosine", bf16=on,
+        gradient_checkpointing=on, report_to="tensorboard" if on else "none", **length, **taken,
     )  # fmt: skip
     dataclasses.replace(config, report_to="none").validate()  # (tensorboard is not installed)
     args = trl_arguments(config, tmp_path)
@@ -57,19 +68,28 @@ def test_every_option_reaches_the_trl_config(tmp_path, algo, on) -> None:
         assert args.label_smoothing == 0.2
     if "precompute_ref" in taken:
         assert args.precompute_ref_log_probs is True
+    for option in set(taken) - {"beta", "label_smoothing", "precompute_ref"}:
+        assert getattr(args, ALGORITHM_OPTIONS[option][0]) == SET[option], option
     # gradient checkpointing: transformers reads activation_checkpointing, TRL its alias
     assert args.activation_checkpointing is on and args.gradient_checkpointing is on
     assert args.bf16 is on  # (TRL's default is True: off must be passed)
     assert args.report_to == (["tensorboard"] if on else [])
-    assert (args.learning_rate, args.max_length, args.warmup_steps) == (3e-4, 77, 7)
+    assert (args.learning_rate, args.warmup_steps) == (3e-4, 7)
+    assert args.max_length == 77 if not algorithm.online else not hasattr(args, "max_length")
     assert args.lr_scheduler_type.value == "cosine"
 
 
 @pytest.mark.parametrize("algo", list(LOSSES))
 def test_loss_options_default_off_where_taken(tmp_path, algo) -> None:
-    args = trl_arguments(train_config(tmp_path, algo=algo), tmp_path)
-    if "beta" in ALGORITHMS.get(algo).options:
-        assert args.beta == 0.1
+    config = train_config(tmp_path, algo=algo)
+    config.validate()
+    args = trl_arguments(config, tmp_path)
+    if "beta" in ALGORITHMS.get(algo).options:  # TRL's default for the algorithm, recorded
+        trl_default = type(args).__dataclass_fields__["beta"].default
+        assert args.beta == config.beta == trl_default == {"grpo": 0.0, "rloo": 0.05}.get(algo, 0.1)
+    for option in set(ALGORITHMS.get(algo).options) - {"beta", "label_smoothing", "precompute_ref"}:
+        field = ALGORITHM_OPTIONS[option][0]  # unset: TRL's default reaches the trainer
+        assert getattr(args, field) == type(args).__dataclass_fields__[field].default, option
     if "precompute_ref" in ALGORITHMS.get(algo).options:
         assert args.precompute_ref_log_probs is False
     assert args.activation_checkpointing is False and args.bf16 is False
@@ -78,7 +98,7 @@ def test_loss_options_default_off_where_taken(tmp_path, algo) -> None:
 REFUSED = [
     (algo, option)
     for algo in ALGORITHMS
-    for option in LOSS_OPTIONS
+    for option in ALGORITHM_OPTIONS
     if option not in ALGORITHMS.get(algo).options
 ]
 
@@ -106,7 +126,7 @@ def test_loss_options_name_fields_of_the_config_class() -> None:
         algorithm = ALGORITHMS.get(name)
         fields = set(algorithm.config_class().__dataclass_fields__)
         for option in algorithm.options:
-            assert LOSS_OPTIONS[option][0] in fields, (name, option)
+            assert ALGORITHM_OPTIONS[option][0] in fields, (name, option)
         assert set(algorithm.settings) <= fields, name
 
 
@@ -288,3 +308,58 @@ def test_command_line_refuses_a_merge_option_adamw_does_not_read(cli, tmp_path) 
     assert "--alpha 0.0 has no effect with --merge none" in output
     assert "--merge dare or ties" in output and "Traceback" not in output
     assert not out.exists()
+
+
+# -- online RL: rewards ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(algo="grpo", reward=[]), "--algo grpo learns from rewards: give --reward"),
+        (dict(algo="dpo", reward=["exact"]), "--reward exact has no effect with --algo dpo"),
+        (dict(algo="kto", reward_model=["rm"]), "--reward-model rm has no effect with --algo kto"),
+        (dict(algo="rloo", reward=["nope"]), "--reward 'nope': give a verifier"),
+        (dict(algo="grpo", reward=["regex"]), "--reward regex needs --reward-pattern"),
+        (dict(algo="grpo", reward_pattern="x"), "--reward-pattern is read by --reward regex"),
+        (dict(algo="grpo", reward=["regex"], reward_pattern="("), "not a regular expression"),
+        (dict(algo="grpo", reward=["f.py:g"], reference_field="answer"),
+         "--reference-field answer is read by the verifiers only"),
+        (dict(algo="grpo", reward=["exact"], reward_model=["rm"], reward_weights=[1.0]),
+         r"gives 1 weights for 2 rewards \(--reward exact, --reward-model rm\)"),
+        (dict(algo="grpo", max_length=64), "use --max-completion-length"),
+        (dict(algo="grpo", use_vllm=True), "--use-vllm needs the vllm package"),
+        (dict(algo="grpo", num_generations=3),
+         r"--batch-size 8 × 1 process\(es\) × --grad-accum 1 = 8 completions, not a multiple "
+         "of 3"),
+        (dict(algo="rloo", batch_size=3), "--num-generations 2 .* = 3 completions"),
+        (dict(algo="grpo", num_generations=1, batch_size=1),
+         "--num-generations must be at least 2"),
+        (dict(algo="grpo", beta=-0.1), "--beta must be >= 0"),
+        (dict(algo="dpo", beta=0.0), "--beta must be > 0"),
+        (dict(algo="grpo", loss_type="ppo"), "--loss-type 'ppo': choose one of grpo, dr_grpo"),
+        (dict(algo="grpo", scale_rewards="std"), "--scale-rewards 'std': choose one of group"),
+        (dict(algo="grpo", top_p=0.0), r"--top-p must be in \(0, 1\]"),
+        (dict(algo="grpo", temperature=0.0), "--temperature must be > 0"),
+    ],
+)  # fmt: skip
+def test_online_settings_are_checked_before_loading(tmp_path, options, message) -> None:
+    with pytest.raises(UsageError, match=message):
+        train_config(tmp_path, **options).validate()
+
+
+def test_grpo_takes_zero_beta_and_several_processes_count(tmp_path, monkeypatch) -> None:
+    config = train_config(tmp_path, algo="grpo", beta=0.0, num_generations=4, batch_size=4)
+    assert trl_arguments(config, tmp_path).beta == 0.0
+    config.batch_size = 2
+    with pytest.raises(UsageError, match="= 2 completions, not a multiple of 4"):
+        config.validate()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # 2 completions × 2 processes: one group of 4
+    config.validate()
+
+
+def test_reward_options_on_the_command_line(cli, tmp_path) -> None:
+    result = cli(
+        "train", "--model", "m", "--dataset", "d", "-o", tmp_path / "o", "--algo", "grpo",
+        "--merge", "none", "--reward", "exact", "--reward", "r.py:f", "--reward-weights", "0.5",
+        expect=2,
+    )  # fmt: skip
+    assert "--reward-weights gives 1 weights for 2 rewards" in " ".join(result.output.split())

@@ -1,0 +1,291 @@
+"""`omotool train --algo grpo|rloo`: TRL's online trainers with every reward kind and online
+merging, on a tiny model that half-solves its task.
+
+The task: every prompt's right answer is "1". The SFT model was taught "1" and "2" equally
+often, so it samples the right answer about half the time; a reward that prefers "1" must raise
+P("1" | prompt) (measured exactly, from the model's log-probabilities, not from samples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
+
+from omotool.errors import InputError
+from omotool.eval.reward_model import _render, rewards
+from omotool.eval.scoring import encode_pair, token_logprobs
+from omotool.tiny_models import build_model, build_tokenizer, model_config, save_model
+from omotool.train.rewards import RewardError, reward_model_function
+from omotool.train.runner import TrainConfig, run_training
+from tests.integration.test_train import assert_same_model, start_worker, wait_for
+
+PROMPTS = [f"pick {a} or {b} ?" for a in "abcd" for b in "wxyz"]
+ANSWERS = ("1", "2")  # "1" is right
+
+
+def _batch(tokenizer, encoded):
+    width = max(len(p) + len(c) for p, c in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+    for row, (prompt, completion) in enumerate(encoded):
+        end = len(prompt) + len(completion)
+        ids[row, :end], mask[row, :end] = torch.tensor(prompt + completion), 1
+        labels[row, len(prompt) : end] = torch.tensor(completion)
+    return ids, mask, labels
+
+
+@pytest.fixture(scope="module")
+def half_solver(tmp_path_factory) -> tuple[Path, Path]:
+    """(base, SFT): SFT fine-tuned on "1" and "2" equally for every prompt."""
+    folder = tmp_path_factory.mktemp("half")
+    base = build_model(folder / "base", arch="llama", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    torch.manual_seed(0)
+    encoded = [encode_pair(tokenizer, p, a) for p in PROMPTS for a in ANSWERS]
+    ids, mask, labels = _batch(tokenizer, encoded)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    sft = save_model(model, folder / "sft")
+    assert 0.35 < p_right(sft) < 0.65  # it half-solves the task
+    return base, sft
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory) -> Path:
+    """A 1-output classifier trained to score the answer "1" at +1 and "2" at −1."""
+    folder = tmp_path_factory.mktemp("rm") / "rm"
+    tokenizer = build_tokenizer(folder)
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification(model_config("llama", vocab_size=320))
+    model.config.num_labels, model.config.pad_token_id = 1, tokenizer.pad_token_id
+    model.score = torch.nn.Linear(model.config.hidden_size, 1, bias=False)
+    texts = [_render(tokenizer, p, a) for p in PROMPTS for a in ANSWERS]
+    target = torch.tensor([1.0, -1.0] * len(PROMPTS))
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        loss = ((model(**batch).logits[:, 0] - target) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    rows = [{"prompt": p, "reference": "1", "topic": "pick"} for p in PROMPTS]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def p_right(model_path: Path) -> float:
+    """Mean over the prompts of P("1" then end of text | prompt)."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    scores, _ = token_logprobs(model, tokenizer, [encode_pair(tokenizer, p, "1") for p in PROMPTS])
+    return sum(math.exp(s) for s in scores) / len(scores)
+
+
+def online(half_solver, data: Path, out: Path, **options) -> TrainConfig:
+    base, sft = half_solver
+    values = dict(
+        model=str(sft), dataset=str(data), out=str(out), algo="grpo", merge="none",
+        reward=["exact"], num_generations=4, batch_size=8, max_completion_length=3,
+        max_steps=8, lr=3e-3,
+    )  # fmt: skip
+    if options.get("merge", "none") != "none":
+        values.update(base=str(base), reserve_p=0.1)
+    return TrainConfig(**(values | options))
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+REWARD_FILE = '''
+def right(completions, reference, **kwargs):
+    """1 for the reference answer, 0 otherwise."""
+    return [float(c.strip() == r) for c, r in zip(completions, reference)]
+
+def shorter(completions, **kwargs):
+    return [-len(c) / 10 for c in completions]
+
+def flaky(completions, trainer_state, **kwargs):
+    if trainer_state.global_step >= 2:
+        raise ValueError("no answer fits")
+    return [0.0] * len(completions)
+'''
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("rewards") / "my_rewards.py"
+    path.write_text(REWARD_FILE)
+    return path
+
+
+KINDS = ["exact", "regex", "last_number", "file", "module", "reward-model"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_reward_kind_raises_the_reward(
+    half_solver, prompts, reward_file, reward_model, tmp_path, monkeypatch, kind
+) -> None:
+    options: dict = {"reward": [kind]}
+    name = kind
+    if kind == "regex":
+        options["reward_pattern"] = r"(\d)"
+    elif kind in ("file", "module"):
+        monkeypatch.syspath_prepend(str(reward_file.parent))
+        source = f"{reward_file}:right" if kind == "file" else "my_rewards:right"
+        options, name = {"reward": [source]}, "right"
+    elif kind == "reward-model":
+        options, name = {"reward": [], "reward_model": [str(reward_model)]}, "rm"
+    out = tmp_path / "run"
+    result = run_training(online(half_solver, prompts, out, **options))
+    assert result.steps == 8
+    before, after = p_right(half_solver[1]), p_right(out)
+    assert after > before + 0.08, (before, after)
+    logged = [r for r in records(out) if "reward" in r]
+    assert len(logged) == 8 and all(f"rewards/{name}/mean" in r for r in logged)
+    assert {"reward_std", "completions/mean_length", "loss"} <= set(logged[0])
+    metadata = json.loads((out / "omotool.json").read_text())
+    assert metadata["config"]["algo"] == "grpo" and metadata["config"]["beta"] == 0.0
+
+
+def test_the_reward_model_reward_is_evals_score(reward_model, half_solver) -> None:
+    from omotool.eval.reward_model import load_reward_model
+
+    model, tokenizer = load_reward_model(str(reward_model))
+    score = reward_model_function(model, tokenizer)
+    chat = [{"role": "user", "content": PROMPTS[0]}]
+    got = score(prompts=[PROMPTS[0], chat], completions=["1", [{"content": "2"}]])
+    assert got == rewards(model, tokenizer, [PROMPTS[0], chat], ["1", "2"])
+    assert got[0] > got[1]  # the trained reward model prefers the right answer
+
+
+@pytest.mark.parametrize(("algo", "merge"), [("grpo", "dare"), ("grpo", "ties"), ("rloo", "ties")])
+def test_online_merging_trains_grpo_and_rloo(half_solver, prompts, tmp_path, algo, merge) -> None:
+    out = tmp_path / "run"
+    run_training(online(half_solver, prompts, out, algo=algo, merge=merge))
+    assert p_right(out) > p_right(half_solver[1]) + 0.08
+    logged = [r for r in records(out) if "reward" in r]
+    assert all(0 < r["merge/kept_fraction"] <= 0.11 for r in logged)
+    if algo == "rloo":
+        assert json.loads((out / "omotool.json").read_text())["config"]["beta"] == 0.05
+
+
+def test_weighted_rewards_on_the_command_line(cli, half_solver, prompts, reward_file, tmp_path):
+    base, sft = half_solver
+    out = tmp_path / "cli"
+    result = cli(
+        "train", "--algo", "grpo", "--merge", "ties", "--model", sft, "--base", base,
+        "--dataset", prompts, "-o", out, "--reward", f"{reward_file}:shorter", "--reward",
+        "exact", "--reward-weights", "0.5,1", "--num-generations", "4", "--batch-size", "8",
+        "--max-completion-length", "3", "--max-steps", "2", "--lr", "1e-3", "--json",
+    )  # fmt: skip
+    report = json.loads(result.output)
+    assert report["steps"] == 2 and report["examples"] == len(PROMPTS)
+    last = records(out)[-2]  # (the last line is the run's summary)
+    assert {"rewards/shorter/mean", "rewards/exact/mean", "merge/kept_fraction"} <= set(last)
+    weighted = 0.5 * last["rewards/shorter/mean"] + last["rewards/exact/mean"]
+    assert last["reward"] == pytest.approx(weighted, abs=1e-6)
+
+
+def test_a_reward_that_raises_stops_the_run_keeping_the_last_checkpoint(
+    cli, half_solver, prompts, reward_file, tmp_path
+) -> None:
+    base, sft = half_solver
+    out = tmp_path / "flaky"
+    result = cli(
+        "train", "--algo", "grpo", "--merge", "none", "--model", sft, "--dataset", prompts,
+        "-o", out, "--reward", f"{reward_file}:flaky", "--num-generations", "4",
+        "--batch-size", "8", "--max-completion-length", "3", "--max-steps", "5",
+        "--save-steps", "1", expect=1,
+    )  # fmt: skip
+    message = " ".join(result.output.split())
+    assert f"reward --reward {reward_file}:flaky raised ValueError: no answer fits" in message
+    assert "(prompt: 'pick" in message and "Traceback" not in result.output
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "omotool.json").exists() and not (out / "model.safetensors").exists()
+    assert not (out / ".staging").exists()
+
+
+def test_bad_reward_inputs_fail_before_training(
+    cli, half_solver, prompts, reward_file, tmp_path
+) -> None:
+    base, sft = half_solver
+    common = ["train", "--algo", "grpo", "--merge", "none", "--model", sft,
+              "--num-generations", "4", "--batch-size", "8", "-o", tmp_path / "bad"]  # fmt: skip
+    no_reference = tmp_path / "no_reference.jsonl"
+    no_reference.write_text(json.dumps({"prompt": "a"}) + "\n")
+    cases = [
+        (["--dataset", no_reference, "--reward", "last_number"],
+         "no_reference.jsonl:1: field 'reference' is missing, but --reward last_number reads it"),
+        (["--dataset", prompts, "--reward", f"{reward_file}:missing"],
+         "has no 'missing' (it defines: flaky, right, shorter)"),
+        (["--dataset", no_reference, "--reward", f"{reward_file}:right"],
+         "field 'reference' is missing, but --reward"),
+        (["--dataset", prompts, "--reward-model", sft], "not a sequence classifier"),
+    ]  # fmt: skip
+    for options, message in cases:
+        result = cli(*common, *options, expect=1)
+        assert message in " ".join(result.output.split()), result.output
+        assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+    with pytest.raises(InputError):
+        run_training(online(half_solver, no_reference, tmp_path / "lib", reward=["exact"]))
+
+
+def test_a_nan_reward_stops_the_run(half_solver, prompts, tmp_path) -> None:
+    module = tmp_path / "nan_reward.py"
+    module.write_text("def nan(completions, **kw):\n    return [float('nan')] * len(completions)\n")
+    config = online(half_solver, prompts, tmp_path / "run", reward=[f"{module}:nan"], max_steps=2)
+    with pytest.raises(RewardError, match=r"returned nan for the prompt 'pick"):
+        run_training(config)
+
+
+@pytest.mark.slow  # subprocesses killed and resumed
+def test_sigkill_then_resume_is_bit_identical(half_solver, prompts, tmp_path) -> None:
+    whole = online(half_solver, prompts, tmp_path / "whole", merge="ties", max_steps=6,
+                   save_steps=2)  # fmt: skip
+    run_training(whole)
+    killed = dataclasses.replace(whole, out=str(tmp_path / "killed"))
+    process = start_worker(killed, tmp_path)
+    wait_for(Path(killed.out) / "checkpoint-2", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (Path(killed.out) / "omotool.json").exists()
+    result = run_training(dataclasses.replace(killed, resume=True))
+    assert result.resumed_from is not None and result.steps == 6
+    assert_same_model(Path(killed.out), Path(whole.out))
+    rewards_whole = [r["reward"] for r in records(Path(whole.out)) if "reward" in r]
+    rewards_resumed = [r["reward"] for r in records(Path(killed.out)) if "reward" in r]
+    assert rewards_resumed == rewards_whole  # the same completions were sampled
+
+
+def test_the_tiny_grpo_recipe_runs(cli, llama_pair, tmp_path) -> None:
+    base, sft = llama_pair
+    recipe = Path(__file__).parents[2] / "recipes" / "train" / "tiny-grpo-onties.yaml"
+    cli("delta", base, sft, "-o", tmp_path / "tau")
+    out = tmp_path / "grpo"
+    cli(
+        "train", "--config", recipe, "--set", f"model={sft}", "--set",
+        f"task_vector={tmp_path / 'tau'}", "--set", f"out={out}", "--set", "max_steps=2",
+        "--set", "save_steps=0",
+    )  # fmt: skip
+    assert "rewards/last_number/mean" in records(out)[0]
+    assert json.loads((out / "omotool.json").read_text())["steps"] == 2
