@@ -625,6 +625,11 @@ def demo(
     fast: bool = typer.Option(
         False, "--fast", help="One seed, smaller grids, shorter pre-training (about 2 minutes)."
     ),
+    track: str = typer.Option(
+        "dpo",
+        help="dpo (the paper's setting) or grpo (online RL from the SFT model with a rule "
+        "reward; shares the world, base, SFT and task vector stages; report in WORKDIR/grpo).",
+    ),
     threads: int = typer.Option(
         1, min=1, help="CPU threads (the miniature's matrices are too small for more to pay)."
     ),
@@ -651,8 +656,9 @@ def demo(
     debug: bool = DebugOption,
 ) -> None:
     """Show the paper in miniature: per seed a world, pre-training, SFT, DPO with AdamW /
-    OnDARE / OnTIES / ChildTuning over their grids, offline merges, evaluation on validation
-    and test splits; then the report, verdicts and plot.
+    OnDARE / OnTIES / ChildTuning over their grids (or, --track grpo, GRPO with AdamW / OnDARE
+    / OnTIES), offline merges, evaluation on validation and test splits; then the report,
+    verdicts and plot.
 
     Everything is made here (data, tokenizer, models); nothing is downloaded. Stages are
     cached in --workdir: run it again to resume or to re-draw the report.
@@ -664,7 +670,7 @@ def demo(
 
     placement = resolve_placement(device, dtype)
     _quiet_libraries()
-    settings = settings_for(fast, seeds)
+    settings = settings_for(fast, seeds, track)
 
     def show(stage: str, message: str) -> None:
         if not json_output:

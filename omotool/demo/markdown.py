@@ -128,7 +128,8 @@ def details_markdown(results: dict[str, Any]) -> str:
 
 
 def report_markdown(results: dict[str, Any], plot: Path | None) -> str:
-    lines = ["# omotool demo: online merging in miniature", "", details_markdown(results)]
+    track = " (GRPO track)" if results["settings"].get("track") == "grpo" else ""
+    lines = [f"# omotool demo{track}: online merging in miniature", "", details_markdown(results)]
     if plot is not None:
         lines += [f"![reward against tax]({plot.name})", ""]
     return "\n".join(lines)

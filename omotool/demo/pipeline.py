@@ -17,6 +17,13 @@ an interrupted run resumes at the stage it was in), under ``seed-<s>/``:
 7. ``eval/<model>``: ``omotool eval`` of every model on both suites;
 
 then ``report.md``, ``results.json`` and ``tradeoff.png`` (``omotool.demo.report``).
+
+The ``grpo`` track (``DemoSettings.track``) shares stages 1–4 and replaces DPO by online RL:
+``omotool train --algo grpo`` from the SFT model on the requests of the preference data, with
+the rule that judges the style at evaluation as its reward (a completion that closes with
+"glad to help" scores 1), with AdamW, OnDARE and OnTIES over their own grids
+(``seed-<s>/grpo/runs/``), the offline-merge sweep of an AdamW run (``seed-<s>/grpo/merges``),
+the same evaluations, and its report in ``grpo/`` of the work dir.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omotool import __version__
-from omotool.errors import OutputError
+from omotool.errors import OutputError, UsageError
 from omotool.io.formats import write_text_atomic
 
 if TYPE_CHECKING:
@@ -46,12 +53,15 @@ METHODS: dict[str, str] = {  # name: omotool train --merge
     "onties": "ties",
     "childtuning": "dare",  # OnDARE with α = 0
 }
+TRACKS = ("dpo", "grpo")
+GRPO_METHODS = ("adamw", "ondare", "onties")
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     """Every size and hyper-parameter of the miniature (see docs/demo.md for the choices)."""
 
+    track: str = "dpo"  # dpo (the paper's setting) or grpo (online RL with a rule reward)
     seeds: int = 4  # whole-pipeline replicates: world, base, SFT, τ and DPO
     entities: int = 24
     reversals: int = 800
@@ -76,14 +86,35 @@ class DemoSettings:
     merge_lr: float = 5e-5  # the AdamW run that merge-offline sweeps
     merge_alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
     max_new_tokens: int = 24
+    # the grpo track: its own grids; completions are sampled up to max_new_tokens
+    grpo_lr_grid: tuple[float, ...] = (3e-5, 6e-5, 1e-4)  # AdamW, OnDARE
+    grpo_ties_lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # OnTIES: only the top p moves
+    grpo_dare_alphas: tuple[float, ...] = (1e-3,)
+    grpo_ties_alphas: tuple[float, ...] = (1e-3,)
+    grpo_epochs: float = 2.0
+    grpo_generations: int = 4  # completions per prompt
+    grpo_batch: int = 16  # completions per step (4 prompts)
+    grpo_merge_lr: float = 1e-4  # the AdamW run that merge-offline sweeps
+
+    def methods(self) -> tuple[str, ...]:
+        """The trained methods of the track."""
+        return tuple(METHODS) if self.track == "dpo" else GRPO_METHODS
 
     def grid(self, method: str) -> list[tuple[float, float]]:
         """The (learning rate, α) settings ``method`` is trained at."""
+        grpo = self.track == "grpo"
+        lrs = self.grpo_lr_grid if grpo else self.lr_grid
         if method in ("adamw", "childtuning"):  # AdamW merges nothing; ChildTuning: α = 0
-            return [(lr, 0.0) for lr in self.lr_grid]
+            return [(lr, 0.0) for lr in lrs]
         if method == "onties":
-            return [(lr, alpha) for lr in self.ties_lr_grid for alpha in self.ties_alphas]
-        return [(lr, alpha) for lr in self.lr_grid for alpha in self.dare_alphas]
+            ties_lrs, alphas = (
+                (self.grpo_ties_lr_grid, self.grpo_ties_alphas)
+                if grpo
+                else (self.ties_lr_grid, self.ties_alphas)
+            )
+            return [(lr, alpha) for lr in ties_lrs for alpha in alphas]
+        alphas = self.grpo_dare_alphas if grpo else self.dare_alphas
+        return [(lr, alpha) for lr in lrs for alpha in alphas]
 
 
 FAST = DemoSettings(
@@ -95,6 +126,8 @@ FAST = DemoSettings(
     dare_alphas=(1e-3,),
     ties_alphas=(1e-3,),
     merge_alphas=(0.5,),
+    grpo_lr_grid=(3e-5, 1e-4),
+    grpo_ties_lr_grid=(3e-4, 3e-3),
 )
 
 
@@ -186,6 +219,8 @@ def _run_demo(
     from omotool.demo.provenance import provenance
     from omotool.demo.report import build_results, plot_frontiers, write_demo_report
 
+    if settings.track not in TRACKS:
+        raise UsageError(f"track {settings.track!r}: choose one of {', '.join(TRACKS)}.")
     started = time.perf_counter()
     workdir = _claim_workdir(Path(workdir).resolve())
     stages = _Stages(workdir, progress)
@@ -195,9 +230,16 @@ def _run_demo(
     results = build_results(settings, evaluations)
     seconds = time.perf_counter() - started
     results["provenance"] = provenance(command, seconds)
-    plot = plot_frontiers(results, workdir / "tradeoff.png")
-    report = write_demo_report(results, workdir, plot)
+    out = report_folder(workdir, settings.track)
+    out.mkdir(parents=True, exist_ok=True)
+    plot = plot_frontiers(results, out / "tradeoff.png")
+    report = write_demo_report(results, out, plot)
     return DemoRun(workdir, report, plot, results, stages.ran, stages.cached, seconds)
+
+
+def report_folder(workdir: Path, track: str) -> Path:
+    """Where a track's report, results and plot go: the work dir (dpo) or its ``grpo/``."""
+    return workdir if track == "dpo" else workdir / track
 
 
 def _replicate(
@@ -213,8 +255,12 @@ def _replicate(
     base = _base_stage(stages, folder, settings, world, seed)
     sft = _sft_stage(stages, folder, settings, world, base, seed)
     tau = _tau_stage(stages, folder, base, sft)
-    models = _train_stages(stages, folder, settings, world, sft, tau, seed)
-    models += _merge_stages(stages, folder, settings, sft, models)
+    if settings.track == "grpo":
+        models = _grpo_stages(stages, folder, settings, world, sft, tau, seed)
+        models += _merge_stages(stages, folder, settings, sft, models, folder / "grpo")
+    else:
+        models = _train_stages(stages, folder, settings, world, sft, tau, seed)
+        models += _merge_stages(stages, folder, settings, sft, models, folder)
     evaluated = [_Model(folder / "sft", sft, "sft", seed), *models]
     return _eval_stages(stages, folder, world, evaluated, placement)
 
@@ -390,13 +436,67 @@ def _train_stages(
     return models
 
 
-def _merge_stages(
-    stages: _Stages, folder: Path, settings: DemoSettings, sft: str, runs: list[_Model]
+def _grpo_stages(
+    stages: _Stages,
+    folder: Path,
+    settings: DemoSettings,
+    world: tuple[str, dict[str, Path]],
+    sft: str,
+    tau: str,
+    seed: int,
 ) -> list[_Model]:
+    """The grpo track's runs: ``omotool train --algo grpo`` from the SFT model on the
+    preference data's requests, rewarded by the evaluation's style rule."""
+    from omotool.demo.world import STYLE_PATTERN, read_jsonl
+
+    data = folder / "grpo" / "data"
+    prompts = data / "prompts.jsonl"
+
+    def build_data() -> None:
+        rows = [{"prompt": row["prompt"], "reference": "glad to help"}
+                for row in read_jsonl(world[1]["prefs-train"])]  # fmt: skip
+        data.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(prompts, "".join(json.dumps(row) + "\n" for row in rows))
+
+    data_digest = stages.run("grpo-data", data, {"stage": "grpo-data", "world": world[0]},
+                             build_data)  # fmt: skip
+    models = []
+    for method in settings.methods():
+        merge = METHODS[method]
+        for lr, alpha in settings.grid(method):
+            out = folder / "grpo" / "runs" / method / run_name(lr, alpha, method)
+            options = {"algo": "grpo", "merge": merge, "lr": lr, "seed": seed,
+                       "epochs": settings.grpo_epochs, "batch_size": settings.grpo_batch,
+                       "num_generations": settings.grpo_generations,
+                       "max_completion_length": settings.max_new_tokens,
+                       "reward": ["regex"], "reward_pattern": STYLE_PATTERN}  # fmt: skip
+            if merge != "none":
+                options.update(reserve_p=settings.reserve_p, alpha=alpha)
+            key = {"stage": "grpo", "data": data_digest, "sft": sft, "tau": tau, **options}
+            inputs = {"model": str(folder / "sft"), "dataset": str(prompts)}
+            if merge != "none":
+                inputs["task_vector"] = str(folder / "tau")
+            build = functools.partial(_train, out, **options, **inputs)
+            digest = stages.run("grpo", out, key, build)
+            models.append(_Model(out, digest, method, seed, lr=lr, alpha=alpha))
+    return models
+
+
+def _merge_stages(
+    stages: _Stages,
+    folder: Path,
+    settings: DemoSettings,
+    sft: str,
+    runs: list[_Model],
+    parent: Path,
+) -> list[_Model]:
+    """``merge-offline`` sweep of the AdamW run at the track's merge learning rate, into
+    ``parent / "merges"``."""
     from omotool.merge_offline import MergeConfig, alpha_folder, run_merge
 
-    run = next(r for r in runs if r.method == "adamw" and r.lr == settings.merge_lr)
-    out = folder / "merges"
+    merge_lr = settings.grpo_merge_lr if settings.track == "grpo" else settings.merge_lr
+    run = next(r for r in runs if r.method == "adamw" and r.lr == merge_lr)
+    out = parent / "merges"
     alphas = ",".join(f"{a:g}" for a in settings.merge_alphas)
     key = {"stage": "merge", "sft": sft, "rlhf": run.digest, "alphas": alphas}
 
@@ -461,7 +561,9 @@ def _eval_stages(
     return evaluated
 
 
-def settings_for(fast: bool, seeds: int | None = None) -> DemoSettings:
-    """The full or ``--fast`` settings, with ``seeds`` if given."""
-    chosen = FAST if fast else DemoSettings()
+def settings_for(fast: bool, seeds: int | None = None, track: str = "dpo") -> DemoSettings:
+    """The full or ``--fast`` settings of ``track``, with ``seeds`` if given."""
+    if track not in TRACKS:
+        raise UsageError(f"--track {track!r}: choose one of {', '.join(TRACKS)}.")
+    chosen = replace(FAST if fast else DemoSettings(), track=track)
     return replace(chosen, seeds=seeds) if seeds is not None else chosen

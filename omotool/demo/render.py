@@ -8,8 +8,10 @@
 whose text is exactly ``report.summary_markdown`` / ``report.details_markdown`` of
 ``docs/results/demo.json`` (which ``omotool demo --results`` writes), and
 ``<!-- demo:robustness:... -->``: the same run against re-runs on other settings of the
-machine (``docs/results/demo-<variant>.json``, e.g. two threads). ``scripts/render_docs.py``
-rewrites them (and the plot); a test fails when a document differs from the render.
+machine (``docs/results/demo-<variant>.json``, e.g. two threads). The GRPO track's sections
+``grpo-summary`` and ``grpo-details`` render ``docs/results/grpo.json`` (``omotool demo --track
+grpo --results``) the same way. ``scripts/render_docs.py`` rewrites them (and the plots); a
+test fails when a document differs from the render.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from omotool.errors import InputError
 
 RESULTS = Path("docs/results/demo.json")
 PLOT = Path("docs/demo-tradeoff.png")
+GRPO_RESULTS = Path("docs/results/grpo.json")  # the grpo track's
+GRPO_PLOT = Path("docs/demo-grpo-tradeoff.png")
 # document -> the sections it holds
 DOCUMENTS: dict[str, tuple[str, ...]] = {
-    "README.md": ("summary",),
-    "docs/demo.md": ("details", "robustness"),
+    "README.md": ("summary", "grpo-summary"),
+    "docs/demo.md": ("details", "robustness", "grpo-details"),
 }
 
 
@@ -35,6 +39,7 @@ def render_sections(root: Path) -> dict[str, str]:
     from omotool.demo.markdown import details_markdown, robustness_markdown, summary_markdown
 
     results = load_results(root / RESULTS)
+    grpo = load_results(root / GRPO_RESULTS, "--track grpo ", GRPO_RESULTS)
     variants = {
         path.stem.removeprefix("demo-"): load_results(path)
         for path in sorted((root / RESULTS.parent).glob("demo-*.json"))
@@ -43,6 +48,8 @@ def render_sections(root: Path) -> dict[str, str]:
         "summary": summary_markdown(results),
         "details": details_markdown(results),
         "robustness": robustness_markdown(results, variants),
+        "grpo-summary": summary_markdown(grpo),
+        "grpo-details": details_markdown(grpo),
     }
 
 
@@ -63,12 +70,12 @@ def render_text(text: str, sections: tuple[str, ...], rendered: dict[str, str], 
     return text
 
 
-def load_results(path: Path) -> dict[str, Any]:
+def load_results(path: Path, options: str = "", target: Path = RESULTS) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise InputError(
-            f"{path}: {error}; make it with `omotool demo --results {RESULTS}`."
+            f"{path}: {error}; make it with `omotool demo {options}--results {target}`."
         ) from None
 
 
@@ -96,6 +103,7 @@ def render_documents(root: Path, plot: bool = True) -> list[str]:
         if new != text:
             write_text_atomic(root / name, new)
             changed.append(name)
-    if plot and plot_frontiers(load_results(root / RESULTS), root / PLOT) is not None:
-        changed.append(str(PLOT))
+    for results, figure in ((RESULTS, PLOT), (GRPO_RESULTS, GRPO_PLOT)):
+        if plot and plot_frontiers(load_results(root / results), root / figure) is not None:
+            changed.append(str(figure))
     return changed
