@@ -19,6 +19,7 @@ demo: install
 # Re-make the committed demo results and the README/docs sections rendered from them.
 demo-docs: install
 	$(BIN)/omotool demo --workdir runs/demo --results docs/results/demo.json
+	$(BIN)/omotool demo --track grpo --workdir runs/demo --results docs/results/grpo.json
 	$(BIN)/python scripts/render_docs.py
 
 docs: install

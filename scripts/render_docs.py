@@ -1,5 +1,6 @@
-"""Render the demo's tables, verdicts and plot in README.md and docs/demo.md from the committed
-results file (docs/results/demo.json, written by `omotool demo --results`).
+"""Render the demo's tables, verdicts and plots in README.md and docs/demo.md from the committed
+results files (docs/results/demo.json and, for the GRPO track, docs/results/grpo.json, written
+by `omotool demo [--track grpo] --results`).
 
     python scripts/render_docs.py           # rewrite the marked sections and the plot
     python scripts/render_docs.py --check   # exit 1 when a document differs from the render

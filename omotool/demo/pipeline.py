@@ -417,23 +417,13 @@ def _train_stages(
     tau: str,
     seed: int,
 ) -> list[_Model]:
-    models = []
-    for method, merge in METHODS.items():
-        for lr, alpha in settings.grid(method):
-            out = folder / "runs" / method / run_name(lr, alpha, method)
-            options = {"algo": "dpo", "merge": merge, "lr": lr, "seed": seed,
-                       "beta": settings.beta, "epochs": settings.dpo_epochs,
-                       "batch_size": settings.dpo_batch, "max_length": 96}  # fmt: skip
-            if merge != "none":  # AdamW takes no merge options (train refuses them)
-                options.update(reserve_p=settings.reserve_p, alpha=alpha)
-            key = {"stage": "train", "world": world[0], "sft": sft, "tau": tau, **options}
-            inputs = {"model": str(folder / "sft"), "dataset": str(world[1]["prefs-train"])}
-            if merge != "none":
-                inputs["task_vector"] = str(folder / "tau")
-            build = functools.partial(_train, out, **options, **inputs)
-            digest = stages.run("train", out, key, build)
-            models.append(_Model(out, digest, method, seed, lr=lr, alpha=alpha))
-    return models
+    """The dpo track's runs: ``omotool train --algo dpo`` on the preference pairs."""
+    dpo = {"algo": "dpo", "beta": settings.beta, "epochs": settings.dpo_epochs,
+           "batch_size": settings.dpo_batch, "max_length": 96}  # fmt: skip
+    return _grid_stages(
+        stages, folder, folder / "runs", settings, seed, ("train", {"world": world[0]}),
+        (sft, tau), world[1]["prefs-train"], dpo,
+    )  # fmt: skip
 
 
 def _grpo_stages(
@@ -460,24 +450,46 @@ def _grpo_stages(
 
     data_digest = stages.run("grpo-data", data, {"stage": "grpo-data", "world": world[0]},
                              build_data)  # fmt: skip
+    grpo = {"algo": "grpo", "epochs": settings.grpo_epochs, "batch_size": settings.grpo_batch,
+            "num_generations": settings.grpo_generations,
+            "max_completion_length": settings.max_new_tokens, "reward": ["regex"],
+            "reward_pattern": STYLE_PATTERN}  # fmt: skip
+    return _grid_stages(
+        stages, folder, folder / "grpo" / "runs", settings, seed, ("grpo", {"data": data_digest}),
+        (sft, tau), prompts, grpo,
+    )  # fmt: skip
+
+
+def _grid_stages(
+    stages: _Stages,
+    folder: Path,
+    runs: Path,
+    settings: DemoSettings,
+    seed: int,
+    stage: tuple[str, dict[str, Any]],
+    sources: tuple[str, str],
+    dataset: Path,
+    algorithm: dict[str, Any],
+) -> list[_Model]:
+    """Each method of the track over its grid, one stage per run in ``runs/<method>/``:
+    ``omotool train`` from the seed's SFT model on ``dataset`` with the ``algorithm`` options,
+    the method's ``--merge``, learning rate and seed, and the merge options where it merges.
+    ``stage``: the stage's name and what its key holds besides the options and the
+    ``sources`` (the SFT and τ stages' digests)."""
+    name, inputs_key = stage
     models = []
     for method in settings.methods():
         merge = METHODS[method]
         for lr, alpha in settings.grid(method):
-            out = folder / "grpo" / "runs" / method / run_name(lr, alpha, method)
-            options = {"algo": "grpo", "merge": merge, "lr": lr, "seed": seed,
-                       "epochs": settings.grpo_epochs, "batch_size": settings.grpo_batch,
-                       "num_generations": settings.grpo_generations,
-                       "max_completion_length": settings.max_new_tokens,
-                       "reward": ["regex"], "reward_pattern": STYLE_PATTERN}  # fmt: skip
-            if merge != "none":
+            out = runs / method / run_name(lr, alpha, method)
+            options = {**algorithm, "merge": merge, "lr": lr, "seed": seed}
+            if merge != "none":  # AdamW takes no merge options (train refuses them)
                 options.update(reserve_p=settings.reserve_p, alpha=alpha)
-            key = {"stage": "grpo", "data": data_digest, "sft": sft, "tau": tau, **options}
-            inputs = {"model": str(folder / "sft"), "dataset": str(prompts)}
+            key = {"stage": name, **inputs_key, "sft": sources[0], "tau": sources[1], **options}
+            inputs = {"model": str(folder / "sft"), "dataset": str(dataset)}
             if merge != "none":
                 inputs["task_vector"] = str(folder / "tau")
-            build = functools.partial(_train, out, **options, **inputs)
-            digest = stages.run("grpo", out, key, build)
+            digest = stages.run(name, out, key, functools.partial(_train, out, **options, **inputs))
             models.append(_Model(out, digest, method, seed, lr=lr, alpha=alpha))
     return models
 

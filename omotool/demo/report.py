@@ -364,10 +364,10 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     axes.set_xlabel("capability (mean accuracy of SFT skills, test; right: less tax)")
     axes.set_ylabel("reward (preferred style rate, test)")
     seeds = results["settings"]["seeds"]
-    track = " (GRPO)" if results["settings"].get("track") == "grpo" else ""
-    axes.set_title(
-        f"omotool demo{track}: reward against alignment tax (means over {seeds} seed(s))"
-    )
+    title = f"omotool demo: reward against alignment tax (means over {seeds} seed(s))"
+    if results["settings"].get("track") == "grpo":
+        title = f"omotool demo, GRPO: reward against tax (means over {seeds} seed(s))"
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     save_figure(plt, figure, path)

@@ -101,3 +101,49 @@ def test_second_run_is_cached_and_a_broken_stage_is_rebuilt(demo_run, tmp_path) 
     evaluated = [s for s in run_demo(copy, FAST).ran if "/eval/" in s]
     trained = sum(len(FAST.grid(m)) for m in METHODS)
     assert len(evaluated) == 1 + trained + len(FAST.merge_alphas)
+
+
+def test_fast_grpo_track_shares_the_sft_stages(demo_run, tmp_path) -> None:
+    """``omotool demo --fast --track grpo`` in the DPO track's work dir: the world, base, SFT
+    and τ stages come from cache, GRPO runs train with the style rule as reward, and the
+    report lands in ``grpo/``, leaving the DPO track's results as they were."""
+    from typer.testing import CliRunner
+
+    from omotool.cli import app
+    from omotool.demo.pipeline import GRPO_METHODS, settings_for
+
+    work = tmp_path / "work"
+    shutil.copytree(demo_run[0], work)
+    dpo_results = (work / "results.json").read_text()
+    results_file = tmp_path / "grpo.json"
+    result = CliRunner().invoke(
+        app, ["demo", "--fast", "--track", "grpo", "--workdir", str(work), "--results",
+              str(results_file)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    results = json.loads((work / "grpo" / "results.json").read_text())
+    assert json.loads(results_file.read_text()) == results
+    assert summary_markdown(results) in result.output
+    assert results["settings"]["track"] == "grpo" and set(results["best"]) == set(GRPO_METHODS)
+    grid = settings_for(True, track="grpo")
+    trained = [p for p in results["points"] if p["method"] in GRPO_METHODS]
+    assert len(trained) == sum(len(grid.grid(m)) for m in GRPO_METHODS)
+    assert {p["method"] for p in results["points"]} == {*GRPO_METHODS, "sft", "merge"}
+    assert (work / "results.json").read_text() == dpo_results
+    seed = work / "seed-0"
+    lr, alpha = grid.grid("onties")[0]
+    run = seed / "grpo" / "runs" / "onties" / run_name(lr, alpha, "onties")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/regex/mean" in m for m in metrics)
+    assert any(m.get("merge/kept_fraction", 0) > 0 for m in metrics)
+    config = json.loads((run / "omotool.json").read_text())["config"]
+    assert config["algo"] == "grpo" and config["reward_pattern"] == "(glad to help)"
+    assert (seed / "grpo" / "merges" / "alpha-0.5" / "config.json").exists()
+    assert (seed / "eval" / f"grpo__runs__onties__{run.name}" / "test.json").exists()
+    assert (work / "grpo" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    # the shared stages were not rebuilt
+    stamp = json.loads((seed / "sft" / "demo-stage.json").read_text())
+    assert stamp == json.loads((demo_run[0] / "seed-0" / "sft" / "demo-stage.json").read_text())
+    assert (seed / "sft" / "model.safetensors").stat().st_mtime == (
+        demo_run[0] / "seed-0" / "sft" / "model.safetensors"
+    ).stat().st_mtime
