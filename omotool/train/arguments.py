@@ -3,8 +3,9 @@ from them (``trl_arguments``).
 
 Every option either reaches TRL's trainer or the optimizer, or is refused before anything is
 loaded: an option the algorithm does not read (``check_algorithm_options``), a merge option
-the chosen ``--merge`` does not read (``check_merge_options``), a value out of range, and a
-setting the installed TRL has no field for.
+the chosen ``--merge`` does not read (``check_merge_options``), rewards an online algorithm
+cannot use (``check_rewards``), a value out of range, and a setting the installed TRL has no
+field for.
 """
 
 from __future__ import annotations
@@ -156,9 +157,8 @@ class TrainConfig:
     def _resolve_beta(self) -> None:
         """An unset ``beta`` becomes the TRL default of the algorithm's config (DPO 0.1, GRPO
         0, RLOO 0.05), so that the saved config says which was used."""
-        algorithm = ALGORITHMS.get(self.algo)
-        if self.beta is None and "beta" in algorithm.options:
-            self.beta = float(algorithm.config_class().__dataclass_fields__["beta"].default)
+        if self.beta is None and "beta" in ALGORITHMS.get(self.algo).options:
+            self.beta = float(_trl_default(self.algo, "beta"))
 
     def _check_ranges(self) -> None:
         from omotool.merging import RESCALES
@@ -314,6 +314,7 @@ def check_rewards(config: TrainConfig) -> None:
 
 
 def _trl_default(algo: str, name: str) -> Any:
+    """The default of ``name`` in the TRL config class of ``algo``."""
     return ALGORITHMS.get(algo).config_class().__dataclass_fields__[name].default
 
 
@@ -355,9 +356,9 @@ def check_merge_options(config: TrainConfig) -> None:
 def trl_arguments(config: TrainConfig, output: Path) -> Any:
     """The TRL config object for ``config.algo``, with omotool's option names mapped.
 
-    Every value reaches a field of the TRL config class: an option the algorithm's loss does
-    not read is refused (``check_algorithm_options``), and a field missing from the installed TRL
-    is an error, never silently dropped.
+    Every value reaches a field of the TRL config class: an option the algorithm does not read
+    is refused (``check_algorithm_options``), an unset one (``None``) is left to TRL's default,
+    and a field missing from the installed TRL is an error, never silently dropped.
     """
     check_algorithm_options(config)
     algorithm = ALGORITHMS.get(config.algo)
