@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from omotool.errors import InputError, OmoError, UsageError
+from omotool.merging import key_seed
 from omotool.optim import kernels, triton_backend
 from omotool.optim.cpu_backend import (
     BatchEntry,
@@ -317,16 +319,30 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         found_inf = None if keep is None else nonfinite.to(torch.float32)
         stats = StepStats()
         partials = triton_backend.StepPartials(self._workspace)
-        for t in self._tensor_steps():
-            t.state["step"].add_(1.0 if counted is None else counted)
+        dare: dict[tuple, list[triton_backend.DareTensor]] = {}  # per group's hyper-parameters
+        tensors = list(self._tensor_steps())
+        steps = [t.state["step"] for t in tensors]
+        if steps:  # every tensor's device step at once (a few multi-tensor launches)
+            torch._foreach_add_(steps, 1.0 if counted is None else counted)
+        for t in tensors:
             t.state["host_step"] = t.state.get("host_step", 0) + 1
             common = dict(name=t.name, options=t.options, stats=stats, shard=t.shard, **t.adam)
-            if backend == "triton" and t.options.merges:
+            if backend == "triton" and t.options.merges and t.options.method == "dare":
+                key = key_seed(t.options.seed, "update", t.state["host_step"], t.name)
+                dare.setdefault(tuple(t.adam.items()), []).append(
+                    triton_backend.DareTensor(
+                        t.work, t.local if t.work is not t.local else None, t.grad.contiguous(),
+                        *t.moments, t.state["step"], t.reference, key,
+                        t.shard.offset if t.shard is not None else 0,
+                    )
+                )  # fmt: skip
+                continue  # stepped together below
+            if backend == "triton" and t.options.merges:  # OnTIES
                 low = t.local if t.work is not t.local else None
-                triton_backend.triton_online_merging_adamw_(
+                triton_backend.triton_ties_adamw_(
                     t.work, low, t.grad.contiguous(), *t.moments, t.state["step"], t.reference,
-                    self._workspace, host_step=t.state["host_step"], found_inf=found_inf,
-                    partials=partials, **common,
+                    self._workspace, found_inf=found_inf, options=t.options, stats=stats,
+                    partials=partials, shard=t.shard, **t.adam,
                 )  # fmt: skip
                 continue  # the kernels wrote the parameter
             sync_free_online_merging_adamw_(
@@ -335,6 +351,11 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 **common,
             )  # fmt: skip
             t.write_back()
+        for adam, tensors in dare.items():
+            triton_backend.triton_dare_adamw_(
+                tensors, found_inf=found_inf, options=self.options, stats=stats,
+                partials=partials, **dict(adam),
+            )  # fmt: skip
         partials.fold(stats, self.options.alpha)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
             self.last_stats = stats.select(keep, self.last_stats)
@@ -575,21 +596,26 @@ def gradients_nonfinite(param_groups: list[dict[str, Any]]) -> torch.Tensor | No
     """Whether any gradient, on any rank, holds NaN or inf: a 0-d bool on the gradients'
     device, never read here (``None`` when there is no gradient).
 
-    One min/max pass per gradient (as ``gradients_finite``); with sharded parameters the
-    flag is all-reduced on the device (``any_rank_on_device``).
+    The max-norms of all the gradients in a few multi-tensor launches (``_foreach_norm``:
+    NaN and ±inf propagate into a max-norm, and a finite value cannot overflow it); with
+    sharded parameters the flag is all-reduced on the device (``any_rank_on_device``).
     """
-    extremes, groups = [], []
+    grads, groups = [], []
     for group in param_groups:
         for param in group["params"]:
             _, grad, shard = local_tensors(param)
             if grad is not None and grad.numel():
-                extremes.extend(extreme.float() for extreme in torch.aminmax(grad))
+                grads.append(grad.to_dense() if grad.is_sparse else grad)
             if shard is not None and shard.group not in groups:
                 groups.append(shard.group)
-    if not extremes:
+    if not grads:
         return None
-    device = extremes[0].device
-    nonfinite = ~torch.isfinite(torch.stack([e.to(device) for e in extremes])).all()
+    device = grads[0].device
+    by_kind: dict[tuple, list[torch.Tensor]] = {}  # stacked per dtype: no op per tensor
+    for norm in torch._foreach_norm(grads, ord=math.inf):
+        by_kind.setdefault((norm.dtype, norm.device), []).append(norm)
+    finite = [torch.isfinite(torch.stack(norms)).all().to(device) for norms in by_kind.values()]
+    nonfinite = ~torch.stack(finite).all()
     return any_rank_on_device(nonfinite, groups) if groups else nonfinite
 
 

@@ -3,9 +3,12 @@
 The step of ``torch_backend.sync_free_online_merging_adamw_`` (no host synchronisation; the
 skip flag, the step count and the statistics stay on the device), in few passes:
 
-- OnDARE: one kernel (``dare_adamw_kernel``) does the moments, the Philox mask keyed by
-  ``(seed, step, name)`` and the global flat offset, the merge and the write-back to a
-  bf16/fp16 parameter; a sparse ``T`` adds ``α·T`` at its entries in a second, small kernel.
+- OnDARE (``triton_dare_adamw_``): every tensor of a step in one launch
+  (``dare_adamw_many_kernel``, reading each tensor's addresses from a table), which does the
+  moments, the Philox mask keyed by ``(seed, step, name)`` and the global flat offset, the
+  merge and the write-back to a bf16/fp16 parameter; the sparse ``T``s add ``α·T`` at their
+  entries in a second launch. One launch per kind of tensor (parameter and gradient dtypes,
+  dense or sparse ``T``), so the count does not grow with the number of tensors.
   The mask follows the same law as the other backends' (i.i.d. Bernoulli(p)), drawn from
   another generator: the kept entries differ, their distribution does not.
 - OnTIES: moments and ``Δθ`` into a scratch buffer with the histogram of the first radix
@@ -27,11 +30,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
 from omotool.errors import UsageError
-from omotool.merging import kept_count, key_seed
+from omotool.merging import kept_count
 from omotool.optim.distributed import Shard, all_reduce_on_device, sum_over_lower_ranks
 from omotool.optim.functional import MergeOptions, StepStats, Workspace
 from omotool.optim.task_vector import FlatDelta
@@ -131,7 +136,140 @@ def check_usable(options: MergeOptions, device: torch.device) -> None:
         raise UsageError(f"backend='triton' {reason}; use backend='auto'.")
 
 
-def triton_online_merging_adamw_(
+@dataclass
+class DareTensor:
+    """One tensor of a batched OnDARE step (``triton_dare_adamw_``): as the arguments of
+    ``triton_ties_adamw_``, with the mask ``key`` and the shard's global ``offset``."""
+
+    param: torch.Tensor  # float32 working copy
+    low: torch.Tensor | None  # the bf16/fp16 parameter also written, or None
+    grad: torch.Tensor  # contiguous
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: torch.Tensor  # float32, on the device
+    reference: FlatDelta | None
+    key: int
+    offset: int = 0
+
+
+_GRAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _low_kind(low: torch.Tensor | None) -> tuple[bool, bool]:
+    """``(HAS_LOW, LOW_BF16)`` of a tensor's low-precision parameter."""
+    return low is not None, low is not None and low.dtype == torch.bfloat16
+
+
+def _table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """The int64 table of a launch on ``device``: built on the host, copied without waiting
+    (from pinned memory on CUDA)."""
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cpu":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def _launch_tables(
+    rows: list[list[int]], blocks: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(table, owner, programs)`` of one launch over several tensors: the rows on the
+    device, and each program's row index (computed there from the rows' block counts, which
+    the host knows: nothing is read back)."""
+    table = _table(rows, device)
+    programs = sum(blocks)
+    counts = _table([blocks], device)[0]
+    owner = torch.repeat_interleave(
+        torch.arange(len(rows), device=device, dtype=torch.int32), counts, output_size=programs
+    )
+    return table, owner, programs
+
+
+def triton_dare_adamw_(
+    tensors: list[DareTensor],
+    *,
+    found_inf: torch.Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    options: MergeOptions,
+    stats: StepStats,
+    partials: StepPartials,
+) -> None:
+    """One OnDARE step of ``tensors`` (one param group's hyper-parameters): one launch of
+    ``dare_adamw_many_kernel`` per kind of tensor (parameter and gradient dtypes, dense ``T``
+    or not) and one of ``dare_tau_many_kernel`` per kind of sparse ``T``. The arguments are as
+    ``triton_ties_adamw_``'s; the statistics go to ``partials``."""
+    from omotool.optim import triton_kernels as tk
+
+    if not tensors:
+        return
+    alpha = options.alpha
+    kinds: dict[tuple, list[DareTensor]] = defaultdict(list)
+    tau_kinds: dict[tuple, list[DareTensor]] = defaultdict(list)
+    for t in tensors:
+        stats.merged = True
+        stats.entries += t.param.numel()
+        dense = t.reference is not None and alpha > 0 and t.reference.indices is None
+        kinds[(*_low_kind(t.low), dense, _GRAD_KINDS[t.grad.dtype])].append(t)
+        if t.reference is not None and alpha > 0:
+            stats.tau_sq += alpha**2 * t.reference.sq_norm
+            if t.reference.indices is not None and t.reference.values.numel():
+                index_64 = t.reference.indices.dtype == torch.int64
+                tau_kinds[(*_low_kind(t.low), index_64)].append(t)
+    device = tensors[0].param.device
+    skip = found_inf if found_inf is not None else tensors[0].step
+    scalars = dict(
+        lr=lr,
+        log_beta1=math.log(beta1) if beta1 > 0 else -math.inf,
+        log_beta2=math.log(beta2) if beta2 > 0 else -math.inf,
+        beta2=beta2,
+        one_minus_beta1=1.0 - beta1,
+        one_minus_beta2=1.0 - beta2,
+        eps=eps,
+        decay=1.0 - lr * weight_decay,
+        density=options.reserve_p,
+        divisor=options.reserve_p if options.resolved_rescale == "inverse" else 1.0,
+        weight=1.0 - alpha,
+        alpha=alpha,
+    )
+    for (has_low, low_bf16, dense, grad_kind), group in kinds.items():
+        rows, blocks, first = [], [], 0
+        for t in group:
+            n = t.param.numel()
+            tau = t.reference.values if dense else t.param
+            rows.append([
+                t.param.data_ptr(), (t.low if has_low else t.param).data_ptr(),
+                t.grad.data_ptr(), t.exp_avg.data_ptr(), t.exp_avg_sq.data_ptr(),
+                t.step.data_ptr(), tau.data_ptr(), n, t.offset, t.key, first,
+            ])  # fmt: skip
+            blocks.append(tk.grid(n)[0])
+            first += blocks[-1]
+        table, owner, programs = _launch_tables(rows, blocks, device)
+        tk.dare_adamw_many_kernel[(programs,)](
+            table, owner, skip, partials.take(programs, device), **scalars, BLOCK=tk.BLOCK,
+            HAS_LOW=has_low, LOW_BF16=low_bf16, DENSE_TAU=dense, HAS_SKIP=found_inf is not None,
+            GRAD_KIND=grad_kind,
+        )  # fmt: skip
+    for (has_low, low_bf16, index_64), group in tau_kinds.items():
+        rows, blocks, first = [], [], 0
+        for t in group:
+            count = t.reference.values.numel()
+            rows.append([
+                t.param.data_ptr(), (t.low if has_low else t.param).data_ptr(),
+                t.reference.indices.data_ptr(), t.reference.values.data_ptr(), count, first,
+            ])  # fmt: skip
+            blocks.append(tk.grid(count)[0])
+            first += blocks[-1]
+        table, owner, programs = _launch_tables(rows, blocks, device)
+        tk.dare_tau_many_kernel[(programs,)](
+            table, owner, skip, alpha, BLOCK=tk.BLOCK, HAS_LOW=has_low, LOW_BF16=low_bf16,
+            HAS_SKIP=found_inf is not None, INDEX_64=index_64,
+        )  # fmt: skip
+
+
+def triton_ties_adamw_(
     param: torch.Tensor,
     low: torch.Tensor | None,
     grad: torch.Tensor,
@@ -141,9 +279,7 @@ def triton_online_merging_adamw_(
     reference: FlatDelta | None,
     workspace: Workspace,
     *,
-    host_step: int,
     found_inf: torch.Tensor | None,
-    name: str,
     lr: float,
     beta1: float,
     beta2: float,
@@ -154,14 +290,15 @@ def triton_online_merging_adamw_(
     partials: StepPartials,
     shard: Shard | None = None,
 ) -> None:
-    """One merging step of one tensor (``options.method`` ``dare`` or ``ties``).
+    """One OnTIES step of one tensor (the exact top-k needs the whole tensor's histograms,
+    so tensors are stepped one at a time; OnDARE steps them all at once: ``triton_dare_adamw_``).
 
     ``param``: the float32 working copy (the parameter or its master); ``low``: the
     bf16/fp16 parameter the kernels also write, or ``None``. ``step`` (device) already counts
-    this step unless it is skipped; ``host_step`` counts it in any case and keys the masks.
-    ``found_inf``: a float32 0-d device tensor, non-zero to skip the step (``None``: never).
-    The kernels' statistics go to ``partials`` (``StepPartials.fold`` adds them to ``stats``
-    once the step is done); only host figures (entries, DARE's ``α²·‖T‖²``) go to ``stats``.
+    this step unless it is skipped. ``found_inf``: a float32 0-d device tensor, non-zero to
+    skip the step (``None``: never). The kernels' statistics go to ``partials``
+    (``StepPartials.fold`` adds them to ``stats`` once the step is done); only the entry count
+    goes to ``stats``.
     """
     from omotool.optim import triton_kernels as tk
 
@@ -183,34 +320,14 @@ def triton_online_merging_adamw_(
     alpha, weight = options.alpha, 1.0 - options.alpha
     divisor = options.reserve_p if options.resolved_rescale == "inverse" else 1.0
     decay = 1.0 - lr * weight_decay
-    # T enters OnTIES's sign election even with α = 0; OnDARE's term only with α > 0.
-    with_tau = reference is not None and (alpha > 0 or options.method == "ties")
-    sparse_tau = with_tau and reference.indices is not None
-    dense_tau = with_tau and reference.indices is None
+    # T enters the sign election even with α = 0.
+    sparse_tau = reference is not None and reference.indices is not None
+    dense_tau = reference is not None and reference.indices is None
     programs = tk.grid(n)[0]
     stats.merged = True
     stats.entries += n
-    if options.method == "dare":
-        partial = partials.take(programs, param.device)
-        tk.dare_adamw_kernel[(programs,)](
-            param, low_ptr, grad, exp_avg, exp_avg_sq, step,
-            reference.values if dense_tau else param, skip, partial, n,
-            shard.offset if shard is not None else 0,
-            key_seed(options.seed, "update", host_step, name),
-            decay=decay, density=options.reserve_p, divisor=divisor, weight=weight, alpha=alpha,
-            DENSE_TAU=dense_tau, **common, **writes,
-        )  # fmt: skip
-        if sparse_tau:
-            count = reference.values.numel()
-            tk.dare_tau_kernel[tk.grid(count)](
-                param, low_ptr, reference.indices, reference.values, skip, count, alpha,
-                **writes,
-            )  # fmt: skip
-        if reference is not None and alpha > 0:
-            stats.tau_sq += alpha**2 * reference.sq_norm
-        return
     if options.method != "ties":
-        raise UsageError(f"the triton backend merges with dare or ties, not {options.method!r}.")
+        raise UsageError(f"triton_ties_adamw_ steps OnTIES, not {options.method!r}.")
     device = param.device
     k = kept_count(shard.numel if shard is not None else n, options.reserve_p)
     update = workspace.get("update", param)

@@ -160,46 +160,6 @@ def dare_mask_kernel(out_ptr, n, offset, key, density, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def dare_adamw_kernel(
-    theta_ptr, low_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, tau_ptr, skip_ptr,
-    partial_ptr, n, offset, key, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
-    one_minus_beta2, eps, decay, density,
-    divisor, weight, alpha,
-    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, DENSE_TAU: tl.constexpr,
-    HAS_SKIP: tl.constexpr,
-):  # fmt: skip
-    """OnDARE in one pass (Eq. 3, 4): moments, mask, ``θ ← θ·(1 − ηλ) + w·F_R(Δθ)/s
-    (+ α·T if T is dense)``, and the write-back to the low-precision parameter.
-
-    ``w = 1 − α`` and ``decay = 1 − ηλ`` are computed on the host in float64 (as torch rounds
-    its scalars); ``s`` (``divisor``) is ``p`` (inverse rescale) or 1. Per program, a row of
-    statistics: kept entries and ``Σ (Δθ/s)²`` over them. With ``HAS_SKIP``, a non-zero
-    ``skip`` changes nothing.
-    """
-    pid = tl.program_id(0)
-    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = local < n
-    write = _written(local, n, skip_ptr, HAS_SKIP)
-    update = _adam_moments(
-        grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
-        log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
-    )  # fmt: skip
-    theta = tl.load(theta_ptr + local, mask=inside, other=0.0)
-    keep = dare_keep(key, local + offset, density) & write
-    kept = tl.where(keep, update / divisor, 0.0)
-    theta = theta * decay + weight * kept
-    if DENSE_TAU:
-        theta = theta + alpha * tl.load(tau_ptr + local, mask=inside, other=0.0)
-    tl.store(theta_ptr + local, theta, mask=write)
-    if HAS_LOW:
-        tl.store(low_ptr + local, _to_low(theta, low_ptr, LOW_BF16), mask=write)
-    _store_partials(
-        partial_ptr, pid, tl.sum(keep.to(tl.float32), axis=0), tl.sum(kept * kept, axis=0),
-        0.0, 0.0, 0.0, 0.0,
-    )  # fmt: skip
-
-
-@triton.jit
 def adam_update_kernel(
     grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, update_ptr, skip_ptr, hist_ptr, n, lr,
     log_beta1, log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
@@ -371,14 +331,102 @@ def grid(n: int) -> tuple[int]:
     return (max(1, triton.cdiv(n, BLOCK)),)
 
 
+# -- several tensors in one launch ---------------------------------------------------------------
+# A launch over many tensors reads each tensor's addresses and sizes from a table (int64 rows,
+# ``triton_backend.dare_table``); ``owner[pid]`` is the row of program ``pid``'s tensor, whose
+# programs are numbered from the row's first block.
+# (tl.constexpr: a global a kernel reads must be one)
+DARE_COLUMNS = tl.constexpr(11)  # θ, low θ, g, m, v, step, dense T, n, offset, key, first block
+DARE_TAU_COLUMNS = tl.constexpr(6)  # θ, low θ, T's indices, T's values, count, first block
+
+
 @triton.jit
-def dare_tau_kernel(
-    theta_ptr, low_ptr, index_ptr, tau_ptr, skip_ptr, count, alpha,
-    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, HAS_SKIP: tl.constexpr,
+def _low_pointer(address, theta_ptr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr):
+    """The low-precision parameter's pointer (bf16 as int16 bits, see ``_to_low``), or θ's."""
+    if HAS_LOW:
+        if LOW_BF16:
+            return address.to(tl.pointer_type(tl.int16))
+        return address.to(tl.pointer_type(tl.float16))
+    return theta_ptr
+
+
+@triton.jit
+def _grad_pointer(address, GRAD_KIND: tl.constexpr):
+    """The gradient's pointer: float32 (0), bfloat16 (1) or float16 (2)."""
+    if GRAD_KIND == 1:
+        return address.to(tl.pointer_type(tl.bfloat16))
+    if GRAD_KIND == 2:
+        return address.to(tl.pointer_type(tl.float16))
+    return address.to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def dare_adamw_many_kernel(
+    table_ptr, owner_ptr, skip_ptr, partial_ptr, lr, log_beta1, log_beta2, beta2,
+    one_minus_beta1, one_minus_beta2, eps, decay, density, divisor, weight, alpha,
+    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, DENSE_TAU: tl.constexpr,
+    HAS_SKIP: tl.constexpr, GRAD_KIND: tl.constexpr,
 ):  # fmt: skip
-    """OnDARE's second term at the entries of a sparse ``T``: ``θ[i] += α·T[i]`` (Eq. 4)."""
+    """OnDARE in one pass (Eq. 3, 4) over every tensor of the table: for each, moments, the
+    mask ``Philox(key, global offset) < p``, ``θ ← θ·(1 − ηλ) + w·F_R(Δθ)/s (+ α·T if T is
+    dense)``, and the write-back to the low-precision parameter.
+
+    ``w = 1 − α`` and ``decay = 1 − ηλ`` are computed on the host in float64 (as torch rounds
+    its scalars); ``s`` (``divisor``) is ``p`` (inverse rescale) or 1. Per program, a row of
+    statistics: kept entries and ``Σ (Δθ/s)²`` over them. With ``HAS_SKIP``, a non-zero
+    ``skip`` changes nothing.
+    """
     pid = tl.program_id(0)
-    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * DARE_COLUMNS
+    theta_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
+    low_ptr = _low_pointer(tl.load(row + 1), theta_ptr, HAS_LOW, LOW_BF16)
+    grad_ptr = _grad_pointer(tl.load(row + 2), GRAD_KIND)
+    exp_avg_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    n, offset, key = tl.load(row + 7), tl.load(row + 8), tl.load(row + 9)
+    local = (pid - tl.load(row + 10)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = local < n
+    write = _written(local, n, skip_ptr, HAS_SKIP)
+    update = _adam_moments(
+        grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
+        log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
+    )  # fmt: skip
+    theta = tl.load(theta_ptr + local, mask=inside, other=0.0)
+    keep = dare_keep(key, local + offset, density) & write
+    kept = tl.where(keep, update / divisor, 0.0)
+    theta = theta * decay + weight * kept
+    if DENSE_TAU:
+        tau_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+        theta = theta + alpha * tl.load(tau_ptr + local, mask=inside, other=0.0)
+    tl.store(theta_ptr + local, theta, mask=write)
+    if HAS_LOW:
+        tl.store(low_ptr + local, _to_low(theta, low_ptr, LOW_BF16), mask=write)
+    _store_partials(
+        partial_ptr, pid, tl.sum(keep.to(tl.float32), axis=0), tl.sum(kept * kept, axis=0),
+        0.0, 0.0, 0.0, 0.0,
+    )  # fmt: skip
+
+
+@triton.jit
+def dare_tau_many_kernel(
+    table_ptr, owner_ptr, skip_ptr, alpha,
+    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, HAS_SKIP: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):  # fmt: skip
+    """OnDARE's second term at the entries of every sparse ``T`` of the table:
+    ``θ[i] += α·T[i]`` (Eq. 4)."""
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * DARE_TAU_COLUMNS
+    theta_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
+    low_ptr = _low_pointer(tl.load(row + 1), theta_ptr, HAS_LOW, LOW_BF16)
+    if INDEX_64:
+        index_ptr = tl.load(row + 2).to(tl.pointer_type(tl.int64))
+    else:
+        index_ptr = tl.load(row + 2).to(tl.pointer_type(tl.int32))
+    tau_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    count = tl.load(row + 4)
+    j = (pid - tl.load(row + 5)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = j < count
     write = _written(j, count, skip_ptr, HAS_SKIP)
     index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)

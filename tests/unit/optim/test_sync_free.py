@@ -273,3 +273,26 @@ def test_cuda_matches_the_cpu_sync_free_path(case) -> None:
     if case in ("none", "ties", "ties-k4"):  # DARE masks come from another generator on CUDA
         for name in out[0]:
             assert torch.allclose(out[0][name], out[1][name], rtol=0, atol=1e-5), name
+
+
+@pytest.mark.parametrize(
+    ("bad", "nonfinite"),
+    [(float("nan"), True), (float("inf"), True), (-float("inf"), True), (3e38, False),
+     (-3e38, False), (0.0, False)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_nonfinite_flags_nan_and_inf_only(bad, nonfinite, dtype) -> None:
+    """The device flag from the gradients' max-norms: NaN and ±inf anywhere (in any tensor,
+    any dtype) set it; finite values, however large, do not (a max cannot overflow)."""
+    from omotool.optim.online_merging import gradients_nonfinite
+
+    params = [
+        torch.zeros(5, requires_grad=True),
+        torch.zeros(3, 4, dtype=dtype, requires_grad=True),
+    ]
+    params[0].grad = torch.ones(5)
+    params[1].grad = torch.full((3, 4), 2.0, dtype=dtype)
+    params[1].grad[2, 1] = bad
+    flag = gradients_nonfinite([{"params": params}])
+    assert flag.dtype == torch.bool and flag.shape == () and bool(flag) is nonfinite
+    assert gradients_nonfinite([{"params": [torch.zeros(2, requires_grad=True)]}]) is None

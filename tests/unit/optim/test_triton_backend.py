@@ -143,6 +143,50 @@ def test_dare_step_applies_exactly_its_mask() -> None:
         torch.testing.assert_close(after[name], expected, rtol=1e-6, atol=1e-7)
 
 
+class CountedLaunches:
+    """A kernel whose launches (``kernel[grid](...)``) are counted in ``counts[name]``."""
+
+    def __init__(self, kernel, name, counts) -> None:
+        self.kernel, self.name, self.counts = kernel, name, counts
+
+    def __getitem__(self, grid):
+        self.counts[self.name] = self.counts.get(self.name, 0) + 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16-master"])
+def test_dare_steps_every_tensor_in_one_launch_with_its_mask_and_sparse_tau(
+    dtype, monkeypatch
+) -> None:
+    """Three tensors, one launch of the OnDARE kernel and one for their sparse ``T``s; each
+    tensor changes by its own mask's share of the update plus ``α·T``."""
+    from omotool.optim.functional import MergeOptions, reference_tensor
+
+    counts: dict[str, int] = {}
+    for name in ("dare_adamw_many_kernel", "dare_tau_many_kernel"):
+        monkeypatch.setattr(tk, name, CountedLaunches(getattr(tk, name), name, counts))
+    params = make_params(dtype=dtype)
+    before = {n: p.detach().float().cpu().clone() for n, p in params.items()}
+    p, alpha = 0.3, 0.2
+    opt = optimizer(params, "triton", method="dare", reserve_p=p, alpha=alpha, weight_decay=0.0)
+    grads = grad_sequence(1)
+    after = run(opt, params, grads)
+    assert counts == {"dare_adamw_many_kernel": 1, "dare_tau_many_kernel": 1}
+    options = MergeOptions(method="dare", reserve_p=p, alpha=alpha, seed=3)
+    for name, g in grads[0].items():
+        g = g.to(dtype).float()  # the gradient as the parameter's dtype holds it
+        mask = dare_mask(g.numel(), key_seed(3, "update", 1, name), p).view(g.shape)
+        m, v = (1 - 0.9) * g, (1 - 0.999) * g * g
+        update = adam_direction(m, v, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=0.1)
+        tau = reference_tensor(make_tau()[name], name, options)
+        assert 0 < int((tau != 0).sum()) < tau.numel() // 2, name  # a sparse T
+        expected = before[name] + (1 - alpha) * torch.where(mask, update / p, 0.0) + alpha * tau
+        if dtype == torch.float32:
+            torch.testing.assert_close(after[name], expected, rtol=1e-6, atol=1e-7)
+        else:  # the bf16 parameter: the float32 master's value, rounded
+            torch.testing.assert_close(after[name], expected.to(dtype).float(), rtol=0, atol=2**-6)
+
+
 # -- whole steps against the reference backend -----------------------------------------------
 
 
