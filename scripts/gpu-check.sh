@@ -78,7 +78,7 @@ elif kind == "bench":
     parts.append(f"peak {r['cuda']['peak_allocated_bytes'] / 2**30:.1f} GiB")
     print(", ".join(parts))
 elif kind == "train":
-    r = data(); loss = {k: v for k, v in r["metrics"].items() if "loss" in k}
+    r = data(); loss = {k: v for k, v in r["metrics"].items() if "loss" in k or k == "reward"}
     print(f"{r['steps']} steps; " + ", ".join(f"{k} {v:.4g}" for k, v in loss.items()))
 elif kind == "eval":
     r = data(); tasks = r["models"][0]["tasks"]
@@ -263,6 +263,12 @@ done
 step train-fsdp-ties-triton 90 train "${TORCHRUN[@]}" "${TRAIN[@]}" --merge ties \
     --task-vector "$TINY/tau" --reserve-p 0.1 --alpha 1e-4 --fsdp --optimizer-backend triton \
     --out "$WORK/dpo-fsdp-ties-triton"
+# Online RL on the GPU: GRPO samples completions there and learns from a rule reward, OnTIES.
+step train-grpo-ties 90 train "${TORCHRUN[@]}" train --algo grpo --merge ties \
+    --model "$TINY/sft" --task-vector "$TINY/tau" --reserve-p 0.1 --alpha 1e-4 \
+    --dataset recipes/data/tiny-prompts.jsonl --reward last_number --num-generations 4 \
+    --batch-size 8 --max-completion-length 16 --lr 1e-3 --max-steps 4 --save-steps 1000 \
+    --overwrite --json --out "$WORK/grpo-ties"
 step eval-cuda 90 eval "${OMOTOOL[@]}" eval "$TINY/sft" --task preference --data "$PREFS" \
     --ref-model "$TINY/base" --device cuda --json
 

@@ -45,7 +45,8 @@ def test_a_dry_run_prints_every_step_and_runs_nothing(tmp_path) -> None:
         assert "--device cuda --shapes qwen2.5-1.5b" in out and f"--dtype {dtype}" in out
     for merge in ("none", "dare", "ties"):
         assert f"[train-ddp-{merge}]" in out and f"[train-fsdp-{merge}]" in out
-    assert out.count("torch.distributed.run --standalone --nnodes 1 --nproc_per_node 1") == 7
+    assert out.count("torch.distributed.run --standalone --nnodes 1 --nproc_per_node 1") == 8
+    assert "[train-grpo-ties]" in out and "--algo grpo --merge ties" in out
     assert "[train-fsdp-ties-triton]" in out and "--fsdp --optimizer-backend triton" in out
     assert "[triton-tests]" in out and "tests/unit/optim/test_triton_backend.py" in out
     assert "eval" in out and "--device cuda --json" in out
