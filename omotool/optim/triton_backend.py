@@ -169,6 +169,21 @@ def _table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     return table.pin_memory().to(device, non_blocking=True)
 
 
+def _adam_scalars(lr: float, beta1: float, beta2: float, eps: float) -> dict[str, float]:
+    """The kernels' Adam arguments: ``log β`` for the in-kernel bias corrections (``βᵗ =
+    exp(t·log β)`` from the device step), and ``1 − β`` rounded from float64 on the host, as
+    torch rounds its scalars."""
+    return dict(
+        lr=lr,
+        log_beta1=math.log(beta1) if beta1 > 0 else -math.inf,
+        log_beta2=math.log(beta2) if beta2 > 0 else -math.inf,
+        beta2=beta2,
+        one_minus_beta1=1.0 - beta1,
+        one_minus_beta2=1.0 - beta2,
+        eps=eps,
+    )
+
+
 def _launch_tables(
     rows: list[list[int]], blocks: list[int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -221,13 +236,7 @@ def triton_dare_adamw_(
     device = tensors[0].param.device
     skip = found_inf if found_inf is not None else tensors[0].step
     scalars = dict(
-        lr=lr,
-        log_beta1=math.log(beta1) if beta1 > 0 else -math.inf,
-        log_beta2=math.log(beta2) if beta2 > 0 else -math.inf,
-        beta2=beta2,
-        one_minus_beta1=1.0 - beta1,
-        one_minus_beta2=1.0 - beta2,
-        eps=eps,
+        _adam_scalars(lr, beta1, beta2, eps),
         decay=1.0 - lr * weight_decay,
         density=options.reserve_p,
         divisor=options.reserve_p if options.resolved_rescale == "inverse" else 1.0,
@@ -303,15 +312,7 @@ def triton_ties_adamw_(
     from omotool.optim import triton_kernels as tk
 
     n = param.numel()
-    common = dict(
-        lr=lr,
-        log_beta1=math.log(beta1) if beta1 > 0 else -math.inf,
-        log_beta2=math.log(beta2) if beta2 > 0 else -math.inf,
-        beta2=beta2,
-        one_minus_beta1=1.0 - beta1,
-        one_minus_beta2=1.0 - beta2,
-        eps=eps,
-    )
+    common = _adam_scalars(lr, beta1, beta2, eps)
     skip = found_inf if found_inf is not None else step
     flags = dict(BLOCK=tk.BLOCK, HAS_SKIP=found_inf is not None)
     low_bf16 = low is not None and low.dtype == torch.bfloat16
