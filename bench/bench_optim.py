@@ -346,6 +346,31 @@ def _online(method: str, backend: str = "auto") -> Factory:
     return make
 
 
+class FiniteCheckOnly(torch.optim.Optimizer):
+    """Not an optimizer: its ``step`` is only the gradient check every ``OnlineMergingAdamW``
+    step begins with (NaN or ±inf anywhere skips the step): ``gradients_finite`` on CPU (one
+    numba pass), ``gradients_nonfinite`` on a device (max-norms, no host read). Timed beside
+    fused AdamW, it shows what skipping non-finite steps costs, which fused AdamW does not do."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        from omotool.optim.online_merging import gradients_finite, gradients_nonfinite
+
+        if self.param_groups[0]["params"][0].device.type == "cpu":
+            return gradients_finite(self.param_groups)
+        return gradients_nonfinite(self.param_groups)
+
+
+def _finite_check() -> Factory:
+    def make(params: Named, tau: Named, args: argparse.Namespace) -> torch.optim.Optimizer:
+        return FiniteCheckOnly(list(params.values()))
+
+    return make
+
+
 def _transcription(method: str) -> Factory:
     def make(params: Named, tau: Named, args: argparse.Namespace) -> torch.optim.Optimizer:
         return TranscribedOnlineMerging(
@@ -364,6 +389,10 @@ METHODS: dict[str, tuple[str, Factory]] = {
     "onties": ('OnlineMergingAdamW(method="ties"), backend auto', _online("ties")),
     "ondare-triton": ('OnlineMergingAdamW("dare", backend="triton")', _online("dare", "triton")),
     "onties-triton": ('OnlineMergingAdamW("ties", backend="triton")', _online("ties", "triton")),
+    "finite-check": (
+        "only the NaN/inf check of the gradients (a part of every step)",
+        _finite_check(),
+    ),  # fmt: skip
     "transcription-dare": ("Algorithm 1, dense dropout", _transcription("dare")),
     "transcription-ties": ("Algorithm 1, argsort top-p", _transcription("ties")),
 }
