@@ -19,6 +19,7 @@ where TRL would average NaN away or fail deep inside its trainer.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -83,7 +84,8 @@ def load_function(source: str) -> Callable[..., Any]:
             path = Path(location)
             if not path.is_file():
                 raise InputError(f"--reward {source}: no file {path}.")
-            module_name = f"omotool_reward_{abs(hash(str(path.resolve())))}"
+            digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+            module_name = f"omotool_reward_{digest}"  # the same in every process
             spec = importlib.util.spec_from_file_location(module_name, path)
             if spec is None or spec.loader is None:
                 raise InputError(f"--reward {source}: {path} cannot be imported as Python.")
