@@ -71,10 +71,16 @@ class TensorStep:
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.state["exp_avg"], self.state["exp_avg_sq"]
 
+    @property
+    def low(self) -> torch.Tensor | None:
+        """The bf16/fp16 parameter that kernels write along with ``work``, or None when the
+        parameter is ``work`` itself."""
+        return self.local if self.work is not self.local else None
+
     def write_back(self) -> None:
         """Copy the working copy into the parameter when they differ (bf16/fp16)."""
-        if self.work is not self.local:
-            self.local.copy_(self.work)
+        if self.low is not None:
+            self.low.copy_(self.work)
 
 
 class NonFiniteGradientError(OmoError, FloatingPointError):
@@ -331,16 +337,15 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 key = key_seed(t.options.seed, "update", t.state["host_step"], t.name)
                 dare.setdefault(tuple(t.adam.items()), []).append(
                     triton_backend.DareTensor(
-                        t.work, t.local if t.work is not t.local else None, t.grad.contiguous(),
+                        t.work, t.low, t.grad.contiguous(),
                         *t.moments, t.state["step"], t.reference, key,
                         t.shard.offset if t.shard is not None else 0,
                     )
                 )  # fmt: skip
                 continue  # stepped together below
             if backend == "triton" and t.options.merges:  # OnTIES
-                low = t.local if t.work is not t.local else None
                 triton_backend.triton_ties_adamw_(
-                    t.work, low, t.grad.contiguous(), *t.moments, t.state["step"], t.reference,
+                    t.work, t.low, t.grad.contiguous(), *t.moments, t.state["step"], t.reference,
                     self._workspace, found_inf=found_inf, options=t.options, stats=stats,
                     partials=partials, shard=t.shard, **t.adam,
                 )  # fmt: skip
