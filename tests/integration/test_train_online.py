@@ -196,12 +196,14 @@ def test_weighted_rewards_on_the_command_line(cli, half_solver, prompts, reward_
         "train", "--algo", "grpo", "--merge", "ties", "--model", sft, "--base", base,
         "--dataset", prompts, "-o", out, "--reward", f"{reward_file}:shorter", "--reward",
         "exact", "--reward-weights", "0.5,1", "--num-generations", "4", "--batch-size", "8",
-        "--max-completion-length", "3", "--max-steps", "2", "--lr", "1e-3", "--json",
+        "--max-completion-length", "3", "--max-steps", "2", "--lr", "1e-3", "--beta", "0.04",
+        "--json",
     )  # fmt: skip
     report = json.loads(result.output)
     assert report["steps"] == 2 and report["examples"] == len(PROMPTS)
     last = records(out)[-2]  # (the last line is the run's summary)
     assert {"rewards/shorter/mean", "rewards/exact/mean", "merge/kept_fraction"} <= set(last)
+    assert "kl" in last  # --beta > 0: TRL loads the SFT model as the reference and logs the KL
     weighted = 0.5 * last["rewards/shorter/mean"] + last["rewards/exact/mean"]
     assert last["reward"] == pytest.approx(weighted, abs=1e-6)
 
