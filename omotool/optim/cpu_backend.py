@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from omotool.merging import kept_count, keyed_generator, magnitude_topk_indices
+from omotool.merging import kept_count, magnitude_topk_indices
+from omotool.merging.sparsify import key_seed
 from omotool.optim import kernels
 from omotool.optim.distributed import Shard
 from omotool.optim.functional import (
@@ -137,13 +138,14 @@ def batches(
 
 def batched_step_(
     entries: list[BatchEntry], options: MergeOptions, stats: StepStats, workspace: Workspace
-) -> list[BatchEntry]:
+) -> None:
     """``batched_dare_step_`` or ``batched_ties_step_`` for ``options.method``."""
     if not entries:
-        return []
+        return
     if options.method == "ties":
-        return batched_ties_step_(entries, options, stats, workspace)
-    return batched_dare_step_(entries, options, stats)
+        batched_ties_step_(entries, options, stats, workspace)
+    else:
+        batched_dare_step_(entries, options, stats)
 
 
 def _decay_(entries: list[BatchEntry]) -> None:
@@ -154,11 +156,11 @@ def _decay_(entries: list[BatchEntry]) -> None:
 
 def batched_ties_step_(
     entries: list[BatchEntry], options: MergeOptions, stats: StepStats, workspace: Workspace
-) -> list[BatchEntry]:
+) -> None:
     """OnTIES for many tensors in a few kernel calls (``kernels.ties_steps_``).
 
-    The same selection and merge as ``merge_ties_`` tensor by tensor. Returns no leftovers:
-    a tensor whose sampled floor overshot selects from its whole ``Δθ`` here.
+    The same selection and merge as ``merge_ties_`` tensor by tensor; a tensor whose sampled
+    floor overshot selects from its whole ``Δθ`` here.
     """
     p, alpha = options.reserve_p, options.alpha
     _decay_(entries)
@@ -194,52 +196,40 @@ def batched_ties_step_(
         else:
             stats.entries += e.param.numel()
             stats.kept += kept_count(e.param.numel(), p)
-    return []
 
 
-def batched_dare_step_(
-    entries: list[BatchEntry], options: MergeOptions, stats: StepStats
-) -> list[BatchEntry]:
-    """OnDARE for many tensors with one mask draw and one kernel call (``optim.kernels``).
+def batched_dare_step_(entries: list[BatchEntry], options: MergeOptions, stats: StepStats) -> None:
+    """OnDARE for many tensors in one kernel call (``kernels.dare_steps_``).
 
-    The same arithmetic as ``fused_online_merging_adamw_`` tensor by tensor. Returns the
-    entries left for the per-tensor path (a mask whose first draw of gaps fell short).
+    The arithmetic of ``fused_online_merging_adamw_`` tensor by tensor; each tensor's mask is
+    drawn in the kernel, keyed by ``key_seed(seed, "update", step, name)`` (the same law as
+    ``sparsify.bernoulli_indices``, other draws: ``kernels.dare_kept_indices`` gives them).
     """
     p, alpha = options.reserve_p, options.alpha
-    generators = [keyed_generator(options.seed, "update", e.step, e.name) for e in entries]
-    numels = [e.param.numel() for e in entries]
-    positions, start, count = kernels.bernoulli_indices_many(numels, p, generators)
-    ready = [t for t in range(len(entries)) if count[t] >= 0]
-    if not ready:
-        return entries
-    _decay_([entries[t] for t in ready])
+    _decay_(entries)
     sparse = [
-        entries[t].reference is not None
-        and entries[t].reference.indices is not None
-        and entries[t].reference.indices.dtype == torch.int32
-        for t in ready
+        e.reference is not None
+        and e.reference.indices is not None
+        and e.reference.indices.dtype == torch.int32
+        for e in entries
     ]
-    squares = kernels.dare_steps_(
-        [(e.param, e.grad, e.exp_avg, e.exp_avg_sq) for e in (entries[t] for t in ready)],
-        (positions, start[ready], count[ready]),
-        [
-            (entries[t].reference.indices, entries[t].reference.values) if s and alpha > 0 else None
-            for t, s in zip(ready, sparse, strict=True)
-        ],
-        [(entries[t].step, entries[t].lr, entries[t].beta1, entries[t].beta2, entries[t].eps)
-         for t in ready],
+    squares, kept = kernels.dare_steps_(
+        [(e.param, e.grad, e.exp_avg, e.exp_avg_sq) for e in entries],
+        [key_seed(options.seed, "update", e.step, e.name) for e in entries],
+        [(e.reference.indices, e.reference.values) if s and alpha > 0 else None
+         for e, s in zip(entries, sparse, strict=True)],
+        [(e.step, e.lr, e.beta1, e.beta2, e.eps) for e in entries],
+        keep=p,
         density=p if options.resolved_rescale == "inverse" else 1.0,
         weight=1 - alpha,
         alpha=alpha,
     )  # fmt: skip
     stats.merged = True
     stats.update_sq += (1 - alpha) ** 2 * squares
-    for t, s in zip(ready, sparse, strict=True):
-        e = entries[t]
-        stats.entries += numels[t]
-        stats.kept += int(count[t])
+    stats.entries += sum(e.param.numel() for e in entries)
+    stats.kept += int(kept.sum())
+    for e, s in zip(entries, sparse, strict=True):
         if s and alpha > 0:
             stats.tau_sq += alpha**2 * e.reference.sq_norm
         else:
             add_dare_reference_(e.param.view(-1), e.reference, options, stats)
-    return [entries[t] for t in range(len(entries)) if count[t] < 0]

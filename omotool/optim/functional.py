@@ -43,6 +43,7 @@ from omotool.merging import (
     bernoulli_indices,
     dare,
     disjoint_merge,
+    key_seed,
     keyed_generator,
     magnitude,
     magnitude_topk_indices,
@@ -55,6 +56,7 @@ from omotool.registry import Registry
 
 METHODS = ("none", "dare", "ties")
 DEFAULT_RESCALE = {"none": "none", "dare": "inverse", "ties": "none"}
+DARE_DRAWS = ("generator", "chunks")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ class MergeOptions:
     - ``tau_clip``: DARE clamps ``T`` to ``[−c, c]`` after rescaling (released code: 1);
       ``None`` disables. TIES never clips.
     - ``seed``: keys every random mask, with the step and the parameter name.
+    - ``dare_draw``: how OnDARE draws ``Δθ``'s mask, both Bernoulli(p) and keyed by (seed,
+      step, name): ``generator`` (``sparsify.bernoulli_indices`` from a keyed torch generator;
+      the ``reference`` and ``torch`` backends) or ``chunks`` (``kernels.dare_kept_indices``,
+      drawn per chunk inside the CPU kernels; the ``cpu`` backend sets it for its steps).
     """
 
     method: str = "dare"
@@ -83,6 +89,7 @@ class MergeOptions:
     election: str = "unweighted"
     tau_clip: float | None = 1.0
     seed: int = 0
+    dare_draw: str = "generator"
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -97,6 +104,8 @@ class MergeOptions:
             raise UsageError(f"rescale {self.rescale!r} is not one of {', '.join(RESCALES)}.")
         if self.election not in ELECTIONS:
             raise UsageError(f"election {self.election!r} is not one of {', '.join(ELECTIONS)}.")
+        if self.dare_draw not in DARE_DRAWS:
+            raise UsageError(f"dare_draw {self.dare_draw!r} is not one of {', '.join(DARE_DRAWS)}.")
         if self.tau_clip is not None and self.tau_clip <= 0:
             raise UsageError(f"tau_clip must be positive or None, got {self.tau_clip}.")
 
@@ -261,8 +270,18 @@ def dare_update_indices(
 ) -> torch.Tensor:
     """Sorted flat indices of ``Δθ`` kept by OnDARE at ``step`` (local ones under a shard).
 
-    The mask is keyed by ``(seed, "update", step, name)`` and drawn over the whole tensor.
+    The mask is keyed by ``(seed, "update", step, name)`` and is the whole tensor's
+    (``options.dare_draw``: ``chunks`` draws only the chunks that meet the shard).
     """
+    if options.dare_draw == "chunks":
+        from omotool.optim import kernels
+
+        key = key_seed(options.seed, "update", step, name)
+        if shard is None:
+            return kernels.dare_kept_indices(numel, options.reserve_p, key).to(device)
+        start = shard.offset
+        index = kernels.dare_kept_indices(shard.numel, options.reserve_p, key, start, start + numel)
+        return (index - start).to(device)
     generator = keyed_generator(options.seed, "update", step, name, device=device)
     whole = shard.numel if shard is not None else numel
     index = bernoulli_indices(whole, options.reserve_p, generator, device=device)

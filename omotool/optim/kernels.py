@@ -7,10 +7,13 @@ per-tensor Python overhead of doing it op by op was most of the cost. So each ke
 over every tensor of a step at once (tensors passed by address, work split into fixed chunks
 of ``CHUNK`` entries, so results do not depend on the number of threads):
 
-- ``dare_steps_``: ``m, v`` advanced everywhere; at the kept (sorted) indices of each
-  tensor's mask (``bernoulli_indices_many``: the same indices as ``sparsify.bernoulli_indices``),
-  in the same pass while ``m_i, v_i`` are in cache: ``θ_i += (1 − α)·Δθ_i / d`` (``d = p`` for
-  the inverse rescale, 1 otherwise), then ``θ_j += α·T_j``.
+- ``dare_steps_``: per chunk, the kept offsets of its DARE mask drawn in the kernel
+  (``chunk_kept``: geometric gaps from a counter-based stream keyed by the tensor's key and
+  the chunk's first entry, so no mask exists in memory and the mask depends neither on the
+  threads nor on the other tensors), the parameter's lines at those offsets and at ``T``'s
+  prefetched, ``m, v`` advanced everywhere, then, while ``m_i, v_i`` are in cache,
+  ``θ_i += (1 − α)·Δθ_i / d`` at the kept entries (``d = p`` for the inverse rescale, 1
+  otherwise) and ``θ_j += α·T_j``.
 - ``ties_steps_``: a floor from a strided sample of this step's ``|Δθ|`` a little below the
   k-th largest (as ``sparsify.magnitude_topk_indices``), one pass that advances ``m, v``,
   collects the entries above it and counts those equal to it (so that a pile of equal
@@ -26,6 +29,7 @@ float32 CPU tensors; ``OnlineMergingAdamW`` batches those when numba is importab
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cache
 from typing import Any
@@ -51,7 +55,9 @@ def _compiled() -> Any:
     if os.environ.get("OMOTOOL_KERNELS", "1") == "0":
         return None
     try:
+        from llvmlite import ir
         from numba import carray, get_thread_id, njit, prange, types
+        from numba.core import cgutils
         from numba.extending import intrinsic
     except ImportError:  # pragma: no cover - numba is a dependency, but optional at run time
         return None
@@ -83,41 +89,117 @@ def _compiled() -> Any:
     # A tensor's data_ptr() as an array numba can index: one kernel call covers many tensors.
     float_pointer, int_pointer = pointer_to(types.float32), pointer_to(types.int32)
 
+    @intrinsic
+    def prefetch_for_write(typingctx, array, index):  # noqa: ARG001 - numba's signature
+        """Ask for the cache line of ``array[index]`` (LLVM's prefetch; no effect on values):
+        the scattered parameter entries of a chunk arrive while its moments stream."""
+
+        def codegen(context, builder, signature, args):
+            kind = signature.args[0]
+            data = context.make_array(kind)(context, builder, args[0])
+            address = cgutils.get_item_pointer(
+                context, builder, kind, data, [args[1]], wraparound=False, boundscheck=False
+            )
+            i32 = ir.IntType(32)
+            function = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]),
+                "llvm.prefetch.p0",
+            )
+            builder.call(function, [address, i32(1), i32(3), i32(1)])  # write, keep, data
+            return context.get_dummy_value()
+
+        return types.void(array, index), codegen
+
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    mix_a, mix_b = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+    unit = 2.0**-53
+
+    @njit(cache=True, boundscheck=False, nogil=True, inline="always")
+    def mix64(z):
+        """SplitMix64's finaliser: a bijection of uint64 whose outputs pass BigCrush."""
+        z = (z ^ (z >> np.uint64(30))) * mix_a
+        z = (z ^ (z >> np.uint64(27))) * mix_b
+        return z ^ (z >> np.uint64(31))
+
+    @njit(cache=True, boundscheck=False, nogil=True, inline="always")
+    def chunk_kept(key, lo, hi, log_drop, offsets):
+        """Offsets from ``lo`` of the entries of ``[lo, hi)`` kept by a Bernoulli(p) mask,
+        ascending, written to ``offsets``; returns their count. ``log_drop = log(1 − p)``.
+
+        Gaps between kept entries are i.i.d. Geometric(p), ``⌊log(1 − U)/log(1 − p)⌋ + 1``
+        (as ``sparsify.bernoulli_indices``), with ``U`` the top 53 bits of SplitMix64 over a
+        counter started at ``mix64(key ⊕ mix64(lo + γ))``: the mask of a chunk depends only on
+        the tensor's key and the chunk's first entry."""
+        state = mix64(np.uint64(key) ^ mix64(np.uint64(lo) + golden))
+        position, count = lo - 1, 0
+        while True:
+            state += golden
+            u = np.float64(mix64(state) >> np.uint64(11)) * unit
+            gap = np.floor(np.log1p(-u) / log_drop) + 1.0
+            if gap >= hi - position:  # also an infinite gap (p = 0)
+                return count
+            position += np.int64(gap)
+            offsets[count] = position - lo
+            count += 1
+
+    @jit
+    def dare_kept(key, n, first_chunk, log_drop, counts, starts, out, rows):
+        """``chunk_kept`` over chunks ``first_chunk + c`` of a tensor of ``n`` entries (the
+        mask ``dare_steps`` applies): with ``starts`` empty, their counts into ``counts[c]``;
+        else their flat indices into ``out[starts[c] :]``."""
+        for c in prange(counts.size):
+            lo = (first_chunk + c) * CHUNK
+            hi = min(n, lo + CHUNK)
+            if starts.size == 0:
+                counts[c] = chunk_kept(key, lo, hi, log_drop, rows[get_thread_id()])
+            else:
+                at = starts[c]
+                for j in range(chunk_kept(key, lo, hi, log_drop, out[at:])):
+                    out[at + j] += lo
+
     @jit
     def dare_steps(
-        g_at, m_at, v_at, p_at, sizes, item_tensor, item_start, index, index_start, index_count,
-        ref_index_at, ref_value_at, ref_count, w1, b2, w2, bias2, eps, step_size, density, w,
-        alpha, squares,
+        g_at, m_at, v_at, p_at, sizes, item_tensor, item_start, keys, log_drop, ref_index_at,
+        ref_value_at, ref_count, w1, b2, w2, bias2, eps, step_size, density, w, alpha, squares,
+        kept_counts, offset_rows,
     ):  # fmt: skip
         for item in prange(item_tensor.size):
             t = item_tensor[item]
             n = sizes[t]
-            g = carray(float_pointer(g_at[t]), (n,))
-            m = carray(float_pointer(m_at[t]), (n,))
-            v = carray(float_pointer(v_at[t]), (n,))
-            p = carray(float_pointer(p_at[t]), (n,))
             lo = item_start[item]
             hi = min(n, lo + CHUNK)
-            gc, mc, vc = g[lo:hi], m[lo:hi], v[lo:hi]
+            gc = carray(float_pointer(g_at[t]), (n,))[lo:hi]
+            mc = carray(float_pointer(m_at[t]), (n,))[lo:hi]
+            vc = carray(float_pointer(v_at[t]), (n,))[lo:hi]
+            pc = carray(float_pointer(p_at[t]), (n,))[lo:hi]
+            offsets = offset_rows[get_thread_id()]
+            count = chunk_kept(keys[t], lo, hi, log_drop, offsets)
+            for j in range(count):
+                prefetch_for_write(pc, offsets[j])
+            first = last = 0
+            if ref_count[t] > 0:
+                ref_at = carray(int_pointer(ref_index_at[t]), (ref_count[t],))
+                ref_of = carray(float_pointer(ref_value_at[t]), (ref_count[t],))
+                first, last = np.searchsorted(ref_at, lo), np.searchsorted(ref_at, hi)
+                for b in range(first, last):
+                    prefetch_for_write(pc, ref_at[b] - lo)
             a1, c2, a2 = w1[t], b2[t], w2[t]
             for i in range(hi - lo):
                 gi = gc[i]
                 mc[i] = mc[i] + a1 * (gi - mc[i])
                 vc[i] = vc[i] * c2 + a2 * gi * gi
-            kept_at = index[index_start[t] : index_start[t] + index_count[t]]
             scale, bias, tiny = step_size[t], bias2[t], eps[t]
             total = 0.0
-            for j in range(np.searchsorted(kept_at, lo), np.searchsorted(kept_at, hi)):
-                i = kept_at[j]
-                kept = (m[i] / (np.sqrt(v[i]) / bias + tiny)) * scale / density
-                p[i] += kept * w
+            for j in range(count):
+                i = offsets[j]
+                kept = (mc[i] / (np.sqrt(vc[i]) / bias + tiny)) * scale / density
+                pc[i] += kept * w
                 total += float(kept) * float(kept)
-            squares[item] = total
+            squares[item], kept_counts[item] = total, count
             if ref_count[t] > 0:
-                ref_at = carray(int_pointer(ref_index_at[t]), (ref_count[t],))
-                ref_of = carray(float_pointer(ref_value_at[t]), (ref_count[t],))
-                for j in range(np.searchsorted(ref_at, lo), np.searchsorted(ref_at, hi)):
-                    p[ref_at[j]] += ref_of[j] * alpha
+                for b in range(first, last):
+                    pc[ref_at[b] - lo] += ref_of[b] * alpha
 
     @jit
     def ties_sample(g_at, m_at, v_at, sizes, stride, start, w1, b2, w2, bias2, eps, size, out):
@@ -389,24 +471,9 @@ def _compiled() -> Any:
                 worst = max(worst, g[i] & exponent_bits)
             bad[item] = worst == exponent_bits
 
-    @njit(cache=True, boundscheck=False, nogil=True)
-    def gap_positions(gaps, gap_start, numels, positions, counts):
-        """Per tensor ``t``: positions ``−1 + cumsum(gaps)`` below ``numels[t]``, written at
-        ``gap_start[t]``; ``counts[t] = −1`` when the gaps end before the tensor does."""
-        for t in range(numels.size):
-            at, count, n = gap_start[t], 0, numels[t]
-            position = -1
-            for j in range(gap_start[t], gap_start[t + 1]):
-                position += np.int64(gaps[j])
-                if position >= n:
-                    break
-                positions[at + count] = position
-                count += 1
-            counts[t] = count if position >= n - 1 else -1
-
     return {
+        "dare_kept": dare_kept,
         "dare_steps": dare_steps,
-        "gap_positions": gap_positions,
         "nonfinite_chunks": nonfinite_chunks,
         "ties_sample": ties_sample,
         "sample_floors": sample_floors,
@@ -472,35 +539,49 @@ def _thread_slots() -> np.ndarray:
     return np.full((numba.config.NUMBA_NUM_THREADS, CHUNK), -1, dtype=np.int32)
 
 
+@cache
+def _thread_offsets() -> np.ndarray:
+    """One chunk-sized int32 row per numba thread (``dare_steps``: a chunk's kept offsets)."""
+    import numba
+
+    return np.empty((numba.config.NUMBA_NUM_THREADS, CHUNK), dtype=np.int32)
+
+
 def scratch_bytes() -> int:
     """Bytes of the per-thread scratch rows allocated so far (shared by the whole process)."""
-    rows = [f() for f in (_thread_scratch, _thread_slots) if f.cache_info().currsize]
+    rows = [
+        f() for f in (_thread_scratch, _thread_slots, _thread_offsets) if f.cache_info().currsize
+    ]
     return sum(row.nbytes for row in rows)
 
 
-def bernoulli_indices_many(
-    numels: list[int], density: float, generators: list[torch.Generator]
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """``sparsify.bernoulli_indices`` for many tensors at once (same generators, same indices).
+def dare_kept_indices(
+    numel: int, density: float, key: int, start: int = 0, stop: int | None = None
+) -> torch.Tensor:
+    """The flat indices in ``[start, stop)`` that ``dare_steps_`` keeps in a tensor of
+    ``numel`` entries whose mask key is ``key`` (``sparsify.key_seed(seed, "update", step,
+    name)``): ascending, int64; drawn from the chunks that meet the range only, so a shard
+    draws its own part of the whole tensor's mask."""
+    stop = numel if stop is None else stop
+    if stop <= start:
+        return torch.empty(0, dtype=torch.long)
+    first, last = start // CHUNK, -(-stop // CHUNK)
+    kernel, log_drop = _compiled()["dare_kept"], _log_drop(density)
+    counts = np.zeros(last - first, dtype=np.int64)
+    empty, rows = np.empty(0, dtype=np.int64), _thread_offsets()
+    _match_torch_threads()
+    kernel(key, numel, first, log_drop, counts, empty, empty, rows)
+    starts = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    out = np.zeros(int(starts[-1]), dtype=np.int64)
+    kernel(key, numel, first, log_drop, counts, starts[:-1], out, rows)
+    index = torch.from_numpy(out)
+    return index[(index >= start) & (index < stop)] if start % CHUNK or stop < numel else index
 
-    Returns ``(positions, start, count)``: tensor ``t``'s indices are
-    ``positions[start[t] : start[t] + count[t]]``; ``count[t] = −1`` means its gaps ran out
-    before the tensor did (rare: draw that one with ``bernoulli_indices``).
-    """
-    from omotool.merging.sparsify import gap_chunk, gap_dtype, geometric_gaps_
 
-    start = np.zeros(len(numels) + 1, dtype=np.int64)
-    np.cumsum([gap_chunk(n, density) for n in numels], out=start[1:])
-    gaps = torch.empty(int(start[-1]), dtype=gap_dtype(density))
-    for t, generator in enumerate(generators):
-        gaps[start[t] : start[t + 1]].uniform_(generator=generator)
-    geometric_gaps_(gaps, density)
-    positions = np.empty(gaps.numel(), dtype=np.int64)
-    counts = np.empty(len(numels), dtype=np.int64)
-    _compiled()["gap_positions"](
-        gaps.numpy(), start, np.asarray(numels, dtype=np.int64), positions, counts
-    )
-    return torch.from_numpy(positions), start[:-1], counts
+def _log_drop(density: float) -> float:
+    """``log(1 − p)``, the rate of a DARE mask's geometric gaps (−inf keeps everything)."""
+    return math.log1p(-density) if density < 1 else -math.inf
 
 
 def _items(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -540,34 +621,38 @@ def _batch(
 
 def dare_steps_(
     tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-    kept: tuple[torch.Tensor, np.ndarray, np.ndarray],
+    keys: list[int],
     references: list[tuple[torch.Tensor, torch.Tensor] | None],
     adam: list[tuple[int, float, float, float, float]],
     *,
+    keep: float,
     density: float,
     weight: float,
     alpha: float,
-) -> float:
-    """``dare_step_`` over many tensors in one call.
+) -> tuple[float, np.ndarray]:
+    """OnDARE over many tensors in one call: moments, a fresh mask, ``θ += w·Δθ/d + α·T``.
 
-    ``tensors[t] = (param, grad, exp_avg, exp_avg_sq)``; ``kept`` as ``bernoulli_indices_many``
-    returns it; ``references[t] = (int32 sorted indices, values)`` of ``T`` or None;
-    ``adam[t] = (step, lr, beta1, beta2, eps)``. Returns ``Σ (Δθ[i]/density)²`` over all.
+    ``tensors[t] = (param, grad, exp_avg, exp_avg_sq)``; ``keys[t]`` keys tensor t's mask,
+    which keeps each entry with probability ``keep`` (``dare_kept_indices`` gives its
+    indices); ``density``: the rescale divisor ``d``; ``references[t] = (int32 sorted indices,
+    values)`` of ``T`` or None; ``adam[t] = (step, lr, beta1, beta2, eps)``. Returns
+    ``Σ (Δθ[i]/density)²`` over all kept entries and the kept count per tensor.
     """
     (param_at, grad_at, m_at, v_at), sizes, scalars = _batch(tensors, adam)
     item_tensor, item_start, _ = _items(sizes)
     ref_index_at, ref_value_at, ref_count = _references(references)
     w1, b2, w2, bias2, eps, step_size = scalars
-    index, index_start, index_count = kept
     squares = np.zeros(item_tensor.size)
+    kept = np.zeros(item_tensor.size, dtype=np.int64)
     _match_torch_threads()
     _compiled()["dare_steps"](
-        grad_at, m_at, v_at, param_at, sizes, item_tensor,
-        item_start, index.numpy(), index_start, index_count, ref_index_at, ref_value_at, ref_count,
-        w1, b2, w2, bias2, eps, step_size, np.float32(density), np.float32(weight),
-        np.float32(alpha), squares,
+        grad_at, m_at, v_at, param_at, sizes, item_tensor, item_start,
+        np.asarray(keys, dtype=np.int64), _log_drop(keep), ref_index_at, ref_value_at,
+        ref_count, w1, b2, w2, bias2, eps, step_size, np.float32(density), np.float32(weight),
+        np.float32(alpha), squares, kept, _thread_offsets(),
     )  # fmt: skip
-    return float(squares.sum())
+    per_tensor = np.bincount(item_tensor, weights=kept, minlength=sizes.size)
+    return float(squares.sum()), per_tensor.astype(np.int64)
 
 
 def ties_steps_(

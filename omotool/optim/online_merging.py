@@ -215,6 +215,15 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             self._resolved_backend = self._resolve_backend()
         return self._resolved_backend
 
+    @property
+    def _applied_options(self) -> MergeOptions:
+        """``options`` as this step applies them: the ``cpu`` backend with its kernels on
+        draws OnDARE's masks by chunks (``dare_draw``) in every path, batched or not, so that
+        they do not depend on sharding or on which tensors are batched."""
+        if self.resolved_backend == "cpu" and kernels.usable():
+            return dataclasses.replace(self.options, dare_draw="chunks")
+        return self.options
+
     def _resolve_backend(self) -> str:
         devices = {p.device for group in self.param_groups for p in group["params"]}
         on_cpu = all(device.type == "cpu" for device in devices)
@@ -235,6 +244,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
 
     def _tensor_steps(self) -> Iterator[TensorStep]:
         """Every parameter with a gradient, with its state, ``T`` and float32 working copy."""
+        applied = self._applied_options
         for group in self.param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, param in zip(names, group["params"], strict=True):
@@ -254,7 +264,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                     name or "", local, work, grad, shard, reference, state,
                     dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"]),
-                    self.options if merges else _PLAIN_ADAMW,
+                    applied if merges else _PLAIN_ADAMW,
                 )  # fmt: skip
 
     @torch.no_grad()
@@ -368,15 +378,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
 
     def _batched_step(self, batch: list[tuple[BatchEntry, torch.Tensor]], stats: StepStats):
         """This step's batched tensors in a few kernel calls (``batched_step_``)."""
-        entries = [entry for entry, _ in batch]
-        leftovers = batched_step_(entries, self.options, stats, self._workspace)
-        for entry in leftovers:  # rare: a DARE mask whose first draw of gaps fell short
-            fused_online_merging_adamw_(
-                entry.param, entry.grad, entry.exp_avg, entry.exp_avg_sq,
-                torch.tensor(float(entry.step)), None, entry.reference, self._workspace,
-                name=entry.name, lr=entry.lr, beta1=entry.beta1, beta2=entry.beta2, eps=entry.eps,
-                weight_decay=entry.weight_decay, options=self.options, stats=stats,
-            )  # fmt: skip
+        batched_step_([entry for entry, _ in batch], self.options, stats, self._workspace)
         for entry, local in batch:
             if entry.param is not local:
                 local.copy_(entry.param)

@@ -70,10 +70,12 @@ def test_two_ranks_end_where_one_ends(runs, method, mode) -> None:
         assert torch.allclose(sharded[name], single[name], rtol=0, atol=1e-6), name
 
 
-@pytest.mark.parametrize("method", ["dare", "ties"])
+@pytest.mark.parametrize("method", ["ties"])
 def test_the_sync_free_path_ends_where_the_cpu_path_ends(runs, method) -> None:
     # The path a GPU takes (device-side NaN check, all-reduced flag, collectives on the
     # group's device), here on gloo: the same parameters as the CPU path, to rounding.
+    # (OnDARE: the CPU backend draws its masks by chunks, other draws; the sync-free path
+    # against itself in one process is test_two_ranks_end_where_one_ends.)
     cpu, sync_free = load(runs, method, "single"), load(runs, f"{method}+sync_free", "fsdp")
     for name in cpu:
         assert torch.allclose(sync_free[name], cpu[name], rtol=0, atol=1e-6), name

@@ -1,8 +1,9 @@
 """A straightforward dense transcription of the paper's Algorithm 1/2 (test oracle only).
 
 Masks are dense; top-k is a full sort; merges are written entry by entry with torch.where.
-The DARE mask of each step is taken from ``bernoulli_indices`` with the same key as the
-optimizer, so the two can be compared step by step.
+The DARE mask of each step is drawn with the same key as the optimizer, by
+``bernoulli_indices`` (the tensor-op paths) or by the CPU kernels' draw
+(``kernel_update_indices``, the batched OnDARE kernel), so the two can be compared step by step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ import math
 
 import torch
 
-from omotool.merging import bernoulli_indices, keyed_generator
+from omotool.merging import bernoulli_indices, key_seed, keyed_generator
+from omotool.optim import kernels
+
+
+def bernoulli_update_indices(numel, p, seed, step, name) -> torch.Tensor:
+    """OnDARE's mask of ``Δθ`` as the tensor-op paths draw it."""
+    return bernoulli_indices(numel, p, keyed_generator(seed, "update", step, name))
+
+
+def kernel_update_indices(numel, p, seed, step, name) -> torch.Tensor:
+    """OnDARE's mask of ``Δθ`` as the CPU kernel draws it (same key)."""
+    return kernels.dare_kept_indices(numel, p, key_seed(seed, "update", step, name))
 
 
 def dense_bernoulli(shape, p, seed, *key) -> torch.Tensor:
@@ -48,10 +60,12 @@ class ReferenceOptimizer:
         clip=1.0,
         election="unweighted",
         rescale=None,
+        update_indices=bernoulli_update_indices,
     ):
         self.params, self.method, self.p, self.alpha = params, method, p, alpha
         self.lr, self.betas, self.eps, self.wd, self.seed = lr, betas, eps, weight_decay, seed
         self.k, self.election = online_step, election
+        self.update_indices = update_indices
         self.rescale = rescale or {"dare": "inverse", "ties": "none"}[method]
         self.m = {n: torch.zeros_like(t) for n, t in params.items()}
         self.v = {n: torch.zeros_like(t) for n, t in params.items()}
@@ -93,7 +107,9 @@ class ReferenceOptimizer:
     def merged(self, name, delta):
         a, T = self.alpha, self.T[name]
         if self.method == "dare":
-            mask = dense_bernoulli(delta.shape, self.p, self.seed, "update", self.t, name)
+            mask = torch.zeros(delta.numel(), dtype=torch.bool)
+            mask[self.update_indices(delta.numel(), self.p, self.seed, self.t, name)] = True
+            mask = mask.view(delta.shape)
             kept = delta * mask
             if self.rescale == "inverse":
                 kept = kept / self.p

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 
 import pytest
 import torch
 
 from omotool.merging import sparsify
-from omotool.merging.sparsify import bernoulli_indices, keyed_generator
-from omotool.optim import OnlineMergingAdamW, kernels
+from omotool.merging.sparsify import key_seed
+from omotool.optim import OnlineMergingAdamW, kernels, online_merging
 
 # a.weight is large enough to be sampled for OnTIES's floor; a.bias is selected exactly.
 SHAPES = {"a.weight": (300, 256), "a.bias": (300,)}
@@ -30,14 +31,15 @@ def optimizer(params, *, backend="cpu", **options) -> OnlineMergingAdamW:
 
 
 def one_step(state, start, grads, *, use_kernels, monkeypatch, **options):
-    """From ``start`` params and optimizer ``state``, one step; returns (params, optimizer)."""
+    """From ``start`` params and optimizer ``state``, one step; returns (params, optimizer).
+    Without kernels: the CPU backend's per-tensor path (which draws the same OnDARE masks)."""
     params = {n: t.clone().requires_grad_() for n, t in start.items()}
     opt = optimizer(params, **options)
     if state is not None:
         opt.load_state_dict(copy.deepcopy(state))  # loading may alias the given tensors
     with monkeypatch.context() as patch:
         if not use_kernels:
-            patch.setattr(kernels, "usable", lambda *tensors, **kwargs: False)
+            patch.setattr(online_merging, "batches", lambda *args: False)
         for name, p in params.items():
             p.grad = grads[name].clone()
         opt.step()
@@ -178,32 +180,73 @@ def test_kernels_take_contiguous_float32_cpu_tensors_only() -> None:
     assert not kernels.usable(torch.zeros(2, 40).t())  # not contiguous
 
 
-@pytest.mark.parametrize("density", [0.01, 0.3, 5e-5])
-def test_bernoulli_indices_many_equals_one_tensor_at_a_time(density) -> None:
-    numels = [1, 7, 1000, 70_001, 300_000]
-    keys = [(0, "update", 3, f"t{i}") for i in range(len(numels))]
-    positions, start, count = kernels.bernoulli_indices_many(
-        numels, density, [keyed_generator(*key) for key in keys]
-    )
-    for t, (numel, key) in enumerate(zip(numels, keys, strict=True)):
-        expected = bernoulli_indices(numel, density, keyed_generator(*key))
-        assert count[t] == expected.numel()
-        assert torch.equal(positions[start[t] : start[t] + count[t]], expected)
+def test_dare_kernel_mask_has_the_bernoulli_law() -> None:
+    """The kernel's mask keeps each entry with probability p, independently (geometric gaps
+    of mean 1/p and variance (1 − p)/p²), in every chunk, for every key."""
+    n, p = 2_000_000, 0.01
+    index = kernels.dare_kept_indices(n, p, key_seed(0, "update", 1, "w"))
+    assert index.dtype == torch.int64 and bool((index.diff() > 0).all())
+    assert int(index[0]) >= 0 and int(index[-1]) < n
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert abs(index.numel() - n * p) < 5 * sigma
+    gaps = index.diff().double()
+    assert abs(float(gaps.mean()) - 1 / p) < 0.05 / p
+    assert abs(float(gaps.var()) / ((1 - p) / p**2) - 1) < 0.1
+    per_chunk = torch.bincount(index // kernels.CHUNK).double()
+    assert float(per_chunk.min()) > 0  # no chunk left out (~164 expected in each)
+    # the first entries of a chunk are as likely as the others (the draw restarts there)
+    hits = torch.zeros(2 * kernels.CHUNK)
+    for step in range(300):
+        hits[kernels.dare_kept_indices(hits.numel(), 0.2, key_seed(0, "update", step, "w"))] += 1
+    starts = torch.cat([hits[:64], hits[kernels.CHUNK : kernels.CHUNK + 64]])
+    assert abs(float(starts.mean()) - 60) < 4 and abs(float(hits.mean()) - 60) < 1
 
 
-def test_a_short_draw_of_gaps_takes_the_per_tensor_path(monkeypatch) -> None:
-    """When the first draw of gaps ends before the tensor does, that tensor is drawn again
-    one at a time (the same indices) and the step is the same."""
+def test_dare_kernel_mask_is_keyed_by_key_and_chunk_only() -> None:
+    """Same key, same mask (on every process and run); another step or name, another mask;
+    a chunk's mask does not depend on how long the tensor is."""
+    key = key_seed(0, "update", 1, "w")
+    n = 3 * kernels.CHUNK + 5
+    mask = kernels.dare_kept_indices(n, 0.05, key)
+    assert torch.equal(mask, kernels.dare_kept_indices(n, 0.05, key))
+    assert not torch.equal(mask, kernels.dare_kept_indices(n, 0.05, key_seed(0, "update", 2, "w")))
+    assert not torch.equal(mask, kernels.dare_kept_indices(n, 0.05, key_seed(0, "update", 1, "v")))
+    shorter = kernels.dare_kept_indices(kernels.CHUNK + 100, 0.05, key)
+    assert torch.equal(shorter, mask[mask < kernels.CHUNK + 100])
+    cuts = [0, 1000, kernels.CHUNK, 2 * kernels.CHUNK + 7, n]  # shards draw their own part
+    parts = [kernels.dare_kept_indices(n, 0.05, key, a, b) for a, b in itertools.pairwise(cuts)]
+    assert torch.equal(torch.cat(parts), mask)
+    assert kernels.dare_kept_indices(n, 0.0, key).numel() == 0
+    assert kernels.dare_kept_indices(n, 1.0, key).numel() == n
+
+
+def test_dare_kernel_step_applies_exactly_its_mask() -> None:
+    """One step: exactly the mask's entries move, by (1 − α)·Δθ/p; T's by α·T (sparse T)."""
+    from omotool.optim.functional import MergeOptions, adam_direction, reference_tensor
+
+    p, alpha = 0.3, 0.2
+    params = {n: t.requires_grad_() for n, t in make(0).items()}
+    before = {n: t.detach().clone() for n, t in params.items()}
+    opt = optimizer(params, reserve_p=p, alpha=alpha, lr=1e-2, eps=0.1)
     gen = torch.Generator().manual_seed(2)
     grads = {n: torch.randn(s, generator=gen) for n, s in SHAPES.items()}
-    theirs, slow = one_step(None, make(0), grads, use_kernels=False, monkeypatch=monkeypatch)
-    monkeypatch.setattr(sparsify, "gap_chunk", lambda numel, density: 3)
-    _, _, count = kernels.bernoulli_indices_many([1000], 0.05, [torch.Generator()])
-    assert count[0] == -1
-    ours, fast = one_step(None, make(0), grads, use_kernels=True, monkeypatch=monkeypatch)
-    for name in SHAPES:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-6)
-    assert fast.stats() == pytest.approx(slow.stats(), rel=1e-5)
+    for name, param in params.items():
+        param.grad = grads[name].clone()
+    opt.step()
+    options = MergeOptions(method="dare", reserve_p=p, alpha=alpha, seed=3)
+    for name, g in grads.items():
+        index = kernels.dare_kept_indices(g.numel(), p, key_seed(3, "update", 1, name))
+        mask = torch.zeros(g.numel(), dtype=torch.bool)
+        mask[index] = True
+        m, v = (1 - 0.9) * g, (1 - 0.999) * g * g
+        update = adam_direction(m, v, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=0.1)
+        tau = reference_tensor(make(1)[name], name, options)
+        expected = before[name] + (1 - alpha) * torch.where(mask.view(g.shape), update / p, 0.0)
+        expected += alpha * tau
+        torch.testing.assert_close(params[name].detach(), expected, rtol=1e-6, atol=1e-7)
+        moved = params[name].detach() != before[name]
+        assert torch.equal(moved.flatten() & ~(tau != 0).flatten(), mask & ~(tau != 0).flatten())
+    assert opt.stats()["merge/kept_fraction"] == pytest.approx(p, abs=0.02)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare"])

@@ -9,7 +9,11 @@ import torch
 
 from omotool.errors import InputError, UsageError
 from omotool.optim import NonFiniteGradientError, OnlineMergingAdamW
-from tests.unit.optim.reference import ReferenceOptimizer
+from tests.unit.optim.reference import (
+    ReferenceOptimizer,
+    bernoulli_update_indices,
+    kernel_update_indices,
+)
 
 SHAPES = {"layer.weight": (24, 16), "layer.bias": (24,), "head.weight": (5, 24)}
 
@@ -49,8 +53,12 @@ def run_reference(tau, grads, **kwargs):
 
 @pytest.fixture(params=["reference", "cpu"])
 def backend(request) -> str:
-    """Both CPU backends of the optimizer: plain tensor ops, and the fused/numba kernels."""
+    """Both CPU backends of the optimizer: plain tensor ops, and the fused/numba kernels
+    (which draw OnDARE's masks otherwise: ``MASKS``)."""
     return request.param
+
+
+MASKS = {"reference": bernoulli_update_indices, "cpu": kernel_update_indices}
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -131,7 +139,7 @@ def test_matches_dense_transcription_step_by_step(options, backend) -> None:
     common = dict(lr=1e-2, weight_decay=0.01, seed=3, eps=0.1, **kwargs)
     opt = OnlineMergingAdamW(params.items(), tau, reserve_p=p, backend=backend, **common)
     reference = {n: t.detach().clone() for n, t in make_params().items()}
-    oracle = ReferenceOptimizer(reference, tau, p=p, **common)
+    oracle = ReferenceOptimizer(reference, tau, p=p, update_indices=MASKS[backend], **common)
     for step_grads in grads:
         run(opt, params, [step_grads])
         oracle.step(step_grads)
@@ -254,6 +262,7 @@ def test_step_k_equal_to_total_steps_is_one_offline_merge(method, backend) -> No
         alpha=0.2,
         lr=1e-2,
         seed=4,
+        update_indices=MASKS[backend],
     )
     oracle.t = steps
     for name, p in start.items():
