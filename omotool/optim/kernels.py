@@ -10,14 +10,14 @@ of ``CHUNK`` entries, so results do not depend on the number of threads):
 - ``dare_steps_``: per chunk, the kept offsets of its DARE mask drawn in the kernel
   (``chunk_kept``: geometric gaps from a counter-based stream keyed by the tensor's key and
   the chunk's first entry, so no mask exists in memory and the mask depends neither on the
-  threads nor on the other tensors), the parameter's lines at those offsets and at ``T``'s
-  prefetched, ``m, v`` advanced everywhere, then, while ``m_i, v_i`` are in cache,
-  ``θ_i += (1 − α)·Δθ_i / d`` at the kept entries (``d = p`` for the inverse rescale, 1
-  otherwise) and ``θ_j += α·T_j``.
+  threads nor on the other tensors), ``m, v`` advanced everywhere, then, while ``m_i, v_i``
+  are in cache, ``θ_i += (1 − α)·Δθ_i / d`` at the kept entries (``d = p`` for the inverse
+  rescale, 1 otherwise) and ``θ_j += α·T_j``.
 - ``ties_steps_``: a floor from a strided sample of this step's ``|Δθ|`` a little below the
   k-th largest (as ``sparsify.magnitude_topk_indices``), one pass that advances ``m, v``,
-  collects the entries above it and counts those equal to it (so that a pile of equal
-  values, as in Adam's first steps, costs no writes), the exact top-k (a histogram of the
+  computes ``Δθ`` everywhere, collects the entries above the floor and counts those equal to
+  it (so that a pile of equal values, as in Adam's first steps, costs no writes), the exact
+  top-k (a histogram of the
   candidates' float32 bits, then a partition of one bin; or the floor itself, with the first
   equal entries in index order; ties to lower indices), and the TIES merge with ``T`` per
   chunk (``ties_apply``: a per-thread map from chunk offset to kept update).
@@ -55,9 +55,7 @@ def _compiled() -> Any:
     if os.environ.get("OMOTOOL_KERNELS", "1") == "0":
         return None
     try:
-        from llvmlite import ir
         from numba import carray, get_thread_id, njit, prange, types
-        from numba.core import cgutils
         from numba.extending import intrinsic
     except ImportError:  # pragma: no cover - numba is a dependency, but optional at run time
         return None
@@ -88,28 +86,6 @@ def _compiled() -> Any:
 
     # A tensor's data_ptr() as an array numba can index: one kernel call covers many tensors.
     float_pointer, int_pointer = pointer_to(types.float32), pointer_to(types.int32)
-
-    @intrinsic
-    def prefetch_for_write(typingctx, array, index):  # noqa: ARG001 - numba's signature
-        """Ask for the cache line of ``array[index]`` (LLVM's prefetch; no effect on values):
-        the scattered parameter entries of a chunk arrive while its moments stream."""
-
-        def codegen(context, builder, signature, args):
-            kind = signature.args[0]
-            data = context.make_array(kind)(context, builder, args[0])
-            address = cgutils.get_item_pointer(
-                context, builder, kind, data, [args[1]], wraparound=False, boundscheck=False
-            )
-            i32 = ir.IntType(32)
-            function = cgutils.get_or_insert_function(
-                builder.module,
-                ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]),
-                "llvm.prefetch.p0",
-            )
-            builder.call(function, [address, i32(1), i32(3), i32(1)])  # write, keep, data
-            return context.get_dummy_value()
-
-        return types.void(array, index), codegen
 
     golden = np.uint64(0x9E3779B97F4A7C15)
     mix_a, mix_b = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -175,15 +151,6 @@ def _compiled() -> Any:
             pc = carray(float_pointer(p_at[t]), (n,))[lo:hi]
             offsets = offset_rows[get_thread_id()]
             count = chunk_kept(keys[t], lo, hi, log_drop, offsets)
-            for j in range(count):
-                prefetch_for_write(pc, offsets[j])
-            first = last = 0
-            if ref_count[t] > 0:
-                ref_at = carray(int_pointer(ref_index_at[t]), (ref_count[t],))
-                ref_of = carray(float_pointer(ref_value_at[t]), (ref_count[t],))
-                first, last = np.searchsorted(ref_at, lo), np.searchsorted(ref_at, hi)
-                for b in range(first, last):
-                    prefetch_for_write(pc, ref_at[b] - lo)
             a1, c2, a2 = w1[t], b2[t], w2[t]
             for i in range(hi - lo):
                 gi = gc[i]
@@ -198,7 +165,9 @@ def _compiled() -> Any:
                 total += float(kept) * float(kept)
             squares[item], kept_counts[item] = total, count
             if ref_count[t] > 0:
-                for b in range(first, last):
+                ref_at = carray(int_pointer(ref_index_at[t]), (ref_count[t],))
+                ref_of = carray(float_pointer(ref_value_at[t]), (ref_count[t],))
+                for b in range(np.searchsorted(ref_at, lo), np.searchsorted(ref_at, hi)):
                     pc[ref_at[b] - lo] += ref_of[b] * alpha
 
     @jit
@@ -220,83 +189,58 @@ def _compiled() -> Any:
                 out[start[t] + j] = abs((mi / (np.sqrt(vi) / bias2[t] + eps[t])) * size[t])
 
     @jit
-    def sample_floors(samples, start, rank, floors, piled):
-        """floors[t]: the rank[t]-th largest of tensor t's sample (0 without a sample);
-        piled[t]: whether over 1/16 of the sample lies within 1e-5 of the floor or above it
-        (a pile of |Δθ| there: ``ties_candidates_many`` then computes Δθ everywhere)."""
+    def sample_floors(samples, start, rank, floors):
+        """floors[t]: the rank[t]-th largest of tensor t's sample (0 without a sample)."""
         for t in prange(floors.size):
             count = start[t + 1] - start[t]
-            piled[t] = True
             if count > 0:
                 ordered = np.partition(samples[start[t] : start[t + 1]], count - rank[t])
                 floors[t] = ordered[count - rank[t]]
-                near, limit = 0, floors[t] * np.float32(0.99999)
-                for j in range(start[t], start[t + 1]):
-                    near += samples[j] >= limit
-                piled[t] = near * 16 > count
 
     @jit
     def ties_candidates_many(
         g_at, m_at, v_at, sizes, item_tensor, item_start, base, w1, b2, w2, bias2, eps, size,
-        floors, piled, out_i, out_v, counts, ties, scratch,
+        floors, out_i, out_v, counts, ties, scratch, flag_rows,
     ):  # fmt: skip
-        """Moments everywhere; entries with ``|Δθ| > floor`` written as candidates, those
-        equal to the floor only counted (``ties[item]``): however many entries share the
-        floor's value (Adam's first steps pile |Δθ| onto a few values), the candidates stay
-        about as many as the sample put above the floor."""
+        """Moments and ``Δθ`` everywhere (one loop that vectorises: on a memory-bound pass the
+        √ and ÷ cost little); entries with ``|Δθ| > floor`` written as candidates, those equal
+        to the floor only counted (``ties[item]``): however many entries share the floor's
+        value (Adam's first steps pile |Δθ| onto a few values), the candidates stay about as
+        many as the sample put above the floor. The candidates are found from a byte flag per
+        entry, read eight at a time, so the ~99% of entries below the floor cost no branch."""
         for item in prange(item_tensor.size):
             t = item_tensor[item]
             n = sizes[t]
-            g = carray(float_pointer(g_at[t]), (n,))
-            m = carray(float_pointer(m_at[t]), (n,))
-            v = carray(float_pointer(v_at[t]), (n,))
             lo = item_start[item]
             hi = min(n, lo + CHUNK)
-            gc, mc, vc = g[lo:hi], m[lo:hi], v[lo:hi]
+            gc = carray(float_pointer(g_at[t]), (n,))[lo:hi]
+            mc = carray(float_pointer(m_at[t]), (n,))[lo:hi]
+            vc = carray(float_pointer(v_at[t]), (n,))[lo:hi]
             a1, c2, a2, bias, tiny, scale = w1[t], b2[t], w2[t], bias2[t], eps[t], size[t]
             floor = floors[t]
-            # |Δθ| ≥ floor ⟺ |m| ≥ f·(√v/b + ε) with f = floor/|scale|: tested as
-            # (|m|·(1 + 1e-5) − f·ε)² ≥ (f/b)²·v, without √ or ÷ for the ~99% that fail; the
-            # 1e-5 slack admits every entry the exact test admits, which decides below.
-            everything = floor <= 0 or scale == 0
-            f = np.float32(0) if everything else floor / abs(scale)
-            fe, fb2 = f * tiny, (f / bias) * (f / bias)
-            slack = np.float32(1.00001)
-            passes = scratch[get_thread_id()]
-            at, found, equal = base[t] + lo, 0, 0
-            if everything or piled[t]:
-                # Δθ everywhere, in a loop that vectorises; a test per entry would mispredict
-                # on a pile whose entries interleave with smaller ones.
-                for i in range(hi - lo):
-                    gi = gc[i]
-                    mi = mc[i] + a1 * (gi - mc[i])
-                    vi = vc[i] * c2 + a2 * gi * gi
-                    mc[i], vc[i] = mi, vi
-                    update = (mi / (np.sqrt(vi) / bias + tiny)) * scale
-                    passes[i] = update
-                    equal += abs(update) == floor
-                for i in range(hi - lo):  # about as many above the floor as will be kept
-                    if abs(passes[i]) > floor:
-                        out_i[at + found] = lo + i
-                        out_v[at + found] = passes[i]
-                        found += 1
-            else:
-                for i in range(hi - lo):
-                    gi = gc[i]
-                    mi = mc[i] + a1 * (gi - mc[i])
-                    vi = vc[i] * c2 + a2 * gi * gi
-                    mc[i], vc[i] = mi, vi
-                    margin = abs(mi) * slack - fe
-                    passes[i] = margin if margin * margin >= fb2 * vi else np.float32(-1)
-                for i in range(hi - lo):
-                    if passes[i] >= 0:
-                        update = (mc[i] / (np.sqrt(vc[i]) / bias + tiny)) * scale
-                        if abs(update) > floor:
+            row, flags = scratch[get_thread_id()], flag_rows[get_thread_id()]
+            equal = 0
+            for i in range(hi - lo):
+                gi = gc[i]
+                mi = mc[i] + a1 * (gi - mc[i])
+                vi = vc[i] * c2 + a2 * gi * gi
+                mc[i], vc[i] = mi, vi
+                update = (mi / (np.sqrt(vi) / bias + tiny)) * scale
+                row[i] = update
+                magnitude = abs(update)
+                equal += magnitude == floor
+                flags[i] = magnitude > floor
+            words = (hi - lo + 7) // 8
+            for i in range(hi - lo, words * 8):
+                flags[i] = 0
+            at, found = base[t] + lo, 0
+            for word, bits in enumerate(flags.view(np.uint64)[:words]):
+                if bits != 0:
+                    for i in range(word * 8, word * 8 + 8):
+                        if flags[i]:
                             out_i[at + found] = lo + i
-                            out_v[at + found] = update
+                            out_v[at + found] = row[i]
                             found += 1
-                        elif abs(update) == floor:
-                            equal += 1
             counts[item], ties[item] = found, equal
 
     magnitude_bits = np.int32(0x7FFFFFFF)  # a float32's bits without the sign: |x| in order
@@ -486,10 +430,7 @@ def _compiled() -> Any:
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can run on these tensors (contiguous float32 on the CPU)."""
     return (
-        all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-            for t in tensors
-        )
+        all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
         and _compiled() is not None
     )
 
@@ -540,6 +481,14 @@ def _thread_slots() -> np.ndarray:
 
 
 @cache
+def _thread_flags() -> np.ndarray:
+    """One chunk-sized uint8 row per numba thread (``ties_candidates_many``'s flags)."""
+    import numba
+
+    return np.zeros((numba.config.NUMBA_NUM_THREADS, CHUNK), dtype=np.uint8)
+
+
+@cache
 def _thread_offsets() -> np.ndarray:
     """One chunk-sized int32 row per numba thread (``dare_steps``: a chunk's kept offsets)."""
     import numba
@@ -550,7 +499,9 @@ def _thread_offsets() -> np.ndarray:
 def scratch_bytes() -> int:
     """Bytes of the per-thread scratch rows allocated so far (shared by the whole process)."""
     rows = [
-        f() for f in (_thread_scratch, _thread_slots, _thread_offsets) if f.cache_info().currsize
+        f()
+        for f in (_thread_scratch, _thread_slots, _thread_offsets, _thread_flags)
+        if f.cache_info().currsize
     ]
     return sum(row.nbytes for row in rows)
 
@@ -615,7 +566,8 @@ def _batch(
     """(addresses of param, grad, m, v as rows; sizes; Adam scalars as rows per tensor)."""
     addresses = np.array([[x.data_ptr() for x in group] for group in tensors], dtype=np.int64)
     sizes = np.array([group[0].numel() for group in tensors], dtype=np.int64)
-    scalars = np.array([_adam_scalars(*settings) for settings in adam], dtype=np.float32)
+    unique = {settings: _adam_scalars(*settings) for settings in set(adam)}  # one per group
+    scalars = np.array([unique[settings] for settings in adam], dtype=np.float32)
     return np.ascontiguousarray(addresses.T), sizes, np.ascontiguousarray(scalars.T)
 
 
@@ -702,8 +654,7 @@ def ties_steps_(
         dtype=np.int64,
     )
     floors = np.zeros(count, dtype=np.float32)
-    piled = np.ones(count, dtype=np.bool_)
-    kernels["sample_floors"](samples, sample_start, ranks, floors, piled)
+    kernels["sample_floors"](samples, sample_start, ranks, floors)
     item_tensor, item_start, item_first = _items(sizes)
     base = np.zeros(count, dtype=np.int64)
     np.cumsum(sizes[:-1], out=base[1:])
@@ -711,8 +662,8 @@ def ties_steps_(
     counts = np.zeros(item_tensor.size, dtype=np.int64)
     ties = np.zeros(item_tensor.size, dtype=np.int64)
     kernels["ties_candidates_many"](
-        grad_at, m_at, v_at, sizes, item_tensor, item_start, base, *scalars, floors, piled,
-        out_i, out_v, counts, ties, _thread_scratch(),
+        grad_at, m_at, v_at, sizes, item_tensor, item_start, base, *scalars, floors,
+        out_i, out_v, counts, ties, _thread_scratch(), _thread_flags(),
     )  # fmt: skip
     keep_array = np.asarray(keep, dtype=np.int64)
     short = np.zeros(count, dtype=np.bool_)
