@@ -45,8 +45,13 @@ class Shard:
         return whole.reshape(-1)[self.offset : self.offset + local_numel]
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def local_tensors(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Shard | None]:
     """``(local parameter, local gradient, shard)``; ``shard`` is None when not sharded."""
+    if type(param) in _PLAIN_TENSORS:  # the common case, without the imports below (per step)
+        return param, param.grad, None
     from torch.distributed.tensor import DTensor, Replicate
     from torch.distributed.tensor import Shard as ShardPlacement
 

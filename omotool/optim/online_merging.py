@@ -278,10 +278,11 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             return loss
         stats = StepStats()
         batch: list[tuple[BatchEntry, torch.Tensor]] = []  # tensors for one batched step
-        for t in self._tensor_steps():
-            t.state["step"] += 1
+        tensors = list(self._tensor_steps())
+        if tensors:  # every tensor's step count at once
+            torch._foreach_add_([t.state["step"] for t in tensors], 1.0)
+        for t in tensors:
             grad, (m, v), cache = t.grad.float(), t.moments, t.state.get("cache")
-            hyper = dict(name=t.name, options=t.options, stats=stats, shard=t.shard, **t.adam)
             if (
                 backend == "cpu"
                 and t.options.merges
@@ -294,6 +295,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 )  # fmt: skip
                 batch.append((entry, t.local))
                 continue
+            hyper = dict(name=t.name, options=t.options, stats=stats, shard=t.shard, **t.adam)
             if backend == "cpu":
                 fused_online_merging_adamw_(
                     t.work, grad, m, v, t.state["step"], cache, t.reference, self._workspace,
