@@ -118,7 +118,8 @@ BASELINE = "adamw-fused"
 BF16_ONLY = "adamw-fused-bf16"  # the same as adamw-fused on float32: left out of the default
 
 # Goals: (method, most times slower than fused AdamW, what we aim for).
-RATIO_GOALS = (("ondare", 1.5, 1.0), ("onties", 2.5, 1.5))
+RATIO_GOALS = (("ondare", 1.25, 1.0), ("onties", 2.0, 1.5))  # issue 15, CPU: on both streams
+# (a run times one: `--grad-sets 2`, fresh random gradients; `--grad-sets 1`, the same one)
 CUDA_RATIO_GOALS = (  # issue 15's GPU goals, for the default backend and the Triton kernels
     ("ondare", 1.1, 1.0),
     ("onties", 1.3, 1.0),
