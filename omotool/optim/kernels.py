@@ -17,10 +17,10 @@ of ``CHUNK`` entries, so results do not depend on the number of threads):
   k-th largest (as ``sparsify.magnitude_topk_indices``), one pass that advances ``m, v``,
   computes ``Δθ`` everywhere, collects the entries above the floor and counts those equal to
   it (so that a pile of equal values, as in Adam's first steps, costs no writes), the exact
-  top-k (a histogram of the
-  candidates' float32 bits, then a partition of one bin; or the floor itself, with the first
-  equal entries in index order; ties to lower indices), and the TIES merge with ``T`` per
-  chunk (``ties_apply``: a per-thread map from chunk offset to kept update).
+  top-k (a histogram of the candidates' float32 bits, then a partition of one bin; or the
+  floor itself, with the first equal entries in index order; ties to lower indices), and the
+  TIES merge with ``T`` per chunk (``ties_apply``: a per-thread map from chunk offset to kept
+  update).
 Arithmetic is float32 in the order of ``functional.adam_moments_`` and
 ``functional.adam_direction`` (torch's single-tensor AdamW). The kernels take contiguous
 float32 CPU tensors; ``OnlineMergingAdamW`` batches those when numba is importable
@@ -207,7 +207,7 @@ def _compiled() -> Any:
         to the floor only counted (``ties[item]``): however many entries share the floor's
         value (Adam's first steps pile |Δθ| onto a few values), the candidates stay about as
         many as the sample put above the floor. The candidates are found from a byte flag per
-        entry, read eight at a time, so the ~99% of entries below the floor cost no branch."""
+        entry, read eight at a time: the ~99% of entries below the floor cost a test per eight."""
         for item in prange(item_tensor.size):
             t = item_tensor[item]
             n = sizes[t]
