@@ -46,6 +46,7 @@ os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 CHUNK = 1 << 14  # entries per work item; fixed, so that results do not depend on threads
 SAMPLE = 1 << 12  # OnTIES floor: |Δθ| sampled at about this many entries per tensor
 SAMPLE_RUN = 16  # ... in runs of this many neighbours (one 64-byte line of float32)
+SAMPLE_AHEAD = 4  # ... the lines of the run this many runs on asked for in advance
 BINS = 1 << 12  # OnTIES selection: histogram bins of the candidates' |Δθ| (float32 bits)
 
 
@@ -55,7 +56,9 @@ def _compiled() -> Any:
     if os.environ.get("OMOTOOL_KERNELS", "1") == "0":
         return None
     try:
+        from llvmlite import ir
         from numba import carray, get_thread_id, njit, prange, types
+        from numba.core import cgutils
         from numba.extending import intrinsic
     except ImportError:  # pragma: no cover - numba is a dependency, but optional at run time
         return None
@@ -86,6 +89,28 @@ def _compiled() -> Any:
 
     # A tensor's data_ptr() as an array numba can index: one kernel call covers many tensors.
     float_pointer, int_pointer = pointer_to(types.float32), pointer_to(types.int32)
+
+    @intrinsic
+    def prefetch(typingctx, array, index):  # noqa: ARG001 - numba's intrinsic signature
+        """Ask for the cache line of ``array[index]`` (LLVM's prefetch for reading; values
+        unchanged): ``ties_sample`` asks for the lines of runs ahead while it computes one."""
+
+        def codegen(context, builder, signature, args):
+            kind = signature.args[0]
+            data = context.make_array(kind)(context, builder, args[0])
+            address = cgutils.get_item_pointer(
+                context, builder, kind, data, [args[1]], wraparound=False, boundscheck=False
+            )
+            i32 = ir.IntType(32)
+            function = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]),
+                "llvm.prefetch.p0",
+            )
+            builder.call(function, [address, i32(0), i32(3), i32(1)])  # read, keep, data
+            return context.get_dummy_value()
+
+        return types.void(array, index), codegen
 
     golden = np.uint64(0x9E3779B97F4A7C15)
     mix_a, mix_b = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -174,19 +199,27 @@ def _compiled() -> Any:
     def ties_sample(g_at, m_at, v_at, sizes, stride, start, w1, b2, w2, bias2, eps, size, out):
         """|Δθ| after this step's moment update at as many entries of tensor t as one in
         ``stride[t]``: runs of ``SAMPLE_RUN`` neighbours (a cache line) ``SAMPLE_RUN·stride``
-        apart, so that a sample costs a line read per run rather than per entry."""
+        apart, so that a sample costs a line read per run rather than per entry; the lines of
+        the run ``SAMPLE_AHEAD`` runs on are asked for before a run is computed (the reads
+        are scattered: waiting for each in turn was most of the time)."""
         for t in prange(sizes.size):
             n = sizes[t]
             g = carray(float_pointer(g_at[t]), (n,))
             m = carray(float_pointer(m_at[t]), (n,))
             v = carray(float_pointer(v_at[t]), (n,))
-            for j in range(start[t + 1] - start[t]):
-                run, offset = divmod(j, SAMPLE_RUN)
-                i = min(n - 1, run * SAMPLE_RUN * stride[t] + offset)
-                gi = g[i]
-                mi = m[i] + w1[t] * (gi - m[i])
-                vi = v[i] * b2[t] + w2[t] * gi * gi
-                out[start[t] + j] = abs((mi / (np.sqrt(vi) / bias2[t] + eps[t])) * size[t])
+            count, gap = start[t + 1] - start[t], SAMPLE_RUN * stride[t]
+            for run in range(-(-count // SAMPLE_RUN)):
+                for edge in (0, SAMPLE_RUN - 1):  # a run may straddle two lines
+                    ahead = min(n - 1, (run + SAMPLE_AHEAD) * gap + edge)
+                    prefetch(g, ahead)
+                    prefetch(m, ahead)
+                    prefetch(v, ahead)
+                for j in range(run * SAMPLE_RUN, min(count, (run + 1) * SAMPLE_RUN)):
+                    i = min(n - 1, run * gap + j - run * SAMPLE_RUN)
+                    gi = g[i]
+                    mi = m[i] + w1[t] * (gi - m[i])
+                    vi = v[i] * b2[t] + w2[t] * gi * gi
+                    out[start[t] + j] = abs((mi / (np.sqrt(vi) / bias2[t] + eps[t])) * size[t])
 
     @jit
     def sample_floors(samples, start, rank, floors):
@@ -197,17 +230,20 @@ def _compiled() -> Any:
                 ordered = np.partition(samples[start[t] : start[t + 1]], count - rank[t])
                 floors[t] = ordered[count - rank[t]]
 
+    magnitude_bits = np.int32(0x7FFFFFFF)  # a float32's bits without the sign: |x| in order
+
     @jit
     def ties_candidates_many(
         g_at, m_at, v_at, sizes, item_tensor, item_start, base, w1, b2, w2, bias2, eps, size,
-        floors, out_i, out_v, counts, ties, scratch, flag_rows,
+        floors, out_i, out_v, counts, ties, lows, highs, scratch, flag_rows,
     ):  # fmt: skip
         """Moments and ``Δθ`` everywhere (one loop that vectorises: on a memory-bound pass the
         √ and ÷ cost little); entries with ``|Δθ| > floor`` written as candidates, those equal
         to the floor only counted (``ties[item]``): however many entries share the floor's
         value (Adam's first steps pile |Δθ| onto a few values), the candidates stay about as
         many as the sample put above the floor. The candidates are found from a byte flag per
-        entry, read eight at a time: the ~99% of entries below the floor cost a test per eight."""
+        entry, read eight at a time: the ~99% of entries below the floor cost a test per eight.
+        ``lows``/``highs``: the least and largest candidate magnitude per chunk, float32 bits."""
         for item in prange(item_tensor.size):
             t = item_tensor[item]
             n = sizes[t]
@@ -234,6 +270,7 @@ def _compiled() -> Any:
             for i in range(hi - lo, words * 8):
                 flags[i] = 0
             at, found = base[t] + lo, 0
+            low, high, magnitudes = magnitude_bits, np.int32(0), row.view(np.int32)
             for word, bits in enumerate(flags.view(np.uint64)[:words]):
                 if bits != 0:
                     for i in range(word * 8, word * 8 + 8):
@@ -241,14 +278,14 @@ def _compiled() -> Any:
                             out_i[at + found] = lo + i
                             out_v[at + found] = row[i]
                             found += 1
-            counts[item], ties[item] = found, equal
-
-    magnitude_bits = np.int32(0x7FFFFFFF)  # a float32's bits without the sign: |x| in order
+                            magnitude = magnitudes[i] & magnitude_bits
+                            low, high = min(low, magnitude), max(high, magnitude)
+            counts[item], ties[item], lows[item], highs[item] = found, equal, low, high
 
     @jit
     def ties_thresholds(
-        out_i, out_v, counts, ties, floors, item_first, item_start, base, k, short, thresholds,
-        cutoffs, tie_keep,
+        out_i, out_v, counts, ties, lows, highs, floors, item_first, item_start, base, k, short,
+        thresholds, cutoffs, tie_keep,
     ):  # fmt: skip
         """Tensor t's k[t]-th largest |Δθ|, as float32 bits, and the highest index admitted
         at exactly that magnitude among the candidates (ties go to lower indices).
@@ -281,10 +318,7 @@ def _compiled() -> Any:
                 continue
             low, high = magnitude_bits, np.int32(0)
             for item in range(item_first[t], item_first[t + 1]):
-                first = base[t] + item_start[item]
-                for j in range(first, first + counts[item]):
-                    u = out_u[j] & magnitude_bits
-                    low, high = min(low, u), max(high, u)
+                low, high = min(low, lows[item]), max(high, highs[item])
             shift = 0
             while (high - low) >> shift >= BINS:
                 shift += 1
@@ -661,9 +695,10 @@ def ties_steps_(
     out_i, out_v = (buffer.numpy() for buffer in buffers)
     counts = np.zeros(item_tensor.size, dtype=np.int64)
     ties = np.zeros(item_tensor.size, dtype=np.int64)
+    lows, highs = np.empty(item_tensor.size, dtype=np.int32), np.empty_like(counts, np.int32)
     kernels["ties_candidates_many"](
         grad_at, m_at, v_at, sizes, item_tensor, item_start, base, *scalars, floors,
-        out_i, out_v, counts, ties, _thread_scratch(), _thread_flags(),
+        out_i, out_v, counts, ties, lows, highs, _thread_scratch(), _thread_flags(),
     )  # fmt: skip
     keep_array = np.asarray(keep, dtype=np.int64)
     short = np.zeros(count, dtype=np.bool_)
@@ -671,8 +706,8 @@ def ties_steps_(
     cutoffs = np.empty(count, dtype=np.int64)
     tie_keep = np.zeros(item_tensor.size, dtype=np.int64)
     kernels["ties_thresholds"](
-        out_i, out_v, counts, ties, floors, item_first, item_start, base, keep_array, short,
-        thresholds, cutoffs, tie_keep,
+        out_i, out_v, counts, ties, lows, highs, floors, item_first, item_start, base,
+        keep_array, short, thresholds, cutoffs, tie_keep,
     )  # fmt: skip
     ref_index_at, ref_value_at, ref_count = _references(references)
     stats = np.zeros((item_tensor.size, 4))
