@@ -173,6 +173,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
         self.backend = backend
         self._resolved_backend: str | None = None
+        self._applied_options = self.options  # as the resolved backend applies them
         self._workspace = Workspace()
         self._skipped_on_device: torch.Tensor | None = None  # the sync-free path's count
         self.skipped_steps = 0
@@ -213,14 +214,15 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
         """The backend ``step()`` uses (``backend``, with ``"auto"`` decided by the devices)."""
         if self._resolved_backend is None:
             self._resolved_backend = self._resolve_backend()
+            self._applied_options = self._options_applied_by(self._resolved_backend)
         return self._resolved_backend
 
-    @property
-    def _applied_options(self) -> MergeOptions:
-        """``options`` as this step applies them: the ``cpu`` backend with its kernels on
+    def _options_applied_by(self, backend: str) -> MergeOptions:
+        """``options`` as ``backend`` applies them: the ``cpu`` backend with its kernels on
         draws OnDARE's masks by chunks (``dare_draw``) in every path, batched or not, so that
-        they do not depend on sharding or on which tensors are batched."""
-        if self.resolved_backend == "cpu" and kernels.usable():
+        they do not depend on sharding or on which tensors are batched. Decided once, with
+        the backend."""
+        if backend == "cpu" and kernels.usable():
             return dataclasses.replace(self.options, dare_draw="chunks")
         return self.options
 
@@ -244,7 +246,7 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
 
     def _tensor_steps(self) -> Iterator[TensorStep]:
         """Every parameter with a gradient, with its state, ``T`` and float32 working copy."""
-        applied = self._applied_options
+        applied = self._applied_options  # step() resolved the backend, which decides them
         for group in self.param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, param in zip(names, group["params"], strict=True):
