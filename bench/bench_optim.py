@@ -11,6 +11,12 @@ of the parameters and its own optimizer, and is timed on ``optimizer.step()`` on
 - ``adamw-fused``: ``torch.optim.AdamW(fused=True)``, the baseline (ratio 1.0);
 - ``adamw-foreach``, ``adamw-forloop``: ``torch.optim.AdamW(foreach=True / False)``;
 - ``ondare``, ``onties``: ``omotool.optim.OnlineMergingAdamW(method="dare" / "ties")``;
+- ``ondare-given-norm``, ``onties-given-norm`` (and ``-triton-given-norm``): the same, each
+  step first handed the gradients' total norm (``note_grad_norm``), as the transformers
+  Trainer (and ``omotool train``) does: the optimizer then skips its own NaN/inf read of the
+  gradients. The norm is computed once per gradient set and not timed, since the Trainer
+  computes it before every step whatever the optimizer (fused AdamW's steps do not pay it
+  either);
 - ``transcription-dare``, ``transcription-ties``: ``TranscribedOnlineMerging`` below, the
   paper's Algorithm 1 written out directly, per tensor, with dense operations. It costs what
   the released reference optimizers (``ODAdamW`` / ``OTAdamW``) cost: dense Adam ``Δθ``; OnDARE
@@ -118,14 +124,21 @@ BASELINE = "adamw-fused"
 BF16_ONLY = "adamw-fused-bf16"  # the same as adamw-fused on float32: left out of the default
 
 # Goals: (method, most times slower than fused AdamW, what we aim for).
-RATIO_GOALS = (("ondare", 1.25, 1.0), ("onties", 2.0, 1.5))  # issue 15, CPU: on both streams
-# (a run times one: `--grad-sets 2`, fresh random gradients; `--grad-sets 1`, the same one)
-CUDA_RATIO_GOALS = (  # issue 15's GPU goals, for the default backend and the Triton kernels
-    ("ondare", 1.1, 1.0),
-    ("onties", 1.3, 1.0),
-    ("ondare-triton", 1.1, 1.0),
-    ("onties-triton", 1.3, 1.0),
+RATIO_GOALS = tuple(  # issue 15, CPU: on both streams (a run times one: `--grad-sets 2`,
+    # fresh random gradients; `--grad-sets 1`, the same one), with and without a given norm
+    (method + given, limit, aim)
+    for method, limit, aim in (("ondare", 1.25, 1.0), ("onties", 2.0, 1.5))
+    for given in ("", "-given-norm")
 )
+CUDA_RATIO_GOALS = tuple(  # issue 15's GPU goals, for the default backend and the Triton kernels
+    (method + given, limit, aim)
+    for method, limit, aim in (
+        ("ondare", 1.1, 1.0), ("onties", 1.3, 1.0),
+        ("ondare-triton", 1.1, 1.0), ("onties-triton", 1.3, 1.0),
+    )
+    for given in ("", "-given-norm")
+)  # fmt: skip
+GIVEN_NORM = "-given-norm"  # methods handed the gradients' norm before each step
 SPEEDUP_GOAL = 10.0  # OnDARE / OnTIES at least this many times faster than their transcription
 MEMORY_GOAL = 0.1  # optimizer bytes per parameter beyond AdamW's (moments, steps): all of them,
 # scratch buffers included (memory_report after the timed steps; allocated, not resident)
@@ -388,8 +401,18 @@ METHODS: dict[str, tuple[str, Factory]] = {
     "adamw-forloop": ("torch.optim.AdamW(foreach=False)", _adamw(foreach=False)),
     "ondare": ('OnlineMergingAdamW(method="dare"), backend auto', _online("dare")),
     "onties": ('OnlineMergingAdamW(method="ties"), backend auto', _online("ties")),
+    "ondare-given-norm": (
+        "as ondare, each step given the gradients' norm (note_grad_norm, as the Trainer does)",
+        _online("dare"),
+    ),
+    "onties-given-norm": (
+        "as onties, each step given the gradients' norm (note_grad_norm, as the Trainer does)",
+        _online("ties"),
+    ),
     "ondare-triton": ('OnlineMergingAdamW("dare", backend="triton")', _online("dare", "triton")),
     "onties-triton": ('OnlineMergingAdamW("ties", backend="triton")', _online("ties", "triton")),
+    "ondare-triton-given-norm": ("as ondare-triton, given the norm", _online("dare", "triton")),
+    "onties-triton-given-norm": ("as onties-triton, given the norm", _online("ties", "triton")),
     "finite-check": (
         "only the NaN/inf check of the gradients (a part of every step)",
         _finite_check(),
@@ -418,6 +441,8 @@ class Runner:
         # the state created lazily by the first step is added by warm_up).
         self.device_bytes = torch.cuda.memory_allocated() - before if cuda else 0
         self.steps_done = 0
+        self.gives_norm = name.endswith(GIVEN_NORM)
+        self.norms: dict[int, torch.Tensor] = {}  # per gradient set
         self.samples: list[float] = []
         self.round_means: list[float] = []
 
@@ -430,11 +455,22 @@ class Runner:
             self.device_bytes += torch.cuda.memory_allocated() - before
         return times
 
-    def step(self, grad_sets: list[Named]) -> float:
-        """Assign the next gradient set (untimed), then time one ``optimizer.step()``."""
-        grads = grad_sets[self.steps_done % len(grad_sets)]
+    def assign(self, grad_sets: list[Named]) -> None:
+        """Assign the next gradient set; for ``*-given-norm`` hand the optimizer its total
+        norm, which the transformers Trainer computes before every optimizer step whatever
+        the optimizer (so it is computed once per set, and not timed, as for AdamW)."""
+        index = self.steps_done % len(grad_sets)
+        grads = grad_sets[index]
         for name, param in self.params.items():
             param.grad = grads[name]
+        if self.gives_norm:
+            if index not in self.norms:
+                self.norms[index] = torch.nn.utils.get_total_norm(list(grads.values()))
+            self.optimizer.note_grad_norm(self.norms[index])
+
+    def step(self, grad_sets: list[Named]) -> float:
+        """Assign the next gradient set (untimed), then time one ``optimizer.step()``."""
+        self.assign(grad_sets)
         synchronize(self.device)
         started = time.perf_counter()
         self.optimizer.step()
@@ -454,9 +490,7 @@ class Runner:
 
 def profile_step(runner: Runner, grad_sets: list[Named], top: int) -> str:
     """cProfile of one ``step()`` of ``runner``: the ``top`` entries by cumulative time."""
-    grads = grad_sets[runner.steps_done % len(grad_sets)]
-    for name, param in runner.params.items():
-        param.grad = grads[name]
+    runner.assign(grad_sets)
     profiler = cProfile.Profile()
     profiler.enable()
     runner.optimizer.step()

@@ -20,11 +20,16 @@ import torch
 from omotool.errors import InputError, UsageError
 from omotool.optim.distributed import local_tensors
 from omotool.optim.functional import MergeOptions, StepStats, merge_update_
-from omotool.optim.online_merging import closure_and_check, named_parameters, set_up_merging
+from omotool.optim.online_merging import (
+    GivenGradNorm,
+    closure_and_check,
+    named_parameters,
+    set_up_merging,
+)
 from omotool.optim.task_vector import TaskVector
 
 
-class OnlineMerging(torch.optim.Optimizer):
+class OnlineMerging(GivenGradNorm, torch.optim.Optimizer):
     """Wraps ``optimizer`` (built on ``model.named_parameters()``) with online merging.
 
     The merge options, ``missing`` and ``nan_policy`` mean what they mean for

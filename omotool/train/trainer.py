@@ -59,6 +59,18 @@ def online_merging_trainer(
                 )
             return self.optimizer
 
+        def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+            # transformers computes the gradients' total norm right before every optimizer
+            # step (to clip and log it); handed over, it spares the optimizer its own read
+            # of every gradient for NaN/inf (OnlineMergingAdamW.note_grad_norm).
+            grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+            optimizer = self.optimizer
+            while optimizer is not None and not hasattr(optimizer, "note_grad_norm"):
+                optimizer = getattr(optimizer, "optimizer", None)  # accelerate's wrapper
+            if optimizer is not None and grad_norm is not None:
+                optimizer.note_grad_norm(grad_norm)
+            return grad_norm
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             if not atomic_checkpoints:
                 super()._save_checkpoint(model, trial)

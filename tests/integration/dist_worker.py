@@ -10,6 +10,7 @@ must end at the same parameters; each writes ``OUT_DIR/{method}-{mode}-rank{r}.s
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -23,7 +24,10 @@ from omotool.optim.distributed import local_tensors
 from omotool.tiny_models import model_config
 
 STEPS, BATCH, LENGTH = 4, 4, 16
-METHODS = ("dare", "ties", "dare+sync_free", "ties+sync_free", "dare+triton", "ties+triton")
+METHODS = (
+    "dare", "ties", "dare+sync_free", "ties+sync_free", "dare+triton", "ties+triton",
+    "dare+norm", "ties+sync_free+norm",
+)  # fmt: skip
 
 
 def build_model():
@@ -50,8 +54,11 @@ def batches(rank: int, world: int):
 
 def train(mode: str, method: str, rank: int, world: int):
     """``method``: ``dare`` or ``ties``; ``+sync_free`` for the ``torch`` backend (the path a
-    GPU takes without Triton), ``+triton`` for the Triton kernels (in Triton's interpreter)."""
-    method, _, path = method.partition("+")
+    GPU takes without Triton), ``+triton`` for the Triton kernels (in Triton's interpreter);
+    ``+norm``: each step is handed ``clip_grad_norm_``'s total norm (a DTensor under FSDP2),
+    as the transformers Trainer does."""
+    method, *flags = method.split("+")
+    path = next((flag for flag in flags if flag != "norm"), "")
     model = build_model()
     tau = task_vector(model)
     if mode == "ddp":
@@ -87,6 +94,8 @@ def train(mode: str, method: str, rank: int, world: int):
         loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
+        if "norm" in flags:  # max_norm inf: the gradients are left as they are
+            opt.note_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
         opt.step()
     module = model.module if mode == "ddp" else model
     state = {}

@@ -15,7 +15,10 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow  # torchrun: several processes
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-METHODS = ("dare", "ties", "dare+sync_free", "ties+sync_free", "dare+triton", "ties+triton")
+METHODS = (
+    "dare", "ties", "dare+sync_free", "ties+sync_free", "dare+triton", "ties+triton",
+    "dare+norm", "ties+sync_free+norm",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +91,16 @@ def test_the_triton_kernels_end_where_the_cpu_path_ends(runs, mode) -> None:
     cpu, triton = load(runs, "ties", "single"), load(runs, "ties+triton", mode)
     for name in cpu:
         assert torch.allclose(triton[name], cpu[name], rtol=0, atol=1e-6), name
+
+
+@pytest.mark.parametrize("method", ["dare+norm", "ties+sync_free+norm"])
+@pytest.mark.parametrize("mode", ["single", "ddp", "fsdp"])
+def test_a_given_gradient_norm_changes_nothing(runs, method, mode) -> None:
+    # note_grad_norm with clip_grad_norm_'s result (under FSDP2 a DTensor, its local part
+    # used, the verdict all-reduced as without it): the same steps as the optimizer's own
+    # NaN check, bit for bit.
+    given, checked = load(runs, method, mode), load(runs, method.removesuffix("+norm"), mode)
+    assert all(torch.equal(given[name], checked[name]) for name in checked)
 
 
 def test_sharded_top_k_equals_whole_tensor_top_k_with_ties(runs) -> None:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from trl import DPOConfig, DPOTrainer
 
 from omotool.errors import UsageError
-from omotool.optim import OnlineMergingAdamW, TaskVector
+from omotool.optim import OnlineMergingAdamW, TaskVector, online_merging
 from omotool.train import online_merging_trainer
 from omotool.train.runner import TrainConfig, run_training
 
@@ -43,8 +43,24 @@ def test_optimizer_passed_to_a_trl_trainer(llama_pair, tmp_path) -> None:
     assert 0 < moved < 0.5 * total  # top-p of each update, plus T's entries: a sparse move
 
 
-def test_online_merging_trainer_wraps_a_plain_transformers_trainer(llama_pair, tmp_path) -> None:
+def test_online_merging_trainer_wraps_a_plain_transformers_trainer(
+    llama_pair, tmp_path, monkeypatch
+) -> None:
+    """... and hands the optimizer the gradient norm the trainer computes before each step,
+    so that the optimizer does not read the gradients again for its NaN check."""
     base, sft = llama_pair
+    norms = []
+    note = OnlineMergingAdamW.note_grad_norm
+
+    def recorded(self, total_norm):
+        norms.append(float(total_norm))
+        note(self, total_norm)
+
+    def no_read(tensors):
+        raise AssertionError("the optimizer read the gradients for its NaN check")
+
+    monkeypatch.setattr(OnlineMergingAdamW, "note_grad_norm", recorded)
+    monkeypatch.setattr(online_merging.kernels, "all_finite", no_read)
     tokenizer = AutoTokenizer.from_pretrained(str(sft))
     texts = [f"{r['prompt']} {r['chosen']}" for r in ROWS[:16]]
     data = Dataset.from_dict(dict(tokenizer(texts))).map(lambda x: {"labels": x["input_ids"]})
@@ -70,6 +86,7 @@ def test_online_merging_trainer_wraps_a_plain_transformers_trainer(llama_pair, t
     assert isinstance(optimizer, OnlineMergingAdamW)
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.1, 0.0}  # no decay on norms
     assert optimizer.stats()["merge/kept_fraction"] == pytest.approx(0.1, abs=0.01)
+    assert len(norms) == 2 and all(0 < n < float("inf") for n in norms)
 
 
 def test_conversational_preferences_and_sft_messages(llama_pair, tmp_path) -> None:
