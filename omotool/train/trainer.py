@@ -31,6 +31,10 @@ def online_merging_trainer(
                                                method="dare", reserve_p=0.01, alpha=1e-7)
         DPOWithOnDARE(model=model, args=args, train_dataset=data, processing_class=tok).train()
 
+    Before each optimizer step the trainer computes the gradients' total norm (to clip and
+    log it); it is handed to the optimizer (``note_grad_norm``), whose NaN/inf check then
+    reads no gradient.
+
     With ``atomic_checkpoints``, a checkpoint appears only when complete: transformers writes
     ``checkpoint-N`` in place and resumes from the highest number, so a run killed while
     saving would resume from a half-written folder; here it is written under ``.staging/``

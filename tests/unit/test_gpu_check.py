@@ -43,6 +43,7 @@ def test_a_dry_run_prints_every_step_and_runs_nothing(tmp_path) -> None:
     assert "-m pytest -q -m cuda" in out
     for dtype in ("float32", "bfloat16"):
         assert "--device cuda --shapes qwen2.5-1.5b" in out and f"--dtype {dtype}" in out
+    assert "[bench-given-norm]" in out and "ondare-triton-given-norm" in out
     for merge in ("none", "dare", "ties"):
         assert f"[train-ddp-{merge}]" in out and f"[train-fsdp-{merge}]" in out
     assert out.count("torch.distributed.run --standalone --nnodes 1 --nproc_per_node 1") == 8
