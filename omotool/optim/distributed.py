@@ -124,15 +124,16 @@ def all_reduce_on_device(tensor: torch.Tensor, group: Any) -> None:
 
 
 def sum_over_lower_ranks(count: torch.Tensor, group: Any) -> torch.Tensor:
-    """``Σ count`` over the ranks of ``group`` below this one (0 on rank 0), a 0-d int64 on
-    ``count``'s device; nothing is read on the host. Under FSDP2's dim-0 sharding lower ranks
-    hold lower flat indices, so this is how many ties precede this rank's."""
+    """``count`` summed over the ranks of ``group`` below this one (0 on rank 0), entry by
+    entry, as int64 of ``count``'s shape on its device; nothing is read on the host. Under
+    FSDP2's dim-0 sharding lower ranks hold lower flat indices, so this is how many ties
+    precede this rank's."""
     device = collective_device(group, count)
-    value = count.reshape(1).to(device, torch.long)
+    value = count.reshape(-1).to(device, torch.long)
     gathered = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, value, group=group)
-    before = torch.cat(gathered[: dist.get_rank(group)] + [torch.zeros_like(value)]).sum()
-    return before.to(count.device)
+    before = torch.stack(gathered[: dist.get_rank(group)] + [torch.zeros_like(value)]).sum(0)
+    return before.reshape(count.shape).to(count.device)
 
 
 def sharded_magnitude_mask(local: torch.Tensor, density: float, shard: Shard) -> torch.Tensor:

@@ -380,6 +380,7 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         stats = StepStats()
         partials = triton_backend.StepPartials(self._workspace)
         dare: dict[tuple, list[triton_backend.DareTensor]] = {}  # per group's hyper-parameters
+        ties: dict[tuple, list[triton_backend.TiesTensor]] = {}
         tensors = list(self._tensor_steps())
         steps = [t.state["step"] for t in tensors]
         if steps:  # every tensor's device step at once (a few multi-tensor launches)
@@ -398,12 +399,13 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
                 )  # fmt: skip
                 continue  # stepped together below
             if backend == "triton" and t.options.merges:  # OnTIES
-                triton_backend.triton_ties_adamw_(
-                    t.work, t.low, t.grad.contiguous(), *t.moments, t.state["step"], t.reference,
-                    self._workspace, found_inf=found_inf, options=t.options, stats=stats,
-                    partials=partials, shard=t.shard, **t.adam,
+                ties.setdefault(tuple(t.adam.items()), []).append(
+                    triton_backend.TiesTensor(
+                        t.work, t.low, t.grad.contiguous(), *t.moments, t.state["step"],
+                        t.reference, t.shard,
+                    )
                 )  # fmt: skip
-                continue  # the kernels wrote the parameter
+                continue  # stepped together below
             sync_free_online_merging_adamw_(
                 t.work, t.grad.float(), *t.moments, t.state["step"], t.state.get("cache"),
                 t.reference, self._workspace, host_step=t.state["host_step"], keep=keep,
@@ -414,6 +416,11 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
             triton_backend.triton_dare_adamw_(
                 tensors, found_inf=found_inf, options=self.options, stats=stats,
                 partials=partials, **dict(adam),
+            )  # fmt: skip
+        for adam, tensors in ties.items():
+            triton_backend.triton_ties_adamw_(
+                tensors, self._workspace, found_inf=found_inf, options=self.options,
+                stats=stats, partials=partials, **dict(adam),
             )  # fmt: skip
         partials.fold(stats, self.options.alpha)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place

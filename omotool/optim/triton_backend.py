@@ -185,12 +185,15 @@ def _adam_scalars(lr: float, beta1: float, beta2: float, eps: float) -> dict[str
 
 
 def _launch_tables(
-    rows: list[list[int]], blocks: list[int], device: torch.device
+    rows: list[list[int]],
+    blocks: list[int],
+    device: torch.device,
+    table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(table, owner, programs)`` of one launch over several tensors: the rows on the
-    device, and each program's row index (computed there from the rows' block counts, which
-    the host knows: nothing is read back)."""
-    table = _table(rows, device)
+    device (``table``, when already there), and each program's row index (computed there
+    from the rows' block counts, which the host knows: nothing is read back)."""
+    table = _table(rows, device) if table is None else table
     programs = sum(blocks)
     counts = _table([blocks], device)[0]
     owner = torch.repeat_interleave(
@@ -278,14 +281,23 @@ def triton_dare_adamw_(
         )  # fmt: skip
 
 
+@dataclass
+class TiesTensor:
+    """One tensor of a batched OnTIES step (``triton_ties_adamw_``): as ``DareTensor``, with
+    the tensor's ``shard`` (FSDP2: the top-k is the whole tensor's) instead of a mask key."""
+
+    param: torch.Tensor  # float32 working copy
+    low: torch.Tensor | None  # the bf16/fp16 parameter also written, or None
+    grad: torch.Tensor  # contiguous
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: torch.Tensor  # float32, on the device
+    reference: FlatDelta | None
+    shard: Shard | None = None
+
+
 def triton_ties_adamw_(
-    param: torch.Tensor,
-    low: torch.Tensor | None,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: torch.Tensor,
-    reference: FlatDelta | None,
+    tensors: list[TiesTensor],
     workspace: Workspace,
     *,
     found_inf: torch.Tensor | None,
@@ -297,106 +309,185 @@ def triton_ties_adamw_(
     options: MergeOptions,
     stats: StepStats,
     partials: StepPartials,
-    shard: Shard | None = None,
 ) -> None:
-    """One OnTIES step of one tensor (the exact top-k needs the whole tensor's histograms,
-    so tensors are stepped one at a time; OnDARE steps them all at once: ``triton_dare_adamw_``).
+    """One OnTIES step of ``tensors`` (one param group's hyper-parameters), many tensors per
+    launch.
 
-    ``param``: the float32 working copy (the parameter or its master); ``low``: the
-    bf16/fp16 parameter the kernels also write, or ``None``. ``step`` (device) already counts
-    this step unless it is skipped. ``found_inf``: a float32 0-d device tensor, non-zero to
-    skip the step (``None``: never). The kernels' statistics go to ``partials``
-    (``StepPartials.fold`` adds them to ``stats`` once the step is done); only the entry count
-    goes to ``stats``.
+    The tensors of one kind (parameter and gradient dtypes, dense or sparse ``T``, process
+    group) go in batches whose entries fit one largest tensor of ``Δθ`` scratch (the update
+    buffer): per batch about ten launches (``_ties_batch``), so the launch count grows with
+    the parameters' total size over the largest tensor's, not with the number of tensors.
+    ``found_inf``: a float32 0-d device tensor, non-zero to skip the step (``None``: never);
+    each tensor's ``step`` (device) already counts this step unless it is skipped. The
+    kernels' statistics go to ``partials`` (``StepPartials.fold`` adds them to ``stats``);
+    only the entry counts go to ``stats``.
     """
-    from omotool.optim import triton_kernels as tk
-
-    n = param.numel()
-    common = _adam_scalars(lr, beta1, beta2, eps)
-    skip = found_inf if found_inf is not None else step
-    flags = dict(BLOCK=tk.BLOCK, HAS_SKIP=found_inf is not None)
-    low_bf16 = low is not None and low.dtype == torch.bfloat16
-    low_ptr = param if low is None else low.view(torch.int16) if low_bf16 else low
-    writes = dict(flags, HAS_LOW=low is not None, LOW_BF16=low_bf16)  # kernels writing θ
-    alpha, weight = options.alpha, 1.0 - options.alpha
-    divisor = options.reserve_p if options.resolved_rescale == "inverse" else 1.0
-    decay = 1.0 - lr * weight_decay
-    # T enters the sign election even with α = 0.
-    sparse_tau = reference is not None and reference.indices is not None
-    dense_tau = reference is not None and reference.indices is None
-    programs = tk.grid(n)[0]
-    stats.merged = True
-    stats.entries += n
     if options.method != "ties":
         raise UsageError(f"triton_ties_adamw_ steps OnTIES, not {options.method!r}.")
-    device = param.device
-    k = kept_count(shard.numel if shard is not None else n, options.reserve_p)
-    update = workspace.get("update", param)
-    hist = workspace.take("radix_histogram", RADIX_BINS, torch.int32, device)
+    if not tensors:
+        return
+    # Batches must be the same on every rank (the select's collectives run per batch): they
+    # are cut by the kinds and whole-tensor sizes, which every rank knows alike.
+    kinds: dict[tuple, list[TiesTensor]] = defaultdict(list)
+    for t in tensors:
+        stats.merged = True
+        stats.entries += t.param.numel()
+        group = None if t.shard is None else t.shard.group
+        kinds[(*_low_kind(t.low), _GRAD_KINDS[t.grad.dtype], id(group))].append(t)
+    limit = max(_whole_numel(t) for t in tensors)
+    batches: list[list[TiesTensor]] = []
+    for group in kinds.values():
+        batch: list[TiesTensor] = []
+        for t in group:
+            if batch and sum(_whole_numel(b) for b in batch) + _whole_numel(t) > limit:
+                batches.append(batch)
+                batch = []
+            batch.append(t)
+        batches.append(batch)
+    capacity = max(sum(t.param.numel() for t in batch) for batch in batches)
+    update = workspace.take("update", capacity, torch.float32, tensors[0].param.device)
+    settings = dict(
+        adam=_adam_scalars(lr, beta1, beta2, eps), found_inf=found_inf, partials=partials,
+        decay=1.0 - lr * weight_decay,
+        divisor=options.reserve_p if options.resolved_rescale == "inverse" else 1.0,
+        alpha=options.alpha, weighted=options.election == "weighted", density=options.reserve_p,
+    )  # fmt: skip
+    for batch in batches:
+        _ties_batch(batch, update, workspace, **settings)
+
+
+def _whole_numel(t: TiesTensor) -> int:
+    """Entries of the whole tensor (all shards)."""
+    return t.shard.numel if t.shard is not None else t.param.numel()
+
+
+def _ties_batch(
+    batch: list[TiesTensor],
+    update: torch.Tensor,
+    workspace: Workspace,
+    *,
+    adam: dict[str, float],
+    found_inf: torch.Tensor | None,
+    partials: StepPartials,
+    decay: float,
+    divisor: float,
+    alpha: float,
+    weighted: bool,
+    density: float,
+) -> None:
+    """One batch of ``triton_ties_adamw_`` (one kind, entries within ``update``): the moments
+    and ``Δθ`` with the first digit's histograms (``ties_adam_many_kernel``), the radix
+    select of every tensor's threshold (``radix_select_many_``), the merge, and the sparse
+    ``T``s' entries (one launch per index dtype)."""
+    from omotool.optim import triton_kernels as tk
+
+    first = batch[0]
+    device = first.param.device
+    has_low, low_bf16 = _low_kind(first.low)
+    rows, blocks, at, block = [], [], 0, 0
+    tau_blocks: dict[torch.dtype, list[int]] = defaultdict(lambda: [0] * len(batch))
+    tau_first: dict[torch.dtype, int] = defaultdict(int)
+    for i, t in enumerate(batch):
+        n, tau = t.param.numel(), t.reference
+        dense = tau is not None and tau.indices is None
+        sparse = tau is not None and tau.indices is not None
+        count = tau.values.numel() if sparse else 0
+        if sparse:
+            tau_blocks[tau.indices.dtype][i] = tk.grid(count)[0]
+        rows.append([
+            t.param.data_ptr(), (t.low if has_low else t.param).data_ptr(), t.grad.data_ptr(),
+            t.exp_avg.data_ptr(), t.exp_avg_sq.data_ptr(), t.step.data_ptr(),
+            tau.values.data_ptr() if dense else t.param.data_ptr(), n, at, block,
+            tau.indices.data_ptr() if sparse else 0, tau.values.data_ptr() if sparse else 0,
+            count, tau_first[tau.indices.dtype] if sparse else 0,
+            kept_count(_whole_numel(t), density),
+            (tk.TAU_DENSE.value if dense else 0) | (tk.TAU_SPARSE.value if sparse else 0),
+        ])  # fmt: skip
+        if sparse:
+            tau_first[tau.indices.dtype] += tau_blocks[tau.indices.dtype][i]
+        blocks.append(tk.grid(n)[0])
+        at, block = at + n, block + blocks[-1]
+    table, owner, programs = _launch_tables(rows, blocks, device)
+    skip = found_inf if found_inf is not None else first.step
+    flags = dict(BLOCK=tk.BLOCK, HAS_SKIP=found_inf is not None)
+    hist = workspace.take("radix_histogram", len(batch) * RADIX_BINS, torch.int32, device)
     hist.zero_()
-    first_counts = hist[: 1 << _DIGIT_BITS[0]]
-    tk.adam_update_kernel[(programs,)](
-        grad, exp_avg, exp_avg_sq, step, update, skip, first_counts, n,
-        BINS=first_counts.numel(), SHIFT=_SHIFTS[0], **common, **flags,
+    first_counts = hist[: len(batch) << _DIGIT_BITS[0]]
+    tk.ties_adam_many_kernel[(programs,)](
+        table, owner, update, skip, first_counts, **adam, BINS=1 << _DIGIT_BITS[0],
+        SHIFT=_SHIFTS[0], GRAD_KIND=_GRAD_KINDS[first.grad.dtype], **flags,
     )  # fmt: skip
-    select, tie_base = radix_select_(update, k, hist, workspace, shard)
-    partial = partials.take(programs, device)
-    tk.ties_merge_kernel[(programs,)](
-        param, low_ptr, update,
-        reference.values if dense_tau else param, skip, select, tie_base, partial, n,
-        decay=decay, divisor=divisor, weight=weight, alpha=alpha,
-        DENSE_TAU=dense_tau, SPARSE_TAU=sparse_tau,
-        WEIGHTED=options.election == "weighted", **writes,
+    group = first.shard.group if first.shard is not None else None
+    select, tie_base = radix_select_many_(
+        table, owner, programs, update, hist, workspace, group, counted_first=True
+    )
+    writes = dict(flags, HAS_LOW=has_low, LOW_BF16=low_bf16, WEIGHTED=weighted)
+    tk.ties_merge_many_kernel[(programs,)](
+        table, owner, update, skip, select, tie_base, partials.take(programs, device),
+        decay=decay, divisor=divisor, weight=1.0 - alpha, alpha=alpha, **writes,
     )  # fmt: skip
-    if sparse_tau:
-        count = reference.values.numel()
-        tau_programs = tk.grid(count)[0]
-        tk.ties_tau_kernel[(tau_programs,)](
-            param, low_ptr, update, reference.indices, reference.values, skip,
-            partials.take(tau_programs, device), count, alpha, weight,
-            WEIGHTED=options.election == "weighted", **writes,
+    for index_dtype, counts in tau_blocks.items():  # rows of the other dtype: no programs
+        _, tau_owner, tau_programs = _launch_tables(rows, counts, device, table=table)
+        tk.ties_tau_many_kernel[(tau_programs,)](
+            table, tau_owner, update, skip, partials.take(tau_programs, device), alpha,
+            1.0 - alpha, INDEX_64=index_dtype == torch.int64, **writes,
         )  # fmt: skip
 
 
-def radix_select_(
+def radix_select_many_(
+    table: torch.Tensor,
+    owner: torch.Tensor,
+    programs: int,
     update: torch.Tensor,
-    k: int,
     hist: torch.Tensor,
     workspace: Workspace,
-    shard: Shard | None = None,
+    group: object | None = None,
+    *,
+    counted_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact ``k``-th largest ``|update|`` by radix select on the device:
-    ``(select, tie_base)`` for ``_selected`` in the kernels (see ``topk_mask``).
+    """The exact ``k``-th largest ``|Δθ|`` of every tensor of a TIES ``table`` (its entries at
+    their offsets in ``update``) by radix select on the device: ``(select, tie_base)`` for
+    ``_selected`` in the kernels (``select[tensor] = (threshold bits, ties kept)``,
+    ``tie_base[pid]``: the tensor's ties in its earlier programs).
 
-    ``hist`` holds the first digit's histogram already (``adam_update_kernel`` makes it in
-    the same pass as ``Δθ``) and zeros for the other digits. With a ``shard``, ``update`` is
-    this rank's part and ``k`` counts over the whole tensor: every histogram is summed over
-    the ranks, and ``tie_base`` counts the ties of lower ranks too.
+    ``hist``: zeros, ``RADIX_BINS`` per tensor, laid out digit by digit (each digit's
+    histograms one contiguous ``(tensors, bins)`` block); with ``counted_first`` the first
+    digit's are already made (``ties_adam_many_kernel`` makes them in the same pass as ``Δθ``).
+    With a process ``group`` (FSDP2 shards), every histogram is summed over the ranks in one
+    all-reduce per digit and ``tie_base`` counts the ties of lower ranks too.
     """
     from omotool.optim import triton_kernels as tk
 
-    n, device = update.numel(), update.device
-    programs = tk.grid(n)[0]
-    select = workspace.take("radix_select", 2, torch.int64, device)
-    start = 0
+    tensors, device = table.shape[0], update.device
+    select = workspace.take("radix_select", 2 * tensors, torch.int64, device)
+    if not counted_first:  # the first digit's histogram matches every entry (HIGH = 31)
+        select.zero_()
+    start, high = 0, 31
     for digit, (width, shift) in enumerate(zip(_DIGIT_BITS, _SHIFTS, strict=True)):
-        counts = hist[start : start + (1 << width)]
-        start += 1 << width
-        if digit > 0:
-            tk.radix_histogram_kernel[(programs,)](
-                update, counts, select, n, BLOCK=tk.BLOCK, BINS=counts.numel(), SHIFT=shift,
-                HIGH=_SHIFTS[digit - 1],
+        counts = hist[start : start + (tensors << width)]
+        start += tensors << width
+        if digit > 0 or not counted_first:
+            tk.radix_histogram_many_kernel[(programs,)](
+                table, owner, update, counts, select, BLOCK=tk.BLOCK, BINS=1 << width,
+                SHIFT=shift, HIGH=high,
             )  # fmt: skip
-        if shard is not None:
-            all_reduce_on_device(counts, shard.group)
-        tk.radix_pick_kernel[(1,)](
-            counts, select, k, BINS=counts.numel(), SHIFT=shift, FIRST=digit == 0
+        if group is not None:
+            all_reduce_on_device(counts, group)
+        tk.radix_pick_many_kernel[(tensors,)](
+            table, counts, select, BINS=1 << width, SHIFT=shift, FIRST=digit == 0
         )
+        high = shift
     ties = workspace.take("tie_counts", programs, torch.int64, device)
-    tk.tie_count_kernel[(programs,)](update, select, ties, n, BLOCK=tk.BLOCK)
-    tie_base = torch.cumsum(ties, dim=0).sub_(ties)
-    if shard is not None:
-        tie_base += sum_over_lower_ranks(ties.sum(), shard.group)
+    tk.tie_count_many_kernel[(programs,)](table, owner, update, select, ties, BLOCK=tk.BLOCK)
+    # Each tensor's ties before each of its programs: an exclusive running sum that starts
+    # again at each tensor's first program (owner: the programs' tensors, in order).
+    before = torch.cumsum(ties, dim=0).sub_(ties)
+    first_program = table[:, 9]
+    tie_base = before - before[first_program][owner]
+    if group is not None:
+        per_tensor = torch.zeros(tensors, dtype=torch.int64, device=device)
+        per_tensor.index_add_(0, owner, ties)
+        tie_base += sum_over_lower_ranks(per_tensor, group)[owner]
     return select, tie_base
 
 
@@ -406,12 +497,11 @@ def topk_mask(update: torch.Tensor, density: float) -> torch.Tensor:
     from omotool.optim import triton_kernels as tk
 
     workspace, n = Workspace(), update.numel()
+    row = [0] * tk.TIES_COLUMNS.value
+    row[7], row[14] = n, kept_count(n, density)  # entries, k; offset 0, first block 0
+    table, owner, programs = _launch_tables([row], [tk.grid(n)[0]], update.device)
     hist = torch.zeros(RADIX_BINS, dtype=torch.int32, device=update.device)
-    bits = update.abs().view(torch.int32) & 0x7FFFFFFF
-    hist[: 1 << _DIGIT_BITS[0]] = torch.bincount(
-        bits >> _SHIFTS[0], minlength=1 << _DIGIT_BITS[0]
-    ).to(torch.int32)
-    select, tie_base = radix_select_(update, kept_count(n, density), hist, workspace)
+    select, tie_base = radix_select_many_(table, owner, programs, update, hist, workspace)
     out = torch.empty(n, dtype=torch.int8, device=update.device)
     tk.topk_mask_kernel[tk.grid(n)](update, select, tie_base, out, n, BLOCK=tk.BLOCK)
     return out.bool()

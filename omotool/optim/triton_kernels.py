@@ -159,173 +159,6 @@ def dare_mask_kernel(out_ptr, n, offset, key, density, BLOCK: tl.constexpr):
     tl.store(out_ptr + local, keep.to(tl.int8), mask=inside)
 
 
-@triton.jit
-def adam_update_kernel(
-    grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, update_ptr, skip_ptr, hist_ptr, n, lr,
-    log_beta1, log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
-    BLOCK: tl.constexpr, BINS: tl.constexpr, SHIFT: tl.constexpr, HAS_SKIP: tl.constexpr,
-):  # fmt: skip
-    """Moments and ``update = Δθ`` (0 on a skipped step), plus the histogram of the first
-    radix digit of ``|Δθ|`` (bits ``SHIFT`` and up) added into ``hist``."""
-    pid = tl.program_id(0)
-    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = local < n
-    write = _written(local, n, skip_ptr, HAS_SKIP)
-    update = _adam_moments(
-        grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
-        log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
-    )  # fmt: skip
-    update = tl.where(write, update, 0.0)
-    tl.store(update_ptr + local, update, mask=inside)
-    digit = _magnitude_bits(update) >> SHIFT
-    # Entries past the end land in bin 0 (Δθ = 0 there) and are taken out again.
-    counts = tl.histogram(digit, BINS)
-    outside = BLOCK - tl.sum(inside.to(tl.int32), axis=0)
-    counts = counts - tl.where(tl.arange(0, BINS) == 0, outside, 0)
-    tl.atomic_add(hist_ptr + tl.arange(0, BINS), counts)
-
-
-@triton.jit
-def radix_histogram_kernel(
-    update_ptr, hist_ptr, select_ptr, n,
-    BLOCK: tl.constexpr, BINS: tl.constexpr, SHIFT: tl.constexpr, HIGH: tl.constexpr,
-):  # fmt: skip
-    """Histogram of the digit of ``|Δθ|`` at bits ``[SHIFT, HIGH)`` over the entries whose
-    bits from ``HIGH`` up equal those of the threshold prefix chosen so far (``select[0]``)."""
-    pid = tl.program_id(0)
-    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = local < n
-    bits = _magnitude_bits(tl.load(update_ptr + local, mask=inside, other=0.0))
-    prefix = tl.load(select_ptr).to(tl.int32)
-    match = inside & ((bits >> HIGH) == (prefix >> HIGH))
-    digit = tl.where(match, (bits >> SHIFT) & (BINS - 1), 0)
-    counts = tl.histogram(digit, BINS)
-    outside = BLOCK - tl.sum(match.to(tl.int32), axis=0)
-    counts = counts - tl.where(tl.arange(0, BINS) == 0, outside, 0)
-    tl.atomic_add(hist_ptr + tl.arange(0, BINS), counts)
-
-
-@triton.jit
-def radix_pick_kernel(
-    hist_ptr, select_ptr, k, BINS: tl.constexpr, SHIFT: tl.constexpr, FIRST: tl.constexpr
-):
-    """One program: the digit ``d`` of the ``r``-th largest magnitude among the entries that
-    match the prefix (``r = select[1]``, or ``k`` on the first digit): the largest ``d`` with
-    ``count(digit ≥ d) ≥ r``. Then ``prefix |= d << SHIFT`` and ``r -= count(digit > d)``.
-
-    ``select = (prefix, r)`` (int64). After the last digit, ``prefix`` is the bits of the
-    threshold ``|Δθ|`` and ``r`` the number of entries equal to it that are kept.
-    """
-    counts = tl.load(hist_ptr + tl.arange(0, BINS)).to(tl.int64)
-    if FIRST:  # select holds last step's values: only its type is used here
-        prefix = tl.load(select_ptr) * 0
-        rank = prefix + k
-    else:
-        prefix = tl.load(select_ptr)
-        rank = tl.load(select_ptr + 1)
-    at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
-    digits = tl.arange(0, BINS)
-    digit = tl.max(tl.where(at_or_above >= rank, digits, 0), axis=0)
-    above = tl.sum(tl.where(digits > digit, counts, 0), axis=0)
-    tl.store(select_ptr, prefix | (digit.to(tl.int64) << SHIFT))
-    tl.store(select_ptr + 1, rank - above)
-
-
-@triton.jit
-def tie_count_kernel(update_ptr, select_ptr, ties_ptr, n, BLOCK: tl.constexpr):
-    """``ties[pid]``: entries of this program whose ``|Δθ|`` equals the threshold."""
-    pid = tl.program_id(0)
-    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = local < n
-    bits = _magnitude_bits(tl.load(update_ptr + local, mask=inside, other=0.0))
-    tie = inside & (bits == tl.load(select_ptr).to(tl.int32))
-    tl.store(ties_ptr + pid, tl.sum(tie.to(tl.int64), axis=0))
-
-
-@triton.jit
-def ties_merge_kernel(
-    theta_ptr, low_ptr, update_ptr, tau_ptr, skip_ptr, select_ptr, tie_base_ptr, partial_ptr,
-    n, decay, divisor, weight, alpha,
-    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, DENSE_TAU: tl.constexpr,
-    SPARSE_TAU: tl.constexpr, WEIGHTED: tl.constexpr, HAS_SKIP: tl.constexpr,
-):  # fmt: skip
-    """OnTIES's merge (Eq. 5–7) in one pass: ``F_K`` = entries above the threshold plus the
-    first ``r`` ties in index order (``tie_base``: ties in earlier programs), divided by ``s``.
-
-    - dense ``T``: ``θ ← θ·(1 − ηλ) + disjoint merge of α·T and (1 − α)·F_K(Δθ)``;
-    - otherwise ``θ ← θ·(1 − ηλ) + (1 − α)·F_K(Δθ)``; with a sparse ``T`` the kept values are
-      written back over ``update`` for ``ties_tau_kernel``, which merges at ``T``'s entries.
-
-    Per program, a row of statistics: kept entries, ``Σ kept²``, and for a dense ``T`` the
-    overlap, conflicts, ``Σ dropped²`` and ``Σ agreeing T²``.
-    """
-    pid = tl.program_id(0)
-    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = local < n
-    write = _written(local, n, skip_ptr, HAS_SKIP)
-    update = tl.load(update_ptr + local, mask=inside, other=0.0)
-    selected = _selected(update, inside, select_ptr, tie_base_ptr, pid)
-    kept = tl.where(selected, update / divisor, 0.0)
-    theta = tl.load(theta_ptr + local, mask=inside, other=0.0) * decay
-    overlap, conflicts, dropped_sq, tau_sq = 0.0, 0.0, 0.0, 0.0
-    if DENSE_TAU:
-        tau = tl.load(tau_ptr + local, mask=inside, other=0.0)
-        merged, tau_agrees, update_agrees = _elect(tau, kept, alpha, weight, WEIGHTED)
-        theta = theta + merged
-        dropped = selected & ~update_agrees
-        overlap = tl.sum(selected.to(tl.float32), axis=0)
-        conflicts = tl.sum(dropped.to(tl.float32), axis=0)
-        dropped_sq = tl.sum(tl.where(dropped, kept * kept, 0.0), axis=0)
-        tau_sq = tl.sum(tl.where(tau_agrees, tau * tau, 0.0), axis=0)
-    else:
-        theta = theta + weight * kept
-    if SPARSE_TAU:
-        tl.store(update_ptr + local, kept, mask=inside)
-    tl.store(theta_ptr + local, theta, mask=write)
-    if HAS_LOW:
-        tl.store(low_ptr + local, _to_low(theta, low_ptr, LOW_BF16), mask=write)
-    _store_partials(
-        partial_ptr, pid, tl.sum(selected.to(tl.float32), axis=0), tl.sum(kept * kept, axis=0),
-        overlap, conflicts, dropped_sq, tau_sq,
-    )  # fmt: skip
-
-
-@triton.jit
-def ties_tau_kernel(
-    theta_ptr, low_ptr, kept_ptr, index_ptr, tau_ptr, skip_ptr, partial_ptr, count, alpha,
-    weight,
-    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, WEIGHTED: tl.constexpr,
-    HAS_SKIP: tl.constexpr,
-):  # fmt: skip
-    """OnTIES at the entries of a sparse ``T`` (after ``ties_merge_kernel``, which added
-    ``(1 − α)·u`` there): ``θ[i] += merge(α·T, (1 − α)·u) − (1 − α)·u`` with ``u = kept[i]``.
-
-    Per program, a row of statistics: overlap, conflicts, ``Σ dropped²``, ``Σ agreeing T²``;
-    an entry of ``F_K`` is present where ``u ≠ 0``.
-    """
-    pid = tl.program_id(0)
-    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = j < count
-    write = _written(j, count, skip_ptr, HAS_SKIP)
-    index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)
-    tau = tl.load(tau_ptr + j, mask=inside, other=0.0)
-    update = tl.load(kept_ptr + index, mask=inside, other=0.0)
-    merged, tau_agrees, update_agrees = _elect(tau, update, alpha, weight, WEIGHTED)
-    theta = tl.load(theta_ptr + index, mask=inside, other=0.0)
-    theta = theta + (merged - weight * update)
-    tl.store(theta_ptr + index, theta, mask=write)
-    if HAS_LOW:
-        tl.store(low_ptr + index, _to_low(theta, low_ptr, LOW_BF16), mask=write)
-    present = inside & (update != 0)
-    dropped = present & ~update_agrees
-    _store_partials(
-        partial_ptr, pid, 0.0, 0.0, tl.sum(present.to(tl.float32), axis=0),
-        tl.sum(dropped.to(tl.float32), axis=0),
-        tl.sum(tl.where(dropped, update * update, 0.0), axis=0),
-        tl.sum(tl.where(inside & tau_agrees, tau * tau, 0.0), axis=0),
-    )  # fmt: skip
-
-
 def grid(n: int) -> tuple[int]:
     """Programs for ``n`` entries."""
     return (max(1, triton.cdiv(n, BLOCK)),)
@@ -435,3 +268,220 @@ def dare_tau_many_kernel(
     tl.store(theta_ptr + index, theta, mask=write)
     if HAS_LOW:
         tl.store(low_ptr + index, _to_low(theta, low_ptr, LOW_BF16), mask=write)
+
+
+TIES_COLUMNS = tl.constexpr(16)
+"""θ, low θ, g, m, v, step, dense T (or θ), n, offset in the update scratch, first block, T's
+indices, T's values, T's count, T's first block, k (the entries kept: over the whole tensor if
+sharded), T's form (``TAU_DENSE`` / ``TAU_SPARSE`` bits; a shard's ``T`` may be dense on one
+rank and sparse on another, so it is read per row and not compiled in)."""
+TAU_DENSE = tl.constexpr(1)
+TAU_SPARSE = tl.constexpr(2)
+
+
+@triton.jit
+def _ties_row(table_ptr, owner_ptr, pid, BLOCK: tl.constexpr):
+    """``(row, tensor, local offsets, n, update offset)`` of program ``pid`` of a launch over
+    the entries of a TIES table's tensors."""
+    tensor = tl.load(owner_ptr + pid).to(tl.int64)
+    row = table_ptr + tensor * TIES_COLUMNS
+    local = (pid - tl.load(row + 9)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return row, tensor, local, tl.load(row + 7), tl.load(row + 8)
+
+
+@triton.jit
+def _add_histogram(digit, counted, hist_ptr, BLOCK: tl.constexpr, BINS: tl.constexpr):
+    """Add the histogram of ``digit`` over the ``counted`` entries into ``hist``: the others
+    are given digit 0 and taken out of bin 0 again (``tl.histogram`` takes no mask in the
+    Triton releases supported)."""
+    counts = tl.histogram(tl.where(counted, digit, 0), BINS)
+    outside = BLOCK - tl.sum(counted.to(tl.int32), axis=0)
+    counts = counts - tl.where(tl.arange(0, BINS) == 0, outside, 0)
+    tl.atomic_add(hist_ptr + tl.arange(0, BINS), counts)
+
+
+@triton.jit
+def ties_adam_many_kernel(
+    table_ptr, owner_ptr, update_ptr, skip_ptr, hist_ptr, lr, log_beta1, log_beta2, beta2,
+    one_minus_beta1, one_minus_beta2, eps,
+    BLOCK: tl.constexpr, BINS: tl.constexpr, SHIFT: tl.constexpr, HAS_SKIP: tl.constexpr,
+    GRAD_KIND: tl.constexpr,
+):  # fmt: skip
+    """Moments and ``Δθ`` (0 on a skipped step) of every tensor of the table, ``Δθ`` stored at
+    the tensor's offset in ``update``, plus the histogram of the first radix digit of ``|Δθ|``
+    (bits ``SHIFT`` and up) added into the tensor's row of ``hist`` (``BINS`` per row)."""
+    pid = tl.program_id(0)
+    row, tensor, local, n, at = _ties_row(table_ptr, owner_ptr, pid, BLOCK)
+    grad_ptr = _grad_pointer(tl.load(row + 2), GRAD_KIND)
+    exp_avg_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    inside = local < n
+    write = _written(local, n, skip_ptr, HAS_SKIP)
+    update = _adam_moments(
+        grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
+        log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
+    )  # fmt: skip
+    update = tl.where(write, update, 0.0)
+    tl.store(update_ptr + at + local, update, mask=inside)
+    digit = _magnitude_bits(update) >> SHIFT
+    _add_histogram(digit, inside, hist_ptr + tensor * BINS, BLOCK, BINS)
+
+
+@triton.jit
+def radix_histogram_many_kernel(
+    table_ptr, owner_ptr, update_ptr, hist_ptr, select_ptr,
+    BLOCK: tl.constexpr, BINS: tl.constexpr, SHIFT: tl.constexpr, HIGH: tl.constexpr,
+):  # fmt: skip
+    """Per tensor of the table, the histogram of the digit of ``|Δθ|`` at bits ``[SHIFT,
+    HIGH)`` over the entries whose bits from ``HIGH`` up equal those of the tensor's threshold
+    prefix chosen so far (``select[tensor, 0]``; ``HIGH = 31``: every entry), added into the
+    tensor's row of ``hist``."""
+    pid = tl.program_id(0)
+    row, tensor, local, n, at = _ties_row(table_ptr, owner_ptr, pid, BLOCK)
+    inside = local < n
+    bits = _magnitude_bits(tl.load(update_ptr + at + local, mask=inside, other=0.0))
+    prefix = tl.load(select_ptr + tensor * 2).to(tl.int32)
+    match = inside & ((bits >> HIGH) == (prefix >> HIGH))
+    _add_histogram((bits >> SHIFT) & (BINS - 1), match, hist_ptr + tensor * BINS, BLOCK, BINS)
+
+
+@triton.jit
+def radix_pick_many_kernel(
+    table_ptr, hist_ptr, select_ptr, BINS: tl.constexpr, SHIFT: tl.constexpr,
+    FIRST: tl.constexpr,
+):  # fmt: skip
+    """One program per tensor of the table: the digit ``d`` of the ``r``-th largest magnitude
+    among the entries that match the prefix (``r = select[tensor, 1]``, or the tensor's ``k``
+    on the first digit): the largest ``d`` with ``count(digit ≥ d) ≥ r``. Then ``prefix |= d
+    << SHIFT`` and ``r -= count(digit > d)``.
+
+    ``select[tensor] = (prefix, r)`` (int64). After the last digit, ``prefix`` is the bits of
+    the threshold ``|Δθ|`` and ``r`` the number of entries equal to it that are kept.
+    """
+    tensor = tl.program_id(0).to(tl.int64)
+    counts = tl.load(hist_ptr + tensor * BINS + tl.arange(0, BINS)).to(tl.int64)
+    select = select_ptr + tensor * 2
+    if FIRST:  # select holds last step's values: only its type is used here
+        prefix = tl.load(select) * 0
+        rank = prefix + tl.load(table_ptr + tensor * TIES_COLUMNS + 14)
+    else:
+        prefix = tl.load(select)
+        rank = tl.load(select + 1)
+    at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+    digits = tl.arange(0, BINS)
+    digit = tl.max(tl.where(at_or_above >= rank, digits, 0), axis=0)
+    above = tl.sum(tl.where(digits > digit, counts, 0), axis=0)
+    tl.store(select, prefix | (digit.to(tl.int64) << SHIFT))
+    tl.store(select + 1, rank - above)
+
+
+@triton.jit
+def tie_count_many_kernel(
+    table_ptr, owner_ptr, update_ptr, select_ptr, ties_ptr, BLOCK: tl.constexpr
+):
+    """``ties[pid]``: entries of program ``pid`` whose ``|Δθ|`` equals its tensor's
+    threshold."""
+    pid = tl.program_id(0)
+    row, tensor, local, n, at = _ties_row(table_ptr, owner_ptr, pid, BLOCK)
+    inside = local < n
+    bits = _magnitude_bits(tl.load(update_ptr + at + local, mask=inside, other=0.0))
+    tie = inside & (bits == tl.load(select_ptr + tensor * 2).to(tl.int32))
+    tl.store(ties_ptr + pid, tl.sum(tie.to(tl.int64), axis=0))
+
+
+@triton.jit
+def ties_merge_many_kernel(
+    table_ptr, owner_ptr, update_ptr, skip_ptr, select_ptr, tie_base_ptr, partial_ptr,
+    decay, divisor, weight, alpha,
+    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, WEIGHTED: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+):  # fmt: skip
+    """OnTIES's merge (Eq. 5–7) in one pass over every tensor of the table: ``F_K`` = entries
+    above the tensor's threshold plus its first ``r`` ties in index order (``tie_base[pid]``:
+    the tensor's ties in earlier programs), divided by ``s``.
+
+    ``θ ← θ·(1 − ηλ) + disjoint merge of α·T and (1 − α)·F_K(Δθ)`` with ``T`` read where it is
+    dense and 0 elsewhere (the merge with ``T = 0`` is ``(1 − α)·F_K(Δθ)``, to the bit); for a
+    sparse ``T`` the kept values are written back over ``update`` for
+    ``ties_tau_many_kernel``, which merges at ``T``'s entries.
+
+    Per program, a row of statistics: kept entries, ``Σ kept²``, and for a dense ``T`` the
+    overlap, conflicts, ``Σ dropped²`` and ``Σ agreeing T²``.
+    """
+    pid = tl.program_id(0)
+    row, tensor, local, n, at = _ties_row(table_ptr, owner_ptr, pid, BLOCK)
+    theta_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
+    low_ptr = _low_pointer(tl.load(row + 1), theta_ptr, HAS_LOW, LOW_BF16)
+    form = tl.load(row + 15)
+    inside = local < n
+    # As masks, per-row flags must be blocks: entries below n, or below 0 when the flag is off.
+    dense = local < tl.where((form & TAU_DENSE) != 0, n, 0)
+    sparse = local < tl.where((form & TAU_SPARSE) != 0, n, 0)
+    write = _written(local, n, skip_ptr, HAS_SKIP)
+    update = tl.load(update_ptr + at + local, mask=inside, other=0.0)
+    selected = _selected(update, inside, select_ptr + tensor * 2, tie_base_ptr, pid)
+    kept = tl.where(selected, update / divisor, 0.0)
+    theta = tl.load(theta_ptr + local, mask=inside, other=0.0) * decay
+    tau_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+    tau = tl.load(tau_ptr + local, mask=dense, other=0.0)
+    merged, tau_agrees, update_agrees = _elect(tau, kept, alpha, weight, WEIGHTED)
+    theta = theta + merged
+    dropped = selected & ~update_agrees & dense
+    overlap = tl.sum((selected & dense).to(tl.float32), axis=0)
+    conflicts = tl.sum(dropped.to(tl.float32), axis=0)
+    dropped_sq = tl.sum(tl.where(dropped, kept * kept, 0.0), axis=0)
+    tau_sq = tl.sum(tl.where(tau_agrees, tau * tau, 0.0), axis=0)
+    tl.store(update_ptr + at + local, kept, mask=sparse)
+    tl.store(theta_ptr + local, theta, mask=write)
+    if HAS_LOW:
+        tl.store(low_ptr + local, _to_low(theta, low_ptr, LOW_BF16), mask=write)
+    _store_partials(
+        partial_ptr, pid, tl.sum(selected.to(tl.float32), axis=0), tl.sum(kept * kept, axis=0),
+        overlap, conflicts, dropped_sq, tau_sq,
+    )  # fmt: skip
+
+
+@triton.jit
+def ties_tau_many_kernel(
+    table_ptr, owner_ptr, update_ptr, skip_ptr, partial_ptr, alpha, weight,
+    BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, WEIGHTED: tl.constexpr,
+    HAS_SKIP: tl.constexpr, INDEX_64: tl.constexpr,
+):  # fmt: skip
+    """OnTIES at the entries of every sparse ``T`` of the table (after
+    ``ties_merge_many_kernel``, which added ``(1 − α)·u`` there): ``θ[i] += merge(α·T,
+    (1 − α)·u) − (1 − α)·u`` with ``u`` the kept value at ``i`` (0 if not kept).
+
+    Per program, a row of statistics: overlap, conflicts, ``Σ dropped²``, ``Σ agreeing T²``;
+    an entry of ``F_K`` is present where ``u ≠ 0``.
+    """
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * TIES_COLUMNS
+    theta_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
+    low_ptr = _low_pointer(tl.load(row + 1), theta_ptr, HAS_LOW, LOW_BF16)
+    if INDEX_64:
+        index_ptr = tl.load(row + 10).to(tl.pointer_type(tl.int64))
+    else:
+        index_ptr = tl.load(row + 10).to(tl.pointer_type(tl.int32))
+    tau_ptr = tl.load(row + 11).to(tl.pointer_type(tl.float32))
+    count, at = tl.load(row + 12), tl.load(row + 8)
+    j = (pid - tl.load(row + 13)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = j < count
+    write = _written(j, count, skip_ptr, HAS_SKIP)
+    index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)
+    tau = tl.load(tau_ptr + j, mask=inside, other=0.0)
+    update = tl.load(update_ptr + at + index, mask=inside, other=0.0)
+    merged, tau_agrees, update_agrees = _elect(tau, update, alpha, weight, WEIGHTED)
+    theta = tl.load(theta_ptr + index, mask=inside, other=0.0)
+    theta = theta + (merged - weight * update)
+    tl.store(theta_ptr + index, theta, mask=write)
+    if HAS_LOW:
+        tl.store(low_ptr + index, _to_low(theta, low_ptr, LOW_BF16), mask=write)
+    present = inside & (update != 0)
+    dropped = present & ~update_agrees
+    _store_partials(
+        partial_ptr, pid, 0.0, 0.0, tl.sum(present.to(tl.float32), axis=0),
+        tl.sum(dropped.to(tl.float32), axis=0),
+        tl.sum(tl.where(dropped, update * update, 0.0), axis=0),
+        tl.sum(tl.where(inside & tau_agrees, tau * tau, 0.0), axis=0),
+    )  # fmt: skip

@@ -187,6 +187,43 @@ def test_dare_steps_every_tensor_in_one_launch_with_its_mask_and_sparse_tau(
             torch.testing.assert_close(after[name], expected.to(dtype).float(), rtol=0, atol=2**-6)
 
 
+TIES_KERNELS = (
+    "ties_adam_many_kernel", "radix_histogram_many_kernel", "radix_pick_many_kernel",
+    "tie_count_many_kernel", "ties_merge_many_kernel", "ties_tau_many_kernel",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("small", [3, 12])
+def test_ties_launches_do_not_grow_with_the_tensors(small, monkeypatch) -> None:
+    """One large tensor and ``small`` small ones: two batches (the small ones fit together in
+    one largest tensor of scratch), the same launches for 3 or 12 small tensors, and the
+    steps of the reference backend."""
+    shapes = {"embed.weight": (50, 12)} | {f"layers.{i}.weight": (5, 8) for i in range(small)}
+    generator = torch.Generator().manual_seed(0)
+    initial = {n: torch.randn(s, generator=generator) for n, s in shapes.items()}
+    tau = {n: 0.05 * torch.randn(s, generator=generator) for n, s in shapes.items()}
+    grads = [{n: torch.randn(s, generator=generator) for n, s in shapes.items()} for _ in "ab"]
+    counts: dict[str, int] = {}
+    for name in TIES_KERNELS:
+        monkeypatch.setattr(tk, name, CountedLaunches(getattr(tk, name), name, counts))
+    results = {}
+    for backend in ("reference", "triton"):
+        params = {n: x.clone().to(DEVICE).requires_grad_() for n, x in initial.items()}
+        if backend == "reference":
+            params = {n: p.detach().cpu().requires_grad_() for n, p in params.items()}
+        opt = OnlineMergingAdamW(
+            params.items(), tau, backend=backend, method="ties", reserve_p=0.2, alpha=0.3,
+            lr=1e-2, eps=0.1,
+        )  # fmt: skip
+        results[backend] = run(opt, params, grads)
+    for name in initial:
+        torch.testing.assert_close(results["triton"][name], results["reference"][name])
+    per_step = {"ties_adam_many_kernel": 2, "radix_histogram_many_kernel": 4,
+                "radix_pick_many_kernel": 6, "tie_count_many_kernel": 2,
+                "ties_merge_many_kernel": 2, "ties_tau_many_kernel": 2}  # fmt: skip
+    assert counts == {name: 2 * count for name, count in per_step.items()}  # two steps
+
+
 # -- whole steps against the reference backend -----------------------------------------------
 
 
@@ -238,8 +275,9 @@ def test_memory_beyond_the_moments_is_reported() -> None:
     largest = max(p.numel() for p in params.values())
     workspace = sum(v for k, v in report.items() if k.startswith("workspace_") and "per" not in k)
     assert report["workspace_update_bytes"] == 4 * largest  # one largest tensor of scratch
-    histogram = report["workspace_radix_histogram_bytes"]  # fixed: 4096 int32 counts
-    assert histogram == 4 * triton_backend.RADIX_BINS
+    # 4096 int32 counts per tensor of the largest batch: [embed], [layer.weight, layer.bias]
+    histogram = report["workspace_radix_histogram_bytes"]
+    assert histogram == 2 * 4 * triton_backend.RADIX_BINS
     per_program = workspace - report["workspace_update_bytes"] - histogram
     assert per_program < 0.05 * report["parameters"] + 256  # partial sums, tie counts
     assert report["total_bytes"] == pytest.approx(
