@@ -1,4 +1,5 @@
-"""The ``triton`` backend: one tensor's online-merging AdamW step in fused Triton kernels.
+"""The ``triton`` backend: online-merging AdamW steps in fused Triton kernels, many tensors
+per launch.
 
 The step of ``torch_backend.sync_free_online_merging_adamw_`` (no host synchronisation; the
 skip flag, the step count and the statistics stay on the device), in few passes:
@@ -11,12 +12,15 @@ skip flag, the step count and the statistics stay on the device), in few passes:
   dense or sparse ``T``), so the count does not grow with the number of tensors.
   The mask follows the same law as the other backends' (i.i.d. Bernoulli(p)), drawn from
   another generator: the kept entries differ, their distribution does not.
-- OnTIES: moments and ``Δθ`` into a scratch buffer with the histogram of the first radix
-  digit of ``|Δθ|``, two more histogram passes (an exact radix select of the ``k``-th largest
-  ``|Δθ|``: no sort, no ``nonzero``, cost independent of the values), one pass counting ties
-  at the threshold, and the merge pass (kept = above the threshold or one of the first ties
-  in index order, as ``merging.magnitude_mask``); a sparse ``T`` is merged at its entries in
-  a small last kernel.
+- OnTIES (``triton_ties_adamw_``): tensors in batches that fit one largest tensor of ``Δθ``
+  scratch, each batch in about ten launches over all its tensors (tables as OnDARE's):
+  moments and ``Δθ`` into the scratch with the histogram of the first radix digit of
+  ``|Δθ|`` per tensor, two more histogram passes and a pick per digit (an exact radix
+  select of each tensor's ``k``-th largest ``|Δθ|``: no sort, no ``nonzero``, cost
+  independent of the values), one pass counting ties at the thresholds, and the merge pass
+  (kept = above the threshold or one of the first ties in index order, as
+  ``merging.magnitude_mask``); sparse ``T``s are merged at their entries in a small last
+  launch.
 
 Under FSDP2 each rank steps its shard: DARE masks are keyed by global offsets, and the
 OnTIES histograms are summed over the ranks (``distributed.all_reduce_on_device``) with ties
