@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from omotool.errors import UsageError
+
 # numba's OpenMP layer loads a second libgomp beside torch's, whose threads spin-wait after
 # each parallel region and starve torch's: one kernel call made every later training step
 # 10-30x slower on a busy 2-core machine. The workqueue layer's threads do not spin. Set
@@ -550,8 +552,15 @@ def dare_kept_indices(
     stop = numel if stop is None else stop
     if stop <= start:
         return torch.empty(0, dtype=torch.long)
+    compiled = _compiled()
+    if compiled is None:
+        raise UsageError(
+            "OnDARE masks drawn by chunks (dare_draw='chunks') come from the numba kernels, "
+            "which are off here (OMOTOOL_KERNELS=0, or numba cannot be imported); use "
+            "dare_draw='generator'."
+        )
     first, last = start // CHUNK, -(-stop // CHUNK)
-    kernel, log_drop = _compiled()["dare_kept"], _log_drop(density)
+    kernel, log_drop = compiled["dare_kept"], _log_drop(density)
     counts = np.zeros(last - first, dtype=np.int64)
     empty, rows = np.empty(0, dtype=np.int64), _thread_offsets()
     _match_torch_threads()

@@ -306,3 +306,16 @@ def test_kernels_use_numba_workqueue_threads_not_a_second_openmp() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert result.stdout.strip() == "workqueue"
+
+
+def test_chunk_drawn_masks_without_the_kernels_are_refused_by_name(monkeypatch) -> None:
+    """``dare_draw="chunks"`` set by hand where the kernels are off: a UsageError saying what
+    to use instead, not a TypeError from inside (the optimizer itself only sets it when the
+    kernels are on)."""
+    from omotool.errors import UsageError
+    from omotool.optim.functional import MergeOptions, dare_update_indices
+
+    monkeypatch.setattr(kernels, "_compiled", lambda: None)
+    options = MergeOptions(method="dare", reserve_p=0.1, dare_draw="chunks")
+    with pytest.raises(UsageError, match="dare_draw='generator'"):
+        dare_update_indices(100, name="w", step=1, options=options, shard=None, device="cpu")
