@@ -142,7 +142,8 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         nan_policy: a non-finite gradient anywhere skips the whole step and counts it
             (``"skip"``) or raises ``NonFiniteGradientError`` (an ``OmoError`` and a
             ``FloatingPointError``: ``"raise"``); parameters are never
-            written with non-finite values.
+            written with non-finite values. Deciding that reads every gradient, unless
+            the caller hands the step the gradients' norm (``note_grad_norm``).
         master_weights: keep a float32 copy of bf16/fp16 parameters so that updates far below
             the parameter's precision accumulate (moments and merges are float32 anyway).
         backend: how the step is computed (``BACKENDS``; the model is ``torch.optim.adam``:
