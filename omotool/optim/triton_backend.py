@@ -141,18 +141,24 @@ def check_usable(options: MergeOptions, device: torch.device) -> None:
 
 
 @dataclass
-class DareTensor:
-    """One tensor of a batched OnDARE step (``triton_dare_adamw_``): as the arguments of
-    ``triton_ties_adamw_``, with the mask ``key`` and the shard's global ``offset``."""
+class StepTensor:
+    """One tensor of a batched step: what the kernels read and write."""
 
     param: torch.Tensor  # float32 working copy
     low: torch.Tensor | None  # the bf16/fp16 parameter also written, or None
     grad: torch.Tensor  # contiguous
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
-    step: torch.Tensor  # float32, on the device
-    reference: FlatDelta | None
-    key: int
+    step: torch.Tensor  # float32, on the device; already counts this step unless skipped
+    reference: FlatDelta | None  # T
+
+
+@dataclass
+class DareTensor(StepTensor):
+    """One tensor of a batched OnDARE step (``triton_dare_adamw_``), with its mask ``key``
+    and the shard's global ``offset``."""
+
+    key: int = 0
     offset: int = 0
 
 
@@ -221,8 +227,9 @@ def triton_dare_adamw_(
 ) -> None:
     """One OnDARE step of ``tensors`` (one param group's hyper-parameters): one launch of
     ``dare_adamw_many_kernel`` per kind of tensor (parameter and gradient dtypes, dense ``T``
-    or not) and one of ``dare_tau_many_kernel`` per kind of sparse ``T``. The arguments are as
-    ``triton_ties_adamw_``'s; the statistics go to ``partials``."""
+    or not) and one of ``dare_tau_many_kernel`` per kind of sparse ``T``. ``found_inf``: a float32
+    0-d device tensor, non-zero to skip the step (``None``: never); the statistics go to
+    ``partials``."""
     from omotool.optim import triton_kernels as tk
 
     if not tensors:
@@ -286,17 +293,10 @@ def triton_dare_adamw_(
 
 
 @dataclass
-class TiesTensor:
-    """One tensor of a batched OnTIES step (``triton_ties_adamw_``): as ``DareTensor``, with
-    the tensor's ``shard`` (FSDP2: the top-k is the whole tensor's) instead of a mask key."""
+class TiesTensor(StepTensor):
+    """One tensor of a batched OnTIES step (``triton_ties_adamw_``), with its ``shard``
+    (FSDP2: the top-k is the whole tensor's)."""
 
-    param: torch.Tensor  # float32 working copy
-    low: torch.Tensor | None  # the bf16/fp16 parameter also written, or None
-    grad: torch.Tensor  # contiguous
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-    step: torch.Tensor  # float32, on the device
-    reference: FlatDelta | None
     shard: Shard | None = None
 
 

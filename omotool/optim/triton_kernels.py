@@ -194,6 +194,31 @@ def _grad_pointer(address, GRAD_KIND: tl.constexpr):
 
 
 @triton.jit
+def _row_adam_moments(
+    row, local, inside, write, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
+    one_minus_beta2, eps, GRAD_KIND: tl.constexpr,
+):  # fmt: skip
+    """``_adam_moments`` of the tensor of a table row (``g, m, v, step`` in columns 2–5 of
+    both the OnDARE and the OnTIES tables)."""
+    grad_ptr = _grad_pointer(tl.load(row + 2), GRAD_KIND)
+    exp_avg_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    return _adam_moments(
+        grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
+        log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
+    )  # fmt: skip
+
+
+@triton.jit
+def _index_pointer(address, INDEX_64: tl.constexpr):
+    """A sparse ``T``'s indices: int64 or int32."""
+    if INDEX_64:
+        return address.to(tl.pointer_type(tl.int64))
+    return address.to(tl.pointer_type(tl.int32))
+
+
+@triton.jit
 def dare_adamw_many_kernel(
     table_ptr, owner_ptr, skip_ptr, partial_ptr, lr, log_beta1, log_beta2, beta2,
     one_minus_beta1, one_minus_beta2, eps, decay, density, divisor, weight, alpha,
@@ -213,17 +238,13 @@ def dare_adamw_many_kernel(
     row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * DARE_COLUMNS
     theta_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
     low_ptr = _low_pointer(tl.load(row + 1), theta_ptr, HAS_LOW, LOW_BF16)
-    grad_ptr = _grad_pointer(tl.load(row + 2), GRAD_KIND)
-    exp_avg_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-    step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
     n, offset, key = tl.load(row + 7), tl.load(row + 8), tl.load(row + 9)
     local = (pid - tl.load(row + 10)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = local < n
     write = _written(local, n, skip_ptr, HAS_SKIP)
-    update = _adam_moments(
-        grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
-        log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
+    update = _row_adam_moments(
+        row, local, inside, write, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
+        one_minus_beta2, eps, GRAD_KIND,
     )  # fmt: skip
     theta = tl.load(theta_ptr + local, mask=inside, other=0.0)
     keep = dare_keep(key, local + offset, density) & write
@@ -253,10 +274,7 @@ def dare_tau_many_kernel(
     row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * DARE_TAU_COLUMNS
     theta_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
     low_ptr = _low_pointer(tl.load(row + 1), theta_ptr, HAS_LOW, LOW_BF16)
-    if INDEX_64:
-        index_ptr = tl.load(row + 2).to(tl.pointer_type(tl.int64))
-    else:
-        index_ptr = tl.load(row + 2).to(tl.pointer_type(tl.int32))
+    index_ptr = _index_pointer(tl.load(row + 2), INDEX_64)
     tau_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     count = tl.load(row + 4)
     j = (pid - tl.load(row + 5)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -312,15 +330,11 @@ def ties_adam_many_kernel(
     (bits ``SHIFT`` and up) added into the tensor's row of ``hist`` (``BINS`` per row)."""
     pid = tl.program_id(0)
     row, tensor, local, n, at = _ties_row(table_ptr, owner_ptr, pid, BLOCK)
-    grad_ptr = _grad_pointer(tl.load(row + 2), GRAD_KIND)
-    exp_avg_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-    step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
     inside = local < n
     write = _written(local, n, skip_ptr, HAS_SKIP)
-    update = _adam_moments(
-        grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
-        log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
+    update = _row_adam_moments(
+        row, local, inside, write, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
+        one_minus_beta2, eps, GRAD_KIND,
     )  # fmt: skip
     update = tl.where(write, update, 0.0)
     tl.store(update_ptr + at + local, update, mask=inside)
@@ -459,10 +473,7 @@ def ties_tau_many_kernel(
     row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * TIES_COLUMNS
     theta_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
     low_ptr = _low_pointer(tl.load(row + 1), theta_ptr, HAS_LOW, LOW_BF16)
-    if INDEX_64:
-        index_ptr = tl.load(row + 10).to(tl.pointer_type(tl.int64))
-    else:
-        index_ptr = tl.load(row + 10).to(tl.pointer_type(tl.int32))
+    index_ptr = _index_pointer(tl.load(row + 10), INDEX_64)
     tau_ptr = tl.load(row + 11).to(tl.pointer_type(tl.float32))
     count, at = tl.load(row + 12), tl.load(row + 8)
     j = (pid - tl.load(row + 13)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
