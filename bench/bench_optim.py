@@ -140,8 +140,9 @@ CUDA_RATIO_GOALS = tuple(  # issue 15's GPU goals, for the default backend and t
 )  # fmt: skip
 GIVEN_NORM = "-given-norm"  # methods handed the gradients' norm before each step
 SPEEDUP_GOAL = 10.0  # OnDARE / OnTIES at least this many times faster than their transcription
-MEMORY_GOAL = 0.1  # optimizer bytes per parameter beyond AdamW's (moments, steps): all of them,
-# scratch buffers included (memory_report after the timed steps; allocated, not resident)
+MEMORY_GOAL = 0.1  # optimizer bytes per parameter beyond AdamW's (moments, steps), plus one
+# largest tensor of float32 scratch (issue 15's GPU goal): all buffers in memory_report after
+# the timed steps (allocated, not resident)
 PAIRS = (("ondare", "transcription-dare"), ("onties", "transcription-ties"))
 
 Named = dict[str, torch.Tensor]
@@ -526,8 +527,10 @@ def evaluate_goals(
     summary: dict[str, dict[str, Any]],
     memory: dict[str, dict[str, float]],
     ratio_goals: tuple[tuple[str, float, float], ...] = RATIO_GOALS,
+    largest: int = 0,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Speed-ups over the transcriptions, and the goals (``met`` is None when not measured)."""
+    """Speed-ups over the transcriptions, and the goals (``met`` is None when not measured).
+    ``largest``: entries of the largest tensor, whose float32 scratch the memory goal allows."""
     speedups = {
         f"{ours}_over_{theirs}": summary[theirs]["median_ms"] / summary[ours]["median_ms"]
         for ours, theirs in PAIRS
@@ -553,12 +556,15 @@ def evaluate_goals(
             }
         )
     for method, report in memory.items():
+        parameters = report["parameters"] or 1.0
+        allowed = 4 * largest / parameters  # one largest tensor of float32 scratch
         extra = report["extra_bytes_per_parameter"]
         goals.append(
             {
                 "goal": f"{method} optimizer memory beyond AdamW's (T, caches, scratch) "
-                f"< {MEMORY_GOAL:g} bytes/parameter",
-                "met": extra < MEMORY_GOAL,
+                f"<= {MEMORY_GOAL:g} bytes/parameter plus one largest tensor of float32 "
+                f"scratch ({allowed:.4f} bytes/parameter here)",
+                "met": extra - allowed <= MEMORY_GOAL,
                 "actual": f"{extra:.4f}",
             }
         )
@@ -667,7 +673,10 @@ def benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         for name in ("ondare", "onties", "ondare-triton", "onties-triton")
         if name in runners
     }
-    speedups, goals = evaluate_goals(summary, memory, CUDA_RATIO_GOALS if cuda else RATIO_GOALS)
+    speedups, goals = evaluate_goals(
+        summary, memory, CUDA_RATIO_GOALS if cuda else RATIO_GOALS,
+        largest=max(math.prod(s) for s in shapes.values()),
+    )  # fmt: skip
     result = {
         "config": {
             "shapes": preset,
