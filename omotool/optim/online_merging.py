@@ -91,6 +91,8 @@ class GivenGradNorm:
     """
 
     _given_grad_norm: torch.Tensor | None = None
+    _given_for: list[tuple[int, int]] | None = None  # the gradients it was given for
+    param_groups: list[dict[str, Any]]
 
     def note_grad_norm(self, total_norm: torch.Tensor | float) -> None:
         """The total norm of the gradients the next ``step()`` applies, as the caller computed
@@ -103,23 +105,37 @@ class GivenGradNorm:
         per ``nan_policy``) as a non-finite gradient does; a norm overflows only past
         float32's range, and clipping by such a norm leaves no usable gradient anyway. Only
         the next ``step()`` uses it, and not when that step is given a closure (which
-        computes new gradients). Call it right before ``step()``, after the last change to
-        the gradients (clipping by a finite norm keeps them finite). With sharded
-        parameters a DTensor norm's local part is used, and the verdict is still agreed
-        across ranks. Never read on the host by the sync-free backends.
+        computes new gradients), nor when a gradient has been replaced or changed in place
+        since (the step then reads the gradients itself). Call it right before ``step()``,
+        after the last change to the gradients (clipping by a finite norm keeps them
+        finite). With sharded parameters a DTensor norm's local part is used, and the
+        verdict is still agreed across ranks. Never read on the host by the sync-free
+        backends.
         """
         if not isinstance(total_norm, torch.Tensor):
             total_norm = torch.tensor(float(total_norm))
         self._given_grad_norm = total_norm.detach()
+        self._given_for = self._gradient_versions()
 
     def _take_grad_norm(self, closure: Any) -> torch.Tensor | None:
-        """The norm given for this step (None when none, or when a closure recomputes the
-        gradients), forgotten so that no later step uses it."""
+        """The norm given for this step's gradients (None when none, when a closure
+        recomputes them, or when they are not the ones it was given for), forgotten so that
+        no later step uses it."""
         norm, self._given_grad_norm = self._given_grad_norm, None
-        if norm is None or closure is not None:
+        if norm is None or closure is not None or self._given_for != self._gradient_versions():
             return None
         to_local = getattr(norm, "to_local", None)  # a DTensor: this rank's part
         return to_local() if to_local is not None else norm
+
+    def _gradient_versions(self) -> list[tuple[int, int]]:
+        """Which gradient tensors there are and how often each was changed in place (the
+        tensors' version counters): equal lists mean the same gradients, unchanged."""
+        return [
+            (id(p.grad), p.grad._version)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
 
 
 class NonFiniteGradientError(OmoError, FloatingPointError):

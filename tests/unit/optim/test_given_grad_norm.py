@@ -108,3 +108,24 @@ def test_the_wrapper_takes_a_norm_too() -> None:
     step_with_norm(opt, params, grad_sequence(1, seed=4)[0], math.inf)
     assert all(torch.equal(p.detach(), before[n]) for n, p in params.items())
     assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_norm_given_for_other_gradients_is_not_used(backend) -> None:
+    """The gradients changed in place, or were replaced, after the norm was given: the step
+    reads them itself (here it finds the NaN and skips)."""
+    for change in ("in place", "replaced"):
+        params = make_params()
+        opt = make(params, backend)
+        grads = grad_sequence(1, seed=5)[0]
+        for name, p in params.items():
+            p.grad = grads[name].clone()
+        opt.note_grad_norm(total_norm(grads))
+        if change == "in place":
+            params["layer.bias"].grad[3] = math.nan
+        else:
+            params["layer.bias"].grad = torch.full_like(params["layer.bias"], math.nan)
+        before = {n: p.detach().clone() for n, p in params.items()}
+        opt.step()
+        assert opt.skipped_steps == 1, change
+        assert all(torch.equal(p.detach(), before[n]) for n, p in params.items()), change
