@@ -317,10 +317,11 @@ def triton_ties_adamw_(
     """One OnTIES step of ``tensors`` (one param group's hyper-parameters), many tensors per
     launch.
 
-    The tensors of one kind (parameter and gradient dtypes, dense or sparse ``T``, process
-    group) go in batches whose entries fit one largest tensor of ``Δθ`` scratch (the update
-    buffer): per batch about ten launches (``_ties_batch``), so the launch count grows with
-    the parameters' total size over the largest tensor's, not with the number of tensors.
+    The tensors of one kind (parameter and gradient dtypes, process group) go in batches
+    whose entries fit one largest tensor of ``Δθ`` scratch (the update buffer; ``T``'s form,
+    dense or sparse, is read per tensor by the kernels): per batch about ten launches
+    (``_ties_batch``), so the launch count grows with the parameters' total size over the
+    largest tensor's, not with the number of tensors.
     ``found_inf``: a float32 0-d device tensor, non-zero to skip the step (``None``: never);
     each tensor's ``step`` (device) already counts this step unless it is skipped. The
     kernels' statistics go to ``partials`` (``StepPartials.fold`` adds them to ``stats``);
@@ -342,11 +343,13 @@ def triton_ties_adamw_(
     batches: list[list[TiesTensor]] = []
     for group in kinds.values():
         batch: list[TiesTensor] = []
+        filled = 0
         for t in group:
-            if batch and sum(_whole_numel(b) for b in batch) + _whole_numel(t) > limit:
+            if batch and filled + _whole_numel(t) > limit:
                 batches.append(batch)
-                batch = []
+                batch, filled = [], 0
             batch.append(t)
+            filled += _whole_numel(t)
         batches.append(batch)
     capacity = max(sum(t.param.numel() for t in batch) for batch in batches)
     update = workspace.take("update", capacity, torch.float32, tensors[0].param.device)
