@@ -166,7 +166,7 @@ def grid(n: int) -> tuple[int]:
 
 # -- several tensors in one launch ---------------------------------------------------------------
 # A launch over many tensors reads each tensor's addresses and sizes from a table (int64 rows,
-# ``triton_backend.dare_table``); ``owner[pid]`` is the row of program ``pid``'s tensor, whose
+# ``triton_backend._launch_tables``); ``owner[pid]`` is the row of program ``pid``'s tensor, whose
 # programs are numbered from the row's first block.
 # (tl.constexpr: a global a kernel reads must be one)
 DARE_COLUMNS = tl.constexpr(11)  # θ, low θ, g, m, v, step, dense T, n, offset, key, first block
