@@ -123,12 +123,13 @@ TAU_SCALE, PARAM_SCALE = 1e-3, 0.02
 BASELINE = "adamw-fused"
 BF16_ONLY = "adamw-fused-bf16"  # the same as adamw-fused on float32: left out of the default
 
+GIVEN_NORM = "-given-norm"  # methods handed the gradients' norm before each step
 # Goals: (method, most times slower than fused AdamW, what we aim for).
 RATIO_GOALS = tuple(  # issue 15, CPU: on both streams (a run times one: `--grad-sets 2`,
     # fresh random gradients; `--grad-sets 1`, the same one), with and without a given norm
     (method + given, limit, aim)
     for method, limit, aim in (("ondare", 1.25, 1.0), ("onties", 2.0, 1.5))
-    for given in ("", "-given-norm")
+    for given in ("", GIVEN_NORM)
 )
 CUDA_RATIO_GOALS = tuple(  # issue 15's GPU goals, for the default backend and the Triton kernels
     (method + given, limit, aim)
@@ -136,9 +137,8 @@ CUDA_RATIO_GOALS = tuple(  # issue 15's GPU goals, for the default backend and t
         ("ondare", 1.1, 1.0), ("onties", 1.3, 1.0),
         ("ondare-triton", 1.1, 1.0), ("onties-triton", 1.3, 1.0),
     )
-    for given in ("", "-given-norm")
+    for given in ("", GIVEN_NORM)
 )  # fmt: skip
-GIVEN_NORM = "-given-norm"  # methods handed the gradients' norm before each step
 SPEEDUP_GOAL = 10.0  # OnDARE / OnTIES at least this many times faster than their transcription
 MEMORY_GOAL = 0.1  # optimizer bytes per parameter beyond AdamW's (moments, steps), plus one
 # largest tensor of float32 scratch (issue 15's GPU goal): all buffers in memory_report after
