@@ -43,6 +43,33 @@ def test_optimizer_passed_to_a_trl_trainer(llama_pair, tmp_path) -> None:
     assert 0 < moved < 0.5 * total  # top-p of each update, plus T's entries: a sparse move
 
 
+def test_an_optimizer_of_ones_own_gets_the_trainers_gradient_norm(
+    llama_pair, tmp_path, monkeypatch
+) -> None:
+    """``online_merging_trainer(DPOTrainer)`` given ``optimizers=(opt, None)``: the trainer
+    keeps that optimizer and hands it the gradient norm before each step."""
+    base, sft = llama_pair
+    model = AutoModelForCausalLM.from_pretrained(str(sft), dtype=torch.float32)
+    optimizer = OnlineMergingAdamW(
+        model.named_parameters(), TaskVector.from_models(base, sft), method="dare",
+        reserve_p=0.2, alpha=0.01, lr=1e-3,
+    )  # fmt: skip
+    norms = []
+    note = optimizer.note_grad_norm
+    monkeypatch.setattr(optimizer, "note_grad_norm", lambda n: (norms.append(n), note(n)))
+    args = DPOConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+        use_cpu=True, max_length=32, save_strategy="no",
+    )  # fmt: skip
+    trainer = online_merging_trainer(DPOTrainer)(
+        model=model, args=args, train_dataset=Dataset.from_list(ROWS[:16]),
+        processing_class=AutoTokenizer.from_pretrained(str(sft)), optimizers=(optimizer, None),
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.optimizer.optimizer is optimizer and len(norms) == 2
+    assert optimizer.skipped_steps == 0
+
+
 def test_online_merging_trainer_wraps_a_plain_transformers_trainer(
     llama_pair, tmp_path, monkeypatch
 ) -> None:
