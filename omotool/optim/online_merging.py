@@ -90,8 +90,8 @@ class GivenGradNorm:
     ``closure_and_check`` (CPU) or ``gradients_nonfinite`` (devices).
     """
 
-    _given_grad_norm: torch.Tensor | None = None
-    _given_for: list[tuple[int, int]] | None = None  # the gradients it was given for
+    # The norm and the gradients it was given for (``_gradient_versions``), or None.
+    _given: tuple[torch.Tensor, list[tuple[int, int]]] | None = None
     param_groups: list[dict[str, Any]]
 
     def note_grad_norm(self, total_norm: torch.Tensor | float) -> None:
@@ -114,16 +114,16 @@ class GivenGradNorm:
         """
         if not isinstance(total_norm, torch.Tensor):
             total_norm = torch.tensor(float(total_norm))
-        self._given_grad_norm = total_norm.detach()
-        self._given_for = self._gradient_versions()
+        self._given = (total_norm.detach(), self._gradient_versions())
 
     def _take_grad_norm(self, closure: Any) -> torch.Tensor | None:
         """The norm given for this step's gradients (None when none, when a closure
         recomputes them, or when they are not the ones it was given for), forgotten so that
         no later step uses it."""
-        norm, self._given_grad_norm = self._given_grad_norm, None
-        if norm is None or closure is not None or self._given_for != self._gradient_versions():
+        given, self._given = self._given, None
+        if given is None or closure is not None or given[1] != self._gradient_versions():
             return None
+        norm = given[0]
         to_local = getattr(norm, "to_local", None)  # a DTensor: this rank's part
         return to_local() if to_local is not None else norm
 
