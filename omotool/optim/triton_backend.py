@@ -368,6 +368,23 @@ def _whole_numel(t: TiesTensor) -> int:
     return t.shard.numel if t.shard is not None else t.param.numel()
 
 
+TIES_FIELDS = (
+    "theta", "low", "grad", "exp_avg", "exp_avg_sq", "step", "dense_tau", "n", "at", "first",
+    "tau_indices", "tau_values", "tau_count", "tau_first", "k", "tau_form",
+)  # fmt: skip
+"""The columns of an OnTIES table, in order (``triton_kernels.TIES_COLUMNS``); 0 when unset."""
+
+
+def _number_blocks(rows: list[dict[str, int]], blocks: list[int], key: str) -> None:
+    """``row[key]``: the first program of each row that has ``blocks`` in one launch (the
+    programs of a launch are numbered row after row)."""
+    first = 0
+    for row, count in zip(rows, blocks, strict=True):
+        if count:
+            row[key] = first
+            first += count
+
+
 def _ties_batch(
     batch: list[TiesTensor],
     update: torch.Tensor,
@@ -391,29 +408,35 @@ def _ties_batch(
     first = batch[0]
     device = first.param.device
     has_low, low_bf16 = _low_kind(first.low)
-    rows, blocks, at, block = [], [], 0, 0
+    fields: list[dict[str, int]] = []
+    blocks: list[int] = []
     tau_blocks: dict[torch.dtype, list[int]] = defaultdict(lambda: [0] * len(batch))
-    tau_first: dict[torch.dtype, int] = defaultdict(int)
+    at = 0
     for i, t in enumerate(batch):
         n, tau = t.param.numel(), t.reference
         dense = tau is not None and tau.indices is None
         sparse = tau is not None and tau.indices is not None
-        count = tau.values.numel() if sparse else 0
+        row = dict(
+            theta=t.param.data_ptr(), low=(t.low if has_low else t.param).data_ptr(),
+            grad=t.grad.data_ptr(), exp_avg=t.exp_avg.data_ptr(),
+            exp_avg_sq=t.exp_avg_sq.data_ptr(), step=t.step.data_ptr(),
+            dense_tau=(tau.values if dense else t.param).data_ptr(), n=n, at=at,
+            k=kept_count(_whole_numel(t), density),
+            tau_form=(tk.TAU_DENSE.value if dense else 0) | (tk.TAU_SPARSE.value if sparse else 0),
+        )  # fmt: skip
         if sparse:
-            tau_blocks[tau.indices.dtype][i] = tk.grid(count)[0]
-        rows.append([
-            t.param.data_ptr(), (t.low if has_low else t.param).data_ptr(), t.grad.data_ptr(),
-            t.exp_avg.data_ptr(), t.exp_avg_sq.data_ptr(), t.step.data_ptr(),
-            tau.values.data_ptr() if dense else t.param.data_ptr(), n, at, block,
-            tau.indices.data_ptr() if sparse else 0, tau.values.data_ptr() if sparse else 0,
-            count, tau_first[tau.indices.dtype] if sparse else 0,
-            kept_count(_whole_numel(t), density),
-            (tk.TAU_DENSE.value if dense else 0) | (tk.TAU_SPARSE.value if sparse else 0),
-        ])  # fmt: skip
-        if sparse:
-            tau_first[tau.indices.dtype] += tau_blocks[tau.indices.dtype][i]
+            row.update(
+                tau_indices=tau.indices.data_ptr(), tau_values=tau.values.data_ptr(),
+                tau_count=tau.values.numel(),
+            )  # fmt: skip
+            tau_blocks[tau.indices.dtype][i] = tk.grid(tau.values.numel())[0]
+        fields.append(row)
         blocks.append(tk.grid(n)[0])
-        at, block = at + n, block + blocks[-1]
+        at += n
+    _number_blocks(fields, blocks, "first")
+    for counts in tau_blocks.values():  # a row's T has one index dtype: one launch numbers it
+        _number_blocks(fields, counts, "tau_first")
+    rows = [[row.get(name, 0) for name in TIES_FIELDS] for row in fields]
     table, owner, programs = _launch_tables(rows, blocks, device)
     skip = found_inf if found_inf is not None else first.step
     flags = dict(BLOCK=tk.BLOCK, HAS_SKIP=found_inf is not None)
@@ -489,7 +512,7 @@ def radix_select_many_(
     # Each tensor's ties before each of its programs: an exclusive running sum that starts
     # again at each tensor's first program (owner: the programs' tensors, in order).
     before = torch.cumsum(ties, dim=0).sub_(ties)
-    first_program = table[:, 9]
+    first_program = table[:, TIES_FIELDS.index("first")]
     tie_base = before - before[first_program][owner]
     if group is not None:
         per_tensor = torch.zeros(tensors, dtype=torch.int64, device=device)
@@ -504,8 +527,7 @@ def topk_mask(update: torch.Tensor, density: float) -> torch.Tensor:
     from omotool.optim import triton_kernels as tk
 
     workspace, n = Workspace(), update.numel()
-    row = [0] * tk.TIES_COLUMNS.value
-    row[7], row[14] = n, kept_count(n, density)  # entries, k; offset 0, first block 0
+    row = [dict(n=n, k=kept_count(n, density)).get(name, 0) for name in TIES_FIELDS]
     table, owner, programs = _launch_tables([row], [tk.grid(n)[0]], update.device)
     hist = torch.zeros(RADIX_BINS, dtype=torch.int32, device=update.device)
     select, tie_base = radix_select_many_(table, owner, programs, update, hist, workspace)

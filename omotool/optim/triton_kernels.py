@@ -289,10 +289,11 @@ def dare_tau_many_kernel(
 
 
 TIES_COLUMNS = tl.constexpr(16)
-"""θ, low θ, g, m, v, step, dense T (or θ), n, offset in the update scratch, first block, T's
-indices, T's values, T's count, T's first block, k (the entries kept: over the whole tensor if
-sharded), T's form (``TAU_DENSE`` / ``TAU_SPARSE`` bits; a shard's ``T`` may be dense on one
-rank and sparse on another, so it is read per row and not compiled in)."""
+"""``triton_backend.TIES_FIELDS``: θ, low θ, g, m, v, step, dense T (or θ), n, offset in the
+update scratch, first block, T's indices, T's values, T's count, T's first block, k (the
+entries kept: over the whole tensor if sharded), T's form (``TAU_DENSE`` / ``TAU_SPARSE`` bits;
+a shard's ``T`` may be dense on one rank and sparse on another, so it is read per row and not
+compiled in)."""
 TAU_DENSE = tl.constexpr(1)
 TAU_SPARSE = tl.constexpr(2)
 

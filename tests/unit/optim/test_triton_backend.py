@@ -193,6 +193,10 @@ TIES_KERNELS = (
 )  # fmt: skip
 
 
+def test_the_ties_table_has_a_name_for_every_column() -> None:
+    assert len(triton_backend.TIES_FIELDS) == tk.TIES_COLUMNS.value
+
+
 @pytest.mark.parametrize("small", [3, 12])
 def test_ties_launches_do_not_grow_with_the_tensors(small, monkeypatch) -> None:
     """One large tensor and ``small`` small ones: two batches (the small ones fit together in
