@@ -1,5 +1,5 @@
 """User docs speak of the tool only: no issue numbers, no commit hashes, no word on how the
-project is made.
+project is made; their links stay inside the repository and lead somewhere.
 
 The one place a commit may appear is the provenance of a rendered result, whose form is
 ``omotool.demo.markdown.provenance_line``: `` `COMMAND` (DATE; omotool VERSION at COMMIT; ...)``.
@@ -85,3 +85,36 @@ def test_the_rules_themselves(line: str, kinds: list[str]) -> None:
         kind for kind in ("issue number", "commit hash", "how it is made") if kind in str(found)
     ]
     assert named == kinds, found
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of ``markdown``'s headings: lower case, punctuation dropped, spaces to -."""
+    headings = re.findall(r"^#+ (.+)$", markdown, re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("path", USER_DOCS, ids=[str(p.relative_to(ROOT)) for p in USER_DOCS])
+def test_links_stay_in_the_repository_and_resolve(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    broken = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for target in LINK.findall(line):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:: outside links are fine
+                continue
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path
+            where = f"{path.relative_to(ROOT)}:{number}: {target}"
+            if not resolved.is_relative_to(ROOT):
+                broken.append(f"{where} leaves the repository")
+            elif not resolved.exists():
+                broken.append(f"{where} does not exist")
+            elif (
+                anchor
+                and resolved.suffix == ".md"
+                and anchor not in anchors(resolved.read_text(encoding="utf-8"))
+            ):
+                broken.append(f"{where} names no heading")
+    assert not broken, "\n".join(broken)
