@@ -1,4 +1,4 @@
-"""The demo's results: choices on validation, test numbers, frontiers, verdicts, plot, report.
+"""The demo's results: choices on validation, test numbers, frontiers, verdicts, plot, results file.
 
 Every trained model is one point ``(capability, reward)`` per split: capability is the mean
 accuracy of the SFT capabilities (the tax side), reward the mean of the reward tasks, overall
@@ -372,17 +372,6 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     axes.legend(fontsize=7)
     save_figure(plt, figure, path)
     return path
-
-
-def write_demo_report(results: dict[str, Any], workdir: Path, plot: Path | None) -> Path:
-    """``results.json`` and ``report.md`` in ``workdir`` (each written whole, then renamed)."""
-    from omotool.demo.markdown import report_markdown
-    from omotool.io.formats import write_text_atomic
-
-    write_results(results, workdir / "results.json")
-    target = workdir / "report.md"
-    write_text_atomic(target, report_markdown(results, plot))
-    return target
 
 
 def write_results(results: dict[str, Any], path: Path) -> Path:
