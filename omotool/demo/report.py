@@ -30,7 +30,7 @@ from typing import Any
 
 from omotool.errors import UsageError
 from omotool.eval.runner import headline
-from omotool.eval.suite import HEADLINE
+from omotool.eval.tasks import headline_name
 
 LABELS = {"sft": "SFT", "adamw": "AdamW", "ondare": "OnDARE", "onties": "OnTIES",
           "childtuning": "ChildTuning", "merge": "AdamW + offline merge"}  # fmt: skip
@@ -143,7 +143,7 @@ def average_half_width(evaluation: dict[str, Any], category: str) -> float:
     tasks' intervals are independent, so the average's half-width is √(Σ hᵢ²) / n."""
     widths = []
     for task in evaluation["tasks"].values():
-        key = HEADLINE[task["task"]]
+        key = headline_name(task["task"])
         if task["category"] == category and not task["failed"] and key in task["scores"]:
             widths.append((task["scores"][key]["high"] - task["scores"][key]["low"]) / 2)
     return math.sqrt(sum(w * w for w in widths)) / len(widths) if widths else 0.0
