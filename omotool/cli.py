@@ -470,14 +470,18 @@ def _quiet_libraries() -> None:
 
 
 # -- eval ----------------------------------------------------------------------------------
+def _eval_task_names() -> str:
+    from omotool.eval.tasks import TASKS  # light: the task modules import their work lazily
+
+    return ", ".join(TASKS)
+
+
 @app.command("eval", no_args_is_help=True)
 @handled
 def eval_(
     models: list[str] = typer.Argument(None, help="Model folders (or Hub ids) to evaluate."),
     suite: Path | None = typer.Option(None, "--suite", help="Suite YAML: tasks, data, baseline."),
-    task: str | None = typer.Option(
-        None, help="Or one task: preference, reward_model, perplexity, generate, choice, lm_eval."
-    ),
+    task: str | None = typer.Option(None, help=f"Or one task: {_eval_task_names()}."),
     data: str | None = typer.Option(None, help="Data of --task (.jsonl, .json, .csv, .txt)."),
     ref_model: str | None = typer.Option(None, help="Reference model of --task preference."),
     reward_model: str | None = typer.Option(None, help="Classifier of --task reward_model."),
