@@ -9,8 +9,14 @@ import pytest
 from transformers import TrainingArguments
 
 from omotool.errors import OmoError, UsageError
-from omotool.train.algorithms import ALGORITHM_OPTIONS, ALGORITHMS, Algorithm
-from omotool.train.arguments import MERGE_OPTIONS, MERGES, TrainConfig, trl_arguments
+from omotool.train.algorithms import ALGORITHMS, Algorithm
+from omotool.train.arguments import MERGES, TrainConfig, trl_arguments
+from omotool.train.options import train_options
+
+# The options only some algorithms read → the TRL field each sets; the merge options → the
+# --merge values that read them.
+ALGORITHM_OPTIONS = {name: o.trl[0] for name, o in train_options().items() if o.lacks}
+MERGE_OPTIONS = {name: o.merges for name, o in train_options().items() if o.merges}
 
 # The loss each --algo must end up with in its TRL config (orpo's config has no loss_type).
 LOSSES = {
@@ -69,7 +75,7 @@ def test_every_option_reaches_the_trl_config(tmp_path, algo, on) -> None:
     if "precompute_ref" in taken:
         assert args.precompute_ref_log_probs is True
     for option in set(taken) - {"beta", "label_smoothing", "precompute_ref"}:
-        assert getattr(args, ALGORITHM_OPTIONS[option][0]) == SET[option], option
+        assert getattr(args, ALGORITHM_OPTIONS[option]) == SET[option], option
     # gradient checkpointing: transformers reads activation_checkpointing, TRL its alias
     assert args.activation_checkpointing is on and args.gradient_checkpointing is on
     assert args.bf16 is on  # (TRL's default is True: off must be passed)
@@ -88,7 +94,7 @@ def test_loss_options_default_off_where_taken(tmp_path, algo) -> None:
         trl_default = type(args).__dataclass_fields__["beta"].default
         assert args.beta == config.beta == trl_default == {"grpo": 0.0, "rloo": 0.05}.get(algo, 0.1)
     for option in set(ALGORITHMS.get(algo).options) - {"beta", "label_smoothing", "precompute_ref"}:
-        field = ALGORITHM_OPTIONS[option][0]  # unset: TRL's default reaches the trainer
+        field = ALGORITHM_OPTIONS[option]  # unset: TRL's default reaches the trainer
         assert getattr(args, field) == type(args).__dataclass_fields__[field].default, option
     if "precompute_ref" in ALGORITHMS.get(algo).options:
         assert args.precompute_ref_log_probs is False
@@ -126,7 +132,7 @@ def test_loss_options_name_fields_of_the_config_class() -> None:
         algorithm = ALGORITHMS.get(name)
         fields = set(algorithm.config_class().__dataclass_fields__)
         for option in algorithm.options:
-            assert ALGORITHM_OPTIONS[option][0] in fields, (name, option)
+            assert ALGORITHM_OPTIONS[option] in fields, (name, option)
         assert set(algorithm.settings) <= fields, name
 
 
@@ -210,12 +216,13 @@ def test_runner_re_exports_the_options() -> None:
 # Values away from every default, for the merge options.
 MERGE_SET = {
     "base": "base-model", "task_vector": "runs/tau", "reserve_p": 0.2, "alpha": 0.0,
-    "online_step": 4, "rescale": "l1", "election": "weighted",
+    "online_step": 4, "rescale": "l1", "election": "weighted", "tau_clip": 2.0,
+    "missing": "adamw",
 }  # fmt: skip
 MERGE_REFUSED = [
     (merge, option)
     for merge in MERGES
-    for option, (takers, _) in MERGE_OPTIONS.items()
+    for option, takers in MERGE_OPTIONS.items()
     if merge not in takers
 ]
 
@@ -236,7 +243,7 @@ def test_a_merge_option_the_merge_does_not_read_is_refused(tmp_path, merge, opti
     with pytest.raises(UsageError, match=f"^{flag} {MERGE_SET[option]} has no effect with "
                        f"--merge {merge} ") as error:  # fmt: skip
         config.validate()
-    takers = MERGE_OPTIONS[option][0]
+    takers = MERGE_OPTIONS[option]
     assert str(error.value).endswith(f"drop it, or use --merge {' or '.join(takers)}.")
 
 
@@ -250,7 +257,7 @@ def test_merge_options_at_their_defaults_are_accepted_with_adamw(tmp_path) -> No
 
 @pytest.mark.parametrize("merge", ["dare", "ties"])
 def test_merge_options_reach_a_merge_that_reads_them(tmp_path, merge) -> None:
-    taken = {o: MERGE_SET[o] for o, (takers, _) in MERGE_OPTIONS.items() if merge in takers}
+    taken = {o: MERGE_SET[o] for o, takers in MERGE_OPTIONS.items() if merge in takers}
     taken.pop("base")  # (give --base or --task-vector, not both)
     train_config(tmp_path, merge=merge, **taken).validate()
 
