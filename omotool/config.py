@@ -98,7 +98,7 @@ def build_config(cls: type[C], recipe: dict[str, Any], overrides: dict[str, Any]
     """``cls(**(recipe | overrides))`` with unknown keys and wrong types reported by name."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
-    values = {**recipe, **overrides}
+    values = {key.replace("-", "_"): value for key, value in {**recipe, **overrides}.items()}
     for key in values:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)

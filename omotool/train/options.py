@@ -80,7 +80,6 @@ class TrainConfig:
     )  # fmt: skip
     eval_dataset: str | None = _opt(None, "Held-out data, evaluated every --eval-steps.", DATA)
     eval_split: str = _opt("test", "Split of a Hub --eval-dataset.", DATA)
-    out: str = _opt("", "Run folder (model, checkpoints).", RUN, flags=("-o", "--out"))
 
     algo: str = _opt(
         "dpo", "dpo, ipo, hinge, robust, kto, simpo, orpo, sft; or grpo, rloo (online: sample "
@@ -223,6 +222,7 @@ class TrainConfig:
         choices="omotool.optim.online_merging:BACKENDS", optim="backend",
     )  # fmt: skip
 
+    out: str = _opt("", "Run folder (model, checkpoints).", RUN, flags=("-o", "--out"))
     seed: int = _opt(
         0, "Seed of data order, masks and initialisation.", RUN, trl=("seed", "data_seed"),
         optim="seed",
