@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from omotool.config import Option, above, at_least, declare, declared, within
+from omotool.train.algorithms import ALGORITHMS
 
 MERGES = ("none", "dare", "ties")
 MERGING = ("dare", "ties")
@@ -29,8 +30,11 @@ LR_SCHEDULERS = (
     "inverse_sqrt",
 )  # fmt: skip
 
+_SAMPLING = [name for name in ALGORITHMS if ALGORITHMS.get(name).online]
+_FIXED_DATA = [name for name in ALGORITHMS if name not in _SAMPLING]
 # --help panels
-DATA, ALGO, ONLINE, MERGE = "Model and data", "Algorithm", "Online RL: grpo, rloo", "Merging"
+DATA, ALGO, MERGE = "Model and data", "Algorithm", "Merging"
+ONLINE = "Online RL: " + ", ".join(_SAMPLING)
 OPTIM, RUN, DEVICES = "Optimizer", "Run", "Memory and devices"
 _SAMPLES_NOTHING = "it learns from fixed examples, it samples no completions"
 
@@ -82,7 +86,7 @@ class TrainConfig:
     eval_split: str = _opt("test", "Split of a Hub --eval-dataset.", DATA)
 
     algo: str = _opt(
-        "dpo", "dpo, ipo, hinge, robust, kto, simpo, orpo, sft; or grpo, rloo (online: sample "
+        "dpo", f"{', '.join(_FIXED_DATA)}; or {', '.join(_SAMPLING)} (online: sample "
         "completions, learn from --reward).", ALGO, choices="omotool.train.algorithms:ALGORITHMS",
     )  # fmt: skip
     beta: float | None = _opt(
@@ -294,8 +298,6 @@ def trl_owner(trl_field: str) -> str | None:
 
 def trl_default(algo: str, name: str) -> Any:
     """The default of TRL field ``name`` in the TRL config class of ``algo``."""
-    from omotool.train.algorithms import ALGORITHMS
-
     with warnings.catch_warnings():  # trl.experimental announces itself
         warnings.simplefilter("ignore")
         config_class = ALGORITHMS.get(algo).config_class()
@@ -306,8 +308,6 @@ def trl_defaults(name: str) -> str | None:
     """TRL's defaults of option ``name`` for the algorithms that read it, read from the
     installed TRL: ``TRL's: 0.1; grpo 0, rloo 0.05`` (the common one, then the others); None
     where TRL has none."""
-    from omotool.train.algorithms import ALGORITHMS
-
     (field,) = train_options()[name].trl
     values = {
         algo: trl_default(algo, field)

@@ -96,7 +96,7 @@ def test_train_help_fits_80_columns_with_every_flag_whole(cli) -> None:
         assert f"─ {panel} ─" in result.output, panel
 
 
-def test_train_help_shows_trl_defaults_read_from_trl(cli) -> None:
+def test_train_help_lists_the_registries_and_trl_defaults_read_from_trl(cli) -> None:
     from omotool.cli import app
     from omotool.train.options import trl_default
 
@@ -107,6 +107,11 @@ def test_train_help_shows_trl_defaults_read_from_trl(cli) -> None:
     assert re.search(r"--num-generations .*?" + re.escape(expected), text)
     assert re.search(r"--beta .*?\[default: TRL's: 0\.1; grpo 0, rloo 0\.05\]", text)
     assert "--rescale <str> none, inverse (1/p) or l1. [default: inverse for dare" in text
+    from omotool.train.algorithms import ALGORITHMS
+    from omotool.train.options import MERGES
+
+    for name in [*ALGORITHMS.names(), *MERGES]:
+        assert name in text
 
 
 def test_every_declared_option_is_a_flag_and_a_recipe_key(tmp_path) -> None:
