@@ -50,7 +50,8 @@ class TrainOption(Option):
       own default then applies, and ``--help`` shows it.
     - ``online``: read only by the algorithms that sample completions (the rewards).
     - ``trl``: the fields of TRL's config it sets (its value, unless
-      ``arguments.TRL_VALUES`` converts it); a ``--trl`` field owned by an option is refused.
+      ``arguments.TRL_VALUES`` converts it); each field has one owner (``trl_owner``), so a
+      pass-through of other TRL fields can refuse the owned ones, naming the option.
     - ``optim``: the argument of ``OnlineMergingAdamW`` it sets.
     """
 
