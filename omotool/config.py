@@ -296,33 +296,35 @@ def command_parameters(cls: Any) -> list[inspect.Parameter]:
     parameters = []
     for name, option in declared(cls).items():
         default = default_of(cls, name)
+        kind, metavar = _command_line_type(hints[name], option)
         # (escaped: "[default: ...]" in a help text is text, not rich markup)
         info = typer.Option(
             default,
             *option.flags,
+            metavar=metavar,
             help=escape(option.help + (f" none: {option.none}." if option.none else "")),
             rich_help_panel=option.panel,
             show_default=not (default is None or default is False or default in ("", [])),
         )
         parameters.append(
             inspect.Parameter(
-                name, inspect.Parameter.KEYWORD_ONLY, default=info,
-                annotation=_command_line_type(hints[name], option),
+                name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind
             )
         )  # fmt: skip
     return parameters
 
 
-def _command_line_type(hint: Any, option: Option) -> Any:
-    """The type Typer parses: lists of numbers and options that take ``none`` as text
-    (``build_config`` converts them), everything else as declared."""
+def _command_line_type(hint: Any, option: Option) -> tuple[Any, str | None]:
+    """The type Typer parses and the metavar shown: lists of numbers and options that take
+    ``none`` are read as text (``build_config`` converts them), everything else as declared."""
+    options = [o for o in (typing.get_args(hint) if _is_union(hint) else (hint,)) if o is not
+               type(None)]  # fmt: skip
     if option.none:
-        return str
-    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+        return str, f"<{options[0].__name__}|none>"
     for item in options:
         if typing.get_origin(item) is list and typing.get_args(item) != (str,):
-            return str | None  # "0.5,1" (comma-separated)
-    return hint
+            return str | None, f"<{typing.get_args(item)[0].__name__},...>"  # "0.5,1"
+    return hint, None
 
 
 def declared_help(command_class: type, cls: Any) -> type:
