@@ -337,7 +337,8 @@ def declared_help(command_class: type, cls: Any) -> type:
 
     class DeclaredHelp(command_class):  # type: ignore[misc, valid-type]
         def format_help(self, ctx: Any, formatter: Any) -> None:
-            options = declared(cls)
+            options = {} if getattr(self, "_shown", False) else declared(cls)
+            self._shown = True  # (the params are changed in place: once)
             for param in self.params:
                 option = options.get(param.name or "")
                 late = option.help_default(param.name, param.default) if option else None
