@@ -11,7 +11,7 @@ Conventions shared by the kernels (``kernels`` prepares the arrays):
 - Adam's scalars are float32 rows per tensor, ``w1 = 1 − β1``, ``b2 = β2``, ``w2 = 1 − β2``,
   ``bias2 = √(1 − β2ᵗ)``, ``eps``, ``size = −η/(1 − β1ᵗ)`` (``kernels._adam_scalars``);
 - magnitudes are compared as float32 bits without the sign (integers in the same order);
-- per-thread scratch rows (``get_thread_id``) are ``kernels``' ``_thread_*`` rows.
+- per-thread scratch rows (indexed by ``get_thread_id``) are ``kernels.THREAD_ROWS``.
 """
 
 from __future__ import annotations

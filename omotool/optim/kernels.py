@@ -106,46 +106,31 @@ def _match_torch_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-@cache
-def _thread_scratch() -> np.ndarray:
-    """One chunk-sized float32 row per numba thread (rows indexed by ``get_thread_id``)."""
-    import numba
-
-    return np.empty((numba.config.NUMBA_NUM_THREADS, CHUNK), dtype=np.float32)
-
-
-@cache
-def _thread_slots() -> np.ndarray:
-    """One chunk-sized int32 row of −1 per numba thread (``ties_apply`` restores the −1s)."""
-    import numba
-
-    return np.full((numba.config.NUMBA_NUM_THREADS, CHUNK), -1, dtype=np.int32)
+THREAD_ROWS = {  # kind: (dtype, initial value or None), one chunk-sized row per numba thread
+    "scratch": (np.float32, None),  # a chunk's Δθ (ties_candidates_many, ties_apply)
+    "offsets": (np.int32, None),  # a chunk's kept offsets (dare_kept, dare_steps)
+    "slots": (np.int32, -1),  # offset → place in the kept list (ties_apply restores the −1s)
+    "flags": (np.uint8, 0),  # a chunk's byte flags (ties_candidates_many)
+}
+_thread_rows_made: dict[str, np.ndarray] = {}  # per process: the kernels reuse them every call
 
 
-@cache
-def _thread_flags() -> np.ndarray:
-    """One chunk-sized uint8 row per numba thread (``ties_candidates_many``'s flags)."""
-    import numba
+def _thread_rows(kind: str) -> np.ndarray:
+    """The ``THREAD_ROWS[kind]`` rows, one per numba thread (indexed by ``get_thread_id``),
+    allocated on first use."""
+    if kind not in _thread_rows_made:
+        import numba
 
-    return np.zeros((numba.config.NUMBA_NUM_THREADS, CHUNK), dtype=np.uint8)
-
-
-@cache
-def _thread_offsets() -> np.ndarray:
-    """One chunk-sized int32 row per numba thread (``dare_steps``: a chunk's kept offsets)."""
-    import numba
-
-    return np.empty((numba.config.NUMBA_NUM_THREADS, CHUNK), dtype=np.int32)
+        dtype, fill = THREAD_ROWS[kind]
+        shape = (numba.config.NUMBA_NUM_THREADS, CHUNK)
+        rows = np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype)
+        _thread_rows_made[kind] = rows
+    return _thread_rows_made[kind]
 
 
 def scratch_bytes() -> int:
     """Bytes of the per-thread scratch rows allocated so far (shared by the whole process)."""
-    rows = [
-        f()
-        for f in (_thread_scratch, _thread_slots, _thread_offsets, _thread_flags)
-        if f.cache_info().currsize
-    ]
-    return sum(row.nbytes for row in rows)
+    return sum(rows.nbytes for rows in _thread_rows_made.values())
 
 
 def dare_kept_indices(
@@ -168,7 +153,7 @@ def dare_kept_indices(
     first, last = start // CHUNK, -(-stop // CHUNK)
     kernel, log_drop = compiled.dare_kept, _log_drop(density)
     counts = np.zeros(last - first, dtype=np.int64)
-    empty, rows = np.empty(0, dtype=np.int64), _thread_offsets()
+    empty, rows = np.empty(0, dtype=np.int64), _thread_rows("offsets")
     _match_torch_threads()
     kernel(key, numel, first, log_drop, counts, empty, empty, rows)
     starts = np.zeros(counts.size + 1, dtype=np.int64)
@@ -250,7 +235,7 @@ def dare_steps_(
         grad_at, m_at, v_at, param_at, sizes, item_tensor, item_start,
         np.asarray(keys, dtype=np.int64), _log_drop(keep), ref_index_at, ref_value_at,
         ref_count, w1, b2, w2, bias2, eps, step_size, np.float32(density), np.float32(weight),
-        np.float32(alpha), squares, kept, _thread_offsets(),
+        np.float32(alpha), squares, kept, _thread_rows("offsets"),
     )  # fmt: skip
     per_tensor = np.bincount(item_tensor, weights=kept, minlength=sizes.size)
     return float(squares.sum()), per_tensor.astype(np.int64)
@@ -313,7 +298,7 @@ def ties_steps_(
     lows, highs = np.empty(item_tensor.size, dtype=np.int32), np.empty_like(counts, np.int32)
     kernels.ties_candidates_many(
         grad_at, m_at, v_at, sizes, item_tensor, item_start, base, *scalars, floors,
-        out_i, out_v, counts, ties, lows, highs, _thread_scratch(), _thread_flags(),
+        out_i, out_v, counts, ties, lows, highs, _thread_rows("scratch"), _thread_rows("flags"),
     )  # fmt: skip
     keep_array = np.asarray(keep, dtype=np.int64)
     short = np.zeros(count, dtype=np.bool_)
@@ -331,6 +316,6 @@ def ties_steps_(
         param_at, m_at, v_at, bias2, eps, step_size, floors, sizes, item_tensor, item_start,
         base, out_i, out_v, counts, tie_keep, thresholds, cutoffs, np.float32(density),
         ref_index_at, ref_value_at, ref_count, np.float32(alpha), np.float32(1 - alpha),
-        weighted, short, stats, _thread_slots(), _thread_scratch(),
+        weighted, short, stats, _thread_rows("slots"), _thread_rows("scratch"),
     )  # fmt: skip
     return short, stats.sum(axis=0)
