@@ -152,7 +152,9 @@ def chunk_kept(key, lo, hi, log_drop, offsets):
     Gaps between kept entries are i.i.d. Geometric(p), ``⌊log(1 − U)/log(1 − p)⌋ + 1``
     (as ``sparsify.bernoulli_indices``), with ``U`` the top 53 bits of SplitMix64 over a
     counter started at ``mix64(key ⊕ mix64(lo + γ))``: the mask of a chunk depends only on
-    the tensor's key and the chunk's first entry."""
+    the tensor's key and the chunk's first entry. ``p = 0`` (``log_drop = −0.0``) keeps
+    nothing inside a kernel (numpy's error model: an infinite gap); a call from Python raises
+    ZeroDivisionError there."""
     state = mix64(np.uint64(key) ^ mix64(np.uint64(lo) + GOLDEN))
     position, count = lo - 1, 0
     while True:
