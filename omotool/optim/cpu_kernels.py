@@ -38,7 +38,7 @@ MIX_A, MIX_B = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 UNIT = 2.0**-53  # 53 random bits → [0, 1)
 
 
-def pointer_to(element: types.Type) -> intrinsic:
+def pointer_to(element: types.Type):
     """An intrinsic ``address (int64) → pointer to element``, for ``carray``."""
     pointer = types.CPointer(element)
 

@@ -1,9 +1,11 @@
-"""CPU kernels (numba) for a whole online-merging AdamW step, all tensors at once.
+"""The host side of the CPU kernels (numba) for a whole online-merging AdamW step, all tensors
+at once: this module prepares their arrays (addresses, work items, Adam scalars, per-thread
+rows) and calls them; the kernels live in ``optim.cpu_kernels``, imported on first use.
 
 torch offers no single op that advances Adam's moments without also writing a parameter, and
 the sparse part of OnDARE/OnTIES (Δθ at ~p·n entries) costs a random gather per moment and a
 scatter per parameter when done with tensor ops; over a model's hundreds of tensors, the
-per-tensor Python overhead of doing it op by op was most of the cost. So each kernel here runs
+per-tensor Python overhead of doing it op by op was most of the cost. So each kernel runs
 over every tensor of a step at once (tensors passed by address, work split into fixed chunks
 of ``CHUNK`` entries, so results do not depend on the number of threads):
 
