@@ -288,7 +288,7 @@ def merge_offline(
 
 # -- train ---------------------------------------------------------------------------------
 from omotool.config import command_options, declared_help  # noqa: E402
-from omotool.train.options import TrainConfig  # noqa: E402
+from omotool.train.arguments import TrainConfig  # noqa: E402
 
 
 @app.command(no_args_is_help=True, cls=declared_help(typer.core.TyperCommand, TrainConfig))

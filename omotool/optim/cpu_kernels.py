@@ -16,8 +16,8 @@ Conventions shared by the kernels (``kernels`` prepares the arrays):
 
 from __future__ import annotations
 
-# First: importing kernels sets numba's threading layer, which numba reads when imported.
-from omotool.optim.kernels import BINS, CHUNK, SAMPLE_AHEAD, SAMPLE_RUN
+# First: importing cpu_layout sets numba's threading layer, which numba reads when imported.
+from omotool.optim.cpu_layout import BINS, CHUNK, SAMPLE_AHEAD, SAMPLE_RUN
 
 # isort: split
 import numpy as np

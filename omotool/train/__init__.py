@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "TrainConfig": "omotool.train.options",
+    "TrainConfig": "omotool.train.arguments",
     "TrainResult": "omotool.train.runner",
     "run_training": "omotool.train.runner",
     "online_merging_trainer": "omotool.train.trainer",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from omotool.train.options import (
     MERGES,
     REPORTERS,
     SCALE_REWARDS,
-    TrainConfig,
+    TrainOptions,
     train_options,
     trl_default,
 )
@@ -40,6 +41,16 @@ __all__ = [
 # checkpointing is on unless turned off). Both are set, to the same value, on classes that have
 # them; a class with neither is refused.
 CHECKPOINTING = ("activation_checkpointing", "gradient_checkpointing")
+
+
+@dataclass
+class TrainConfig(TrainOptions):
+    """The options of ``omotool train`` (declared in ``omotool.train.options``) with their
+    checks: what recipes, the command line and library callers build."""
+
+    def validate(self) -> None:
+        """Every check of ``check_config``, before anything loads."""
+        check_config(self)
 
 
 def check_config(config: TrainConfig) -> None:

@@ -1,4 +1,5 @@
-"""Every option of ``omotool train``, declared once: ``TrainConfig``.
+"""Every option of ``omotool train``, declared once: ``TrainOptions`` (``TrainConfig`` with
+its checks lives in ``omotool.train.arguments``).
 
 Each field carries a ``TrainOption``: its help and ``--help`` panel, the values it takes, which
 ``--merge`` values (``merges``) or algorithms (``lacks``: only those that list it in
@@ -73,8 +74,9 @@ def _opt(default: Any, help: str, panel: str, **details: Any) -> Any:
 
 
 @dataclass
-class TrainConfig:
-    """Every option of ``omotool train``; recipe keys and command-line names are these."""
+class TrainOptions:
+    """Every option of ``omotool train``; recipe keys and command-line names are these.
+    ``omotool.train.arguments.TrainConfig`` adds their checks (``validate``)."""
 
     model: str = _opt("", "SFT model: the policy's start and reference.", DATA)
     dataset: str = _opt("", "Training data: .jsonl, .json, .parquet, .csv or a Hub dataset.", DATA)
@@ -278,16 +280,10 @@ class TrainConfig:
         trl=("fsdp", "fsdp_config"),
     )  # fmt: skip
 
-    def validate(self) -> None:
-        """Every check of ``omotool.train.arguments.check_config``, before anything loads."""
-        from omotool.train.arguments import check_config
-
-        check_config(self)
-
 
 def train_options() -> dict[str, TrainOption]:
-    """The declared options of ``TrainConfig``, by field name, in declaration order."""
-    return declared(TrainConfig)  # type: ignore[return-value]
+    """The declared options of ``TrainOptions``, by field name, in declaration order."""
+    return declared(TrainOptions)  # type: ignore[return-value]
 
 
 def trl_owner(trl_field: str) -> str | None:

@@ -36,7 +36,7 @@ from omotool.train.rewards import load_reward, name_uniquely, parse_rewards, req
 from omotool.train.trainer import metrics_callback, online_merging_trainer
 
 METRICS_FILE = "metrics.jsonl"
-# TrainConfig and MERGES live in omotool.train.options, trl_arguments in omotool.train.arguments;
+# MERGES lives in omotool.train.options, TrainConfig and trl_arguments in omotool.train.arguments;
 # imported from here too.
 __all__ = ["MERGES", "TrainConfig", "TrainResult", "run_training", "trl_arguments"]
 

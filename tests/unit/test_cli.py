@@ -118,7 +118,8 @@ def test_every_declared_option_is_a_flag_and_a_recipe_key(tmp_path) -> None:
     """The train command's parameters are TrainConfig's fields (plus the command's own), with
     the declared defaults and panels; each field is a recipe key."""
     from omotool.config import build_config, default_of, load_recipe
-    from omotool.train.options import TrainConfig, train_options
+    from omotool.train.arguments import TrainConfig
+    from omotool.train.options import train_options
 
     params = {p.name: p for p in _train_command().params}
     assert set(params) == {*train_options(), "config", "set_", "json_output", "debug"}
@@ -141,7 +142,8 @@ def test_a_new_declared_field_needs_no_other_edit() -> None:
     from typer.testing import CliRunner
 
     from omotool.config import build_config, check_declared, command_options, declare, within
-    from omotool.train.options import TrainConfig, TrainOption
+    from omotool.train.arguments import TrainConfig
+    from omotool.train.options import TrainOption
 
     @dataclasses.dataclass
     class Extended(TrainConfig):
