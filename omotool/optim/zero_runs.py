@@ -13,6 +13,8 @@ parameters (plus padding). This module describes those pieces once, after
   DeepSpeed's per-parameter fragments ``param._hp_mapping`` (``lp_fragment_address.start``
   inside the parameter, ``hp_fragment_address.start`` inside the partition); those are wrong
   in DeepSpeed 0.19 under ``round_robin_gradients``, so they are not consulted there.
+- bf16 under ZeRO-1 with fp32 gradient accumulation (``BF16_Optimizer``): the same split of
+  ``bf16_groups`` flattened in order, into ``fp32_groups_flat_partition[g]``.
 - ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): every parameter is split on its own; rank ``r`` of
   the sub-group's process group holds its flat elements ``[r·ps, (r+1)·ps)`` with
   ``ps = param.ds_tensor.ds_numel`` (the parameter padded up to a multiple of the world size).
@@ -110,6 +112,8 @@ def zero_runs(engine_or_optimizer: Any, named_parameters: Iterable[tuple[str, An
             optimizer, "bit16_groups"
         ):
             return _stage12_runs(optimizer, names)
+        if hasattr(optimizer, "fp32_groups_flat_partition") and hasattr(optimizer, "bf16_groups"):
+            return _bf16_runs(optimizer, names)
     optimizer = getattr(engine_or_optimizer, "optimizer", engine_or_optimizer)
     raise UsageError(
         f"{type(optimizer).__name__} is not a DeepSpeed ZeRO-1/2/3 optimizer "
@@ -151,30 +155,76 @@ def _holders(first: int, numel: int, partition_size: int) -> tuple[int, ...]:
 
 
 def _stage12_runs(optimizer: Any, names: dict[int, str]) -> ZeroRuns:
+    """``DeepSpeedZeroOptimizer``: groups flattened at ``round_robin_bit16_offsets``."""
+    return _partition_runs(
+        2 if optimizer.partition_gradients else 1,
+        groups=optimizer.round_robin_bit16_groups,
+        offsets=optimizer.round_robin_bit16_offsets,
+        partition_sizes=optimizer.partition_size,
+        process_groups=optimizer.real_dp_process_group,
+        flats=optimizer.single_partition_of_fp32_groups,
+        names=names,
+        check_fragments=not optimizer.round_robin_gradients,
+    )
+
+
+def _bf16_runs(optimizer: Any, names: dict[int, str]) -> ZeroRuns:
+    """``BF16_Optimizer`` (bf16 under ZeRO-1 with fp32 gradient accumulation): each group
+    flattened in its order, no padding between parameters, split evenly over the ranks."""
+    offsets = []
+    for group in optimizer.bf16_groups:
+        numels = [param.numel() for param in group]
+        offsets.append([sum(numels[:index]) for index in range(len(numels))])
+    return _partition_runs(
+        1,
+        groups=optimizer.bf16_groups,
+        offsets=offsets,
+        partition_sizes=[
+            flat.numel() // count
+            for flat, count in zip(
+                optimizer.bf16_groups_flat, optimizer.partition_count, strict=True
+            )
+        ],
+        process_groups=optimizer.real_dp_process_group,
+        flats=optimizer.fp32_groups_flat_partition,
+        names=names,
+        check_fragments=True,
+    )
+
+
+def _partition_runs(
+    stage: int,
+    *,
+    groups: list[list[Any]],
+    offsets: list[list[int]],
+    partition_sizes: list[int],
+    process_groups: list[Any],
+    flats: list[torch.Tensor],
+    names: dict[int, str],
+    check_fragments: bool,
+) -> ZeroRuns:
+    """Group ``g``'s parameters flattened at ``offsets[g]`` into one buffer, split evenly in
+    ``partition_sizes[g]`` elements per rank; this rank's partition is ``flats[g]``."""
     import deepspeed.comm as dist
 
-    flats, all_runs, params, coordinates = [], [], {}, set()
-    for g, group in enumerate(optimizer.round_robin_bit16_groups):
-        process_group = optimizer.real_dp_process_group[g]
-        rank, world = dist.get_rank(group=process_group), dist.get_world_size(group=process_group)
-        coordinates.add((rank, world))
-        partition_size = optimizer.partition_size[g]
+    all_runs, params, coordinates = [], {}, set()
+    for g, group in enumerate(groups):
+        rank = dist.get_rank(group=process_groups[g])
+        coordinates.add((rank, dist.get_world_size(group=process_groups[g])))
+        partition_size = partition_sizes[g]
         low, high = rank * partition_size, (rank + 1) * partition_size  # in the group's buffer
         runs = []
-        # The offsets DeepSpeed flattened the (possibly round-robin reordered) group at: the
-        # layout the flat partition's data follows.
-        for param, first in zip(group, optimizer.round_robin_bit16_offsets[g], strict=True):
+        for param, first in zip(group, offsets[g], strict=True):
             name, numel = _name(names, param), param.numel()
             ranks = _holders(first, numel, partition_size)
             params[name] = ParamLayout(numel, tuple(param.shape), ranks)
             begin, end = max(first, low), min(first + numel, high)
             if begin < end:
                 runs.append(Run(name, start=begin - first, offset=begin - low, length=end - begin))
-        if not optimizer.round_robin_gradients:
+        runs.sort(key=lambda run: run.offset)
+        if check_fragments:
             _check_fragments(runs, group, names)
-        flats.append(optimizer.single_partition_of_fp32_groups[g])
         all_runs.append(tuple(runs))
-    stage = 2 if optimizer.partition_gradients else 1
     return ZeroRuns(stage, *_one_group(coordinates), tuple(flats), tuple(all_runs), params)
 
 

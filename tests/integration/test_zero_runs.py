@@ -20,7 +20,11 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow  # torchrun: two processes
 
 WORKER = Path(__file__).with_name("zero_runs_worker.py")
-SETUPS = {"stage1": 1, "stage2": 2, "stage2rr": 2, "stage3": 3}  # label -> ZeRO stage
+# label -> ZeRO stage (the worker's setups: "rr" round-robin gradients, "bf16" bf16 parameters)
+SETUPS = {
+    "stage1": 1, "stage2": 2, "stage2rr": 2, "stage3": 3,
+    "stage1bf16": 1, "stage2bf16": 2, "stage3bf16": 3,
+}  # fmt: skip
 WORLD = 2
 
 
@@ -74,7 +78,16 @@ def test_ranks_agree_on_the_setup(records, label) -> None:
     assert rank0["stage"] == rank1["stage"] == SETUPS[label]
     assert rank0["world_size"] == rank1["world_size"] == WORLD
     assert rank0["params"] == rank1["params"]
-    assert rank0["step_calls"] == len(rank0["flat_numels"])  # one step() per flat tensor
+    assert sum(rank0["step_calls"]) == len(rank0["flat_numels"])  # each flat stepped once
+
+
+@pytest.mark.parametrize("label", SETUPS)
+def test_how_step_is_called(records, label) -> None:
+    # The ZeRO optimizers call step() once per group (sub-group under ZeRO-3), with param_groups
+    # cut to that group; bf16 ZeRO-1 with fp32 gradient accumulation calls it once for all.
+    groups = len(records[label][0]["flat_numels"])
+    expected = [groups] if label == "stage1bf16" else [1] * groups
+    assert records[label][0]["step_calls"] == expected
 
 
 @pytest.mark.parametrize("label", SETUPS)
@@ -104,7 +117,7 @@ def test_runs_of_a_flat_tensor_are_disjoint_and_inside_it(records, label) -> Non
             assert all(begin >= 0 and end <= numel for begin, end in spans)
 
 
-@pytest.mark.parametrize("label", ["stage1", "stage2", "stage2rr"])
+@pytest.mark.parametrize("label", ["stage1", "stage2", "stage2rr", "stage1bf16", "stage2bf16"])
 def test_a_parameter_straddles_the_two_ranks(records, label) -> None:
     params = records[label][0]["params"]
     assert any(layout["ranks"] == [0, 1] for layout in params.values())
@@ -119,10 +132,11 @@ def test_round_robin_reorders_the_partition(records) -> None:
     assert layout("stage2rr") != layout("stage2")
 
 
-def test_stage3_splits_every_parameter_over_both_ranks(records) -> None:
-    params = records["stage3"][0]["params"]
+@pytest.mark.parametrize("label", ["stage3", "stage3bf16"])
+def test_stage3_splits_every_parameter_over_both_ranks(records, label) -> None:
+    params = records[label][0]["params"]
     assert all(layout["ranks"] == [0, 1] for layout in params.values())
-    assert len(records["stage3"][0]["flat_numels"]) > 1  # several sub-groups
+    assert len(records[label][0]["flat_numels"]) > 1  # several sub-groups
 
 
 def prod(shape: list[int]) -> int:

@@ -8,7 +8,7 @@ the live tensors run here and stop the process on failure:
 - each run's flat view holds the parameter's values at ``[start, start + length)`` right after
   ``deepspeed.initialize``;
 - runs built twice are identical (and name the same flat tensors);
-- each ``step()`` of the client optimizer sees one group holding one of the described flat tensors.
+- each ``step()`` of the client optimizer sees groups each holding one described flat tensor.
 """
 
 from __future__ import annotations
@@ -22,8 +22,18 @@ import torch
 
 from omotool.optim.zero_runs import run_views, zero_runs
 
-# (label, stage, round_robin_gradients): round-robin reordering changes the ZeRO-1/2 layout.
-SETUPS = (("stage1", 1, False), ("stage2", 2, False), ("stage2rr", 2, True), ("stage3", 3, False))
+BF16 = {"bf16": {"enabled": True}}
+# label -> (ZeRO stage, config entries): round-robin reordering changes the ZeRO-1/2 layout;
+# bf16 under ZeRO-1 with fp32 gradient accumulation takes DeepSpeed's BF16_Optimizer instead.
+SETUPS = {
+    "stage1": (1, {}),
+    "stage2": (2, {}),
+    "stage2rr": (2, {"round_robin_gradients": True}),
+    "stage3": (3, {}),
+    "stage1bf16": (1, {**BF16, "data_types": {"grad_accum_dtype": "fp32"}}),
+    "stage2bf16": (2, BF16),
+    "stage3bf16": (3, BF16),
+}
 
 
 class TinyModel(torch.nn.Module):
@@ -66,9 +76,11 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": weights}, {"params": rest}]
 
 
-def check_stage(label: str, stage: int, round_robin: bool, out: Path) -> None:
+def check_setup(label: str, out: Path) -> None:
     import deepspeed
 
+    stage, entries = SETUPS[label]
+    zero_entries = {k: v for k, v in entries.items() if k == "round_robin_gradients"}
     torch.manual_seed(0)
     model = TinyModel()
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
@@ -78,9 +90,10 @@ def check_stage(label: str, stage: int, round_robin: bool, out: Path) -> None:
         "zero_optimization": {
             "stage": stage,
             "sub_group_size": 40,  # several ZeRO-3 sub-groups
-            "round_robin_gradients": round_robin,
+            **zero_entries,
         },
         "zero_allow_untested_optimizer": True,
+        **{k: v for k, v in entries.items() if k not in zero_entries},
     }
     optimizer = RecordingSGD(param_groups(model))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -91,8 +104,10 @@ def check_stage(label: str, stage: int, round_robin: bool, out: Path) -> None:
         assert flat.dtype == torch.float32 and flat.dim() == 1
         for run, view in run_views(flat, flat_runs):
             whole = before[run.name].reshape(-1)
+            if "bf16" in entries:  # the fp32 master copy of the bf16 parameter
+                whole = whole.to(torch.bfloat16).float()
             expected = whole[run.start : run.start + run.length]
-            assert torch.equal(view, expected), f"stage {stage}: {run} holds other values"
+            assert torch.equal(view, expected), f"{label}: {run} holds other values"
             assert view.data_ptr() == flat[run.offset :].data_ptr(), "a copy, not a view"
 
     again = zero_runs(engine.optimizer, engine.module.named_parameters())
@@ -106,8 +121,9 @@ def check_stage(label: str, stage: int, round_robin: bool, out: Path) -> None:
     assert optimizer.calls, "the client optimizer was never stepped"
     for call in optimizer.calls:
         handed = [tensors for tensors in call if tensors]
-        assert len(handed) == 1 and len(handed[0]) == 1, f"stage {stage}: one flat per step()"
-        runs.of(handed[0][0])  # raises when not a described flat tensor
+        assert all(len(tensors) == 1 for tensors in handed), f"{label}: one flat per group"
+        for tensors in handed:
+            runs.of(tensors[0])  # raises when not a described flat tensor
 
     record = {
         "stage": runs.stage,
@@ -116,7 +132,7 @@ def check_stage(label: str, stage: int, round_robin: bool, out: Path) -> None:
         "flat_numels": [flat.numel() for flat in runs.flats],
         "runs": [[vars(run) for run in flat_runs] for flat_runs in runs.runs],
         "params": {name: vars(layout) for name, layout in runs.params.items()},
-        "step_calls": len(optimizer.calls),
+        "step_calls": [sum(1 for tensors in call if tensors) for call in optimizer.calls],
     }
     (out / f"{label}-rank{runs.rank}.json").write_text(json.dumps(record, indent=1))
     engine.destroy()
@@ -129,8 +145,8 @@ def main() -> None:
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="gloo")
-    for label, stage, round_robin in SETUPS:
-        check_stage(label, stage, round_robin, out)
+    for label in SETUPS:
+        check_setup(label, out)
     dist.barrier()
     dist.destroy_process_group()
 
