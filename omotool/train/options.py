@@ -279,6 +279,11 @@ class TrainOptions:
         False, "Shard parameters, gradients and optimizer state across GPUs (FSDP2).", DEVICES,
         trl=("fsdp", "fsdp_config"),
     )  # fmt: skip
+    deepspeed: str | None = _opt(
+        None, "DeepSpeed ZeRO: zero1, zero2, zero3 (shipped configs) or a JSON/YAML config "
+        "without an optimizer block (omotool provides it); with --merge none for now.", DEVICES,
+        trl=("deepspeed",),
+    )  # fmt: skip
 
 
 def train_options() -> dict[str, TrainOption]:

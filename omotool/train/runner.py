@@ -25,7 +25,14 @@ import yaml
 from omotool.errors import InputError, OutputError, UsageError
 from omotool.io.formats import fsync_path, write_text_atomic
 from omotool.train.algorithms import ALGORITHMS
-from omotool.train.arguments import MERGES, TrainConfig, optimizer_options, trl_arguments
+from omotool.train.arguments import (
+    MERGES,
+    TrainConfig,
+    deepspeed_config,
+    deepspeed_stage,
+    optimizer_options,
+    trl_arguments,
+)
 from omotool.train.checkpoints import (
     CHECKPOINT,
     STAGING,
@@ -178,9 +185,13 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     algorithm = ALGORITHMS.get(config.algo)
     output = Path(config.out)
     arguments = trl_arguments(config, output)  # TRL's own checks, before any data or model
+    if config.deepspeed:
+        _init_deepspeed_comm()
     with _loading(config.model):  # its config.json: a wrong --model fails before anything runs
         AutoConfig.from_pretrained(config.model)
     start = resume_point(config, output) if config.resume else None
+    if start is not None:
+        check_deepspeed_resume(config, start)
     specs = parse_rewards(config.reward, config.reward_model) if algorithm.online else []
     # Verifiers and Python functions first (an import error before any data or model is read),
     # reward models once the data are checked; all before the policy loads.
@@ -263,6 +274,15 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     return result
 
 
+def _init_deepspeed_comm() -> None:
+    """DeepSpeed's communication over the process group accelerate set up: ZeRO-3 partitions
+    the model as it loads (``deepspeed.zero.Init``), which reads the world size from it, and
+    accelerate initialises it only for GPU processes."""
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
 @contextlib.contextmanager
 def _loading(model: str) -> Iterator[None]:
     """transformers' errors for a ``--model`` it cannot load, as an ``InputError``."""
@@ -290,9 +310,11 @@ def _save_final_model(trainer: Any, tokenizer: Any, output: Path) -> None:
 
 
 def _resolved_backend(optimizer: Any) -> str | None:
-    """``OnlineMergingAdamW.resolved_backend`` under accelerate's wrapper (None: no step)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return getattr(inner, "resolved_backend", None) if inner is not None else None
+    """``OnlineMergingAdamW.resolved_backend`` under accelerate's wrapper and DeepSpeed's ZeRO
+    optimizer (None: no step)."""
+    while optimizer is not None and not hasattr(optimizer, "resolved_backend"):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None if optimizer is None else optimizer.resolved_backend
 
 
 def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
@@ -326,6 +348,7 @@ def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
         "dataset": str(Path(config.dataset).absolute()),
         "seed": config.seed,
         "optimizer_backend": result.optimizer_backend,
+        "deepspeed": _deepspeed_metadata(config),
         "steps": result.steps,
         "resumed_from": result.resumed_from,
         "examples": {
@@ -336,6 +359,52 @@ def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
         "final_metrics": result.metrics,
         "config": asdict(config),
     }
+
+
+def _deepspeed_metadata(config: TrainConfig) -> dict[str, Any] | None:
+    """The DeepSpeed config a run used, its ZeRO stage and the processes it ran on."""
+    settings = deepspeed_config(config)
+    if settings is None:
+        return None
+    return {
+        "config": config.deepspeed,
+        "zero_stage": deepspeed_stage(settings),
+        "world_size": _world_size(),
+        "settings": settings,
+    }
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_deepspeed_resume(config: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to resume a DeepSpeed checkpoint on another number of processes or another ZeRO
+    stage: its optimizer state is partitioned per process (``zero_pp_rank_R_*``), and under
+    ZeRO-3 the model too (``zero_pp_rank_R_*_model_states.pt``)."""
+    settings = deepspeed_config(config)
+    if settings is None:
+        return
+    saved = sorted(checkpoint.glob("global_step*"))
+    if not saved:
+        raise InputError(
+            f"--resume --deepspeed {config.deepspeed}: {checkpoint} holds no DeepSpeed "
+            "checkpoint (no global_step* folder)."
+        )
+    ranks = len(list(saved[-1].glob("zero_pp_rank_*_optim_states.pt")))
+    if ranks != _world_size():
+        raise UsageError(
+            f"--resume: {checkpoint} was saved by {ranks} DeepSpeed processes, this run has "
+            f"{_world_size()}; resume on {ranks} processes (the optimizer state is "
+            "partitioned per process)."
+        )
+    saved_zero3 = any(saved[-1].glob("zero_pp_rank_*_model_states.pt"))
+    if saved_zero3 != (deepspeed_stage(settings) == 3):
+        was = "ZeRO-3" if saved_zero3 else "ZeRO-1/2"
+        raise UsageError(
+            f"--resume: {checkpoint} was saved under {was}, --deepspeed {config.deepspeed} is "
+            f"ZeRO-{deepspeed_stage(settings)}; resume with the run's own DeepSpeed config."
+        )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

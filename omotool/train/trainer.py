@@ -48,10 +48,14 @@ def online_merging_trainer(
                 source = self.model if model is None else model
                 decay = set(self.get_decay_parameter_names(source))
                 named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
+                # DeepSpeed ZeRO steps the optimizer on flat partitions it swaps into each
+                # group, so names would not match them: unnamed (no merging, refused there).
+                entry = (lambda n, p: p) if self.is_deepspeed_enabled else (lambda n, p: (n, p))
                 groups = [
-                    {"params": [(n, p) for n, p in named if n in decay],
+                    {"params": [entry(n, p) for n, p in named if n in decay],
                      "weight_decay": self.args.weight_decay},
-                    {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
+                    {"params": [entry(n, p) for n, p in named if n not in decay],
+                     "weight_decay": 0.0},
                 ]  # fmt: skip
                 self.optimizer = OnlineMergingAdamW(
                     [group for group in groups if group["params"]],
@@ -68,6 +72,8 @@ def online_merging_trainer(
             # step (to clip and log it); handed over, it spares the optimizer its own read
             # of every gradient for NaN/inf (OnlineMergingAdamW.note_grad_norm).
             grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+            if self.is_deepspeed_enabled:  # DeepSpeed has stepped already, on its own norm
+                return grad_norm
             optimizer = self.optimizer
             while optimizer is not None and not hasattr(optimizer, "note_grad_norm"):
                 optimizer = getattr(optimizer, "optimizer", None)  # accelerate's wrapper
