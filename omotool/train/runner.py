@@ -184,14 +184,14 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     config.validate()
     algorithm = ALGORITHMS.get(config.algo)
     output = Path(config.out)
+    start = resume_point(config, output) if config.resume else None
+    if start is not None:
+        check_deepspeed_resume(config, start)
     arguments = trl_arguments(config, output)  # TRL's own checks, before any data or model
     if config.deepspeed:
         _init_deepspeed_comm()
     with _loading(config.model):  # its config.json: a wrong --model fails before anything runs
         AutoConfig.from_pretrained(config.model)
-    start = resume_point(config, output) if config.resume else None
-    if start is not None:
-        check_deepspeed_resume(config, start)
     specs = parse_rewards(config.reward, config.reward_model) if algorithm.online else []
     # Verifiers and Python functions first (an import error before any data or model is read),
     # reward models once the data are checked; all before the policy loads.
