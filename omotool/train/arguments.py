@@ -182,6 +182,12 @@ def check_deepspeed(config: TrainConfig) -> None:
         )
     if importlib.util.find_spec("deepspeed") is None:
         raise UsageError(f"{given} needs DeepSpeed: pip install 'omotool[deepspeed]'")
+    if "WORLD_SIZE" not in os.environ:
+        raise UsageError(
+            f"{given} partitions the run over processes a launcher starts: run "
+            "`torchrun --nproc_per_node N -m omotool train ...` (N=1 for one process), or "
+            "`accelerate launch`."
+        )
 
 
 def check_optimizer_backend(config: TrainConfig) -> None:

@@ -1,8 +1,9 @@
-"""`omotool train --deepspeed` as 2 CPU processes under torchrun (gloo, DS_ACCELERATOR=cpu).
+"""`omotool train --deepspeed` as CPU processes under torchrun (gloo, DS_ACCELERATOR=cpu).
 
-ZeRO-2 and ZeRO-3 runs with `--merge none` end where the same run in one process without
-DeepSpeed ends, save a model folder transformers loads, and a ZeRO-3 run resumed from its
-checkpoint ends bit-identical to the uninterrupted one. (The first DeepSpeed use on a machine
+ZeRO-1 in one process is the run without DeepSpeed bit for bit; ZeRO-2 and ZeRO-3 runs in 2
+processes with `--merge none` end where the same run in one process without DeepSpeed ends,
+save a model folder transformers loads, and a ZeRO-3 run resumed from its checkpoint ends
+bit-identical to the uninterrupted one. (The first DeepSpeed use on a machine
 compiles a C++ communication op, about a minute, cached in ~/.cache/torch_extensions.)
 """
 
@@ -50,13 +51,13 @@ def command_line(config: TrainConfig) -> list[str]:
 
 
 def train(config: TrainConfig, processes: int = 2) -> subprocess.CompletedProcess:
-    """``config`` trained by ``processes`` CPU processes under torchrun (or one, without)."""
+    """``config`` trained by ``processes`` CPU processes under torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     launcher = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
         str(processes), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
     ]  # fmt: skip
-    command = [*(launcher if processes > 1 else [sys.executable]), "-m", "omotool", "train"]
+    command = [*launcher, "-m", "omotool", "train"]
     return subprocess.run(
         [*command, *command_line(config)], env=env, capture_output=True, text=True, timeout=300
     )
@@ -108,6 +109,20 @@ def assert_matches_one_process(out: Path, one_process: dict[str, torch.Tensor]) 
         torch.testing.assert_close(param, one_process[name], rtol=1e-4, atol=1e-5)
 
 
+def test_zero1_in_one_process_is_the_plain_run_bit_for_bit(llama_pair, tmp_path, one_process):
+    """One process: no gradient is reduced, and the optimizer's step on DeepSpeed's flat
+    partition is elementwise the same as on each parameter."""
+    config = TrainConfig(
+        model=str(llama_pair[1]), dataset=str(PREFS), out=str(tmp_path), deepspeed="zero1",
+        **SETTINGS,
+    )  # fmt: skip
+    done = train(config, processes=1)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((tmp_path / "omotool.json").read_text())["deepspeed"]["zero_stage"] == 1
+    for name, param in parameters(tmp_path).items():
+        assert torch.equal(param, one_process[name]), name
+
+
 def test_zero2_matches_one_process(llama_pair, tmp_path, one_process) -> None:
     two_process_run(llama_pair, tmp_path / "zero2", stage=2)
     assert_matches_one_process(tmp_path / "zero2", one_process)
@@ -133,5 +148,5 @@ def test_zero3_matches_one_process_and_resumes_bit_exactly(
         assert torch.equal(param, uninterrupted[name]), name
     # Its optimizer state is partitioned over 2 processes: one process may not resume it.
     alone = train(resumed, processes=1)
-    assert alone.returncode == 2, alone.stderr[-3000:]
+    assert alone.returncode != 0, alone.stderr[-3000:]  # torchrun's code for a failed rank
     assert "saved by 2 DeepSpeed processes, this run has 1" in alone.stdout + alone.stderr

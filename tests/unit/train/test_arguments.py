@@ -441,8 +441,16 @@ def test_command_line_reads_tau_clip_none_and_missing(cli, tmp_path) -> None:
 
 
 # -- --deepspeed ---------------------------------------------------------------------------
+@pytest.fixture
+def launched(monkeypatch) -> None:
+    """As under torchrun with 2 processes."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_shipped_deepspeed_configs_leave_the_optimizer_to_omotool(tmp_path, stage) -> None:
+def test_shipped_deepspeed_configs_leave_the_optimizer_to_omotool(
+    launched, tmp_path, stage
+) -> None:
     from omotool.train.arguments import TRL_VALUES, deepspeed_config, deepspeed_stage
 
     config = train_config(tmp_path, deepspeed=f"zero{stage}")
@@ -458,7 +466,7 @@ def test_shipped_deepspeed_configs_leave_the_optimizer_to_omotool(tmp_path, stag
     assert TRL_VALUES["deepspeed"](train_config(tmp_path)) == {}
 
 
-def test_a_deepspeed_config_file_in_json_or_yaml(tmp_path) -> None:
+def test_a_deepspeed_config_file_in_json_or_yaml(launched, tmp_path) -> None:
     from omotool.train.arguments import deepspeed_config
 
     written = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
@@ -502,7 +510,7 @@ def test_a_deepspeed_config_file_in_json_or_yaml(tmp_path) -> None:
     ],
     ids=["optimizer", "scheduler", "offload", "zero3-unsaved", "fsdp", "dare", "ties"],
 )
-def test_deepspeed_refusals_name_what_to_do(tmp_path, settings, options, message) -> None:
+def test_deepspeed_refusals_name_what_to_do(launched, tmp_path, settings, options, message) -> None:
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(settings))
     with pytest.raises(UsageError, match=re.escape(message)) as refused:
@@ -510,13 +518,13 @@ def test_deepspeed_refusals_name_what_to_do(tmp_path, settings, options, message
     assert refused.value.exit_code == 2
 
 
-def test_offload_to_none_is_no_offload(tmp_path) -> None:
+def test_offload_to_none_is_no_offload(launched, tmp_path) -> None:
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "none"}}}))
     train_config(tmp_path, deepspeed=str(path)).validate()
 
 
-def test_an_unreadable_deepspeed_config_is_named(tmp_path) -> None:
+def test_an_unreadable_deepspeed_config_is_named(launched, tmp_path) -> None:
     missing = tmp_path / "absent.json"
     with pytest.raises(InputError, match=re.escape(f"cannot read {missing}")):
         train_config(tmp_path, deepspeed=str(missing)).validate()
@@ -532,7 +540,7 @@ def test_an_unreadable_deepspeed_config_is_named(tmp_path) -> None:
         train_config(tmp_path, deepspeed=str(listed)).validate()
 
 
-def test_deepspeed_not_installed_says_how_to_install(tmp_path, monkeypatch) -> None:
+def test_deepspeed_not_installed_says_how_to_install(launched, tmp_path, monkeypatch) -> None:
     import importlib.util
 
     find_spec = importlib.util.find_spec
@@ -541,4 +549,10 @@ def test_deepspeed_not_installed_says_how_to_install(tmp_path, monkeypatch) -> N
         find_spec(name, *a),
     )  # fmt: skip
     with pytest.raises(UsageError, match=re.escape("pip install 'omotool[deepspeed]'")):
+        train_config(tmp_path, deepspeed="zero2").validate()
+
+
+def test_deepspeed_needs_a_launcher(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(UsageError, match=re.escape("torchrun --nproc_per_node N -m omotool")):
         train_config(tmp_path, deepspeed="zero2").validate()
