@@ -110,7 +110,7 @@ def prepare_output(output: Path, overwrite: bool) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
-CONFIG_FILE, METADATA_FILE = "config.yaml", "omotool.json"
+CONFIG_FILE, METADATA_FILE, DEEPSPEED_FILE = "config.yaml", "omotool.json", "deepspeed.json"
 # Options that may change between a run and its resumption without changing its trajectory.
 RESUMABLE = {"resume", "overwrite", "report_to", "logging_steps", "save_total_limit", "save_steps"}
 
@@ -217,6 +217,9 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         if start is None:
             prepare_output(output, config.overwrite)
         write_text_atomic(output / CONFIG_FILE, yaml.safe_dump(asdict(config), sort_keys=False))
+        if start is None and config.deepspeed:  # what a resumption must match
+            record = json.dumps(deepspeed_record(config), indent=2)
+            write_text_atomic(output / DEEPSPEED_FILE, record)
         if start is not None:
             _truncate_metrics(metrics_path, int(CHECKPOINT.match(start.name).group(1)))
 
@@ -348,7 +351,7 @@ def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
         "dataset": str(Path(config.dataset).absolute()),
         "seed": config.seed,
         "optimizer_backend": result.optimizer_backend,
-        "deepspeed": _deepspeed_metadata(config),
+        "deepspeed": deepspeed_record(config),
         "steps": result.steps,
         "resumed_from": result.resumed_from,
         "examples": {
@@ -361,8 +364,9 @@ def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
     }
 
 
-def _deepspeed_metadata(config: TrainConfig) -> dict[str, Any] | None:
-    """The DeepSpeed config a run used, its ZeRO stage and the processes it ran on."""
+def deepspeed_record(config: TrainConfig) -> dict[str, Any] | None:
+    """The DeepSpeed config a run uses, its ZeRO stage and its number of processes (saved in
+    ``OUT/deepspeed.json`` when the run starts, and in ``omotool.json``); None without."""
     settings = deepspeed_config(config)
     if settings is None:
         return None
@@ -379,31 +383,35 @@ def _world_size() -> int:
 
 
 def check_deepspeed_resume(config: TrainConfig, checkpoint: Path) -> None:
-    """Refuse to resume a DeepSpeed checkpoint on another number of processes or another ZeRO
-    stage: its optimizer state is partitioned per process (``zero_pp_rank_R_*``), and under
-    ZeRO-3 the model too (``zero_pp_rank_R_*_model_states.pt``)."""
-    settings = deepspeed_config(config)
-    if settings is None:
+    """Refuse to resume a DeepSpeed run on another number of processes or under another ZeRO
+    stage (as ``OUT/deepspeed.json`` recorded them): its optimizer state is partitioned per
+    process, and under ZeRO-3 the model too."""
+    current = deepspeed_record(config)
+    if current is None:
         return
-    saved = sorted(checkpoint.glob("global_step*"))
-    if not saved:
+    if not any(checkpoint.glob("global_step*")):
         raise InputError(
             f"--resume --deepspeed {config.deepspeed}: {checkpoint} holds no DeepSpeed "
             "checkpoint (no global_step* folder)."
         )
-    ranks = len(list(saved[-1].glob("zero_pp_rank_*_optim_states.pt")))
-    if ranks != _world_size():
+    path = checkpoint.parent / DEEPSPEED_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"--resume: cannot read {path}, the run's DeepSpeed record ({exc})."
+        ) from exc
+    if saved["world_size"] != current["world_size"]:
         raise UsageError(
-            f"--resume: {checkpoint} was saved by {ranks} DeepSpeed processes, this run has "
-            f"{_world_size()}; resume on {ranks} processes (the optimizer state is "
-            "partitioned per process)."
+            f"--resume: the run in {checkpoint.parent} was made by {saved['world_size']} "
+            f"DeepSpeed processes, this one has {current['world_size']}; resume on "
+            f"{saved['world_size']} processes (the optimizer state is partitioned per process)."
         )
-    saved_zero3 = any(saved[-1].glob("zero_pp_rank_*_model_states.pt"))
-    if saved_zero3 != (deepspeed_stage(settings) == 3):
-        was = "ZeRO-3" if saved_zero3 else "ZeRO-1/2"
+    if saved["zero_stage"] != current["zero_stage"]:
         raise UsageError(
-            f"--resume: {checkpoint} was saved under {was}, --deepspeed {config.deepspeed} is "
-            f"ZeRO-{deepspeed_stage(settings)}; resume with the run's own DeepSpeed config."
+            f"--resume: the run in {checkpoint.parent} was made under ZeRO-{saved['zero_stage']}"
+            f", --deepspeed {config.deepspeed} is ZeRO-{current['zero_stage']}; resume under "
+            "the run's own ZeRO stage."
         )
 
 

@@ -88,6 +88,7 @@ def two_process_run(llama_pair, out: Path, stage: int) -> TrainConfig:
     record = json.loads((out / "omotool.json").read_text())
     assert record["steps"] == 3
     assert record["deepspeed"]["zero_stage"] == stage and record["deepspeed"]["world_size"] == 2
+    assert json.loads((out / "deepspeed.json").read_text()) == record["deepspeed"]
     # OnlineMergingAdamW stepped DeepSpeed's flat partitions (the CPU backend ran)
     assert record["optimizer_backend"] == "cpu"
     return config
@@ -149,4 +150,4 @@ def test_zero3_matches_one_process_and_resumes_bit_exactly(
     # Its optimizer state is partitioned over 2 processes: one process may not resume it.
     alone = train(resumed, processes=1)
     assert alone.returncode != 0, alone.stderr[-3000:]  # torchrun's code for a failed rank
-    assert "saved by 2 DeepSpeed processes, this run has 1" in alone.stdout + alone.stderr
+    assert "made by 2 DeepSpeed processes, this one has 1" in alone.stdout + alone.stderr
