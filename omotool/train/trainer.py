@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from omotool.errors import UsageError
 from omotool.io.formats import fsync_path
 from omotool.train.checkpoints import STAGING, rotate_checkpoints
 
@@ -49,7 +50,12 @@ def online_merging_trainer(
                 decay = set(self.get_decay_parameter_names(source))
                 named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
                 # DeepSpeed ZeRO steps the optimizer on flat partitions it swaps into each
-                # group, so names would not match them: unnamed (no merging, refused there).
+                # group, so names would not match them: unnamed, and merging is refused.
+                if self.is_deepspeed_enabled and options.get("method", "dare") != "none":
+                    raise UsageError(
+                        "online merging under DeepSpeed is not supported yet; use "
+                        "method='none', or FSDP2."
+                    )
                 entry = (lambda n, p: p) if self.is_deepspeed_enabled else (lambda n, p: (n, p))
                 groups = [
                     {"params": [entry(n, p) for n, p in named if n in decay],
