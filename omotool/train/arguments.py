@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from omotool.config import check_declared, default_of, flag
-from omotool.errors import InputError, OmoError, UsageError
+from omotool.errors import OmoError, UsageError
 from omotool.train.algorithms import ALGORITHMS
+from omotool.train.deepspeed import check_deepspeed, deepspeed_config
 from omotool.train.options import (
     LOSS_TYPES,
     LR_SCHEDULERS,
@@ -109,85 +108,6 @@ def _check_combinations(config: TrainConfig) -> None:
         raise UsageError("--max-steps must be -1 (train for --epochs) or at least 1.")
     if config.eval_steps is not None and not config.eval_dataset:
         raise UsageError("--eval-steps needs --eval-dataset.")
-
-
-# --deepspeed zero1 / zero2 / zero3: the configs shipped in the repository's recipes/deepspeed/.
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
-DEEPSPEED_STAGES = ("zero1", "zero2", "zero3")
-
-
-def deepspeed_config(config: TrainConfig) -> dict[str, Any] | None:
-    """The DeepSpeed config ``--deepspeed`` names (a shipped stage or a JSON/YAML file), as the
-    mapping handed to TRL's ``deepspeed`` field; None without ``--deepspeed``."""
-    if config.deepspeed is None:
-        return None
-    name = config.deepspeed
-    path = DEEPSPEED_CONFIGS / f"{name}.json" if name in DEEPSPEED_STAGES else Path(name)
-    try:
-        loaded = yaml.safe_load(path.read_text())  # YAML reads JSON too
-    except OSError as exc:
-        raise InputError(
-            f"--deepspeed {name}: cannot read {path} ({exc.strerror or exc}); give a DeepSpeed "
-            f"JSON/YAML config or one of {', '.join(DEEPSPEED_STAGES)}."
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"--deepspeed {name}: {path} is not valid JSON or YAML ({exc}).") from exc
-    if not isinstance(loaded, dict):
-        raise InputError(f"--deepspeed {name}: {path} must hold a mapping (a DeepSpeed config).")
-    return loaded
-
-
-def deepspeed_stage(settings: dict[str, Any]) -> int:
-    """The ZeRO stage of a DeepSpeed config (0 when it has none)."""
-    return int((settings.get("zero_optimization") or {}).get("stage", 0))
-
-
-def check_deepspeed(config: TrainConfig) -> None:
-    """Refuse a ``--deepspeed`` run that would not train with omotool's optimizer as given:
-    another optimizer or schedule from the DeepSpeed config, an offloaded optimizer (accelerate
-    would replace the client optimizer by DeepSpeedCPUAdam), FSDP as well, or online merging
-    (the optimizer does not yet merge DeepSpeed's flat partitions)."""
-    settings = deepspeed_config(config)
-    if settings is None:
-        return
-    given = f"--deepspeed {config.deepspeed}"
-    if config.fsdp:
-        raise UsageError(f"{given} and --fsdp both shard the model: choose one of them.")
-    if config.merge != "none":
-        raise UsageError(
-            f"--merge {config.merge} with {given}: online merging under DeepSpeed is not "
-            "supported yet; use --merge none, or FSDP2 with --fsdp."
-        )
-    if "optimizer" in settings:
-        raise UsageError(
-            f"{given} has an optimizer block: omotool provides the optimizer: remove the "
-            "optimizer block (--lr and --weight-decay set it)."
-        )
-    if "scheduler" in settings:
-        raise UsageError(
-            f"{given} has a scheduler block: omotool sets the schedule: remove the scheduler "
-            "block (--lr-scheduler and --warmup-steps set it)."
-        )
-    zero = settings.get("zero_optimization") or {}
-    if str((zero.get("offload_optimizer") or {}).get("device", "none")).lower() != "none":
-        raise UsageError(
-            f"{given} has zero_optimization.offload_optimizer: an offloaded optimizer would be "
-            "replaced by DeepSpeed's CPU Adam, not omotool's; it is not supported yet, remove "
-            "offload_optimizer."
-        )
-    if deepspeed_stage(settings) == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
-        raise UsageError(
-            f"{given} is ZeRO-3 without stage3_gather_16bit_weights_on_model_save: the final "
-            "model would be saved as partitions, not as a model folder; set it to true."
-        )
-    if importlib.util.find_spec("deepspeed") is None:
-        raise UsageError(f"{given} needs DeepSpeed: pip install 'omotool[deepspeed]'")
-    if "WORLD_SIZE" not in os.environ:
-        raise UsageError(
-            f"{given} partitions the run over processes a launcher starts: run "
-            "`torchrun --nproc_per_node N -m omotool train ...` (N=1 for one process), or "
-            "`accelerate launch`."
-        )
 
 
 def check_optimizer_backend(config: TrainConfig) -> None:

@@ -25,19 +25,18 @@ import yaml
 from omotool.errors import InputError, OutputError, UsageError
 from omotool.io.formats import fsync_path, write_text_atomic
 from omotool.train.algorithms import ALGORITHMS
-from omotool.train.arguments import (
-    MERGES,
-    TrainConfig,
-    deepspeed_config,
-    deepspeed_stage,
-    optimizer_options,
-    trl_arguments,
-)
+from omotool.train.arguments import MERGES, TrainConfig, optimizer_options, trl_arguments
 from omotool.train.checkpoints import (
     CHECKPOINT,
     STAGING,
     Interrupt,
     checkpoints,
+)
+from omotool.train.deepspeed import (
+    DEEPSPEED_FILE,
+    check_deepspeed_resume,
+    deepspeed_record,
+    init_deepspeed_comm,
 )
 from omotool.train.rewards import load_reward, name_uniquely, parse_rewards, required_columns
 from omotool.train.trainer import metrics_callback, online_merging_trainer
@@ -110,7 +109,7 @@ def prepare_output(output: Path, overwrite: bool) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
-CONFIG_FILE, METADATA_FILE, DEEPSPEED_FILE = "config.yaml", "omotool.json", "deepspeed.json"
+CONFIG_FILE, METADATA_FILE = "config.yaml", "omotool.json"
 # Options that may change between a run and its resumption without changing its trajectory.
 RESUMABLE = {"resume", "overwrite", "report_to", "logging_steps", "save_total_limit", "save_steps"}
 
@@ -189,7 +188,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         check_deepspeed_resume(config, start)
     arguments = trl_arguments(config, output)  # TRL's own checks, before any data or model
     if config.deepspeed:
-        _init_deepspeed_comm()
+        init_deepspeed_comm()
     with _loading(config.model):  # its config.json: a wrong --model fails before anything runs
         AutoConfig.from_pretrained(config.model)
     specs = parse_rewards(config.reward, config.reward_model) if algorithm.online else []
@@ -277,15 +276,6 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     return result
 
 
-def _init_deepspeed_comm() -> None:
-    """DeepSpeed's communication over the process group accelerate set up: ZeRO-3 partitions
-    the model as it loads (``deepspeed.zero.Init``), which reads the world size from it, and
-    accelerate initialises it only for GPU processes."""
-    import deepspeed
-
-    deepspeed.init_distributed()
-
-
 @contextlib.contextmanager
 def _loading(model: str) -> Iterator[None]:
     """transformers' errors for a ``--model`` it cannot load, as an ``InputError``."""
@@ -362,57 +352,6 @@ def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
         "final_metrics": result.metrics,
         "config": asdict(config),
     }
-
-
-def deepspeed_record(config: TrainConfig) -> dict[str, Any] | None:
-    """The DeepSpeed config a run uses, its ZeRO stage and its number of processes (saved in
-    ``OUT/deepspeed.json`` when the run starts, and in ``omotool.json``); None without."""
-    settings = deepspeed_config(config)
-    if settings is None:
-        return None
-    return {
-        "config": config.deepspeed,
-        "zero_stage": deepspeed_stage(settings),
-        "world_size": _world_size(),
-        "settings": settings,
-    }
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_deepspeed_resume(config: TrainConfig, checkpoint: Path) -> None:
-    """Refuse to resume a DeepSpeed run on another number of processes or under another ZeRO
-    stage (as ``OUT/deepspeed.json`` recorded them): its optimizer state is partitioned per
-    process, and under ZeRO-3 the model too."""
-    current = deepspeed_record(config)
-    if current is None:
-        return
-    if not any(checkpoint.glob("global_step*")):
-        raise InputError(
-            f"--resume --deepspeed {config.deepspeed}: {checkpoint} holds no DeepSpeed "
-            "checkpoint (no global_step* folder)."
-        )
-    path = checkpoint.parent / DEEPSPEED_FILE
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(
-            f"--resume: cannot read {path}, the run's DeepSpeed record ({exc})."
-        ) from exc
-    if saved["world_size"] != current["world_size"]:
-        raise UsageError(
-            f"--resume: the run in {checkpoint.parent} was made by {saved['world_size']} "
-            f"DeepSpeed processes, this one has {current['world_size']}; resume on "
-            f"{saved['world_size']} processes (the optimizer state is partitioned per process)."
-        )
-    if saved["zero_stage"] != current["zero_stage"]:
-        raise UsageError(
-            f"--resume: the run in {checkpoint.parent} was made under ZeRO-{saved['zero_stage']}"
-            f", --deepspeed {config.deepspeed} is ZeRO-{current['zero_stage']}; resume under "
-            "the run's own ZeRO stage."
-        )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -4,13 +4,11 @@ config or the optimizer, or is refused before anything is loaded."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 
 import pytest
 from transformers import TrainingArguments
 
-from omotool.errors import InputError, OmoError, UsageError
+from omotool.errors import OmoError, UsageError
 from omotool.train.algorithms import ALGORITHMS, Algorithm
 from omotool.train.arguments import MERGES, TrainConfig, trl_arguments
 from omotool.train.options import train_options
@@ -438,121 +436,3 @@ def test_command_line_reads_tau_clip_none_and_missing(cli, tmp_path) -> None:
     result = cli("train", *common, "--missing", "skip", expect=2)
     assert "--missing 'skip': choose one of error, adamw" in " ".join(result.output.split())
     assert not out.exists()
-
-
-# -- --deepspeed ---------------------------------------------------------------------------
-@pytest.fixture
-def launched(monkeypatch) -> None:
-    """As under torchrun with 2 processes."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-
-
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_shipped_deepspeed_configs_leave_the_optimizer_to_omotool(
-    launched, tmp_path, stage
-) -> None:
-    from omotool.train.arguments import TRL_VALUES, deepspeed_config, deepspeed_stage
-
-    config = train_config(tmp_path, deepspeed=f"zero{stage}")
-    config.validate()
-    settings = deepspeed_config(config)
-    assert deepspeed_stage(settings) == stage
-    assert "optimizer" not in settings and "scheduler" not in settings
-    assert settings["zero_allow_untested_optimizer"] is True
-    assert settings["train_micro_batch_size_per_gpu"] == "auto"  # filled in from the options
-    zero = settings["zero_optimization"]
-    assert zero.get("stage3_gather_16bit_weights_on_model_save", False) is (stage == 3)
-    assert TRL_VALUES["deepspeed"](config) == {"deepspeed": settings}
-    assert TRL_VALUES["deepspeed"](train_config(tmp_path)) == {}
-
-
-def test_a_deepspeed_config_file_in_json_or_yaml(launched, tmp_path) -> None:
-    from omotool.train.arguments import deepspeed_config
-
-    written = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
-    (tmp_path / "ds.yaml").write_text(
-        "zero_optimization:\n  stage: 2\ntrain_micro_batch_size_per_gpu: auto\n"
-    )
-    (tmp_path / "ds.json").write_text(json.dumps(written))
-    for name in ("ds.yaml", "ds.json"):
-        config = train_config(tmp_path, deepspeed=str(tmp_path / name))
-        config.validate()
-        assert deepspeed_config(config) == written
-
-
-@pytest.mark.parametrize(
-    ("settings", "options", "message"),
-    [
-        (
-            {"optimizer": {"type": "AdamW"}},
-            {},
-            "omotool provides the optimizer: remove the optimizer block",
-        ),
-        ({"scheduler": {"type": "WarmupLR"}}, {}, "remove the scheduler block"),
-        (
-            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
-            {},
-            "zero_optimization.offload_optimizer",
-        ),
-        (
-            {"zero_optimization": {"stage": 3}},
-            {},
-            "set it to true",
-        ),  # stage3_gather_16bit_weights_on_model_save
-        ({}, {"fsdp": True}, "--fsdp both shard the model"),
-        (
-            {},
-            {"merge": "dare", "base": "b"},
-            "online merging under DeepSpeed is not supported "
-            "yet; use --merge none, or FSDP2 with --fsdp",
-        ),
-        ({}, {"merge": "ties", "task_vector": "t"}, "--merge ties with --deepspeed"),
-    ],
-    ids=["optimizer", "scheduler", "offload", "zero3-unsaved", "fsdp", "dare", "ties"],
-)
-def test_deepspeed_refusals_name_what_to_do(launched, tmp_path, settings, options, message) -> None:
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(settings))
-    with pytest.raises(UsageError, match=re.escape(message)) as refused:
-        train_config(tmp_path, deepspeed=str(path), **options).validate()
-    assert refused.value.exit_code == 2
-
-
-def test_offload_to_none_is_no_offload(launched, tmp_path) -> None:
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "none"}}}))
-    train_config(tmp_path, deepspeed=str(path)).validate()
-
-
-def test_an_unreadable_deepspeed_config_is_named(launched, tmp_path) -> None:
-    missing = tmp_path / "absent.json"
-    with pytest.raises(InputError, match=re.escape(f"cannot read {missing}")):
-        train_config(tmp_path, deepspeed=str(missing)).validate()
-    with pytest.raises(InputError, match="cannot read zero4 .* or one of zero1, zero2, zero3"):
-        train_config(tmp_path, deepspeed="zero4").validate()
-    broken = tmp_path / "broken.json"
-    broken.write_text('{"zero_optimization": {"stage": 2}')
-    with pytest.raises(InputError, match=re.escape(f"{broken} is not valid JSON or YAML")):
-        train_config(tmp_path, deepspeed=str(broken)).validate()
-    listed = tmp_path / "list.json"
-    listed.write_text("[1, 2]")
-    with pytest.raises(InputError, match="must hold a mapping"):
-        train_config(tmp_path, deepspeed=str(listed)).validate()
-
-
-def test_deepspeed_not_installed_says_how_to_install(launched, tmp_path, monkeypatch) -> None:
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else
-        find_spec(name, *a),
-    )  # fmt: skip
-    with pytest.raises(UsageError, match=re.escape("pip install 'omotool[deepspeed]'")):
-        train_config(tmp_path, deepspeed="zero2").validate()
-
-
-def test_deepspeed_needs_a_launcher(tmp_path, monkeypatch) -> None:
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(UsageError, match=re.escape("torchrun --nproc_per_node N -m omotool")):
-        train_config(tmp_path, deepspeed="zero2").validate()
