@@ -20,27 +20,14 @@ from typing import Any
 import torch
 
 from omotool.errors import InputError, OmoError, UsageError
-from omotool.merging import key_seed
-from omotool.optim import kernels, triton_backend
-from omotool.optim.cpu_backend import (
-    BatchEntry,
-    batched_step_,
-    batches,
-    fused_online_merging_adamw_,
-)
-from omotool.optim.distributed import Shard, any_rank, any_rank_on_device, local_tensors
-from omotool.optim.functional import (
-    MergeOptions,
-    StepStats,
-    Workspace,
-    online_merging_adamw_,
-    reference_tensor,
-)
+from omotool.optim import backends, kernels
+from omotool.optim.backends import Backend, TensorStep, resolve_backend
+from omotool.optim.distributed import any_rank, any_rank_on_device, local_tensors
+from omotool.optim.functional import MergeOptions, StepStats, Workspace, reference_tensor
 from omotool.optim.task_vector import FlatDelta, TaskVector
-from omotool.optim.torch_backend import sync_free_online_merging_adamw_
 
 NAN_POLICIES = ("skip", "raise")
-BACKENDS = ("auto", "reference", "cpu", "torch", "triton")
+BACKENDS = ("auto", *backends.BACKENDS.names())
 MISSING_POLICIES = ("error", "adamw")
 _FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "master", "cache")  # kept in float32 on load
 _PLAIN_ADAMW = MergeOptions(method="none")
@@ -51,36 +38,6 @@ _STATE_COMPONENT = {
 _MEMORY_COMPONENTS = (
     "moments", "steps", "master", "cache", "task_vector_values", "task_vector_indices",
 )  # fmt: skip
-
-
-@dataclasses.dataclass
-class TensorStep:
-    """One parameter's part of a step: tensors, state and settings (``_tensor_steps``)."""
-
-    name: str
-    local: torch.Tensor  # the parameter (this rank's shard)
-    work: torch.Tensor  # its float32 working copy: itself, its master, or a float32 copy
-    grad: torch.Tensor
-    shard: Shard | None
-    reference: FlatDelta | None  # T, or None (no merging for this tensor)
-    state: dict[str, Any]
-    adam: dict[str, float]  # lr, beta1, beta2, eps, weight_decay
-    options: MergeOptions  # the optimizer's, or plain AdamW where this tensor has no T
-
-    @property
-    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.state["exp_avg"], self.state["exp_avg_sq"]
-
-    @property
-    def low(self) -> torch.Tensor | None:
-        """The bf16/fp16 parameter that kernels write along with ``work``, or None when the
-        parameter is ``work`` itself."""
-        return self.local if self.work is not self.local else None
-
-    def write_back(self) -> None:
-        """Copy the working copy into the parameter when they differ (bf16/fp16)."""
-        if self.low is not None:
-            self.low.copy_(self.work)
 
 
 class GivenGradNorm:
@@ -228,8 +185,7 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         if backend not in BACKENDS:
             raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
         self.backend = backend
-        self._resolved_backend: str | None = None
-        self._applied_options = self.options  # as the resolved backend applies them
+        self._backend: Backend | None = None  # resolved by the first step
         self._workspace = Workspace()
         self._skipped_on_device: torch.Tensor | None = None  # the sync-free path's count
         self.skipped_steps = 0
@@ -267,42 +223,19 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------
     @property
     def resolved_backend(self) -> str:
-        """The backend ``step()`` uses (``backend``, with ``"auto"`` decided by the devices)."""
-        if self._resolved_backend is None:
-            self._resolved_backend = self._resolve_backend()
-            self._applied_options = self._options_applied_by(self._resolved_backend)
-        return self._resolved_backend
+        """The name of the backend ``step()`` uses (``backend``, with ``"auto"`` decided by
+        the devices)."""
+        return self._resolved().name
 
-    def _options_applied_by(self, backend: str) -> MergeOptions:
-        """``options`` as ``backend`` applies them: the ``cpu`` backend with its kernels on
-        draws OnDARE's masks by chunks (``dare_draw``) in every path, batched or not, so that
-        they do not depend on sharding or on which tensors are batched. Decided once, with
-        the backend."""
-        if backend == "cpu" and kernels.usable():
-            return dataclasses.replace(self.options, dare_draw="chunks")
-        return self.options
-
-    def _resolve_backend(self) -> str:
-        devices = {p.device for group in self.param_groups for p in group["params"]}
-        on_cpu = all(device.type == "cpu" for device in devices)
-        backend = self.backend
-        if backend == "auto":
-            # "triton" only on request until its kernels have been compiled and checked on a
-            # GPU (scripts/gpu-check.sh): they have run in Triton's interpreter alone so far.
-            return "cpu" if on_cpu else "torch"
-        if backend == "cpu" and not on_cpu:
-            raise UsageError(
-                "backend='cpu' runs on CPU tensors; the parameters are on "
-                f"{', '.join(sorted(str(d) for d in devices))}. Use backend='auto'."
-            )
-        if backend == "triton":
-            for device in devices:
-                triton_backend.check_usable(self.options, device)
-        return backend
+    def _resolved(self) -> Backend:
+        """The backend, resolved once from the parameters' devices (``resolve_backend``)."""
+        if self._backend is None:
+            devices = {p.device for group in self.param_groups for p in group["params"]}
+            self._backend = resolve_backend(self.backend, self.options, devices)
+        return self._backend
 
     def _tensor_steps(self) -> Iterator[TensorStep]:
         """Every parameter with a gradient, with its state, ``T`` and float32 working copy."""
-        applied = self._applied_options  # step() resolved the backend, which decides them
         for group in self.param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, param in zip(names, group["params"], strict=True):
@@ -322,59 +255,40 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
                     name or "", local, work, grad, shard, reference, state,
                     dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"]),
-                    applied if merges else _PLAIN_ADAMW,
+                    self.options if merges else _PLAIN_ADAMW,
                 )  # fmt: skip
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One step for every parameter with a gradient (all or none of them: see nan_policy)."""
-        backend = self.resolved_backend
-        if backend in ("torch", "triton"):
-            return self._device_step(closure, backend)
-        loss, finite = closure_and_check(self, closure)
-        if not finite:
-            return loss
-        stats = StepStats()
-        batch: list[tuple[BatchEntry, torch.Tensor]] = []  # tensors for one batched step
+        backend = self._resolved()
+        if backend.sync_free:
+            loss, keep = self._check_on_device(closure)
+        else:
+            loss, finite = closure_and_check(self, closure)
+            if not finite:
+                return loss
+            keep = None
         tensors = list(self._tensor_steps())
-        if tensors:  # every tensor's step count at once
-            torch._foreach_add_([t.state["step"] for t in tensors], 1.0)
-        for t in tensors:
-            grad, (m, v), cache = t.grad.float(), t.moments, t.state.get("cache")
-            if (
-                backend == "cpu"
-                and t.options.merges
-                and t.shard is None
-                and batches(self.options, t.reference, t.work, grad, m, v)
-            ):
-                entry = BatchEntry(
-                    t.name, t.work, grad, m, v, int(t.state["step"]), reference=t.reference,
-                    **t.adam,
-                )  # fmt: skip
-                batch.append((entry, t.local))
-                continue
-            hyper = dict(name=t.name, options=t.options, stats=stats, shard=t.shard, **t.adam)
-            if backend == "cpu":
-                fused_online_merging_adamw_(
-                    t.work, grad, m, v, t.state["step"], cache, t.reference, self._workspace,
-                    **hyper,
-                )  # fmt: skip
-            else:
-                online_merging_adamw_(
-                    t.work, grad, m, v, cache, t.reference, step=int(t.state["step"]), **hyper
-                )
-            t.write_back()
-        self._batched_step(batch, stats)
+        if tensors:  # every tensor's step count at once (a few multi-tensor launches)
+            counted = 1.0 if keep is None else keep.to(torch.float32)
+            torch._foreach_add_([t.step for t in tensors], counted)
+        if backend.sync_free:  # keys the masks and step-K's phase, skipped steps included
+            for t in tensors:
+                t.state["host_step"] = t.state.get("host_step", 0) + 1
+        stats = StepStats()
+        backend.step(tensors, keep=keep, stats=stats, workspace=self._workspace)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
-            self.last_stats = stats
+            self.last_stats = stats.select(keep, self.last_stats)
         return loss
 
-    def _device_step(self, closure: Any, backend: str) -> Any:
-        """``step`` on the ``torch`` or ``triton`` backend: nothing read on the host.
+    def _check_on_device(self, closure: Any) -> tuple[Any, torch.Tensor | None]:
+        """``(loss, keep)`` for a sync-free backend: nothing read on the host.
 
         A non-finite gradient is found on the device (``gradients_nonfinite``); under
-        ``nan_policy="skip"`` the step is then applied as no change (the device ``step``
-        stays, ``state["host_step"]``, which keys the masks and step-K's phase, moves on).
+        ``nan_policy="skip"`` the step is then applied as no change (``keep`` false: the
+        device ``step`` stays, ``state["host_step"]``, which keys the masks and step-K's
+        phase, moves on).
         """
         given = self._take_grad_norm(closure)
         loss = None
@@ -382,74 +296,16 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         nonfinite = gradients_nonfinite(self.param_groups, given)
-        keep = None
-        if nonfinite is not None:
-            if self.nan_policy == "raise":
-                if bool(nonfinite):  # the one read of this path: raising needs the host
-                    raise _non_finite_error()
-            else:
-                keep = ~nonfinite
-                skipped = nonfinite.to(torch.float64)
-                before = self._skipped_on_device
-                self._skipped_on_device = skipped if before is None else before + skipped
-        counted = None if keep is None else keep.to(torch.float32)
-        found_inf = None if keep is None else nonfinite.to(torch.float32)
-        stats = StepStats()
-        partials = triton_backend.StepPartials(self._workspace)
-        dare: dict[tuple, list[triton_backend.DareTensor]] = {}  # per group's hyper-parameters
-        ties: dict[tuple, list[triton_backend.TiesTensor]] = {}
-        tensors = list(self._tensor_steps())
-        steps = [t.state["step"] for t in tensors]
-        if steps:  # every tensor's device step at once (a few multi-tensor launches)
-            torch._foreach_add_(steps, 1.0 if counted is None else counted)
-        for t in tensors:
-            t.state["host_step"] = t.state.get("host_step", 0) + 1
-            common = dict(name=t.name, options=t.options, stats=stats, shard=t.shard, **t.adam)
-            if backend == "triton" and t.options.merges and t.options.method == "dare":
-                key = key_seed(t.options.seed, "update", t.state["host_step"], t.name)
-                dare.setdefault(tuple(t.adam.items()), []).append(
-                    triton_backend.DareTensor(
-                        t.work, t.low, t.grad.contiguous(),
-                        *t.moments, t.state["step"], t.reference, key,
-                        t.shard.offset if t.shard is not None else 0,
-                    )
-                )  # fmt: skip
-                continue  # stepped together below
-            if backend == "triton" and t.options.merges:  # OnTIES
-                ties.setdefault(tuple(t.adam.items()), []).append(
-                    triton_backend.TiesTensor(
-                        t.work, t.low, t.grad.contiguous(), *t.moments, t.state["step"],
-                        t.reference, t.shard,
-                    )
-                )  # fmt: skip
-                continue  # stepped together below
-            sync_free_online_merging_adamw_(
-                t.work, t.grad.float(), *t.moments, t.state["step"], t.state.get("cache"),
-                t.reference, self._workspace, host_step=t.state["host_step"], keep=keep,
-                **common,
-            )  # fmt: skip
-            t.write_back()
-        for adam, tensors in dare.items():
-            triton_backend.triton_dare_adamw_(
-                tensors, found_inf=found_inf, options=self.options, stats=stats,
-                partials=partials, **dict(adam),
-            )  # fmt: skip
-        for adam, tensors in ties.items():
-            triton_backend.triton_ties_adamw_(
-                tensors, self._workspace, found_inf=found_inf, options=self.options,
-                stats=stats, partials=partials, **dict(adam),
-            )  # fmt: skip
-        partials.fold(stats, self.options.alpha)
-        if stats.merged:  # plain steps of step-K leave the last merge's figures in place
-            self.last_stats = stats.select(keep, self.last_stats)
-        return loss
-
-    def _batched_step(self, batch: list[tuple[BatchEntry, torch.Tensor]], stats: StepStats):
-        """This step's batched tensors in a few kernel calls (``batched_step_``)."""
-        batched_step_([entry for entry, _ in batch], self.options, stats, self._workspace)
-        for entry, local in batch:
-            if entry.param is not local:
-                local.copy_(entry.param)
+        if nonfinite is None:
+            return loss, None
+        if self.nan_policy == "raise":
+            if bool(nonfinite):  # the one read of this path: raising needs the host
+                raise _non_finite_error()
+            return loss, None
+        skipped = nonfinite.to(torch.float64)
+        before = self._skipped_on_device
+        self._skipped_on_device = skipped if before is None else before + skipped
+        return loss, ~nonfinite
 
     def stats(self) -> dict[str, float]:
         """Metrics of the last merging step: kept and sign-conflict fractions, norms, skips."""
@@ -533,7 +389,7 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         state_dict = copy.copy(state_dict)
         extra = state_dict.pop("online_merging", None)
         if extra is not None:
-            saved = MergeOptions(**extra["options"])
+            saved = MergeOptions.from_saved(extra["options"])
             if saved != self.options:
                 raise InputError(
                     f"the checkpoint was made with merge options {saved}, this optimizer has "

@@ -222,7 +222,7 @@ class TrainConfig:
 def check_optimizer_backend(config: TrainConfig) -> None:
     """Refuse an unknown ``--optimizer-backend``, and ``triton`` where it cannot run this
     config (no Triton, no CUDA and no interpreter, step-K, the l1 rescale)."""
-    from omotool.optim import triton_backend
+    from omotool.optim.backends import triton as triton_backend
     from omotool.optim.functional import MergeOptions
     from omotool.optim.online_merging import BACKENDS
 

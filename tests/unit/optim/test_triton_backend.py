@@ -21,8 +21,8 @@ from omotool.optim import OnlineMergingAdamW
 from omotool.optim.functional import adam_direction
 
 triton = pytest.importorskip("triton")
-from omotool.optim import triton_backend  # noqa: E402
 from omotool.optim import triton_kernels as tk  # noqa: E402
+from omotool.optim.backends import triton as triton_backend  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or triton_backend.interpreting()),

@@ -1,7 +1,7 @@
 """The ``triton`` backend: online-merging AdamW steps in fused Triton kernels, many tensors
 per launch.
 
-The step of ``torch_backend.sync_free_online_merging_adamw_`` (no host synchronisation; the
+The step of the ``torch`` backend (``sync_free.sync_free_step_``) (no host synchronisation; the
 skip flag, the step count and the statistics stay on the device), in few passes:
 
 - OnDARE (``triton_dare_adamw_``): every tensor of a step in one launch
@@ -25,9 +25,11 @@ skip flag, the step count and the statistics stay on the device), in few passes:
 Under FSDP2 each rank steps its shard: DARE masks are keyed by global offsets, and the
 OnTIES histograms are summed over the ranks (``distributed.all_reduce_on_device``) with ties
 numbered across ranks, so the kept entries are those of the whole tensor.
-Unsupported here, refused by name (``unsupported``): step-K (``online_step > 1``) and the
-``l1`` rescale (whole-tensor norms). Tensors must be on a CUDA device,
-or on the CPU with ``TRITON_INTERPRET=1`` (Triton's interpreter: how tests run it).
+Unsupported here, refused by name at construction (``unsupported``): step-K
+(``online_step > 1``) and the ``l1`` rescale (whole-tensor norms). Tensors without merging
+(``missing="adamw"``, ``method="none"``) take the ``torch`` backend's step. Tensors must be on
+a CUDA device, or on the CPU with ``TRITON_INTERPRET=1`` (Triton's interpreter: how tests run
+it).
 """
 
 from __future__ import annotations
@@ -35,15 +37,18 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import replace
 
 import torch
 
 from omotool.errors import UsageError
 from omotool.merging import kept_count
-from omotool.optim.distributed import Shard, all_reduce_on_device, sum_over_lower_ranks
+from omotool.merging.sparsify import key_seed
+from omotool.optim.backends.base import Backend, TensorStep, by_hyper_parameters, register
+from omotool.optim.backends.sync_free import sync_free_step_
+from omotool.optim.distributed import all_reduce_on_device, sum_over_lower_ranks
 from omotool.optim.functional import MergeOptions, StepStats, Workspace
-from omotool.optim.task_vector import FlatDelta
 
 _DIGIT_BITS = (11, 10, 10)  # radix-select digits of |Δθ|'s 31 bits, most significant first
 _SHIFTS = tuple(31 - sum(_DIGIT_BITS[: i + 1]) for i in range(len(_DIGIT_BITS)))  # 20, 10, 0
@@ -140,26 +145,39 @@ def check_usable(options: MergeOptions, device: torch.device) -> None:
         raise UsageError(f"backend='triton' {reason}; use backend='auto'.")
 
 
-@dataclass
-class StepTensor:
-    """One tensor of a batched step: what the kernels read and write."""
+@register("triton", help="fused Triton kernels, many tensors per launch (CUDA)")
+class TritonBackend(Backend):
+    sync_free = True
+    rules = ("dare", "ties")
 
-    param: torch.Tensor  # float32 working copy
-    low: torch.Tensor | None  # the bf16/fp16 parameter also written, or None
-    grad: torch.Tensor  # contiguous
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-    step: torch.Tensor  # float32, on the device; already counts this step unless skipped
-    reference: FlatDelta | None  # T
+    def __init__(self, options: MergeOptions, devices: Collection[torch.device]) -> None:
+        super().__init__(options, devices)
+        for device in devices:
+            check_usable(options, device)
 
-
-@dataclass
-class DareTensor(StepTensor):
-    """One tensor of a batched OnDARE step (``triton_dare_adamw_``), with its mask ``key``
-    and the shard's global ``offset``."""
-
-    key: int = 0
-    offset: int = 0
+    def step(
+        self,
+        tensors: list[TensorStep],
+        *,
+        keep: torch.Tensor | None,
+        stats: StepStats,
+        workspace: Workspace,
+    ) -> None:
+        merging = []
+        for t in tensors:
+            if t.options.merges:  # the kernels read the gradients' memory: contiguous
+                merging.append(replace(t, grad=t.grad.contiguous()))
+            else:
+                sync_free_step_(t, t.grad.float(), keep, stats, workspace)
+                t.write_back()
+        found_inf = None if keep is None else (~keep).float()
+        partials = StepPartials(workspace)
+        for group in by_hyper_parameters(merging).values():
+            RULES[self.options.method](
+                group, workspace, found_inf=found_inf, options=self.options, stats=stats,
+                partials=partials, **group[0].adam,
+            )  # fmt: skip
+        partials.fold(stats, self.options.alpha)
 
 
 _GRAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -213,7 +231,8 @@ def _launch_tables(
 
 
 def triton_dare_adamw_(
-    tensors: list[DareTensor],
+    tensors: list[TensorStep],
+    workspace: Workspace,
     *,
     found_inf: torch.Tensor | None,
     lr: float,
@@ -235,11 +254,11 @@ def triton_dare_adamw_(
     if not tensors:
         return
     alpha = options.alpha
-    kinds: dict[tuple, list[DareTensor]] = defaultdict(list)
-    tau_kinds: dict[tuple, list[DareTensor]] = defaultdict(list)
+    kinds: dict[tuple, list[TensorStep]] = defaultdict(list)
+    tau_kinds: dict[tuple, list[TensorStep]] = defaultdict(list)
     for t in tensors:
         stats.merged = True
-        stats.entries += t.param.numel()
+        stats.entries += t.work.numel()
         dense = t.reference is not None and alpha > 0 and t.reference.indices is None
         kinds[(*_low_kind(t.low), dense, _GRAD_KINDS[t.grad.dtype])].append(t)
         if t.reference is not None and alpha > 0:
@@ -247,7 +266,7 @@ def triton_dare_adamw_(
             if t.reference.indices is not None and t.reference.values.numel():
                 index_64 = t.reference.indices.dtype == torch.int64
                 tau_kinds[(*_low_kind(t.low), index_64)].append(t)
-    device = tensors[0].param.device
+    device = tensors[0].work.device
     skip = found_inf if found_inf is not None else tensors[0].step
     scalars = dict(
         _adam_scalars(lr, beta1, beta2, eps),
@@ -260,12 +279,14 @@ def triton_dare_adamw_(
     for (has_low, low_bf16, dense, grad_kind), group in kinds.items():
         rows, blocks, first = [], [], 0
         for t in group:
-            n = t.param.numel()
-            tau = t.reference.values if dense else t.param
+            n = t.work.numel()
+            tau = t.reference.values if dense else t.work
+            exp_avg, exp_avg_sq = t.moments
             rows.append([
-                t.param.data_ptr(), (t.low if has_low else t.param).data_ptr(),
-                t.grad.data_ptr(), t.exp_avg.data_ptr(), t.exp_avg_sq.data_ptr(),
-                t.step.data_ptr(), tau.data_ptr(), n, t.offset, t.key, first,
+                t.work.data_ptr(), (t.low if has_low else t.work).data_ptr(),
+                t.grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
+                t.step.data_ptr(), tau.data_ptr(), n, t.shard.offset if t.shard else 0,
+                key_seed(options.seed, "update", t.host_step, t.name), first,
             ])  # fmt: skip
             blocks.append(tk.grid(n)[0])
             first += blocks[-1]
@@ -280,7 +301,7 @@ def triton_dare_adamw_(
         for t in group:
             count = t.reference.values.numel()
             rows.append([
-                t.param.data_ptr(), (t.low if has_low else t.param).data_ptr(),
+                t.work.data_ptr(), (t.low if has_low else t.work).data_ptr(),
                 t.reference.indices.data_ptr(), t.reference.values.data_ptr(), count, first,
             ])  # fmt: skip
             blocks.append(tk.grid(count)[0])
@@ -292,16 +313,8 @@ def triton_dare_adamw_(
         )  # fmt: skip
 
 
-@dataclass
-class TiesTensor(StepTensor):
-    """One tensor of a batched OnTIES step (``triton_ties_adamw_``), with its ``shard``
-    (FSDP2: the top-k is the whole tensor's)."""
-
-    shard: Shard | None = None
-
-
 def triton_ties_adamw_(
-    tensors: list[TiesTensor],
+    tensors: list[TensorStep],
     workspace: Workspace,
     *,
     found_inf: torch.Tensor | None,
@@ -327,22 +340,20 @@ def triton_ties_adamw_(
     kernels' statistics go to ``partials`` (``StepPartials.fold`` adds them to ``stats``);
     only the entry counts go to ``stats``.
     """
-    if options.method != "ties":
-        raise UsageError(f"triton_ties_adamw_ steps OnTIES, not {options.method!r}.")
     if not tensors:
         return
     # Batches must be the same on every rank (the select's collectives run per batch): they
     # are cut by the kinds and whole-tensor sizes, which every rank knows alike.
-    kinds: dict[tuple, list[TiesTensor]] = defaultdict(list)
+    kinds: dict[tuple, list[TensorStep]] = defaultdict(list)
     for t in tensors:
         stats.merged = True
-        stats.entries += t.param.numel()
+        stats.entries += t.work.numel()
         group = None if t.shard is None else t.shard.group
         kinds[(*_low_kind(t.low), _GRAD_KINDS[t.grad.dtype], id(group))].append(t)
     limit = max(_whole_numel(t) for t in tensors)
-    batches: list[list[TiesTensor]] = []
+    batches: list[list[TensorStep]] = []
     for group in kinds.values():
-        batch: list[TiesTensor] = []
+        batch: list[TensorStep] = []
         filled = 0
         for t in group:
             if batch and filled + _whole_numel(t) > limit:
@@ -351,8 +362,8 @@ def triton_ties_adamw_(
             batch.append(t)
             filled += _whole_numel(t)
         batches.append(batch)
-    capacity = max(sum(t.param.numel() for t in batch) for batch in batches)
-    update = workspace.take("update", capacity, torch.float32, tensors[0].param.device)
+    capacity = max(sum(t.work.numel() for t in batch) for batch in batches)
+    update = workspace.take("update", capacity, torch.float32, tensors[0].work.device)
     settings = dict(
         adam=_adam_scalars(lr, beta1, beta2, eps), found_inf=found_inf, partials=partials,
         decay=1.0 - lr * weight_decay,
@@ -363,9 +374,9 @@ def triton_ties_adamw_(
         _ties_batch(batch, update, workspace, **settings)
 
 
-def _whole_numel(t: TiesTensor) -> int:
+def _whole_numel(t: TensorStep) -> int:
     """Entries of the whole tensor (all shards)."""
-    return t.shard.numel if t.shard is not None else t.param.numel()
+    return t.shard.numel if t.shard is not None else t.work.numel()
 
 
 TIES_FIELDS = (
@@ -386,7 +397,7 @@ def _number_blocks(rows: list[dict[str, int]], blocks: list[int], key: str) -> N
 
 
 def _ties_batch(
-    batch: list[TiesTensor],
+    batch: list[TensorStep],
     update: torch.Tensor,
     workspace: Workspace,
     *,
@@ -406,21 +417,21 @@ def _ties_batch(
     from omotool.optim import triton_kernels as tk
 
     first = batch[0]
-    device = first.param.device
+    device = first.work.device
     has_low, low_bf16 = _low_kind(first.low)
     fields: list[dict[str, int]] = []
     blocks: list[int] = []
     tau_blocks: dict[torch.dtype, list[int]] = defaultdict(lambda: [0] * len(batch))
     at = 0
     for i, t in enumerate(batch):
-        n, tau = t.param.numel(), t.reference
+        n, tau, (exp_avg, exp_avg_sq) = t.work.numel(), t.reference, t.moments
         dense = tau is not None and tau.indices is None
         sparse = tau is not None and tau.indices is not None
         row = dict(
-            theta=t.param.data_ptr(), low=(t.low if has_low else t.param).data_ptr(),
-            grad=t.grad.data_ptr(), exp_avg=t.exp_avg.data_ptr(),
-            exp_avg_sq=t.exp_avg_sq.data_ptr(), step=t.step.data_ptr(),
-            dense_tau=(tau.values if dense else t.param).data_ptr(), n=n, at=at,
+            theta=t.work.data_ptr(), low=(t.low if has_low else t.work).data_ptr(),
+            grad=t.grad.data_ptr(), exp_avg=exp_avg.data_ptr(),
+            exp_avg_sq=exp_avg_sq.data_ptr(), step=t.step.data_ptr(),
+            dense_tau=(tau.values if dense else t.work).data_ptr(), n=n, at=at,
             k=kept_count(_whole_numel(t), density),
             tau_form=(tk.TAU_DENSE.value if dense else 0) | (tk.TAU_SPARSE.value if sparse else 0),
         )  # fmt: skip
@@ -534,3 +545,7 @@ def topk_mask(update: torch.Tensor, density: float) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.int8, device=update.device)
     tk.topk_mask_kernel[tk.grid(n)](update, select, tie_base, out, n, BLOCK=tk.BLOCK)
     return out.bool()
+
+
+RULES = {"dare": triton_dare_adamw_, "ties": triton_ties_adamw_}
+"""Each merging method's batched step (``TritonBackend.rules``)."""
