@@ -158,7 +158,7 @@ class OnlineMerging(GivenGradNorm, torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         extra = state_dict["online_merging"]
-        if MergeOptions(**extra["options"]) != self.options:
+        if MergeOptions.from_saved(extra["options"]) != self.options:
             raise InputError("the checkpoint was made with other merge options.")
         self.optimizer.load_state_dict(state_dict["inner"])
         self.skipped_steps = int(extra["skipped_steps"])
