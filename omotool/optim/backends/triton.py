@@ -49,13 +49,19 @@ from omotool.optim.backends.base import Backend, TensorStep, by_hyper_parameters
 from omotool.optim.backends.sync_free import sync_free_step_
 from omotool.optim.distributed import all_reduce_on_device, sum_over_lower_ranks
 from omotool.optim.functional import MergeOptions, StepStats, Workspace
+from omotool.optim.triton_tables import (
+    DARE_FIELDS,
+    DARE_TAU_FIELDS,
+    PARTIAL_FIELDS,
+    TAU_DENSE,
+    TAU_SPARSE,
+    TIES_FIELDS,
+    table_row,
+)
 
 _DIGIT_BITS = (11, 10, 10)  # radix-select digits of |Δθ|'s 31 bits, most significant first
 _SHIFTS = tuple(31 - sum(_DIGIT_BITS[: i + 1]) for i in range(len(_DIGIT_BITS)))  # 20, 10, 0
 RADIX_BINS = sum(1 << width for width in _DIGIT_BITS)
-
-
-PARTIAL_FIELDS = ("kept", "kept_sq", "overlap", "conflicts", "dropped_sq", "tau_sq")
 
 
 class StepPartials:
@@ -87,12 +93,12 @@ class StepPartials:
         width = len(PARTIAL_FIELDS)
         buffer = self.workspace.take("partials", self.rows * width, torch.float32, self.device)
         sums = buffer.view(self.rows, width).sum(dim=0, dtype=torch.float64)
-        kept, kept_sq, overlap, conflicts, dropped_sq, tau_sq = sums.unbind()
-        stats.kept += kept
-        stats.update_sq += (1 - alpha) ** 2 * (kept_sq - dropped_sq)
-        stats.overlap += overlap
-        stats.conflicts += conflicts
-        stats.tau_sq += alpha**2 * tau_sq
+        total = dict(zip(PARTIAL_FIELDS, sums.unbind(), strict=True))
+        stats.kept += total["kept"]
+        stats.update_sq += (1 - alpha) ** 2 * (total["kept_sq"] - total["dropped_sq"])
+        stats.overlap += total["overlap"]
+        stats.conflicts += total["conflicts"]
+        stats.tau_sq += alpha**2 * total["tau_sq"]
 
 
 def triton_import_error() -> str | None:
@@ -281,13 +287,11 @@ def triton_dare_adamw_(
         for t in group:
             n = t.work.numel()
             tau = t.reference.values if dense else t.work
-            exp_avg, exp_avg_sq = t.moments
-            rows.append([
-                t.work.data_ptr(), (t.low if has_low else t.work).data_ptr(),
-                t.grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
-                t.step.data_ptr(), tau.data_ptr(), n, t.shard.offset if t.shard else 0,
-                key_seed(options.seed, "update", t.host_step, t.name), first,
-            ])  # fmt: skip
+            rows.append(table_row(DARE_FIELDS, dict(
+                _adam_columns(t, has_low), dense_tau=tau.data_ptr(), n=n,
+                offset=t.shard.offset if t.shard else 0,
+                key=key_seed(options.seed, "update", t.host_step, t.name), first=first,
+            )))  # fmt: skip
             blocks.append(tk.grid(n)[0])
             first += blocks[-1]
         table, owner, programs = _launch_tables(rows, blocks, device)
@@ -300,10 +304,11 @@ def triton_dare_adamw_(
         rows, blocks, first = [], [], 0
         for t in group:
             count = t.reference.values.numel()
-            rows.append([
-                t.work.data_ptr(), (t.low if has_low else t.work).data_ptr(),
-                t.reference.indices.data_ptr(), t.reference.values.data_ptr(), count, first,
-            ])  # fmt: skip
+            rows.append(table_row(DARE_TAU_FIELDS, dict(
+                theta=t.work.data_ptr(), low=(t.low if has_low else t.work).data_ptr(),
+                tau_indices=t.reference.indices.data_ptr(),
+                tau_values=t.reference.values.data_ptr(), tau_count=count, tau_first=first,
+            )))  # fmt: skip
             blocks.append(tk.grid(count)[0])
             first += blocks[-1]
         table, owner, programs = _launch_tables(rows, blocks, device)
@@ -379,11 +384,15 @@ def _whole_numel(t: TensorStep) -> int:
     return t.shard.numel if t.shard is not None else t.work.numel()
 
 
-TIES_FIELDS = (
-    "theta", "low", "grad", "exp_avg", "exp_avg_sq", "step", "dense_tau", "n", "at", "first",
-    "tau_indices", "tau_values", "tau_count", "tau_first", "k", "tau_form",
-)  # fmt: skip
-"""The columns of an OnTIES table, in order (``triton_kernels.TIES_COLUMNS``); 0 when unset."""
+def _adam_columns(t: TensorStep, has_low: bool) -> dict[str, int]:
+    """A row's ``triton_tables.ADAM_FIELDS`` but ``dense_tau`` and ``n``: the addresses of
+    θ, the low-precision θ (or θ again), g, m, v and the device step."""
+    exp_avg, exp_avg_sq = t.moments
+    low = t.low if has_low and t.low is not None else t.work
+    return dict(
+        theta=t.work.data_ptr(), low=low.data_ptr(), grad=t.grad.data_ptr(),
+        exp_avg=exp_avg.data_ptr(), exp_avg_sq=exp_avg_sq.data_ptr(), step=t.step.data_ptr(),
+    )  # fmt: skip
 
 
 def _number_blocks(rows: list[dict[str, int]], blocks: list[int], key: str) -> None:
@@ -424,16 +433,13 @@ def _ties_batch(
     tau_blocks: dict[torch.dtype, list[int]] = defaultdict(lambda: [0] * len(batch))
     at = 0
     for i, t in enumerate(batch):
-        n, tau, (exp_avg, exp_avg_sq) = t.work.numel(), t.reference, t.moments
+        n, tau = t.work.numel(), t.reference
         dense = tau is not None and tau.indices is None
         sparse = tau is not None and tau.indices is not None
         row = dict(
-            theta=t.work.data_ptr(), low=(t.low if has_low else t.work).data_ptr(),
-            grad=t.grad.data_ptr(), exp_avg=exp_avg.data_ptr(),
-            exp_avg_sq=exp_avg_sq.data_ptr(), step=t.step.data_ptr(),
-            dense_tau=(tau.values if dense else t.work).data_ptr(), n=n, at=at,
-            k=kept_count(_whole_numel(t), density),
-            tau_form=(tk.TAU_DENSE.value if dense else 0) | (tk.TAU_SPARSE.value if sparse else 0),
+            _adam_columns(t, has_low), dense_tau=(tau.values if dense else t.work).data_ptr(),
+            n=n, at=at, k=kept_count(_whole_numel(t), density),
+            tau_form=(TAU_DENSE if dense else 0) | (TAU_SPARSE if sparse else 0),
         )  # fmt: skip
         if sparse:
             row.update(
@@ -447,7 +453,7 @@ def _ties_batch(
     _number_blocks(fields, blocks, "first")
     for counts in tau_blocks.values():  # a row's T has one index dtype: one launch numbers it
         _number_blocks(fields, counts, "tau_first")
-    rows = [[row.get(name, 0) for name in TIES_FIELDS] for row in fields]
+    rows = [table_row(TIES_FIELDS, row) for row in fields]
     table, owner, programs = _launch_tables(rows, blocks, device)
     skip = found_inf if found_inf is not None else first.step
     flags = dict(BLOCK=tk.BLOCK, HAS_SKIP=found_inf is not None)
@@ -538,7 +544,7 @@ def topk_mask(update: torch.Tensor, density: float) -> torch.Tensor:
     from omotool.optim import triton_kernels as tk
 
     workspace, n = Workspace(), update.numel()
-    row = [dict(n=n, k=kept_count(n, density)).get(name, 0) for name in TIES_FIELDS]
+    row = table_row(TIES_FIELDS, dict(n=n, k=kept_count(n, density)))
     table, owner, programs = _launch_tables([row], [tk.grid(n)[0]], update.device)
     hist = torch.zeros(RADIX_BINS, dtype=torch.int32, device=update.device)
     select, tie_base = radix_select_many_(table, owner, programs, update, hist, workspace)
