@@ -47,6 +47,7 @@ from omotool.optim.rules import (  # noqa: F401 - the rules' names, re-exported
     METHODS,
     DareDraw,
     Direction,
+    MergeContext,
     add_dare_reference_,
     apply_ties_,
     dare_update_indices,
@@ -270,15 +271,7 @@ def online_merging_adamw_(
         )
 
     merge_update_(
-        param,
-        direction,
-        cache,
-        reference,
-        name=name,
-        step=step,
-        options=options,
-        stats=stats,
-        shard=shard,
+        param, direction, cache, reference, MergeContext(name, step, options, stats, shard)
     )
 
 
@@ -287,44 +280,27 @@ def merge_update_(
     direction: Direction,
     cache: torch.Tensor | None,
     reference: FlatDelta | None,
-    *,
-    name: str,
-    step: int,
-    options: MergeOptions,
-    stats: StepStats,
-    shard: Shard | None = None,
-    workspace: Workspace | None = None,
-    draw: DareDraw | None = None,
+    context: MergeContext,
 ) -> None:
-    """Apply the update ``direction`` to ``param`` merged per ``options`` (the rule's
+    """Apply the update ``direction`` to ``param`` merged per ``context.options`` (the rule's
     reference ``merge``), with step-K (``step_k_``; ``cache`` is ``None`` when K = 1).
 
     Used by the ``reference`` and ``cpu`` backends (Adam's ``Δθ``) and ``OnlineMerging`` (any
-    inner optimizer's ``Δθ``); ``draw``: the backend's OnDARE mask draw.
+    inner optimizer's ``Δθ``).
     """
+    options = context.options
     if cache is not None:
         update = direction(None).view(-1)
-        if not step_k_(param.view(-1), update, cache.view(-1), step, options.online_step):
+        if not step_k_(param.view(-1), update, cache.view(-1), context.step, options.online_step):
             return
 
         def direction(index: torch.Tensor | None, update: torch.Tensor = update) -> torch.Tensor:
             return update if index is None else update[index]
 
-    stats.merged = True
+    context.stats.merged = True
     merge = MERGE_RULES.get(options.method).merge
     assert merge is not None, "merge_update_ is called for merging rules only"
-    merge(
-        param,
-        direction,
-        reference,
-        name=name,
-        step=step,
-        options=options,
-        stats=stats,
-        shard=shard,
-        workspace=workspace,
-        draw=draw,
-    )
+    merge(param, direction, reference, context)
 
 
 def step_k_(

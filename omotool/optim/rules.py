@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,40 +41,31 @@ Direction = Callable[[torch.Tensor | None], torch.Tensor]
 """``direction(index)``: Adam's ``Δθ`` at flat ``index`` (1-D), or whole when ``None``."""
 
 
-class DareDraw(Protocol):
-    """Sorted flat indices of ``Δθ`` kept by OnDARE at ``step``, keyed by ``(seed, "update",
-    step, name)`` (local ones under a shard): the whole tensor's Bernoulli(p) mask. Each
-    backend has one way to draw it (``dare_update_indices``: from a keyed torch generator)."""
-
-    def __call__(
-        self,
-        numel: int,
-        *,
-        name: str,
-        step: int,
-        options: MergeOptions,
-        shard: Shard | None,
-        device: torch.device,
-    ) -> torch.Tensor: ...
+DareDraw = Callable[[int, "MergeContext", torch.device], torch.Tensor]
+"""``draw(numel, context, device)``: sorted flat indices of ``Δθ`` kept by OnDARE at
+``context.step``, keyed by ``(seed, "update", step, name)`` (local ones under a shard): the
+whole tensor's Bernoulli(p) mask. Each backend has one way to draw it (``dare_update_indices``:
+from a keyed torch generator)."""
 
 
-class MergeFn(Protocol):
-    """``θ ← θ + merge(Δθ, T)`` for one parameter (the reference implementation)."""
+@dataclass
+class MergeContext:
+    """What a rule's ``merge`` needs of one parameter's step besides its tensors: its ``name``
+    and ``step`` (which key the masks), the ``options``, the ``stats`` to add to, the FSDP
+    ``shard`` (``None``: the whole tensor), scratch buffers (``workspace``) and the backend's
+    OnDARE mask ``draw`` (``None``: ``dare_update_indices``)."""
 
-    def __call__(
-        self,
-        param: torch.Tensor,
-        direction: Direction,
-        reference: FlatDelta | None,
-        *,
-        name: str,
-        step: int,
-        options: MergeOptions,
-        stats: StepStats,
-        shard: Shard | None = None,
-        workspace: Workspace | None = None,
-        draw: DareDraw | None = None,
-    ) -> None: ...
+    name: str
+    step: int
+    options: MergeOptions
+    stats: StepStats
+    shard: Shard | None = None
+    workspace: Workspace | None = None
+    draw: DareDraw | None = None
+
+
+MergeFn = Callable[[torch.Tensor, Direction, "FlatDelta | None", MergeContext], None]
+"""``merge(θ, direction, T, context)``: ``θ ← θ + merge(Δθ, T)`` for one parameter."""
 
 
 @dataclass(frozen=True)
@@ -121,18 +112,11 @@ def dare_reference_term(tau: torch.Tensor, name: str, options: MergeOptions) -> 
     return reference
 
 
-def dare_update_indices(
-    numel: int,
-    *,
-    name: str,
-    step: int,
-    options: MergeOptions,
-    shard: Shard | None,
-    device: torch.device,
-) -> torch.Tensor:
+def dare_update_indices(numel: int, context: MergeContext, device: torch.device) -> torch.Tensor:
     """``DareDraw`` from a keyed torch generator (``sparsify.bernoulli_indices``): the whole
     tensor's gaps, this shard's part kept."""
-    generator = keyed_generator(options.seed, "update", step, name, device=device)
+    options, shard = context.options, context.shard
+    generator = keyed_generator(options.seed, "update", context.step, context.name, device=device)
     whole = shard.numel if shard is not None else numel
     index = bernoulli_indices(whole, options.reserve_p, generator, device=device)
     return shard.local_indices(index, numel) if shard is not None else index
@@ -154,32 +138,20 @@ def add_dare_reference_(
 
 
 def merge_dare_(
-    param: torch.Tensor,
-    direction: Direction,
-    reference: FlatDelta | None,
-    *,
-    name: str,
-    step: int,
-    options: MergeOptions,
-    stats: StepStats,
-    shard: Shard | None = None,
-    workspace: Workspace | None = None,
-    draw: DareDraw | None = None,
+    param: torch.Tensor, direction: Direction, reference: FlatDelta | None, context: MergeContext
 ) -> None:
     """``θ ← θ + (1 − α)·F_R(Δθ) + α·T`` (Eq. 3, 4), computing ``Δθ`` only where kept.
 
     With a ``shard``, the mask is drawn over the whole tensor and this shard's part is used;
-    ``draw`` (default ``dare_update_indices``) draws it.
+    ``context.draw`` (default ``dare_update_indices``) draws it.
     """
+    options, stats = context.options, context.stats
     flat, p, alpha = param.view(-1), options.reserve_p, options.alpha
     if p >= 1:
         kept_values = direction(None).reshape(-1)
         flat.add_(kept_values, alpha=1 - alpha)
     else:
-        draw = draw or dare_update_indices
-        index = draw(
-            flat.numel(), name=name, step=step, options=options, shard=shard, device=param.device
-        )
+        index = (context.draw or dare_update_indices)(flat.numel(), context, param.device)
         mode = options.resolved_rescale
         if mode == "l1":
             dense = direction(None).reshape(-1)
@@ -200,22 +172,13 @@ def ties_reference_term(tau: torch.Tensor, name: str, options: MergeOptions) -> 
 
 
 def merge_ties_(
-    param: torch.Tensor,
-    direction: Direction,
-    reference: FlatDelta | None,
-    *,
-    name: str,
-    step: int,
-    options: MergeOptions,
-    stats: StepStats,
-    shard: Shard | None = None,
-    workspace: Workspace | None = None,
-    draw: DareDraw | None = None,
+    param: torch.Tensor, direction: Direction, reference: FlatDelta | None, context: MergeContext
 ) -> None:
     """``θ ← θ + (1 − α)·F_K(Δθ) ⊕ α·T`` (Eq. 5–7) with the shared TIES disjoint merge.
 
     With a ``shard``, ``F_K`` is the top p of the whole tensor (see ``optim.distributed``).
     """
+    options, shard, workspace = context.options, context.shard, context.workspace
     p = options.reserve_p
     update = direction(None).reshape(-1)  # TIES needs every |Δθ| to find the top p
     if shard is not None:
@@ -226,7 +189,7 @@ def merge_ties_(
     else:
         kept_index = magnitude_topk_indices(update, p)
     kept = update.index_select(0, kept_index)
-    apply_ties_(param.view(-1), kept_index, kept, update, reference, options, stats)
+    apply_ties_(param.view(-1), kept_index, kept, update, reference, options, context.stats)
 
 
 def apply_ties_(

@@ -234,19 +234,24 @@ def _grad_pointer(address, GRAD_KIND: tl.constexpr):
 
 @triton.jit
 def _row_adam_moments(
-    row, local, inside, write, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
-    one_minus_beta2, eps, GRAD_KIND: tl.constexpr,
+    row, local, n, skip_ptr, lr, log_beta1, log_beta2, beta2, one_minus_beta1, one_minus_beta2,
+    eps, HAS_SKIP: tl.constexpr, GRAD_KIND: tl.constexpr,
 ):  # fmt: skip
-    """``_adam_moments`` of the tensor of a table row (``g, m, v, step``: columns of
-    ``triton_tables.ADAM_FIELDS``, which both the OnDARE and the OnTIES tables start with)."""
+    """``(inside, write, Δθ)``: ``_adam_moments`` of the tensor of a table row (``g, m, v,
+    step``: columns of ``triton_tables.ADAM_FIELDS``, which both the OnDARE and the OnTIES
+    tables start with) at ``local``, the entries below ``n`` (``inside``), written unless the
+    step is skipped (``write``, see ``_written``)."""
+    inside = local < n
+    write = _written(local, n, skip_ptr, HAS_SKIP)
     grad_ptr = _grad_pointer(tl.load(row + COL_GRAD), GRAD_KIND)
     exp_avg_ptr = tl.load(row + COL_EXP_AVG).to(tl.pointer_type(tl.float32))
     exp_avg_sq_ptr = tl.load(row + COL_EXP_AVG_SQ).to(tl.pointer_type(tl.float32))
     step_ptr = tl.load(row + COL_STEP).to(tl.pointer_type(tl.float32))
-    return _adam_moments(
+    update = _adam_moments(
         grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
         log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
     )  # fmt: skip
+    return inside, write, update
 
 
 @triton.jit
@@ -279,11 +284,9 @@ def dare_adamw_many_kernel(
     low_ptr = _low_pointer(tl.load(row + COL_LOW), theta_ptr, HAS_LOW, LOW_BF16)
     n, offset, key = tl.load(row + COL_N), tl.load(row + DARE_OFFSET), tl.load(row + DARE_KEY)
     local = (pid - tl.load(row + DARE_FIRST)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = local < n
-    write = _written(local, n, skip_ptr, HAS_SKIP)
-    update = _row_adam_moments(
-        row, local, inside, write, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
-        one_minus_beta2, eps, GRAD_KIND,
+    inside, write, update = _row_adam_moments(
+        row, local, n, skip_ptr, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
+        one_minus_beta2, eps, HAS_SKIP, GRAD_KIND,
     )  # fmt: skip
     theta = tl.load(theta_ptr + local, mask=inside, other=0.0)
     keep = dare_keep(key, local + offset, density) & write
@@ -360,11 +363,9 @@ def ties_adam_many_kernel(
     (bits ``SHIFT`` and up) added into the tensor's row of ``hist`` (``BINS`` per row)."""
     pid = tl.program_id(0)
     row, tensor, local, n, at = _ties_row(table_ptr, owner_ptr, pid, BLOCK)
-    inside = local < n
-    write = _written(local, n, skip_ptr, HAS_SKIP)
-    update = _row_adam_moments(
-        row, local, inside, write, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
-        one_minus_beta2, eps, GRAD_KIND,
+    inside, write, update = _row_adam_moments(
+        row, local, n, skip_ptr, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
+        one_minus_beta2, eps, HAS_SKIP, GRAD_KIND,
     )  # fmt: skip
     update = tl.where(write, update, 0.0)
     tl.store(update_ptr + at + local, update, mask=inside)

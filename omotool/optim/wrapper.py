@@ -19,7 +19,7 @@ import torch
 
 from omotool.errors import InputError, UsageError
 from omotool.optim.distributed import local_tensors
-from omotool.optim.functional import MergeOptions, StepStats, merge_update_
+from omotool.optim.functional import MergeContext, MergeOptions, StepStats, merge_update_
 from omotool.optim.online_merging import (
     GivenGradNorm,
     closure_and_check,
@@ -132,10 +132,7 @@ class OnlineMerging(GivenGradNorm, torch.optim.Optimizer):
                 lambda index, update=update: update if index is None else update.reshape(-1)[index],
                 state.get("cache"),
                 self.references[name],
-                name=name,
-                step=state["step"],
-                options=self.options,
-                stats=stats,
+                MergeContext(name, state["step"], self.options, stats),
             )
             param.copy_(work)
         if stats.merged:

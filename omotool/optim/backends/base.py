@@ -69,6 +69,10 @@ class TensorStep:
             self.low.copy_(self.work)
 
 
+Keep = torch.Tensor | None
+"""A step's ``keep``: ``None`` (applied), or a 0-d bool on the device, false to change nothing."""
+
+
 class Backend(ABC):
     """How a step is computed. ``step`` changes parameters, moments and caches of the given
     tensors, and adds to ``stats``; the step count is already advanced.
@@ -93,12 +97,7 @@ class Backend(ABC):
 
     @abstractmethod
     def step(
-        self,
-        tensors: list[TensorStep],
-        *,
-        keep: torch.Tensor | None,
-        stats: StepStats,
-        workspace: Workspace,
+        self, tensors: list[TensorStep], *, keep: Keep, stats: StepStats, workspace: Workspace
     ) -> None:
         """One step of ``tensors``. ``keep``: ``None`` (the step is applied), or for a
         ``sync_free`` backend a 0-d bool on the device, false when the step is to change

@@ -21,8 +21,7 @@ from omotool.errors import UsageError
 from omotool.merging import kept_count, magnitude_topk_indices
 from omotool.merging.sparsify import key_seed
 from omotool.optim import kernels
-from omotool.optim.backends.base import Backend, TensorStep, register
-from omotool.optim.distributed import Shard
+from omotool.optim.backends.base import Backend, Keep, TensorStep, register
 from omotool.optim.functional import (
     MergeOptions,
     StepStats,
@@ -35,6 +34,7 @@ from omotool.optim.rules import (
     MERGE_RULES,
     MERGING_METHODS,
     DareDraw,
+    MergeContext,
     add_dare_reference_,
     apply_ties_,
     dare_update_indices,
@@ -57,12 +57,7 @@ class CpuBackend(Backend):
         self.draw: DareDraw = chunk_dare_indices if kernels.usable() else dare_update_indices
 
     def step(
-        self,
-        tensors: list[TensorStep],
-        *,
-        keep: torch.Tensor | None,
-        stats: StepStats,
-        workspace: Workspace,
+        self, tensors: list[TensorStep], *, keep: Keep, stats: StepStats, workspace: Workspace
     ) -> None:
         batch: list[TensorStep] = []  # tensors for one batched step
         for t in tensors:
@@ -82,18 +77,11 @@ class CpuBackend(Backend):
             t.write_back()
 
 
-def chunk_dare_indices(
-    numel: int,
-    *,
-    name: str,
-    step: int,
-    options: MergeOptions,
-    shard: Shard | None,
-    device: torch.device,
-) -> torch.Tensor:
+def chunk_dare_indices(numel: int, context: MergeContext, device: torch.device) -> torch.Tensor:
     """``rules.DareDraw`` by chunks (``kernels.dare_kept_indices``: the mask ``dare_steps_``
     draws inside the kernels); under a shard, only the chunks that meet it are drawn."""
-    key = key_seed(options.seed, "update", step, name)
+    options, shard = context.options, context.shard
+    key = key_seed(options.seed, "update", context.step, context.name)
     if shard is None:
         return kernels.dare_kept_indices(numel, options.reserve_p, key).to(device)
     start = shard.offset
@@ -144,10 +132,8 @@ def fused_step_(
         def direction(index: torch.Tensor | None) -> torch.Tensor:
             return adam_direction(exp_avg, exp_avg_sq, step=count, lr=lr, index=index, **adam)
 
-    merge_update_(
-        param, direction, cache, t.reference, name=t.name, step=int(step), options=options,
-        stats=stats, shard=t.shard, workspace=workspace, draw=draw,
-    )  # fmt: skip
+    context = MergeContext(t.name, int(step), options, stats, t.shard, workspace, draw)
+    merge_update_(param, direction, cache, t.reference, context)
 
 
 def batches(

@@ -5,9 +5,7 @@ any device, values read on the host): the spec every other backend is tested aga
 
 from __future__ import annotations
 
-import torch
-
-from omotool.optim.backends.base import Backend, TensorStep, register
+from omotool.optim.backends.base import Backend, Keep, TensorStep, register
 from omotool.optim.functional import StepStats, Workspace, online_merging_adamw_
 from omotool.optim.rules import MERGING_METHODS
 
@@ -17,12 +15,7 @@ class ReferenceBackend(Backend):
     rules = MERGING_METHODS
 
     def step(
-        self,
-        tensors: list[TensorStep],
-        *,
-        keep: torch.Tensor | None,
-        stats: StepStats,
-        workspace: Workspace,
+        self, tensors: list[TensorStep], *, keep: Keep, stats: StepStats, workspace: Workspace
     ) -> None:
         for t in tensors:
             online_merging_adamw_(

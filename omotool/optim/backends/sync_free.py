@@ -5,12 +5,13 @@ device (any device; what a GPU takes where the ``triton`` backend does not apply
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from omotool.merging import disjoint_merge, kept_count, keyed_generator
 from omotool.merging.sparsify import gap_chunk, gap_dtype, geometric_gaps_
-from omotool.optim.backends.base import Backend, TensorStep, register
+from omotool.optim.backends.base import Backend, Keep, TensorStep, register
 from omotool.optim.distributed import Shard, sharded_magnitude_mask
 from omotool.optim.functional import MergeOptions, StepStats, Workspace, fused_adamw_, step_k_
 from omotool.optim.rules import MERGE_RULES, add_dare_reference_
@@ -30,12 +31,7 @@ class SyncFreeBackend(Backend):
     rules = ("dare", "ties")
 
     def step(
-        self,
-        tensors: list[TensorStep],
-        *,
-        keep: torch.Tensor | None,
-        stats: StepStats,
-        workspace: Workspace,
+        self, tensors: list[TensorStep], *, keep: Keep, stats: StepStats, workspace: Workspace
     ) -> None:
         for t in tensors:
             sync_free_step_(t, t.grad.float(), keep, stats, workspace)
@@ -100,7 +96,7 @@ def sync_free_step_(
             return _adam_direction_at(exp_avg, exp_avg_sq, step, index, lr, beta1, beta2, eps)
 
     stats.merged = True
-    RULES[options.method](t, flat, update, direction, keep, stats, workspace)
+    RULES[options.method](SyncFreeMerge(t, flat, update, direction, keep, stats, workspace))
 
 
 def _adam_direction_at(
@@ -161,16 +157,25 @@ def sync_free_dare_indices(
     return torch.where(valid, index, 0), valid
 
 
-def _sync_free_dare_(
-    t: TensorStep,
-    flat: torch.Tensor,
-    update: torch.Tensor | None,
-    direction: Callable[[torch.Tensor], torch.Tensor] | None,
-    keep: torch.Tensor | None,
-    stats: StepStats,
-    workspace: Workspace,
-) -> None:
+@dataclass
+class SyncFreeMerge:
+    """One tensor's merge in the sync-free step (after Adam and step-K): its record, ``θ``
+    flat, the whole ``Δθ`` (``update``) or ``direction`` (``Δθ`` at given indices, when only
+    the kept entries are computed), ``keep`` (a 0-d bool on the device, false on a skipped step;
+    ``None``: never skipped), the statistics and scratch buffers."""
+
+    t: TensorStep
+    flat: torch.Tensor
+    update: torch.Tensor | None
+    direction: Callable[[torch.Tensor], torch.Tensor] | None
+    keep: torch.Tensor | None
+    stats: StepStats
+    workspace: Workspace
+
+
+def _sync_free_dare_(m: SyncFreeMerge) -> None:
     """OnDARE (``merge_dare_``) without a host sync; ``update`` is the whole Δθ or None."""
+    t, flat, update, direction, keep, stats = m.t, m.flat, m.update, m.direction, m.keep, m.stats
     reference, options = t.reference, t.options
     p, alpha, mode = options.reserve_p, options.alpha, options.resolved_rescale
     if p >= 1:
@@ -231,21 +236,14 @@ def sync_free_topk_mask(
     return above | (ties & (rank <= places))
 
 
-def _sync_free_ties_(
-    t: TensorStep,
-    flat: torch.Tensor,
-    update: torch.Tensor | None,
-    direction: Callable[[torch.Tensor], torch.Tensor] | None,
-    keep: torch.Tensor | None,
-    stats: StepStats,
-    workspace: Workspace,
-) -> None:
+def _sync_free_ties_(m: SyncFreeMerge) -> None:
     """OnTIES (``merge_ties_`` + ``apply_ties_``) densely, without a host sync.
 
     Under a ``shard`` the threshold of the whole tensor comes from
     ``sharded_magnitude_mask``, which synchronises (a gather of candidates of data-dependent
     size); everything else does not. ``update``: the whole Δθ (``reads_whole_update``).
     """
+    t, flat, update, keep, stats, workspace = m.t, m.flat, m.update, m.keep, m.stats, m.workspace
     assert update is not None
     reference, options, shard = t.reference, t.options, t.shard
     p, alpha = options.reserve_p, options.alpha

@@ -37,15 +37,15 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Collection
-from dataclasses import replace
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
 
 import torch
 
 from omotool.errors import UsageError
 from omotool.merging import kept_count
 from omotool.merging.sparsify import key_seed
-from omotool.optim.backends.base import Backend, TensorStep, by_hyper_parameters, register
+from omotool.optim.backends.base import Backend, Keep, TensorStep, by_hyper_parameters, register
 from omotool.optim.backends.sync_free import sync_free_step_
 from omotool.optim.distributed import all_reduce_on_device, sum_over_lower_ranks
 from omotool.optim.functional import MergeOptions, StepStats, Workspace
@@ -162,12 +162,7 @@ class TritonBackend(Backend):
             check_usable(options, device)
 
     def step(
-        self,
-        tensors: list[TensorStep],
-        *,
-        keep: torch.Tensor | None,
-        stats: StepStats,
-        workspace: Workspace,
+        self, tensors: list[TensorStep], *, keep: Keep, stats: StepStats, workspace: Workspace
     ) -> None:
         merging = []
         for t in tensors:
@@ -179,10 +174,8 @@ class TritonBackend(Backend):
         found_inf = None if keep is None else (~keep).float()
         partials = StepPartials(workspace)
         for group in by_hyper_parameters(merging).values():
-            RULES[self.options.method](
-                group, workspace, found_inf=found_inf, options=self.options, stats=stats,
-                partials=partials, **group[0].adam,
-            )  # fmt: skip
+            shared = GroupStep(self.options, group[0].adam, found_inf, stats, partials, workspace)
+            RULES[self.options.method](group, shared)
         partials.fold(stats, self.options.alpha)
 
 
@@ -236,30 +229,48 @@ def _launch_tables(
     return table, owner, programs
 
 
-def triton_dare_adamw_(
-    tensors: list[TensorStep],
-    workspace: Workspace,
-    *,
-    found_inf: torch.Tensor | None,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    options: MergeOptions,
-    stats: StepStats,
-    partials: StepPartials,
-) -> None:
+@dataclass
+class GroupStep:
+    """What the launches of one param group's step share: the merge ``options``, the group's
+    ``adam`` settings (lr, beta1, beta2, eps, weight_decay), ``found_inf`` (a float32 0-d
+    device tensor, non-zero to skip the step; ``None``: never), the statistics (counts in
+    ``stats``, the kernels' sums in ``partials``) and the scratch buffers."""
+
+    options: MergeOptions
+    adam: Mapping[str, float]
+    found_inf: torch.Tensor | None
+    stats: StepStats
+    partials: StepPartials
+    workspace: Workspace
+
+    def adam_scalars(self) -> dict[str, float]:
+        """The kernels' Adam arguments (``_adam_scalars``)."""
+        a = self.adam
+        return _adam_scalars(a["lr"], a["beta1"], a["beta2"], a["eps"])
+
+    @property
+    def decay(self) -> float:
+        """``1 − ηλ``, computed on the host in float64 (as torch rounds its scalars)."""
+        return 1.0 - self.adam["lr"] * self.adam["weight_decay"]
+
+    @property
+    def divisor(self) -> float:
+        """``s``: the kept updates are divided by ``p`` (inverse rescale) or by 1."""
+        options = self.options
+        return options.reserve_p if options.resolved_rescale == "inverse" else 1.0
+
+
+def triton_dare_adamw_(tensors: list[TensorStep], group: GroupStep) -> None:
     """One OnDARE step of ``tensors`` (one param group's hyper-parameters): one launch of
     ``dare_adamw_many_kernel`` per kind of tensor (parameter and gradient dtypes, dense ``T``
-    or not) and one of ``dare_tau_many_kernel`` per kind of sparse ``T``. ``found_inf``: a float32
-    0-d device tensor, non-zero to skip the step (``None``: never); the statistics go to
-    ``partials``."""
+    or not) and one of ``dare_tau_many_kernel`` per kind of sparse ``T``; the statistics go to
+    ``group.partials``."""
     from omotool.optim import triton_kernels as tk
 
     if not tensors:
         return
-    alpha = options.alpha
+    options, stats, found_inf = group.options, group.stats, group.found_inf
+    alpha, partials = options.alpha, group.partials
     kinds: dict[tuple, list[TensorStep]] = defaultdict(list)
     tau_kinds: dict[tuple, list[TensorStep]] = defaultdict(list)
     for t in tensors:
@@ -275,16 +286,16 @@ def triton_dare_adamw_(
     device = tensors[0].work.device
     skip = found_inf if found_inf is not None else tensors[0].step
     scalars = dict(
-        _adam_scalars(lr, beta1, beta2, eps),
-        decay=1.0 - lr * weight_decay,
+        group.adam_scalars(),
+        decay=group.decay,
         density=options.reserve_p,
-        divisor=options.reserve_p if options.resolved_rescale == "inverse" else 1.0,
+        divisor=group.divisor,
         weight=1.0 - alpha,
         alpha=alpha,
     )
-    for (has_low, low_bf16, dense, grad_kind), group in kinds.items():
+    for (has_low, low_bf16, dense, grad_kind), same_kind in kinds.items():
         rows, blocks, first = [], [], 0
-        for t in group:
+        for t in same_kind:
             n = t.work.numel()
             tau = t.reference.values if dense else t.work
             rows.append(table_row(DARE_FIELDS, dict(
@@ -300,9 +311,9 @@ def triton_dare_adamw_(
             HAS_LOW=has_low, LOW_BF16=low_bf16, DENSE_TAU=dense, HAS_SKIP=found_inf is not None,
             GRAD_KIND=grad_kind,
         )  # fmt: skip
-    for (has_low, low_bf16, index_64), group in tau_kinds.items():
+    for (has_low, low_bf16, index_64), same_kind in tau_kinds.items():
         rows, blocks, first = [], [], 0
-        for t in group:
+        for t in same_kind:
             count = t.reference.values.numel()
             rows.append(table_row(DARE_TAU_FIELDS, dict(
                 theta=t.work.data_ptr(), low=(t.low if has_low else t.work).data_ptr(),
@@ -318,20 +329,7 @@ def triton_dare_adamw_(
         )  # fmt: skip
 
 
-def triton_ties_adamw_(
-    tensors: list[TensorStep],
-    workspace: Workspace,
-    *,
-    found_inf: torch.Tensor | None,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    options: MergeOptions,
-    stats: StepStats,
-    partials: StepPartials,
-) -> None:
+def triton_ties_adamw_(tensors: list[TensorStep], group: GroupStep) -> None:
     """One OnTIES step of ``tensors`` (one param group's hyper-parameters), many tensors per
     launch.
 
@@ -340,27 +338,27 @@ def triton_ties_adamw_(
     dense or sparse, is read per tensor by the kernels): per batch about ten launches
     (``_ties_batch``), so the launch count grows with the parameters' total size over the
     largest tensor's, not with the number of tensors.
-    ``found_inf``: a float32 0-d device tensor, non-zero to skip the step (``None``: never);
-    each tensor's ``step`` (device) already counts this step unless it is skipped. The
-    kernels' statistics go to ``partials`` (``StepPartials.fold`` adds them to ``stats``);
-    only the entry counts go to ``stats``.
+    Each tensor's ``step`` (device) already counts this step unless it is skipped. The
+    kernels' statistics go to ``group.partials`` (``StepPartials.fold`` adds them to
+    ``stats``); only the entry counts go to ``group.stats``.
     """
     if not tensors:
         return
     # Batches must be the same on every rank (the select's collectives run per batch): they
     # are cut by the kinds and whole-tensor sizes, which every rank knows alike.
     kinds: dict[tuple, list[TensorStep]] = defaultdict(list)
+    stats = group.stats
     for t in tensors:
         stats.merged = True
         stats.entries += t.work.numel()
-        group = None if t.shard is None else t.shard.group
-        kinds[(*_low_kind(t.low), _GRAD_KINDS[t.grad.dtype], id(group))].append(t)
+        process_group = None if t.shard is None else t.shard.group
+        kinds[(*_low_kind(t.low), _GRAD_KINDS[t.grad.dtype], id(process_group))].append(t)
     limit = max(_whole_numel(t) for t in tensors)
     batches: list[list[TensorStep]] = []
-    for group in kinds.values():
+    for same_kind in kinds.values():
         batch: list[TensorStep] = []
         filled = 0
-        for t in group:
+        for t in same_kind:
             if batch and filled + _whole_numel(t) > limit:
                 batches.append(batch)
                 batch, filled = [], 0
@@ -368,15 +366,9 @@ def triton_ties_adamw_(
             filled += _whole_numel(t)
         batches.append(batch)
     capacity = max(sum(t.work.numel() for t in batch) for batch in batches)
-    update = workspace.take("update", capacity, torch.float32, tensors[0].work.device)
-    settings = dict(
-        adam=_adam_scalars(lr, beta1, beta2, eps), found_inf=found_inf, partials=partials,
-        decay=1.0 - lr * weight_decay,
-        divisor=options.reserve_p if options.resolved_rescale == "inverse" else 1.0,
-        alpha=options.alpha, weighted=options.election == "weighted", density=options.reserve_p,
-    )  # fmt: skip
+    update = group.workspace.take("update", capacity, torch.float32, tensors[0].work.device)
     for batch in batches:
-        _ties_batch(batch, update, workspace, **settings)
+        _ties_batch(batch, update, group)
 
 
 def _whole_numel(t: TensorStep) -> int:
@@ -405,26 +397,16 @@ def _number_blocks(rows: list[dict[str, int]], blocks: list[int], key: str) -> N
             first += count
 
 
-def _ties_batch(
-    batch: list[TensorStep],
-    update: torch.Tensor,
-    workspace: Workspace,
-    *,
-    adam: dict[str, float],
-    found_inf: torch.Tensor | None,
-    partials: StepPartials,
-    decay: float,
-    divisor: float,
-    alpha: float,
-    weighted: bool,
-    density: float,
-) -> None:
+def _ties_batch(batch: list[TensorStep], update: torch.Tensor, group: GroupStep) -> None:
     """One batch of ``triton_ties_adamw_`` (one kind, entries within ``update``): the moments
     and ``Δθ`` with the first digit's histograms (``ties_adam_many_kernel``), the radix
     select of every tensor's threshold (``radix_select_many_``), the merge, and the sparse
     ``T``s' entries (one launch per index dtype)."""
     from omotool.optim import triton_kernels as tk
 
+    workspace, found_inf, partials = group.workspace, group.found_inf, group.partials
+    alpha, density = group.options.alpha, group.options.reserve_p
+    weighted = group.options.election == "weighted"
     first = batch[0]
     device = first.work.device
     has_low, low_bf16 = _low_kind(first.low)
@@ -461,17 +443,17 @@ def _ties_batch(
     hist.zero_()
     first_counts = hist[: len(batch) << _DIGIT_BITS[0]]
     tk.ties_adam_many_kernel[(programs,)](
-        table, owner, update, skip, first_counts, **adam, BINS=1 << _DIGIT_BITS[0],
+        table, owner, update, skip, first_counts, **group.adam_scalars(), BINS=1 << _DIGIT_BITS[0],
         SHIFT=_SHIFTS[0], GRAD_KIND=_GRAD_KINDS[first.grad.dtype], **flags,
     )  # fmt: skip
-    group = first.shard.group if first.shard is not None else None
+    process_group = first.shard.group if first.shard is not None else None
     select, tie_base = radix_select_many_(
-        table, owner, programs, update, hist, workspace, group, counted_first=True
+        table, owner, programs, update, hist, workspace, process_group, counted_first=True
     )
     writes = dict(flags, HAS_LOW=has_low, LOW_BF16=low_bf16, WEIGHTED=weighted)
     tk.ties_merge_many_kernel[(programs,)](
         table, owner, update, skip, select, tie_base, partials.take(programs, device),
-        decay=decay, divisor=divisor, weight=1.0 - alpha, alpha=alpha, **writes,
+        decay=group.decay, divisor=group.divisor, weight=1.0 - alpha, alpha=alpha, **writes,
     )  # fmt: skip
     for index_dtype, counts in tau_blocks.items():  # rows of the other dtype: no programs
         _, tau_owner, tau_programs = _launch_tables(rows, counts, device, table=table)

@@ -314,11 +314,9 @@ def test_chunk_drawn_masks_without_the_kernels_are_refused_by_name(monkeypatch) 
     instead, not a TypeError from inside (the cpu backend only draws them when the kernels
     are on)."""
     from omotool.errors import UsageError
-    from omotool.optim.functional import MergeOptions
+    from omotool.optim.functional import MergeContext, MergeOptions, StepStats
 
     monkeypatch.setattr(kernels, "_compiled", lambda: None)
-    options = MergeOptions(method="dare", reserve_p=0.1)
+    context = MergeContext("w", 1, MergeOptions(method="dare", reserve_p=0.1), StepStats())
     with pytest.raises(UsageError, match="dare_draw='generator'"):
-        cpu_backend.chunk_dare_indices(
-            100, name="w", step=1, options=options, shard=None, device="cpu"
-        )
+        cpu_backend.chunk_dare_indices(100, context, torch.device("cpu"))
