@@ -24,9 +24,10 @@ Merge (Eq. 2: ``θ ← θ + F(Δθ) ⊕ F(τ_r)``), with ``T = F(τ_r)`` fixed a
 
 This module holds the options, the shared Adam arithmetic and the readable per-tensor step
 (``online_merging_adamw_``: the ``reference`` backend, the spec the others are tested
-against). The other backends of ``OnlineMergingAdamW``: ``cpu_backend`` (torch's fused AdamW
-plus numba kernels), ``torch_backend`` (sync-free tensor ops, any device) and
-``triton_backend`` (fused Triton kernels).
+against; the merge rules themselves are in ``optim.rules``). The backends of
+``OnlineMergingAdamW`` (``optim.backends``, one ``Backend.step`` each): ``reference`` (this
+module's step), ``cpu`` (torch's fused AdamW plus numba kernels), ``torch`` (sync-free tensor
+ops, any device) and ``triton`` (fused Triton kernels).
 """
 
 from __future__ import annotations

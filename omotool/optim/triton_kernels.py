@@ -1,4 +1,4 @@
-"""Triton kernels of the ``triton`` backend (``optim.triton_backend`` launches them).
+"""Triton kernels of the ``triton`` backend (``optim.backends.triton`` launches them).
 
 Each kernel makes one pass over a run of ``BLOCK`` entries per program; everything a kernel
 decides (bias corrections from the device ``step``, the NaN-skip flag, the TIES threshold)

@@ -20,12 +20,8 @@ import torch
 from omotool.errors import InputError, UsageError
 from omotool.optim.distributed import local_tensors
 from omotool.optim.functional import MergeContext, MergeOptions, StepStats, merge_update_
-from omotool.optim.online_merging import (
-    GivenGradNorm,
-    closure_and_check,
-    named_parameters,
-    set_up_merging,
-)
+from omotool.optim.gradients import GivenGradNorm, closure_and_check
+from omotool.optim.references import named_parameters, set_up_merging
 from omotool.optim.task_vector import TaskVector
 
 

@@ -47,7 +47,13 @@ from omotool.merging import kept_count
 from omotool.merging.sparsify import key_seed
 from omotool.optim.backends.base import Backend, Keep, TensorStep, by_hyper_parameters, register
 from omotool.optim.backends.sync_free import sync_free_step_
-from omotool.optim.distributed import all_reduce_on_device, sum_over_lower_ranks
+from omotool.optim.backends.triton_select import (
+    DIGIT_BITS,
+    DIGIT_SHIFTS,
+    RADIX_BINS,
+    launch_tables,
+    radix_select_many_,
+)
 from omotool.optim.functional import MergeOptions, StepStats, Workspace
 from omotool.optim.triton_tables import (
     DARE_FIELDS,
@@ -58,10 +64,6 @@ from omotool.optim.triton_tables import (
     TIES_FIELDS,
     table_row,
 )
-
-_DIGIT_BITS = (11, 10, 10)  # radix-select digits of |Δθ|'s 31 bits, most significant first
-_SHIFTS = tuple(31 - sum(_DIGIT_BITS[: i + 1]) for i in range(len(_DIGIT_BITS)))  # 20, 10, 0
-RADIX_BINS = sum(1 << width for width in _DIGIT_BITS)
 
 
 class StepPartials:
@@ -187,15 +189,6 @@ def _low_kind(low: torch.Tensor | None) -> tuple[bool, bool]:
     return low is not None, low is not None and low.dtype == torch.bfloat16
 
 
-def _table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """The int64 table of a launch on ``device``: built on the host, copied without waiting
-    (from pinned memory on CUDA)."""
-    table = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cpu":
-        return table
-    return table.pin_memory().to(device, non_blocking=True)
-
-
 def _adam_scalars(lr: float, beta1: float, beta2: float, eps: float) -> dict[str, float]:
     """The kernels' Adam arguments: ``log β`` for the in-kernel bias corrections (``βᵗ =
     exp(t·log β)`` from the device step), and ``1 − β`` rounded from float64 on the host, as
@@ -209,24 +202,6 @@ def _adam_scalars(lr: float, beta1: float, beta2: float, eps: float) -> dict[str
         one_minus_beta2=1.0 - beta2,
         eps=eps,
     )
-
-
-def _launch_tables(
-    rows: list[list[int]],
-    blocks: list[int],
-    device: torch.device,
-    table: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(table, owner, programs)`` of one launch over several tensors: the rows on the
-    device (``table``, when already there), and each program's row index (computed there
-    from the rows' block counts, which the host knows: nothing is read back)."""
-    table = _table(rows, device) if table is None else table
-    programs = sum(blocks)
-    counts = _table([blocks], device)[0]
-    owner = torch.repeat_interleave(
-        torch.arange(len(rows), device=device, dtype=torch.int32), counts, output_size=programs
-    )
-    return table, owner, programs
 
 
 @dataclass
@@ -305,7 +280,7 @@ def triton_dare_adamw_(tensors: list[TensorStep], group: GroupStep) -> None:
             )))  # fmt: skip
             blocks.append(tk.grid(n)[0])
             first += blocks[-1]
-        table, owner, programs = _launch_tables(rows, blocks, device)
+        table, owner, programs = launch_tables(rows, blocks, device)
         tk.dare_adamw_many_kernel[(programs,)](
             table, owner, skip, partials.take(programs, device), **scalars, BLOCK=tk.BLOCK,
             HAS_LOW=has_low, LOW_BF16=low_bf16, DENSE_TAU=dense, HAS_SKIP=found_inf is not None,
@@ -322,7 +297,7 @@ def triton_dare_adamw_(tensors: list[TensorStep], group: GroupStep) -> None:
             )))  # fmt: skip
             blocks.append(tk.grid(count)[0])
             first += blocks[-1]
-        table, owner, programs = _launch_tables(rows, blocks, device)
+        table, owner, programs = launch_tables(rows, blocks, device)
         tk.dare_tau_many_kernel[(programs,)](
             table, owner, skip, alpha, BLOCK=tk.BLOCK, HAS_LOW=has_low, LOW_BF16=low_bf16,
             HAS_SKIP=found_inf is not None, INDEX_64=index_64,
@@ -436,15 +411,15 @@ def _ties_batch(batch: list[TensorStep], update: torch.Tensor, group: GroupStep)
     for counts in tau_blocks.values():  # a row's T has one index dtype: one launch numbers it
         _number_blocks(fields, counts, "tau_first")
     rows = [table_row(TIES_FIELDS, row) for row in fields]
-    table, owner, programs = _launch_tables(rows, blocks, device)
+    table, owner, programs = launch_tables(rows, blocks, device)
     skip = found_inf if found_inf is not None else first.step
     flags = dict(BLOCK=tk.BLOCK, HAS_SKIP=found_inf is not None)
     hist = workspace.take("radix_histogram", len(batch) * RADIX_BINS, torch.int32, device)
     hist.zero_()
-    first_counts = hist[: len(batch) << _DIGIT_BITS[0]]
+    first_counts = hist[: len(batch) << DIGIT_BITS[0]]
     tk.ties_adam_many_kernel[(programs,)](
-        table, owner, update, skip, first_counts, **group.adam_scalars(), BINS=1 << _DIGIT_BITS[0],
-        SHIFT=_SHIFTS[0], GRAD_KIND=_GRAD_KINDS[first.grad.dtype], **flags,
+        table, owner, update, skip, first_counts, **group.adam_scalars(), BINS=1 << DIGIT_BITS[0],
+        SHIFT=DIGIT_SHIFTS[0], GRAD_KIND=_GRAD_KINDS[first.grad.dtype], **flags,
     )  # fmt: skip
     process_group = first.shard.group if first.shard is not None else None
     select, tie_base = radix_select_many_(
@@ -456,83 +431,11 @@ def _ties_batch(batch: list[TensorStep], update: torch.Tensor, group: GroupStep)
         decay=group.decay, divisor=group.divisor, weight=1.0 - alpha, alpha=alpha, **writes,
     )  # fmt: skip
     for index_dtype, counts in tau_blocks.items():  # rows of the other dtype: no programs
-        _, tau_owner, tau_programs = _launch_tables(rows, counts, device, table=table)
+        _, tau_owner, tau_programs = launch_tables(rows, counts, device, table=table)
         tk.ties_tau_many_kernel[(tau_programs,)](
             table, tau_owner, update, skip, partials.take(tau_programs, device), alpha,
             1.0 - alpha, INDEX_64=index_dtype == torch.int64, **writes,
         )  # fmt: skip
-
-
-def radix_select_many_(
-    table: torch.Tensor,
-    owner: torch.Tensor,
-    programs: int,
-    update: torch.Tensor,
-    hist: torch.Tensor,
-    workspace: Workspace,
-    group: object | None = None,
-    *,
-    counted_first: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact ``k``-th largest ``|Δθ|`` of every tensor of a TIES ``table`` (its entries at
-    their offsets in ``update``) by radix select on the device: ``(select, tie_base)`` for
-    ``_selected`` in the kernels (``select[tensor] = (threshold bits, ties kept)``,
-    ``tie_base[pid]``: the tensor's ties in its earlier programs).
-
-    ``hist``: zeros, ``RADIX_BINS`` per tensor, laid out digit by digit (each digit's
-    histograms one contiguous ``(tensors, bins)`` block); with ``counted_first`` the first
-    digit's are already made (``ties_adam_many_kernel`` makes them in the same pass as ``Δθ``).
-    With a process ``group`` (FSDP2 shards), every histogram is summed over the ranks in one
-    all-reduce per digit and ``tie_base`` counts the ties of lower ranks too.
-    """
-    from omotool.optim import triton_kernels as tk
-
-    tensors, device = table.shape[0], update.device
-    select = workspace.take("radix_select", 2 * tensors, torch.int64, device)
-    if not counted_first:  # the first digit's histogram matches every entry (HIGH = 31)
-        select.zero_()
-    start, high = 0, 31
-    for digit, (width, shift) in enumerate(zip(_DIGIT_BITS, _SHIFTS, strict=True)):
-        counts = hist[start : start + (tensors << width)]
-        start += tensors << width
-        if digit > 0 or not counted_first:
-            tk.radix_histogram_many_kernel[(programs,)](
-                table, owner, update, counts, select, BLOCK=tk.BLOCK, BINS=1 << width,
-                SHIFT=shift, HIGH=high,
-            )  # fmt: skip
-        if group is not None:
-            all_reduce_on_device(counts, group)
-        tk.radix_pick_many_kernel[(tensors,)](
-            table, counts, select, BINS=1 << width, SHIFT=shift, FIRST=digit == 0
-        )
-        high = shift
-    ties = workspace.take("tie_counts", programs, torch.int64, device)
-    tk.tie_count_many_kernel[(programs,)](table, owner, update, select, ties, BLOCK=tk.BLOCK)
-    # Each tensor's ties before each of its programs: an exclusive running sum that starts
-    # again at each tensor's first program (owner: the programs' tensors, in order).
-    before = torch.cumsum(ties, dim=0).sub_(ties)
-    first_program = table[:, TIES_FIELDS.index("first")]
-    tie_base = before - before[first_program][owner]
-    if group is not None:
-        per_tensor = torch.zeros(tensors, dtype=torch.int64, device=device)
-        per_tensor.index_add_(0, owner, ties)
-        tie_base += sum_over_lower_ranks(per_tensor, group)[owner]
-    return select, tie_base
-
-
-def topk_mask(update: torch.Tensor, density: float) -> torch.Tensor:
-    """``merging.magnitude_mask`` of the 1-D ``update`` by this backend's radix select (the
-    entries ``F_K`` keeps; for tests and inspection)."""
-    from omotool.optim import triton_kernels as tk
-
-    workspace, n = Workspace(), update.numel()
-    row = table_row(TIES_FIELDS, dict(n=n, k=kept_count(n, density)))
-    table, owner, programs = _launch_tables([row], [tk.grid(n)[0]], update.device)
-    hist = torch.zeros(RADIX_BINS, dtype=torch.int32, device=update.device)
-    select, tie_base = radix_select_many_(table, owner, programs, update, hist, workspace)
-    out = torch.empty(n, dtype=torch.int8, device=update.device)
-    tk.topk_mask_kernel[tk.grid(n)](update, select, tie_base, out, n, BLOCK=tk.BLOCK)
-    return out.bool()
 
 
 RULES = {"dare": triton_dare_adamw_, "ties": triton_ties_adamw_}

@@ -23,6 +23,7 @@ from omotool.optim.functional import adam_direction
 triton = pytest.importorskip("triton")
 from omotool.optim import triton_kernels as tk  # noqa: E402
 from omotool.optim.backends import triton as triton_backend  # noqa: E402
+from omotool.optim.backends import triton_select  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or triton_backend.interpreting()),
@@ -99,7 +100,7 @@ def _magnitudes(kind: str, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("n", [1, 1000, 5000])
 def test_topk_mask_keeps_what_magnitude_mask_keeps(kind, density, n) -> None:
     x = _magnitudes(kind, n)
-    mask = triton_backend.topk_mask(x.to(DEVICE), density).cpu()
+    mask = triton_select.topk_mask(x.to(DEVICE), density).cpu()
     assert torch.equal(mask, magnitude_mask(x, density))
 
 
@@ -281,7 +282,7 @@ def test_memory_beyond_the_moments_is_reported() -> None:
     assert report["workspace_update_bytes"] == 4 * largest  # one largest tensor of scratch
     # 4096 int32 counts per tensor of the largest batch: [embed], [layer.weight, layer.bias]
     histogram = report["workspace_radix_histogram_bytes"]
-    assert histogram == 2 * 4 * triton_backend.RADIX_BINS
+    assert histogram == 2 * 4 * triton_select.RADIX_BINS
     per_program = workspace - report["workspace_update_bytes"] - histogram
     assert per_program < 0.05 * report["parameters"] + 256  # partial sums, tie counts
     assert report["total_bytes"] == pytest.approx(
