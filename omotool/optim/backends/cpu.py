@@ -144,12 +144,14 @@ def batches(
     (int32 indices) or none."""
     if options.online_step != 1 or options.reserve_p >= 1 or options.resolved_rescale == "l1":
         return False
+    if options.method not in BATCHED:
+        return False
     dense = reference is not None and (
         reference.indices is None or reference.indices.dtype != torch.int32
     )
-    if options.method == "ties" and dense:
+    if dense and options.method in SPARSE_T_ONLY:
         return False
-    return options.method in BATCHED and kernels.usable(param, *tensors)
+    return kernels.usable(param, *tensors)
 
 
 def _decay_(entries: list[TensorStep]) -> None:
@@ -252,4 +254,6 @@ def batched_dare_step_(
 
 
 BATCHED = {"dare": batched_dare_step_, "ties": batched_ties_step_}
-"""The batched step of each merging method (``CpuBackend.rules``)."""
+"""The batched step of each merging method (the others go tensor by tensor)."""
+SPARSE_T_ONLY = ("ties",)
+"""The batched steps that take ``T`` sparse with int32 indices (or none) only."""

@@ -25,19 +25,6 @@ from omotool.optim.rules import MERGE_RULES, add_dare_reference_
 # statistic stays a device tensor until ``StepStats.as_dict``.
 
 
-@register("torch", help="tensor ops that never wait on the device, any device")
-class SyncFreeBackend(Backend):
-    sync_free = True
-    rules = ("dare", "ties")
-
-    def step(
-        self, tensors: list[TensorStep], *, keep: Keep, stats: StepStats, workspace: Workspace
-    ) -> None:
-        for t in tensors:
-            sync_free_step_(t, t.grad.float(), keep, stats, workspace)
-            t.write_back()
-
-
 def sync_free_step_(
     t: TensorStep,
     grad: torch.Tensor,
@@ -299,3 +286,16 @@ def _sync_free_ties_(m: SyncFreeMerge) -> None:
 
 RULES = {"dare": _sync_free_dare_, "ties": _sync_free_ties_}
 """Each merging method's sync-free step (``SyncFreeBackend.rules``)."""
+
+
+@register("torch", help="tensor ops that never wait on the device, any device")
+class SyncFreeBackend(Backend):
+    sync_free = True
+    rules = tuple(RULES)
+
+    def step(
+        self, tensors: list[TensorStep], *, keep: Keep, stats: StepStats, workspace: Workspace
+    ) -> None:
+        for t in tensors:
+            sync_free_step_(t, t.grad.float(), keep, stats, workspace)
+            t.write_back()

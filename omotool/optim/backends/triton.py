@@ -153,34 +153,6 @@ def check_usable(options: MergeOptions, device: torch.device) -> None:
         raise UsageError(f"backend='triton' {reason}; use backend='auto'.")
 
 
-@register("triton", help="fused Triton kernels, many tensors per launch (CUDA)")
-class TritonBackend(Backend):
-    sync_free = True
-    rules = ("dare", "ties")
-
-    def __init__(self, options: MergeOptions, devices: Collection[torch.device]) -> None:
-        super().__init__(options, devices)
-        for device in devices:
-            check_usable(options, device)
-
-    def step(
-        self, tensors: list[TensorStep], *, keep: Keep, stats: StepStats, workspace: Workspace
-    ) -> None:
-        merging = []
-        for t in tensors:
-            if t.options.merges:  # the kernels read the gradients' memory: contiguous
-                merging.append(replace(t, grad=t.grad.contiguous()))
-            else:
-                sync_free_step_(t, t.grad.float(), keep, stats, workspace)
-                t.write_back()
-        found_inf = None if keep is None else (~keep).float()
-        partials = StepPartials(workspace)
-        for group in by_hyper_parameters(merging).values():
-            shared = GroupStep(self.options, group[0].adam, found_inf, stats, partials, workspace)
-            RULES[self.options.method](group, shared)
-        partials.fold(stats, self.options.alpha)
-
-
 _GRAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -440,3 +412,31 @@ def _ties_batch(batch: list[TensorStep], update: torch.Tensor, group: GroupStep)
 
 RULES = {"dare": triton_dare_adamw_, "ties": triton_ties_adamw_}
 """Each merging method's batched step (``TritonBackend.rules``)."""
+
+
+@register("triton", help="fused Triton kernels, many tensors per launch (CUDA)")
+class TritonBackend(Backend):
+    sync_free = True
+    rules = tuple(RULES)
+
+    def __init__(self, options: MergeOptions, devices: Collection[torch.device]) -> None:
+        super().__init__(options, devices)
+        for device in devices:
+            check_usable(options, device)
+
+    def step(
+        self, tensors: list[TensorStep], *, keep: Keep, stats: StepStats, workspace: Workspace
+    ) -> None:
+        merging = []
+        for t in tensors:
+            if t.options.merges:  # the kernels read the gradients' memory: contiguous
+                merging.append(replace(t, grad=t.grad.contiguous()))
+            else:
+                sync_free_step_(t, t.grad.float(), keep, stats, workspace)
+                t.write_back()
+        found_inf = None if keep is None else (~keep).float()
+        partials = StepPartials(workspace)
+        for group in by_hyper_parameters(merging).values():
+            shared = GroupStep(self.options, group[0].adam, found_inf, stats, partials, workspace)
+            RULES[self.options.method](group, shared)
+        partials.fold(stats, self.options.alpha)
