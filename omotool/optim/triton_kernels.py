@@ -305,6 +305,28 @@ def dare_adamw_many_kernel(
 
 
 @triton.jit
+def _sparse_tau_entries(
+    row, pid, skip_ptr, BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr,
+    HAS_SKIP: tl.constexpr, INDEX_64: tl.constexpr, THETA: tl.constexpr, LOW: tl.constexpr,
+    INDICES: tl.constexpr, VALUES: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr,
+):  # fmt: skip
+    """``(θ pointer, low θ pointer, flat indices, T's values, inside, write)`` of program
+    ``pid``'s run of the entries of a sparse ``T``, read from a table ``row`` at the given
+    columns (OnDARE's and OnTIES's tables keep them in different places)."""
+    theta_ptr = tl.load(row + THETA).to(tl.pointer_type(tl.float32))
+    low_ptr = _low_pointer(tl.load(row + LOW), theta_ptr, HAS_LOW, LOW_BF16)
+    index_ptr = _index_pointer(tl.load(row + INDICES), INDEX_64)
+    tau_ptr = tl.load(row + VALUES).to(tl.pointer_type(tl.float32))
+    count = tl.load(row + COUNT)
+    j = (pid - tl.load(row + FIRST)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = j < count
+    write = _written(j, count, skip_ptr, HAS_SKIP)
+    index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)
+    tau = tl.load(tau_ptr + j, mask=inside, other=0.0)
+    return theta_ptr, low_ptr, index, tau, inside, write
+
+
+@triton.jit
 def dare_tau_many_kernel(
     table_ptr, owner_ptr, skip_ptr, alpha,
     BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, HAS_SKIP: tl.constexpr,
@@ -314,16 +336,10 @@ def dare_tau_many_kernel(
     ``θ[i] += α·T[i]`` (Eq. 4)."""
     pid = tl.program_id(0)
     row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * DARE_TAU_COLUMNS
-    theta_ptr = tl.load(row + DT_THETA).to(tl.pointer_type(tl.float32))
-    low_ptr = _low_pointer(tl.load(row + DT_LOW), theta_ptr, HAS_LOW, LOW_BF16)
-    index_ptr = _index_pointer(tl.load(row + DT_INDICES), INDEX_64)
-    tau_ptr = tl.load(row + DT_VALUES).to(tl.pointer_type(tl.float32))
-    count = tl.load(row + DT_COUNT)
-    j = (pid - tl.load(row + DT_FIRST)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = j < count
-    write = _written(j, count, skip_ptr, HAS_SKIP)
-    index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)
-    tau = tl.load(tau_ptr + j, mask=inside, other=0.0)
+    theta_ptr, low_ptr, index, tau, inside, write = _sparse_tau_entries(
+        row, pid, skip_ptr, BLOCK, HAS_LOW, LOW_BF16, HAS_SKIP, INDEX_64, DT_THETA, DT_LOW,
+        DT_INDICES, DT_VALUES, DT_COUNT, DT_FIRST,
+    )  # fmt: skip
     theta = tl.load(theta_ptr + index, mask=inside, other=0.0) + alpha * tau
     tl.store(theta_ptr + index, theta, mask=write)
     if HAS_LOW:
@@ -502,16 +518,11 @@ def ties_tau_many_kernel(
     """
     pid = tl.program_id(0)
     row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * TIES_COLUMNS
-    theta_ptr = tl.load(row + COL_THETA).to(tl.pointer_type(tl.float32))
-    low_ptr = _low_pointer(tl.load(row + COL_LOW), theta_ptr, HAS_LOW, LOW_BF16)
-    index_ptr = _index_pointer(tl.load(row + TIES_TAU_INDICES), INDEX_64)
-    tau_ptr = tl.load(row + TIES_TAU_VALUES).to(tl.pointer_type(tl.float32))
-    count, at = tl.load(row + TIES_TAU_COUNT), tl.load(row + TIES_AT)
-    j = (pid - tl.load(row + TIES_TAU_FIRST)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = j < count
-    write = _written(j, count, skip_ptr, HAS_SKIP)
-    index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)
-    tau = tl.load(tau_ptr + j, mask=inside, other=0.0)
+    theta_ptr, low_ptr, index, tau, inside, write = _sparse_tau_entries(
+        row, pid, skip_ptr, BLOCK, HAS_LOW, LOW_BF16, HAS_SKIP, INDEX_64, COL_THETA, COL_LOW,
+        TIES_TAU_INDICES, TIES_TAU_VALUES, TIES_TAU_COUNT, TIES_TAU_FIRST,
+    )  # fmt: skip
+    at = tl.load(row + TIES_AT)
     update = tl.load(update_ptr + at + index, mask=inside, other=0.0)
     merged, tau_agrees, update_agrees = _elect(tau, update, alpha, weight, WEIGHTED)
     theta = tl.load(theta_ptr + index, mask=inside, other=0.0)
