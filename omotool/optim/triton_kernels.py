@@ -306,13 +306,17 @@ def dare_adamw_many_kernel(
 
 @triton.jit
 def _sparse_tau_entries(
-    row, pid, skip_ptr, BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr,
-    HAS_SKIP: tl.constexpr, INDEX_64: tl.constexpr, THETA: tl.constexpr, LOW: tl.constexpr,
-    INDICES: tl.constexpr, VALUES: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr,
+    table_ptr, owner_ptr, skip_ptr, BLOCK: tl.constexpr, HAS_LOW: tl.constexpr,
+    LOW_BF16: tl.constexpr, HAS_SKIP: tl.constexpr, INDEX_64: tl.constexpr,
+    COLUMNS: tl.constexpr, THETA: tl.constexpr, LOW: tl.constexpr, INDICES: tl.constexpr,
+    VALUES: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr,
 ):  # fmt: skip
-    """``(θ pointer, low θ pointer, flat indices, T's values, inside, write)`` of program
-    ``pid``'s run of the entries of a sparse ``T``, read from a table ``row`` at the given
-    columns (OnDARE's and OnTIES's tables keep them in different places)."""
+    """``(row, θ pointer, low θ pointer, flat indices, T's values, inside, write)`` of this
+    program's run of the entries of a sparse ``T``: its tensor's row of a table of
+    ``COLUMNS``, read at the given columns (OnDARE's and OnTIES's tables keep them in
+    different places)."""
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * COLUMNS
     theta_ptr = tl.load(row + THETA).to(tl.pointer_type(tl.float32))
     low_ptr = _low_pointer(tl.load(row + LOW), theta_ptr, HAS_LOW, LOW_BF16)
     index_ptr = _index_pointer(tl.load(row + INDICES), INDEX_64)
@@ -323,7 +327,7 @@ def _sparse_tau_entries(
     write = _written(j, count, skip_ptr, HAS_SKIP)
     index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)
     tau = tl.load(tau_ptr + j, mask=inside, other=0.0)
-    return theta_ptr, low_ptr, index, tau, inside, write
+    return row, theta_ptr, low_ptr, index, tau, inside, write
 
 
 @triton.jit
@@ -334,11 +338,9 @@ def dare_tau_many_kernel(
 ):  # fmt: skip
     """OnDARE's second term at the entries of every sparse ``T`` of the table:
     ``θ[i] += α·T[i]`` (Eq. 4)."""
-    pid = tl.program_id(0)
-    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * DARE_TAU_COLUMNS
-    theta_ptr, low_ptr, index, tau, inside, write = _sparse_tau_entries(
-        row, pid, skip_ptr, BLOCK, HAS_LOW, LOW_BF16, HAS_SKIP, INDEX_64, DT_THETA, DT_LOW,
-        DT_INDICES, DT_VALUES, DT_COUNT, DT_FIRST,
+    row, theta_ptr, low_ptr, index, tau, inside, write = _sparse_tau_entries(
+        table_ptr, owner_ptr, skip_ptr, BLOCK, HAS_LOW, LOW_BF16, HAS_SKIP, INDEX_64,
+        DARE_TAU_COLUMNS, DT_THETA, DT_LOW, DT_INDICES, DT_VALUES, DT_COUNT, DT_FIRST,
     )  # fmt: skip
     theta = tl.load(theta_ptr + index, mask=inside, other=0.0) + alpha * tau
     tl.store(theta_ptr + index, theta, mask=write)
@@ -516,11 +518,10 @@ def ties_tau_many_kernel(
     Per program, a row of statistics: overlap, conflicts, ``Σ dropped²``, ``Σ agreeing T²``;
     an entry of ``F_K`` is present where ``u ≠ 0``.
     """
-    pid = tl.program_id(0)
-    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * TIES_COLUMNS
-    theta_ptr, low_ptr, index, tau, inside, write = _sparse_tau_entries(
-        row, pid, skip_ptr, BLOCK, HAS_LOW, LOW_BF16, HAS_SKIP, INDEX_64, COL_THETA, COL_LOW,
-        TIES_TAU_INDICES, TIES_TAU_VALUES, TIES_TAU_COUNT, TIES_TAU_FIRST,
+    row, theta_ptr, low_ptr, index, tau, inside, write = _sparse_tau_entries(
+        table_ptr, owner_ptr, skip_ptr, BLOCK, HAS_LOW, LOW_BF16, HAS_SKIP, INDEX_64,
+        TIES_COLUMNS, COL_THETA, COL_LOW, TIES_TAU_INDICES, TIES_TAU_VALUES, TIES_TAU_COUNT,
+        TIES_TAU_FIRST,
     )  # fmt: skip
     at = tl.load(row + TIES_AT)
     update = tl.load(update_ptr + at + index, mask=inside, other=0.0)
@@ -533,7 +534,7 @@ def ties_tau_many_kernel(
     present = inside & (update != 0)
     dropped = present & ~update_agrees
     _store_partials(
-        partial_ptr, pid, 0.0, 0.0, tl.sum(present.to(tl.float32), axis=0),
+        partial_ptr, tl.program_id(0), 0.0, 0.0, tl.sum(present.to(tl.float32), axis=0),
         tl.sum(dropped.to(tl.float32), axis=0),
         tl.sum(tl.where(dropped, update * update, 0.0), axis=0),
         tl.sum(tl.where(inside & tau_agrees, tau * tau, 0.0), axis=0),
