@@ -287,139 +287,30 @@ def merge_offline(
 
 
 # -- train ---------------------------------------------------------------------------------
-@app.command(no_args_is_help=True)
+from omotool.config import command_options, declared_help  # noqa: E402
+from omotool.train.arguments import TrainConfig  # noqa: E402
+
+
+@app.command(no_args_is_help=True, cls=declared_help(typer.core.TyperCommand, TrainConfig))
 @handled
+@command_options(TrainConfig)  # one option per TrainConfig field, with its help and panel
 def train(
     ctx: typer.Context,
-    model: str | None = typer.Option(None, help="SFT model: the policy's start and reference."),
-    dataset: str | None = typer.Option(
-        None, help="Training data: .jsonl, .json, .parquet, .csv or a Hub dataset name."
-    ),
-    out: str | None = typer.Option(None, "-o", "--out", help="Run folder (model, checkpoints)."),
-    split: str = typer.Option("train", help="Split of a Hub --dataset."),
     config: Path | None = typer.Option(
         None, "--config", help="YAML recipe; its keys are these option names, flags override."
     ),
     set_: list[str] = typer.Option(
         [], "--set", help="Override a recipe key: --set lr=5e-7 (repeatable)."
     ),
-    algo: str = typer.Option(
-        "dpo",
-        help="dpo, ipo, hinge, robust, kto, simpo, orpo, sft; or grpo, rloo (online: sample "
-        "completions, learn from --reward).",
-    ),
-    merge: str = typer.Option(
-        "dare", help="Online merging: none (AdamW), dare (OnDARE) or ties (OnTIES)."
-    ),
-    base: str | None = typer.Option(None, help="Base model; the task vector is computed at start."),
-    task_vector: str | None = typer.Option(
-        None, help="Or the `omotool delta` output for --model (fingerprint checked)."
-    ),
-    reserve_p: float = typer.Option(0.01, help="Fraction p of the update (and of tau) kept."),
-    alpha: float = typer.Option(1e-7, help="Weight of the SFT task vector in each merge."),
-    online_step: int = typer.Option(1, help="Merge every K steps (step-K); 1 = every step."),
-    rescale: str | None = typer.Option(
-        None, help="none, inverse (1/p) or l1. [default: inverse for dare, none for ties]"
-    ),
-    election: str = typer.Option("unweighted", help="OnTIES sign election: unweighted, weighted."),
-    seed: int = typer.Option(0, help="Seed of data order, masks and initialisation."),
-    lr: float = typer.Option(5e-7, help="Learning rate."),
-    beta: float | None = typer.Option(
-        None,
-        help="beta of DPO-style losses (IPO: its tau); the KL weight of grpo/rloo (0: no "
-        "reference model). [default: TRL's: 0.1; grpo 0, rloo 0.05]",
-        show_default=False,
-    ),
-    label_smoothing: float = typer.Option(0.0, help="Label smoothing of --algo robust (cDPO)."),
-    reward: list[str] = typer.Option(
-        [],
-        help="grpo/rloo reward (repeatable): exact, regex, last_number (verifiers: the "
-        "completion against the --reference-field column), or path/to/file.py:function / "
-        "package.module:function (TRL's reward-function signature).",
-    ),
-    reward_model: list[str] = typer.Option(
-        [], help="grpo/rloo reward model folder: a 1-output sequence classifier (repeatable)."
-    ),
-    reward_weights: str | None = typer.Option(
-        None, help="One weight per reward, comma-separated: the --reward ones, then the models."
-    ),
-    reward_pattern: str | None = typer.Option(
-        None, help="Regular expression of --reward regex (its group 1, if any, is the answer)."
-    ),
-    reference_field: str = typer.Option(
-        "reference", help="The data column the verifier rewards compare with."
-    ),
-    num_generations: int | None = typer.Option(
-        None, help="grpo/rloo: completions sampled per prompt. [default: TRL's, 8]"
-    ),
-    max_completion_length: int | None = typer.Option(
-        None, help="grpo/rloo: longest sampled completion, in tokens. [default: TRL's, 512]"
-    ),
-    temperature: float | None = typer.Option(
-        None, help="grpo/rloo: sampling temperature. [default: TRL's, 1.0]"
-    ),
-    top_p: float | None = typer.Option(
-        None, help="grpo/rloo: nucleus sampling mass. [default: TRL's, 1.0]"
-    ),
-    epsilon: float | None = typer.Option(
-        None, help="grpo/rloo: clipping of the probability ratio. [default: TRL's, 0.2]"
-    ),
-    loss_type: str | None = typer.Option(
-        None,
-        help="grpo: TRL's loss: grpo, dr_grpo, dapo, bnpo, cispo, sapo, luspo, vespo. "
-        "[default: TRL's, dapo]",
-    ),
-    scale_rewards: str | None = typer.Option(
-        None,
-        help="grpo: advantages divided by the std of the group, batch, or none. "
-        "[default: TRL's, group]",
-    ),
-    num_iterations: int | None = typer.Option(
-        None, help="grpo/rloo: optimizer steps per batch of completions. [default: TRL's, 1]"
-    ),
-    use_vllm: bool = typer.Option(False, help="grpo/rloo: sample with vLLM (GPU machines)."),
-    epochs: float = typer.Option(1.0, help="Epochs over the data (unless --max-steps)."),
-    max_steps: int = typer.Option(-1, help="Optimizer steps; -1: as --epochs give."),
-    batch_size: int = typer.Option(1, help="Examples per device per micro-batch."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    max_length: int | None = typer.Option(
-        1024, help="Longest prompt + answer, in tokens: longer examples are cut at the end."
-    ),
-    warmup_steps: int = typer.Option(0, help="Linear warm-up steps."),
-    lr_scheduler: str = typer.Option("linear", help="transformers scheduler: linear, cosine, ..."),
-    weight_decay: float = typer.Option(0.0, help="Decoupled weight decay."),
-    bf16: bool = typer.Option(False, help="bfloat16 weights (float32 moments and master copy)."),
-    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations."),
-    fsdp: bool = typer.Option(
-        False, help="Shard parameters, gradients and optimizer state across GPUs (FSDP2)."
-    ),
-    precompute_ref: bool = typer.Option(
-        False, help="Reference log-probs once up front, then free the reference model."
-    ),
-    optimizer_backend: str = typer.Option(
-        "auto",
-        help="How the optimizer computes a step: auto (cpu on CPUs, torch on GPUs), reference, "
-        "cpu, torch, or triton (fused GPU kernels; not yet checked on a GPU).",
-    ),
-    save_steps: int = typer.Option(0, help="Checkpoint every N steps; 0: none."),
-    save_total_limit: int | None = typer.Option(None, help="Keep only the newest N checkpoints."),
-    logging_steps: int = typer.Option(1, help="Log metrics every N steps."),
-    eval_dataset: str | None = typer.Option(None, help="Held-out data, evaluated every N steps."),
-    eval_split: str = typer.Option("test", help="Split of a Hub --eval-dataset."),
-    eval_steps: int | None = typer.Option(None, help="Evaluate every N steps."),
-    report_to: str = typer.Option("none", help="none, tensorboard or wandb."),
-    resume: bool = typer.Option(
-        False, help="Continue the run in --out from its newest checkpoint."
-    ),
-    overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     debug: bool = DebugOption,
+    **options: Any,
 ) -> None:
     """RLHF training (DPO, IPO, KTO, ..., GRPO, RLOO) on TRL with the online-merging optimizer."""
     from omotool.config import parse_overrides
     from omotool.train.algorithms import ALGORITHMS
     from omotool.train.progress import progress_callback
-    from omotool.train.runner import TrainConfig, run_training
+    from omotool.train.runner import run_training
 
     cfg = _resolve(ctx, TrainConfig, config, parse_overrides(set_))
     _quiet_libraries()
@@ -470,14 +361,18 @@ def _quiet_libraries() -> None:
 
 
 # -- eval ----------------------------------------------------------------------------------
+def _eval_task_names() -> str:
+    from omotool.eval.tasks import TASKS  # light: the task modules import their work lazily
+
+    return ", ".join(TASKS)
+
+
 @app.command("eval", no_args_is_help=True)
 @handled
 def eval_(
     models: list[str] = typer.Argument(None, help="Model folders (or Hub ids) to evaluate."),
     suite: Path | None = typer.Option(None, "--suite", help="Suite YAML: tasks, data, baseline."),
-    task: str | None = typer.Option(
-        None, help="Or one task: preference, reward_model, perplexity, generate, choice, lm_eval."
-    ),
+    task: str | None = typer.Option(None, help=f"Or one task: {_eval_task_names()}."),
     data: str | None = typer.Option(None, help="Data of --task (.jsonl, .json, .csv, .txt)."),
     ref_model: str | None = typer.Option(None, help="Reference model of --task preference."),
     reward_model: str | None = typer.Option(None, help="Classifier of --task reward_model."),

@@ -3,16 +3,25 @@
 A recipe's keys are exactly the command's option names (``shard-size`` or ``shard_size``);
 options given on the command line override the recipe; the resolved config is saved with
 every output.
+
+A config field may be declared with an ``Option`` (``declare``): its help, help panel,
+command-line names, allowed values and range. From that one declaration come the command's
+parameters (``command_options``), the recipe keys (the fields) and the checks
+(``check_declared``), so adding an option is adding a field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import inspect
 import os
 import re
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,7 +98,7 @@ def build_config(cls: type[C], recipe: dict[str, Any], overrides: dict[str, Any]
     """``cls(**(recipe | overrides))`` with unknown keys and wrong types reported by name."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
-    values = {**recipe, **overrides}
+    values = {key.replace("-", "_"): value for key, value in {**recipe, **overrides}.items()}
     for key in values:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
@@ -121,6 +130,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
     if value is None and type(None) in options:
         return None
+    if type(None) in options and str not in options and str(value).lower() in ("none", "null"):
+        return None  # e.g. --tau-clip none
     for option in options:
         if typing.get_origin(option) is list:  # a YAML list, or "a,b" / one value as text
             (item,) = typing.get_args(option)
@@ -144,3 +155,198 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 def _is_union(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+# -- declared options --------------------------------------------------------------------------
+OPTION = "option"  # the dataclasses.field metadata key of a declared option
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values an option takes: ``low`` to ``high``, either end open or absent; ``note``
+    says why (shown in the refusal)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self, integer: bool) -> str:
+        """``> 0``, ``>= 0``, ``at least 1`` (integers), ``in (0, 1]``, and the note."""
+        if self.high is None:
+            if self.low_open:
+                text = f"> {self.low:g}"
+            else:
+                text = f"at least {self.low:g}" if integer and self.low >= 1 else f">= {self.low:g}"
+        else:
+            text = (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")  # fmt: skip
+        return f"{text} ({self.note})" if self.note else text
+
+
+def above(low: float, note: str = "") -> Bounds:
+    return Bounds(low, low_open=True, note=note)
+
+
+def at_least(low: float, note: str = "") -> Bounds:
+    return Bounds(low, note=note)
+
+
+def within(interval: str, note: str = "") -> Bounds:
+    """``within("(0, 1]")``: the interval as written in a message."""
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    return Bounds(low, high, interval[0] == "(", interval[-1] == ")", note)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one config field is an option: its help text and panel in ``--help``, its names on
+    the command line (``--field-name`` unless ``flags``), the values it takes (``choices``: a
+    tuple, or ``"module:NAME"`` of a tuple or ``Registry``, imported when checked) and its
+    range (``bounds``). ``none`` (for a field that may be None but defaults to a value) says
+    what ``none`` on the command line means."""
+
+    help: str
+    panel: str | None = None
+    flags: tuple[str, ...] = ()
+    choices: tuple[str, ...] | str = ()
+    bounds: Bounds | None = None
+    none: str = ""
+
+    def allowed(self) -> Any:
+        """The choices (a tuple, or a ``Registry`` whose ``get`` explains an unknown name)."""
+        if not isinstance(self.choices, str):
+            return self.choices
+        module, name = self.choices.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def help_default(self, name: str, default: Any) -> str | None:
+        """A default only known when ``--help`` is shown (``[default: ...]``), or None."""
+        return None
+
+
+def declare(default: Any, option: Option) -> Any:
+    """A dataclass field declared as ``option`` (a list default becomes a factory)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={OPTION: option})
+    return dataclasses.field(default=default, metadata={OPTION: option})
+
+
+def declared(cls: Any) -> dict[str, Option]:
+    """The declared options of a config class (or instance), by field name, in order."""
+    return {f.name: f.metadata[OPTION] for f in dataclasses.fields(cls) if OPTION in f.metadata}
+
+
+def flag(name: str) -> str:
+    """The command-line name of option ``name``: ``reserve_p`` → ``--reserve-p``."""
+    return "--" + name.replace("_", "-")
+
+
+def default_of(cls: Any, name: str) -> Any:
+    """The default value of field ``name`` of a config class."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def check_declared(config: Any) -> None:
+    """Refuse a value outside its option's ``choices`` or ``bounds`` (None is always unset)."""
+    for name, option in declared(config).items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        allowed = option.allowed() if option.choices else None
+        if hasattr(allowed, "get"):  # a Registry: its own message names close matches
+            allowed.get(value)
+        elif allowed and value not in allowed:
+            raise UsageError(f"{flag(name)} {value!r}: choose one of {', '.join(allowed)}.")
+        if option.bounds is not None and not option.bounds.holds(value):
+            integer = isinstance(value, int)
+            raise UsageError(f"{flag(name)} must be {option.bounds.describe(integer)}.")
+
+
+def command_options(cls: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a Typer command taking ``**options`` with one parameter per declared option
+    of ``cls`` (its signature is rewritten; Typer reads the signature). The values reach the
+    command through ``ctx.params``."""
+
+    def add(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command)
+        fixed = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*fixed, *command_parameters(cls)]
+        )
+        return command
+
+    return add
+
+
+def command_parameters(cls: Any) -> list[inspect.Parameter]:
+    """``typer.Option`` parameters for the declared options of ``cls``: name, type, default,
+    help and panel from the declaration."""
+    import typer
+    from rich.markup import escape
+
+    hints = typing.get_type_hints(cls)
+    parameters = []
+    for name, option in declared(cls).items():
+        default = default_of(cls, name)
+        kind, metavar = _command_line_type(hints[name], option)
+        # (escaped: "[default: ...]" in a help text is text, not rich markup)
+        info = typer.Option(
+            default,
+            *option.flags,
+            metavar=metavar,
+            help=escape(option.help + (f" none: {option.none}." if option.none else "")),
+            rich_help_panel=option.panel,
+            show_default=not (default is None or default is False or default in ("", [])),
+        )
+        parameters.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind
+            )
+        )  # fmt: skip
+    return parameters
+
+
+def _command_line_type(hint: Any, option: Option) -> tuple[Any, str | None]:
+    """The type Typer parses and the metavar shown: lists of numbers and options that take
+    ``none`` are read as text (``build_config`` converts them), everything else as declared."""
+    options = [o for o in (typing.get_args(hint) if _is_union(hint) else (hint,)) if o is not
+               type(None)]  # fmt: skip
+    if option.none:
+        return str, f"<{options[0].__name__}|none>"
+    for item in options:
+        if typing.get_origin(item) is list and typing.get_args(item) != (str,):
+            return str | None, f"<{typing.get_args(item)[0].__name__},...>"  # "0.5,1"
+    return hint, None
+
+
+def declared_help(command_class: type, cls: Any) -> type:
+    """``command_class`` (a Typer command class) whose ``--help`` fits 80 columns and shows
+    what is known only then: a boolean's ``--no-...`` form is named in its help text, not in
+    a column of its own (two long names side by side leave the help no room), and the defaults
+    of ``cls``'s options known only then are added (``Option.help_default``: e.g. TRL's, which
+    would otherwise be imported on every run)."""
+    from rich.markup import escape
+
+    class DeclaredHelp(command_class):  # type: ignore[misc, valid-type]
+        def format_help(self, ctx: Any, formatter: Any) -> None:
+            options = {} if getattr(self, "_shown", False) else declared(cls)
+            self._shown = True  # (the params are changed in place: once)
+            for param in self.params:
+                option = options.get(param.name or "")
+                late = option.help_default(param.name, param.default) if option else None
+                if late is not None:
+                    param.help = f"{param.help} {escape(f'[default: {late}]')}"
+                if option is not None and param.secondary_opts:
+                    param.help = f"{param.help} {escape(f'[off: {param.secondary_opts[0]}]')}"
+                    param.secondary_opts = []
+            super().format_help(ctx, formatter)
+
+    return DeclaredHelp

@@ -185,6 +185,7 @@ def plan_delta(
         )
     truncated: dict[str, list[int]] = {}
     mismatched = []
+    only_rows_added = True  # every mismatch is a matrix that gained rows (vocabulary) and no more
     for name in sft.names:
         b_shape, s_shape = base.shape(name), sft.shape(name)
         if b_shape == s_shape:
@@ -197,14 +198,18 @@ def plan_delta(
         if added_rows and vocab_mismatch == "truncate":
             truncated[name] = [s_shape[0], b_shape[0]]
         else:
+            only_rows_added = only_rows_added and added_rows and len(s_shape) == 2
             mismatched.append(f"{name} {list(s_shape)} ({second}) vs {list(b_shape)} ({first})")
     if mismatched:
-        hint = (
-            f" The {second} model seems to add vocabulary rows: pass --vocab-mismatch truncate to "
-            "take τ over the rows both models have."
-            if vocab_mismatch == "error"
-            else ""
-        )
+        # --vocab-mismatch truncate helps only when nothing but the vocabulary dimension differs;
+        # any other difference (hidden size, layers, heads) is another architecture.
+        if only_rows_added and vocab_mismatch == "error":
+            hint = (
+                f" The {second} model seems to add vocabulary rows: pass --vocab-mismatch "
+                "truncate to take τ over the rows both models have."
+            )
+        else:
+            hint = " The models have different architectures: τ needs two models of one shape."
         raise InputError(f"shapes differ: {_listing(mismatched)}.{hint}")
     for name in sft.names:
         b_float, s_float = base.dtype(name).is_floating_point, sft.dtype(name).is_floating_point

@@ -40,11 +40,15 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
-            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise UsageError(
-                f"Unknown {self.kind} {name!r}. Choose one of: {', '.join(self._entries)}.{hint}"
+                f"Unknown {self.kind} {name!r}. Choose one of: {', '.join(self._entries)}."
+                + self.suggestion(name)
             ) from None
+
+    def suggestion(self, name: object) -> str:
+        """`` Did you mean 'a' or 'b'?`` naming the entries close to ``name``; "" if none is."""
+        close = difflib.get_close_matches(str(name), self._entries, n=3, cutoff=0.5)
+        return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
     def help(self, name: str) -> str:
         return self._help[name]

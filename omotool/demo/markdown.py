@@ -1,6 +1,7 @@
 """The demo's results as Markdown: the short summary (README, the command's output), the
 details (docs/demo.md, report.md) and the comparison of re-runs on other machine settings.
-Every figure comes from a results file (``report.build_results``); nothing here computes."""
+Every figure comes from a results file (``report.build_results``); nothing here computes.
+``write_demo_report`` saves the results and their long form side by side."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from omotool.demo.report import (
     fmt_interval,
     setting_name,
     verdict_words,
+    write_results,
 )
 
 
@@ -175,3 +177,13 @@ def robustness_markdown(results: dict[str, Any], variants: dict[str, dict[str, A
     for name, variant in variants.items():
         lines.append(f"- {name}: {provenance_line(variant)}")
     return "\n".join(lines) + "\n"
+
+
+def write_demo_report(results: dict[str, Any], workdir: Path, plot: Path | None) -> Path:
+    """``results.json`` and ``report.md`` in ``workdir`` (each written whole, then renamed)."""
+    from omotool.io.formats import write_text_atomic
+
+    write_results(results, workdir / "results.json")
+    target = workdir / "report.md"
+    write_text_atomic(target, report_markdown(results, plot))
+    return target

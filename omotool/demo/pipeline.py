@@ -216,8 +216,9 @@ def _run_demo(
     command: str | None,
     placement: Placement | None = None,
 ) -> DemoRun:
+    from omotool.demo.markdown import write_demo_report
     from omotool.demo.provenance import provenance
-    from omotool.demo.report import build_results, plot_frontiers, write_demo_report
+    from omotool.demo.report import build_results, plot_frontiers
 
     if settings.track not in TRACKS:
         raise UsageError(f"track {settings.track!r}: choose one of {', '.join(TRACKS)}.")

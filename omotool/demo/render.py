@@ -8,10 +8,11 @@
 whose text is exactly ``report.summary_markdown`` / ``report.details_markdown`` of
 ``docs/results/demo.json`` (which ``omotool demo --results`` writes), and
 ``<!-- demo:robustness:... -->``: the same run against re-runs on other settings of the
-machine (``docs/results/demo-<variant>.json``, e.g. two threads). The GRPO track's sections
-``grpo-summary`` and ``grpo-details`` render ``docs/results/grpo.json`` (``omotool demo --track
-grpo --results``) the same way. ``scripts/render_docs.py`` rewrites them (and the plots); a
-test fails when a document differs from the render.
+machine (``docs/results/demo-<variant>.json``, e.g. two threads). The GRPO track's section
+``grpo-details`` renders ``docs/results/grpo.json`` (``omotool demo --track grpo --results``)
+the same way, and ``cost`` each committed run's command, machine, date and time (from the
+results files' provenance). ``scripts/render_docs.py`` rewrites them (and the plots); a test
+fails when a document differs from the render.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ GRPO_RESULTS = Path("docs/results/grpo.json")  # the grpo track's
 GRPO_PLOT = Path("docs/demo-grpo-tradeoff.png")
 # document -> the sections it holds
 DOCUMENTS: dict[str, tuple[str, ...]] = {
-    "README.md": ("summary", "grpo-summary"),
-    "docs/demo.md": ("details", "robustness", "grpo-details"),
+    "README.md": ("summary",),
+    "docs/demo.md": ("details", "robustness", "grpo-details", "cost"),
 }
 
 
@@ -48,9 +49,29 @@ def render_sections(root: Path) -> dict[str, str]:
         "summary": summary_markdown(results),
         "details": details_markdown(results),
         "robustness": robustness_markdown(results, variants),
-        "grpo-summary": summary_markdown(grpo),
         "grpo-details": details_markdown(grpo),
+        "cost": cost_markdown(results, grpo, variants),
     }
+
+
+def cost_markdown(
+    results: dict[str, Any], grpo: dict[str, Any], variants: dict[str, dict[str, Any]]
+) -> str:
+    """One line per committed run: its command, machine, date and seconds (its provenance)."""
+
+    def line(name: str, made: dict[str, Any], seeds: int) -> str:
+        seconds = made.get("seconds", 0)
+        return (
+            f"| {name} | `{made.get('command')}` | {made.get('date')} | {made.get('cpu')}, "
+            f"ATen {made.get('cpu_capability')}, {made.get('threads')} thread(s) | "
+            f"{seconds:.0f} s ({seconds / 60:.1f} min; {seconds / seeds:.0f} s a seed) |"
+        )
+
+    rows = [("DPO track", results), ("GRPO track", grpo)]
+    rows += [(f"DPO track, {name}", variant) for name, variant in variants.items()]
+    lines = ["| run | command | date | machine | time |", "|---|---|---|---|---|"]
+    lines += [line(n, r["provenance"], r["settings"]["seeds"]) for n, r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _pattern(section: str) -> re.Pattern[str]:

@@ -1,4 +1,4 @@
-"""The demo's results: choices on validation, test numbers, frontiers, verdicts, plot, report.
+"""The demo's results: choices on validation, test numbers, frontiers, verdicts, plot, results file.
 
 Every trained model is one point ``(capability, reward)`` per split: capability is the mean
 accuracy of the SFT capabilities (the tax side), reward the mean of the reward tasks, overall
@@ -30,7 +30,7 @@ from typing import Any
 
 from omotool.errors import UsageError
 from omotool.eval.runner import headline
-from omotool.eval.suite import HEADLINE
+from omotool.eval.tasks import headline_name
 
 LABELS = {"sft": "SFT", "adamw": "AdamW", "ondare": "OnDARE", "onties": "OnTIES",
           "childtuning": "ChildTuning", "merge": "AdamW + offline merge"}  # fmt: skip
@@ -143,7 +143,7 @@ def average_half_width(evaluation: dict[str, Any], category: str) -> float:
     tasks' intervals are independent, so the average's half-width is √(Σ hᵢ²) / n."""
     widths = []
     for task in evaluation["tasks"].values():
-        key = HEADLINE[task["task"]]
+        key = headline_name(task["task"])
         if task["category"] == category and not task["failed"] and key in task["scores"]:
             widths.append((task["scores"][key]["high"] - task["scores"][key]["low"]) / 2)
     return math.sqrt(sum(w * w for w in widths)) / len(widths) if widths else 0.0
@@ -372,17 +372,6 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     axes.legend(fontsize=7)
     save_figure(plt, figure, path)
     return path
-
-
-def write_demo_report(results: dict[str, Any], workdir: Path, plot: Path | None) -> Path:
-    """``results.json`` and ``report.md`` in ``workdir`` (each written whole, then renamed)."""
-    from omotool.demo.markdown import report_markdown
-    from omotool.io.formats import write_text_atomic
-
-    write_results(results, workdir / "results.json")
-    target = workdir / "report.md"
-    write_text_atomic(target, report_markdown(results, plot))
-    return target
 
 
 def write_results(results: dict[str, Any], path: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omotool.errors import UsageError
-from omotool.eval.suite import HEADLINE
+from omotool.eval.tasks import headline_name
 
 _SWEEP = re.compile(r"^alpha-([0-9.]+)$")
 
@@ -23,7 +23,7 @@ _SWEEP = re.compile(r"^alpha-([0-9.]+)$")
 def _bar(model: dict[str, Any], category: str) -> float:
     widths = []
     for task in model["tasks"].values():
-        key = HEADLINE[task["task"]]
+        key = headline_name(task["task"])
         if task["category"] == category and not task["failed"] and key in task["scores"]:
             score = task["scores"][key]
             widths.append((score["high"] - score["low"]) / 2)

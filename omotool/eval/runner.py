@@ -1,9 +1,10 @@
 """``run_suite``: every task of a suite on every model, averages and differences, a report.
 
 For each model: each task's scores with 95% intervals (or why it failed); per category
-(``reward``, ``capability``) the mean of the tasks' headline scores (``suite.HEADLINE``; failed
-tasks are left out and named); and, when the suite names a baseline, each headline score and
-average minus the baseline's. ``write_report`` saves it as ``report.json``.
+(``reward``, ``capability``) the mean of the tasks' headline scores (each task's
+``EvalTask.headline``; failed tasks are left out and named); and, when the suite names a
+baseline, each headline score and average minus the baseline's. ``write_report`` saves it
+as ``report.json``.
 
 Models are evaluated one after another (every task of one, then the next). Held in memory at
 once: the model under evaluation and the models shared by all of them (the suite's
@@ -20,7 +21,6 @@ neither gives one (the CPU in float32 on a machine without CUDA). The report rec
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -28,23 +28,17 @@ from typing import Any
 
 from omotool.eval.device import Placement, load_options, placed, resolve_placement
 from omotool.eval.preference import TaskScores
-from omotool.eval.suite import (
-    CATEGORIES,
-    CHAT,
-    GENERATING,
-    HEADLINE,
-    Suite,
-    TaskSpec,
-    task_generation,
-)
+from omotool.eval.suite import CATEGORIES, Suite, generation_keys, task_generation
+from omotool.eval.tasks import FIRST_SCORE, TASKS, TaskRun, TaskSpec, headline_name
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
 class _Models:
-    """Models and tokenizers by path, loaded on first use and held until ``release``; and the
-    reference log-probabilities of the preference tasks (``reference_logps``); every model is
-    loaded with ``placement`` (the CPU in float32 unless given)."""
+    """Models and tokenizers by path, loaded on first use and held until ``release``: causal
+    LMs (``get``) and reward models (``reward_model``); and the reference log-probabilities of
+    the preference tasks (``reference_logps``); every model is loaded with ``placement`` (the
+    CPU in float32 unless given)."""
 
     def __init__(self, placement: Placement | None = None) -> None:
         self.placement = placement or resolve_placement("cpu", "float32")
@@ -76,6 +70,18 @@ class _Models:
             self.loaded[key] = (model, tokenizer)
         return self.loaded[key]
 
+    def reward_model(self, path: str) -> tuple[Any, Any]:
+        """``(classifier, tokenizer)`` of the reward model in ``path``, loaded on first use."""
+        from omotool.eval.reward_model import load_reward_model
+
+        key = self.reward_model_key(path)
+        if key not in self.loaded:
+            self.loaded[key] = load_reward_model(path, self.placement)
+        return self.loaded[key]
+
+    def reward_model_key(self, path: str) -> str:
+        return f"reward-model:{self.key(path)}"
+
     def release(self, keep: set[str]) -> None:
         """Drop every model whose key is not in ``keep`` and give its memory back."""
         dropped = [key for key in self.loaded if key not in keep]
@@ -102,76 +108,19 @@ def run_task(
     """One task on one model: its scores and, for generating tasks, the answers.
 
     ``progress(done)`` follows each pass over the examples (scoring, generation)."""
-    from omotool.eval import generation, likelihood, preference, reward_model
-
-    batch = suite.batch_size
-    tick = progress
     settings = task_generation(spec, suite)
-    if spec.task != "lm_eval":  # the harness loads the model itself
-        model, tokenizer = models.get(model_path)
-    if spec.task == "preference":
-        reference, _ = models.get(suite.reference)
-        beta = spec.options.get("beta", 0.1)  # checked when the suite is loaded
-        # The reference scores the same token ids the same way for every model: once per task.
-        encoded = preference.encode_pairs(tokenizer, spec.examples)
-        ids = hashlib.sha256(repr((encoded, tokenizer.pad_token_id)).encode()).hexdigest()
-        key = (models.key(suite.reference), spec.name, ids)
-        if key not in models.reference_logps:
-            logps = preference.side_logprobs(reference, tokenizer, encoded, batch, tick)
-            models.reference_logps[key] = logps
-        policy_logps = preference.side_logprobs(model, tokenizer, encoded, batch, tick)
-        return preference.margin_scores(policy_logps, models.reference_logps[key], beta), None
-    if spec.task == "lm_eval":
-        from omotool.eval.harness import lm_eval_scores
-
-        options = spec.options
-        return lm_eval_scores(
-            model_path, options["tasks"], options.get("include_path"), batch,
-            options.get("num_fewshot"), options.get("limit"), models.placement,
-        ), None  # fmt: skip
-    if spec.task == "choice":
-        chat = settings.chat
-        scores = likelihood.choice_scores(model, tokenizer, spec.examples, batch, tick, chat)
-        return scores, None
-    if spec.task == "perplexity":
-        return likelihood.perplexity_scores(model, tokenizer, spec.examples, batch, tick), None
-    if spec.task == "generate":
-        return generation.generate_scores(
-            model, tokenizer, spec.examples, spec.options.get("extract", "exact"),
-            spec.options.get("pattern"), settings, batch, tick,
-        )  # fmt: skip
-    prompts = [e["prompt"] for e in spec.examples]
-    answers = generation.generate_answers(model, tokenizer, prompts, settings, batch, tick)
-    rm, rm_tokenizer = _reward_model(models, spec.options["reward_model"])
-    rewards = reward_model.rewards(rm, rm_tokenizer, prompts, answers, batch, tick)
-    baseline = None
-    if baseline_answers is not None:
-        baseline = reward_model.rewards(rm, rm_tokenizer, prompts, baseline_answers, batch)
-    return reward_model.reward_model_scores(rewards, baseline), answers
-
-
-def _reward_model(models: _Models, path: str) -> tuple[Any, Any]:
-    from omotool.eval.reward_model import load_reward_model
-
-    key = _reward_model_key(models, path)
-    if key not in models.loaded:
-        models.loaded[key] = load_reward_model(path, models.placement)
-    return models.loaded[key]
-
-
-def _reward_model_key(models: _Models, path: str) -> str:
-    return f"reward-model:{models.key(path)}"
+    run = TaskRun(
+        spec, model_path, models, settings, suite.batch_size, suite.reference,
+        baseline_answers, progress,
+    )  # fmt: skip
+    return TASKS.get(spec.task).run(run)
 
 
 def _shared(models: _Models, suite: Suite) -> set[str]:
-    """Keys of the models every evaluated model needs: the reference, the reward models."""
-    keep = {
-        _reward_model_key(models, spec.options["reward_model"])
-        for spec in suite.tasks
-        if spec.task == "reward_model"
-    }
-    if suite.reference and any(spec.task == "preference" for spec in suite.tasks):
-        keep.add(models.key(suite.reference))
+    """Keys of the models every evaluated model needs (the reference, the reward models)."""
+    keep: set[str] = set()
+    for spec in suite.tasks:
+        keep |= TASKS.get(spec.task).shared(spec, models, suite.reference)
     return keep
 
 
@@ -270,27 +219,24 @@ def run_suite(
 
 
 def _generation_report(spec: TaskSpec, suite: Suite) -> dict[str, Any]:
-    """The generation settings a task ran with (a choice task: ``chat`` only; none if none)."""
-    if spec.task not in CHAT:
+    """The generation settings a task ran with (those it reads; none if none)."""
+    keys = generation_keys(TASKS.get(spec.task))
+    if not keys:
         return {}
     settings = task_generation(spec, suite).as_dict()
-    return {"generation": settings if spec.task in GENERATING else {"chat": settings["chat"]}}
+    return {"generation": {key: value for key, value in settings.items() if key in keys}}
 
 
 def _passes(spec: TaskSpec) -> int:
-    """Examples per pass of a task (choice scores every option: one pass over all of them)."""
-    if spec.task == "lm_eval":
-        return 1  # the harness shows its own progress
-    if spec.task == "choice":
-        return sum(len(e["choices"]) for e in spec.examples)
-    return len(spec.examples)
+    """Examples per pass of a task (for progress)."""
+    return TASKS.get(spec.task).passes(spec.examples)
 
 
 def headline(task: dict[str, Any]) -> float | None:
-    key = HEADLINE[task["task"]]
+    key = headline_name(task["task"])
     if task["failed"] or key is None:
         return None
-    if key == "" and task["scores"]:  # lm_eval: its first metric
+    if key == FIRST_SCORE and task["scores"]:  # e.g. lm_eval: its first metric
         key = next(iter(task["scores"]))
     if key not in task["scores"]:  # a reward_model task without a baseline: no win rate
         return None
@@ -332,7 +278,7 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
 
 def headline_key(task: dict[str, Any]) -> str | None:
     """The name of the score shown for a task (its headline, else its first score)."""
-    key = HEADLINE[task["task"]]
+    key = headline_name(task["task"])
     if key in task["scores"]:
         return key
     return next(iter(task["scores"]), None)

@@ -20,10 +20,14 @@ A suite is a YAML file::
 Relative paths are taken from the suite file's folder. Every task's data is read and checked
 when the suite is loaded, before any model is.
 
+What each task reads, which keys it may set and how it runs is its entry in
+``eval/tasks`` (``TASKS``); nothing here names a task. A key a task does not take is an error.
+
 ``generation`` holds the defaults of ``GenerationSettings`` (``max_new_tokens``,
 ``temperature``, ``top_p``, ``seed``, ``chat``, ``until``: stop sequences); a task that
-generates (``generate``, ``reward_model``) may set any of them for itself, and a ``choice``
-task its own ``chat`` (``task_generation``). Giving one to a task it cannot affect is an error.
+generates (``generate``, ``reward_model``) may set any of them for itself, and a task that
+renders prompts with the chat template (``choice``) its own ``chat`` (``task_generation``).
+Giving one to a task it cannot affect is an error.
 
 ``device`` and ``dtype`` say where the models are loaded and in which dtype (``eval/device.py``;
 ``auto`` when not given); the command line's ``--device``/``--dtype`` override them. Their
@@ -32,8 +36,6 @@ spelling is checked when the suite is loaded, whether the machine has the device
 
 from __future__ import annotations
 
-import difflib
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,35 +45,13 @@ import yaml
 
 from omotool.errors import InputError, UsageError
 from omotool.eval.device import check_device, check_dtype
-from omotool.eval.generation import (
-    GENERATION_KEYS,
-    GenerationSettings,
-    check_extract,
-    settings_from,
-)
+from omotool.eval.generation import GENERATION_KEYS, GenerationSettings, settings_from
+from omotool.eval.tasks import TASKS, EvalTask, TaskSpec, readers, resolve
 
-TASKS = ("preference", "reward_model", "perplexity", "generate", "choice", "lm_eval")
 CATEGORIES = ("reward", "capability")
-HEADLINE = {  # the score a task contributes to its category's average (higher is better)
-    "preference": "reward_accuracy",
-    "reward_model": "win_rate",
-    "generate": "accuracy",
-    "choice": "accuracy",
-    "perplexity": None,  # not a fraction: reported, not averaged
-    "lm_eval": "",  # the first metric of its first task
-}
-GENERATING = ("generate", "reward_model")  # tasks whose answers are generated
-CHAT = ("generate", "reward_model", "choice")  # tasks that may render with the chat template
+SPEC_KEYS = ("name", "task", "data", "category")  # a suite entry's keys that every task has
 
-
-@dataclass
-class TaskSpec:
-    name: str
-    task: str
-    data: Path
-    category: str
-    options: dict[str, Any] = field(default_factory=dict)
-    examples: list[Any] = field(default_factory=list)
+__all__ = ["CATEGORIES", "Suite", "TaskSpec", "load_suite", "single_task_suite", "task_generation"]
 
 
 @dataclass
@@ -123,12 +103,13 @@ def load_suite(path: str | Path) -> Suite:
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise InputError(f"suite {path}: task names repeat ({', '.join(names)}).")
-    if any(t.task == "preference" for t in tasks) and not raw.get("reference"):
-        raise InputError(f"suite {path}: the preference task needs 'reference' (the SFT model).")
+    needing = [t.task for t in tasks if TASKS.get(t.task).needs_reference]
+    if needing and not raw.get("reference"):
+        raise InputError(f"suite {path}: the {needing[0]} task needs 'reference' (the SFT model).")
     suite = Suite(
         tasks=tasks,
-        baseline=_resolve(raw.get("baseline"), folder),
-        reference=_resolve(raw.get("reference"), folder),
+        baseline=resolve(raw.get("baseline"), folder),
+        reference=resolve(raw.get("reference"), folder),
         batch_size=batch_size,
         generation=generation,
         path=path,
@@ -146,25 +127,31 @@ def task_generation(spec: TaskSpec, suite: Suite, where: str = "") -> Generation
     """The generation settings of ``spec``: the suite's, with the task's own keys over them
     (a ``UsageError`` for a key the task cannot use: see module docstring)."""
     own = {key: value for key, value in spec.options.items() if key in GENERATION_KEYS}
-    unused = [key for key in own if key not in _generation_keys(spec.task)]
+    unused = [key for key in own if key not in generation_keys(TASKS.get(spec.task))]
     if unused:
+        generating = readers(GENERATION_KEYS)
+        chat = [name for name in readers(["chat"]) if name not in generating]
         raise UsageError(
             f"{where}{', '.join(unused)} has no effect on a {spec.task} task (generation keys "
-            f"apply to {', '.join(GENERATING)}; chat also to choice)."
+            f"apply to {', '.join(generating)}"
+            + (f"; chat also to {', '.join(chat)})." if chat else ").")
         )
     return settings_from(own, suite.generation, where=where)
 
 
-def _resolve(value: str | None, folder: Path) -> str | None:
-    if value is None:
-        return None
-    candidate = folder / value
-    return str(candidate) if candidate.exists() else str(value)  # else: a Hub id
+def generation_keys(task: EvalTask) -> tuple[str, ...]:
+    """The generation keys that change what ``task`` does."""
+    return GENERATION_KEYS if task.generates else ("chat",) if task.chat else ()
 
 
-def _generation_keys(kind: str) -> tuple[str, ...]:
-    """The generation keys that change what a task of ``kind`` does."""
-    return GENERATION_KEYS if kind in GENERATING else ("chat",) if kind in CHAT else ()
+def task_entry(kind: Any, where: str = "") -> EvalTask:
+    """The ``TASKS`` entry called ``kind``; a ``UsageError`` listing the tasks otherwise."""
+    if not isinstance(kind, str) or kind not in TASKS:
+        raise UsageError(
+            f"{where}unknown task {kind!r}; valid tasks: {', '.join(TASKS)}."
+            + TASKS.suggestion(kind)
+        )
+    return TASKS.get(kind)
 
 
 def _unescape(text: str) -> str:
@@ -178,123 +165,33 @@ def _task(entry: Any, number: int, folder: Path, path: Path) -> TaskSpec:
     if not isinstance(entry, dict):
         raise InputError(f"{where}: expected a mapping with name, task, data, category.")
     kind = entry.get("task")
-    if kind not in TASKS:
-        close = difflib.get_close_matches(str(kind), TASKS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UsageError(f"{where}: unknown task {kind!r}; valid tasks: {', '.join(TASKS)}.{hint}")
+    task = task_entry(kind, f"{where}: ")
     category = entry.get("category")
     if category not in CATEGORIES:
         raise InputError(f"{where}: category must be one of {', '.join(CATEGORIES)}.")
-    if "data" not in entry and kind != "lm_eval":
+    if "data" not in entry and task.reads_data:
         raise InputError(f"{where}: missing 'data'.")
     if "data" in entry and not isinstance(entry["data"], str):
         raise InputError(f"{where}: 'data' must be a file path.")
-    options = {k: v for k, v in entry.items() if k not in ("name", "task", "data", "category")}
-    _check_options(kind, options, where)
-    if kind == "reward_model":
-        if not isinstance(options.get("reward_model"), str):
-            raise InputError(f"{where}: the reward_model task needs 'reward_model' (a folder).")
-        options["reward_model"] = _resolve(options["reward_model"], folder)
-    if kind == "lm_eval":
-        if not options.get("tasks"):
-            raise InputError(f"{where}: the lm_eval task needs 'tasks' (harness task names).")
-        if isinstance(options["tasks"], str):
-            options["tasks"] = [t.strip() for t in options["tasks"].split(",") if t.strip()]
-        if not isinstance(options["tasks"], list) or not all(
-            isinstance(t, str) for t in options["tasks"]
-        ):
-            raise InputError(f"{where}: 'tasks' must be harness task names (list or commas).")
-        if options.get("include_path"):
-            if not isinstance(options["include_path"], str):
-                raise InputError(f"{where}: 'include_path' must be a folder.")
-            options["include_path"] = str(folder / options["include_path"])
-        return TaskSpec(str(entry.get("name", kind)), kind, folder, category, options)
+    options = {k: v for k, v in entry.items() if k not in SPEC_KEYS}
+    unknown = [k for k in options if k not in task.options and k not in GENERATION_KEYS]
+    if unknown:
+        valid = (*SPEC_KEYS, *task.options, *generation_keys(task))
+        raise InputError(
+            f"{where}: unknown key(s) {', '.join(map(str, unknown))} for a {kind} task "
+            f"(valid: {', '.join(valid)})."
+        )
+    try:
+        task.check(options, folder)  # the values a model run would otherwise trip over
+    except UsageError as error:
+        raise InputError(f"{where}: {error}") from None
+    name = str(entry.get("name", kind))
+    if not task.reads_data:
+        return TaskSpec(name, kind, folder, category, options)
     data = folder / entry["data"]
-    spec = TaskSpec(str(entry.get("name", kind)), kind, data, category, options)
-    spec.examples = read_task_data(kind, data)
+    spec = TaskSpec(name, kind, data, category, options)
+    spec.examples = task.read_data(kind, data)
     return spec
-
-
-def _check_options(kind: str, options: dict[str, Any], where: str) -> None:
-    """The task-specific values a model run would otherwise trip over, checked up front."""
-    if kind == "generate":
-        try:
-            check_extract(options.get("extract", "exact"), options.get("pattern"))
-        except UsageError as error:
-            raise InputError(f"{where}: {error}") from None
-    if kind == "preference" and "beta" in options:
-        beta = options["beta"]
-        try:
-            options["beta"] = float(beta)  # YAML reads 1e-1 as text
-        except (TypeError, ValueError):
-            options["beta"] = math.nan
-        if isinstance(beta, bool) or not options["beta"] > 0 or math.isinf(options["beta"]):
-            raise InputError(f"{where}: beta must be a number > 0, not {beta!r}.")
-    for key in ("num_fewshot", "limit") if kind == "lm_eval" else ():
-        value = options.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InputError(f"{where}: {key} must be a whole number >= 0, not {value!r}.")
-
-
-_TEXT_FIELDS = {
-    "generate": ("prompt",),
-    "choice": ("question",),
-    "reward_model": ("prompt",),
-    "perplexity": ("text",),
-}
-
-
-def read_task_data(kind: str, data: Path) -> list[Any]:
-    """The examples of one task, checked row by row (errors name the file and line)."""
-    from omotool.data import load_examples, read_rows
-
-    if kind == "preference":
-        return load_examples(data, "preference")
-    if kind == "perplexity" and data.suffix == ".txt":
-        if not data.exists():
-            raise InputError(f"data file {data} does not exist.")
-        documents = [d.strip() for d in data.read_text(encoding="utf-8").split("\n\n")]
-        documents = [d for d in documents if d]
-        if not documents:
-            raise InputError(f"{data}: no documents (the file is empty).")
-        return documents
-    required = {
-        "perplexity": ("text",),
-        "generate": ("prompt", "reference"),
-        "choice": ("question", "choices", "answer"),
-        "reward_model": ("prompt",),
-    }[kind]
-    rows = []
-    for row in read_rows(data):
-        missing = [name for name in required if row.fields.get(name) in (None, "")]
-        if missing:
-            raise InputError(
-                f"{row.where}: missing field {', '.join(repr(m) for m in missing)} "
-                f"(the {kind} task reads {', '.join(required)})."
-            )
-        for name in _TEXT_FIELDS[kind]:
-            if not isinstance(row.fields[name], str):
-                raise InputError(f"{row.where}: {name!r} must be text, not {row.fields[name]!r}.")
-        if kind == "generate":
-            reference = row.fields["reference"]
-            if isinstance(reference, bool) or not isinstance(reference, (str, int, float)):
-                raise InputError(f"{row.where}: 'reference' must be text or a number.")
-            row.fields["reference"] = str(reference)
-        if kind == "choice":
-            choices = row.fields["choices"]
-            if not isinstance(choices, list) or len(choices) < 2:
-                raise InputError(f"{row.where}: 'choices' must be a list of at least 2 options.")
-            if not all(isinstance(c, str) for c in choices):
-                raise InputError(f"{row.where}: every option in 'choices' must be text.")
-            from omotool.eval.likelihood import answer_index
-
-            answer_index(row.fields, f"{row.where}: ")
-        rows.append(row.fields["text"] if kind == "perplexity" else row.fields)
-    if not rows:
-        raise InputError(f"{data}: no examples (the dataset is empty).")
-    return rows
 
 
 def single_task_suite(
@@ -310,43 +207,30 @@ def single_task_suite(
 
     ``generation`` holds the command line's generation settings (``until``: a list of stop
     sequences, backslash escapes read as in Python; ``chat``); ``None`` values are not given."""
-    if task not in TASKS:
-        close = difflib.get_close_matches(str(task), TASKS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UsageError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}.{hint}")
-    if task == "preference" and not reference:
-        raise UsageError("--task preference needs --ref-model (the SFT model).")
-    if task == "reward_model" and not options.get("reward_model"):
-        raise UsageError("--task reward_model needs --reward-model (a classifier folder).")
+    entry = task_entry(task)
+    if entry.needs_reference and not reference:
+        raise UsageError(f"--task {task} needs --ref-model (the SFT model).")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {batch_size}.")
     given = {key: value for key, value in (generation or {}).items() if value not in (None, [])}
     if isinstance(given.get("until"), list):
         given["until"] = [_unescape(s) if isinstance(s, str) else s for s in given["until"]]
-    unused = [key for key in given if key not in _generation_keys(task)]
+    unused = [key for key in given if key not in generation_keys(entry)]
     if unused:
         flags = ", ".join("--chat/--no-chat" if key == "chat" else f"--{key}" for key in unused)
         raise UsageError(
             f"{flags} has no effect on --task {task} (it applies to --task "
-            f"{', '.join(GENERATING) if unused != ['chat'] else ', '.join(CHAT)})."
+            f"{', '.join(readers(unused))})."
         )
     settings = settings_from(given, flags=True)
-    if task == "generate":
-        check_extract(options.get("extract") or "exact", options.get("pattern"))
-    category = "reward" if task in ("preference", "reward_model") else "capability"
     spec = TaskSpec(
-        task, task, Path(data or "."), category, {k: v for k, v in options.items() if v}
+        task, task, Path(data or "."), entry.category, {k: v for k, v in options.items() if v}
     )
-    if task == "lm_eval":
-        if not spec.options.get("tasks"):
-            raise UsageError("--task lm_eval needs --lm-tasks NAME[,NAME...].")
-        spec.options["tasks"] = [t.strip() for t in spec.options["tasks"].split(",") if t.strip()]
-        if not spec.options["tasks"]:
-            raise UsageError("--lm-tasks names no task; give NAME[,NAME...].")
-    else:
+    entry.check(spec.options, None)
+    if entry.reads_data:
         if data is None:
             raise UsageError(f"--task {task} needs --data FILE.")
-        spec.examples = read_task_data(task, Path(data))
+        spec.examples = entry.read_data(task, Path(data))
     return Suite(
         [spec], baseline=baseline, reference=reference, batch_size=batch_size, generation=settings
     )

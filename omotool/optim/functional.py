@@ -33,7 +33,7 @@ ops, any device) and ``triton`` (fused Triton kernels).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,22 +43,72 @@ from omotool.errors import UsageError
 from omotool.merging import RESCALES
 from omotool.merging.consensus import ELECTIONS
 from omotool.optim.distributed import Shard
-from omotool.optim.rules import (  # noqa: F401 - the rules' names, re-exported
-    MERGE_RULES,
-    METHODS,
-    DareDraw,
-    Direction,
-    MergeContext,
-    add_dare_reference_,
-    apply_ties_,
-    dare_update_indices,
-    merge_dare_,
-    merge_ties_,
-    reference_tensor,
-)
 from omotool.optim.task_vector import FlatDelta
+from omotool.registry import Registry
 
 _RETIRED_OPTIONS = ("dare_draw",)  # saved by older versions: a backend's detail, not an option
+
+
+Direction = Callable[[torch.Tensor | None], torch.Tensor]
+"""``direction(index)``: Adam's ``Δθ`` at flat ``index`` (1-D), or whole when ``None``."""
+
+
+DareDraw = Callable[[int, "MergeContext", torch.device], torch.Tensor]
+"""``draw(numel, context, device)``: sorted flat indices of ``Δθ`` kept by OnDARE at
+``context.step``, keyed by ``(seed, "update", step, name)`` (local ones under a shard): the
+whole tensor's Bernoulli(p) mask. Each backend has one way to draw it (``dare_update_indices``:
+from a keyed torch generator)."""
+
+
+@dataclass
+class MergeContext:
+    """What a rule's ``merge`` needs of one parameter's step besides its tensors: its ``name``
+    and ``step`` (which key the masks), the ``options``, the ``stats`` to add to, the FSDP
+    ``shard`` (``None``: the whole tensor), scratch buffers (``workspace``) and the backend's
+    OnDARE mask ``draw`` (``None``: ``dare_update_indices``)."""
+
+    name: str
+    step: int
+    options: MergeOptions
+    stats: StepStats
+    shard: Shard | None = None
+    workspace: Workspace | None = None
+    draw: DareDraw | None = None
+
+
+MergeFn = Callable[[torch.Tensor, Direction, "FlatDelta | None", MergeContext], None]
+"""``merge(θ, direction, T, context)``: ``θ ← θ + merge(Δθ, T)`` for one parameter."""
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    """One online merge rule: ``name`` (``method=``), ``default_rescale`` (``rescale=None``),
+    ``reference_term`` (``T = F(τ_r)`` of one whole parameter), ``merge`` (the reference
+    step; a rule with neither is plain AdamW) and ``reads_whole_update`` (whether it needs
+    every entry of ``Δθ``, as a top-p does, or only those it keeps)."""
+
+    name: str
+    default_rescale: str
+    reference_term: Callable[[torch.Tensor, str, MergeOptions], torch.Tensor] | None = None
+    merge: MergeFn | None = None
+    reads_whole_update: bool = False
+
+    @property
+    def merges(self) -> bool:
+        return self.merge is not None
+
+
+MERGE_RULES: Registry[MergeRule] = Registry("online merge method")
+"""The rules by name (``optim.rules`` registers them: none, dare, ties)."""
+
+
+def reference_tensor(tau: torch.Tensor, name: str, options: MergeOptions) -> torch.Tensor:
+    """``T = F(τ_r)`` for one whole parameter, fixed for the run (dense float32), by the rule
+    of ``options.method``."""
+    term = MERGE_RULES.get(options.method).reference_term
+    if term is None:
+        raise UsageError(f"method {options.method!r} has no reference term T (no merging).")
+    return term(tau.float(), name, options)
 
 
 @dataclass(frozen=True)

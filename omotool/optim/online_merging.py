@@ -31,7 +31,11 @@ from omotool.optim.gradients import (  # noqa: F401 - NonFiniteGradientError, gr
     gradients_nonfinite,
     non_finite_error,
 )
-from omotool.optim.references import set_up_merging
+from omotool.optim.references import (  # noqa: F401 - what `missing=`, `nan_policy=` take
+    MISSING_POLICIES,
+    NAN_POLICIES,
+    set_up_merging,
+)
 from omotool.optim.task_vector import TaskVector
 
 BACKENDS = ("auto", *backends.BACKENDS.names())

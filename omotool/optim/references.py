@@ -12,8 +12,7 @@ import torch
 
 from omotool.errors import InputError, UsageError
 from omotool.optim.distributed import local_tensors
-from omotool.optim.functional import MergeOptions
-from omotool.optim.rules import reference_tensor
+from omotool.optim.functional import MergeOptions, reference_tensor
 from omotool.optim.task_vector import FlatDelta, TaskVector
 
 NAN_POLICIES = ("skip", "raise")

@@ -1,10 +1,11 @@
-"""The online merge rules (``method=``): one registry entry per rule, and the reference
-implementation of each (plain tensor ops: the spec every backend is tested against).
+"""The online merge rules (``method=``), registered in ``functional.MERGE_RULES``, with the
+reference implementation of each (plain tensor ops: the spec every backend is tested against).
 
-A rule (``MergeRule``) owns its name, its default rescale, how ``T = F(τ_r)`` is built
-(``reference_term``) and how a step's update is merged (``merge``); ``MERGE_RULES`` lists them
-and answers an unknown name with the close ones. Backends implement the merging rules by name
-(``backends.base.Backend.rules``) and refuse, at construction, a rule they do not implement.
+A rule (``functional.MergeRule``) owns its name, its default rescale, how ``T = F(τ_r)`` is
+built (``reference_term``) and how a step's update is merged (``merge``); ``MERGE_RULES``
+lists them and answers an unknown name with the close ones. Backends implement the merging
+rules by name (``backends.base.Backend.rules``) and refuse, at construction, a rule they do
+not implement.
 
 - OnDARE (Eq. 3, 4): ``θ ← θ + (1 − α)·F_R(Δθ) + α·T``, ``F_R`` a fresh Bernoulli(p) mask every
   step keyed by ``(seed, "update", t, name)``; only the kept entries of ``Δθ`` are computed.
@@ -14,13 +15,10 @@ and answers an unknown name with the close ones. Backends implement the merging 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from omotool.errors import UsageError
 from omotool.merging import (
     bernoulli_indices,
     dare,
@@ -30,76 +28,23 @@ from omotool.merging import (
     magnitude_topk_indices,
     rescale,
 )
-from omotool.optim.distributed import Shard, sharded_magnitude_mask
-from omotool.registry import Registry
+from omotool.optim.distributed import sharded_magnitude_mask
+from omotool.optim.functional import (
+    MERGE_RULES,
+    Direction,
+    MergeContext,
+    MergeOptions,
+    MergeRule,
+    StepStats,
+)
 
 if TYPE_CHECKING:
-    from omotool.optim.functional import MergeOptions, StepStats, Workspace
     from omotool.optim.task_vector import FlatDelta
-
-Direction = Callable[[torch.Tensor | None], torch.Tensor]
-"""``direction(index)``: Adam's ``Δθ`` at flat ``index`` (1-D), or whole when ``None``."""
-
-
-DareDraw = Callable[[int, "MergeContext", torch.device], torch.Tensor]
-"""``draw(numel, context, device)``: sorted flat indices of ``Δθ`` kept by OnDARE at
-``context.step``, keyed by ``(seed, "update", step, name)`` (local ones under a shard): the
-whole tensor's Bernoulli(p) mask. Each backend has one way to draw it (``dare_update_indices``:
-from a keyed torch generator)."""
-
-
-@dataclass
-class MergeContext:
-    """What a rule's ``merge`` needs of one parameter's step besides its tensors: its ``name``
-    and ``step`` (which key the masks), the ``options``, the ``stats`` to add to, the FSDP
-    ``shard`` (``None``: the whole tensor), scratch buffers (``workspace``) and the backend's
-    OnDARE mask ``draw`` (``None``: ``dare_update_indices``)."""
-
-    name: str
-    step: int
-    options: MergeOptions
-    stats: StepStats
-    shard: Shard | None = None
-    workspace: Workspace | None = None
-    draw: DareDraw | None = None
-
-
-MergeFn = Callable[[torch.Tensor, Direction, "FlatDelta | None", MergeContext], None]
-"""``merge(θ, direction, T, context)``: ``θ ← θ + merge(Δθ, T)`` for one parameter."""
-
-
-@dataclass(frozen=True)
-class MergeRule:
-    """One online merge rule: ``name`` (``method=``), ``default_rescale`` (``rescale=None``),
-    ``reference_term`` (``T = F(τ_r)`` of one whole parameter), ``merge`` (the reference
-    step; a rule with neither is plain AdamW) and ``reads_whole_update`` (whether it needs
-    every entry of ``Δθ``, as a top-p does, or only those it keeps)."""
-
-    name: str
-    default_rescale: str
-    reference_term: Callable[[torch.Tensor, str, MergeOptions], torch.Tensor] | None = None
-    merge: MergeFn | None = None
-    reads_whole_update: bool = False
-
-    @property
-    def merges(self) -> bool:
-        return self.merge is not None
-
-
-MERGE_RULES: Registry[MergeRule] = Registry("online merge method")
 
 
 def register(rule: MergeRule, help: str) -> MergeRule:
+    """Add ``rule`` to ``MERGE_RULES`` under its name."""
     return MERGE_RULES.register(rule.name, help=help)(rule)
-
-
-def reference_tensor(tau: torch.Tensor, name: str, options: MergeOptions) -> torch.Tensor:
-    """``T = F(τ_r)`` for one whole parameter, fixed for the run (dense float32), by the rule
-    of ``options.method``."""
-    term = MERGE_RULES.get(options.method).reference_term
-    if term is None:
-        raise UsageError(f"method {options.method!r} has no reference term T (no merging).")
-    return term(tau.float(), name, options)
 
 
 # -- OnDARE -------------------------------------------------------------------------------------

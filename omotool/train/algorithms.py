@@ -3,9 +3,10 @@
 The optimizer is loss-agnostic, so every algorithm here trains with online merging: offline
 ones on fixed examples (DPO family, KTO, SFT) and online ones that sample completions and score
 them with reward functions (GRPO, RLOO; data kind ``prompt``). Options of ``omotool train``
-that only some algorithms take (``ALGORITHM_OPTIONS``) are listed per algorithm in
-``Algorithm.options``: they reach its TRL config, and a value set for an algorithm that does not
-list it is refused (``omotool.train.arguments.check_algorithm_options``), never dropped.
+that only some algorithms take (declared with ``lacks`` in ``omotool.train.options``) are
+listed per algorithm in ``Algorithm.options``: they reach its TRL config, and a value set for an
+algorithm that does not list it is refused (``omotool.train.arguments.check_algorithm_options``),
+never dropped.
 """
 
 from __future__ import annotations
@@ -16,25 +17,6 @@ from typing import Any
 
 from omotool.registry import Registry
 
-_SAMPLES_NOTHING = "it learns from fixed examples, it samples no completions"
-# The options only some algorithms take: option name → (TRL config field, why one lacks it).
-# Their TrainConfig defaults mean "not set" (None, or the off value): an unset option is not
-# passed, so TRL's own default applies.
-ALGORITHM_OPTIONS: dict[str, tuple[str, str]] = {
-    "beta": ("beta", "its loss has no beta"),
-    "label_smoothing": ("label_smoothing", "its loss does not smooth labels"),
-    "precompute_ref": ("precompute_ref_log_probs", "it has no reference model"),
-    "num_generations": ("num_generations", _SAMPLES_NOTHING),
-    "max_completion_length": ("max_completion_length", _SAMPLES_NOTHING),
-    "temperature": ("temperature", _SAMPLES_NOTHING),
-    "top_p": ("top_p", _SAMPLES_NOTHING),
-    "use_vllm": ("use_vllm", _SAMPLES_NOTHING),
-    "num_iterations": ("num_iterations", "it takes one step per batch"),
-    "epsilon": ("epsilon", "its loss clips no probability ratio"),
-    "loss_type": ("loss_type", "TRL gives it one loss"),
-    "scale_rewards": ("scale_rewards", "TRL does not scale its rewards by their spread"),
-    "reward_weights": ("reward_weights", "it has no reward functions"),
-}
 # The options of TRL's online trainers (GRPO and RLOO) that both take.
 _ONLINE = (
     "beta", "num_generations", "max_completion_length", "temperature", "top_p", "use_vllm",
@@ -50,7 +32,7 @@ class Algorithm:
     trainer: str  # "module:Class"
     config: str  # "module:Class"
     settings: dict[str, Any] = field(default_factory=dict)  # fixed config values (loss type)
-    options: tuple[str, ...] = ()  # the ALGORITHM_OPTIONS its TRL loss reads
+    options: tuple[str, ...] = ()  # the algorithm-only train options its TRL loss reads
     min_batch_size: int = 1  # per device: KTO estimates its KL term from the other examples
 
     @property

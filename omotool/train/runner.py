@@ -25,7 +25,7 @@ import yaml
 from omotool.errors import InputError, OutputError, UsageError
 from omotool.io.formats import fsync_path, write_text_atomic
 from omotool.train.algorithms import ALGORITHMS
-from omotool.train.arguments import MERGES, TrainConfig, trl_arguments
+from omotool.train.arguments import MERGES, TrainConfig, optimizer_options, trl_arguments
 from omotool.train.checkpoints import (
     CHECKPOINT,
     STAGING,
@@ -36,7 +36,8 @@ from omotool.train.rewards import load_reward, name_uniquely, parse_rewards, req
 from omotool.train.trainer import metrics_callback, online_merging_trainer
 
 METRICS_FILE = "metrics.jsonl"
-# TrainConfig, MERGES and trl_arguments live in omotool.train.arguments; imported from here too.
+# MERGES lives in omotool.train.options, TrainConfig and trl_arguments in omotool.train.arguments;
+# imported from here too.
 __all__ = ["MERGES", "TrainConfig", "TrainResult", "run_training", "trl_arguments"]
 
 
@@ -114,8 +115,11 @@ def resume_point(config: TrainConfig, output: Path) -> Path:
         raise InputError(f"nothing to resume in {output}: no {CONFIG_FILE} of an earlier run.")
     saved = yaml.safe_load(saved_path.read_text()) or {}
     current = asdict(config)
+    defaults = asdict(TrainConfig())  # an option added since the run was saved: its default
     changed = sorted(
-        key for key in current if key not in RESUMABLE and saved.get(key) != current[key]
+        key
+        for key in current
+        if key not in RESUMABLE and saved.get(key, defaults[key]) != current[key]
     )
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} → {current[k]!r}" for k in changed)
@@ -213,16 +217,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     metrics = metrics_callback(metrics_path)
     interrupt = Interrupt()
     trainer_class = online_merging_trainer(
-        algorithm.trainer_class(),
-        tau,
-        method=config.merge,
-        reserve_p=config.reserve_p,
-        alpha=config.alpha,
-        online_step=config.online_step,
-        rescale=config.rescale,
-        election=config.election,
-        seed=config.seed,
-        backend=config.optimizer_backend,
+        algorithm.trainer_class(), tau, **optimizer_options(config)
     )
     extra = {"reward_funcs": rewards} if algorithm.online else {}
     try:

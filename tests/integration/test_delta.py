@@ -182,6 +182,19 @@ def test_bad_shape_mismatch_names_both_shapes(llama_pair, cli, tmp_path) -> None
     assert_failed_cleanly(result, out, 1, f"{name} [128, 16] (SFT) vs [128, 32] (base)")
 
 
+def test_different_hidden_sizes_are_other_architectures(tmp_path, cli) -> None:
+    """Only a vocabulary that grew gets the --vocab-mismatch hint; a hidden size does not."""
+    from omotool.tiny_models import build_model
+
+    base = build_model(tmp_path / "base", hidden_size=32)
+    sft = build_model(tmp_path / "sft", hidden_size=64)
+    out = tmp_path / "t"
+    for extra in ((), ("--vocab-mismatch", "truncate")):
+        result = cli("delta", base, sft, "-o", out, *extra, expect=None)
+        assert_failed_cleanly(result, out, 1, "shapes differ", "different architectures")
+        assert "--vocab-mismatch" not in result.output
+
+
 def test_vocab_rows_added_error_then_truncate(llama_pair, cli, tmp_path) -> None:
     base = llama_pair[0]
     sft = copy_model(llama_pair[1], tmp_path / "sft")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 import pytest
+import typer
 
 from omotool import __version__
 from omotool.delta import DeltaConfig
@@ -68,21 +70,105 @@ def test_merge_offline_help_defaults_match_config_and_registry(cli) -> None:
         assert shown and shown.group(1).strip() == str(field.default), option
 
 
-def test_train_help_defaults_match_config_and_registry(cli) -> None:
-    from omotool.cli import app
-    from omotool.train.algorithms import ALGORITHMS
-    from omotool.train.runner import MERGES, TrainConfig
+def _train_command() -> Any:
+    import typer.main
 
-    wide = cli.runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})  # no "…" names
+    from omotool.cli import app
+
+    return typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+
+
+def test_train_help_fits_80_columns_with_every_flag_whole(cli) -> None:
+    """Panels, no line wider than 80 columns, no flag cut short (also the ``--no-`` forms)."""
+    from omotool.cli import app
+    from omotool.train.options import train_options
+
+    result = cli.runner.invoke(app, ["train", "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in result.output
+    flags = [f for p in _train_command().params for f in (*p.opts, *p.secondary_opts)]
+    assert len(flags) > len(train_options())
+    for name in flags:
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", result.output), name
+    for panel in {option.panel for option in train_options().values()}:
+        assert f"─ {panel} ─" in result.output, panel
+
+
+def test_train_help_lists_the_registries_and_trl_defaults_read_from_trl(cli) -> None:
+    from omotool.cli import app
+    from omotool.train.options import trl_default
+
+    wide = cli.runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
     text = " ".join(wide.output.replace("│", " ").split())
+    grpo, rloo = trl_default("grpo", "num_generations"), trl_default("rloo", "num_generations")
+    expected = f"[default: TRL's: {grpo}; rloo {rloo}]" if grpo != rloo else f"TRL's: {grpo}]"
+    assert re.search(r"--num-generations .*?" + re.escape(expected), text)
+    assert re.search(r"--beta .*?\[default: TRL's: 0\.1; grpo 0, rloo 0\.05\]", text)
+    assert "--rescale <str> none, inverse (1/p) or l1. [default: inverse for dare" in text
+    from omotool.train.algorithms import ALGORITHMS
+    from omotool.train.options import MERGES
+
     for name in [*ALGORITHMS.names(), *MERGES]:
         assert name in text
-    for field in dataclasses.fields(TrainConfig):
-        if field.default in (dataclasses.MISSING, None, False, ""):
-            continue
-        option = "--" + field.name.replace("_", "-")
-        shown = re.search(re.escape(option) + r"\s.*?\[default: ([^\]]+)\]", text)
-        assert shown and shown.group(1).strip() == str(field.default), option
+
+
+def test_every_declared_option_is_a_flag_and_a_recipe_key(tmp_path) -> None:
+    """The train command's parameters are TrainConfig's fields (plus the command's own), with
+    the declared defaults and panels; each field is a recipe key."""
+    from omotool.config import build_config, default_of, load_recipe
+    from omotool.train.arguments import TrainConfig
+    from omotool.train.options import train_options
+
+    params = {p.name: p for p in _train_command().params}
+    assert set(params) == {*train_options(), "config", "set_", "json_output", "debug"}
+    for name, option in train_options().items():
+        assert params[name].opts[-1] == "--" + name.replace("_", "-")
+        assert params[name].rich_help_panel == option.panel
+        default = default_of(TrainConfig, name)
+        if not isinstance(default, list) and option.none == "" and name != "reward_weights":
+            assert params[name].default == default, name
+    recipe = tmp_path / "all.yaml"
+    recipe.write_text("".join(f"{name.replace('_', '-')}: null\n" for name in train_options()))
+    assert set(load_recipe(recipe)) == set(train_options())  # every option is a recipe key
+    values = {name: default_of(TrainConfig, name) for name in train_options()}
+    assert build_config(TrainConfig, values, {}) == TrainConfig()
+
+
+def test_a_new_declared_field_needs_no_other_edit() -> None:
+    """A field added to a config is a command option (parsed into the config, flags over
+    recipe keys) and a recipe key, range-checked, with no other edit."""
+    from typer.testing import CliRunner
+
+    from omotool.config import build_config, check_declared, command_options, declare, within
+    from omotool.train.arguments import TrainConfig
+    from omotool.train.options import TrainOption
+
+    @dataclasses.dataclass
+    class Extended(TrainConfig):
+        warmup_ratio: float = declare(
+            0.0, TrainOption("Share of steps warming up.", "Optimizer", bounds=within("[0, 1]"))
+        )
+        rounds: int = declare(2, TrainOption("Rounds.", "Run"))
+
+    app = typer.Typer()
+    seen: dict[str, Any] = {}
+
+    @app.command()
+    @command_options(Extended)
+    def run(ctx: typer.Context, **options: Any) -> None:
+        given = {k: v for k, v in ctx.params.items()
+                 if ctx.get_parameter_source(k).name != "DEFAULT"}  # fmt: skip
+        seen["config"] = build_config(Extended, {"rounds": 5, "lr": 1e-3}, given)
+
+    result = CliRunner().invoke(app, ["--warmup-ratio", "0.1", "--lr", "0.5"])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert (config.warmup_ratio, config.rounds, config.lr) == (0.1, 5, 0.5)
+    check_declared(config)
+    with pytest.raises(UsageError, match=r"^--warmup-ratio must be in \[0, 1\]\.$"):
+        check_declared(dataclasses.replace(config, warmup_ratio=1.5))
 
 
 def test_set_overrides_are_read_as_yaml() -> None:

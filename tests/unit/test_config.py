@@ -68,6 +68,11 @@ def test_every_shipped_recipe_loads_and_validates(recipe: Path) -> None:
     from omotool.merge_offline import MergeConfig
     from omotool.train.runner import TrainConfig
 
+    if recipe.parent.name == "eval":  # an evaluation suite: its data is checked as it loads
+        from omotool.eval.suite import load_suite
+
+        assert load_suite(recipe).tasks
+        return
     kinds = {"delta": DeltaConfig, "merge": MergeConfig, "train": TrainConfig}
     config_cls = kinds[recipe.parent.name]
     values = load_recipe(recipe)
@@ -81,3 +86,36 @@ def test_every_shipped_recipe_loads_and_validates(recipe: Path) -> None:
 
 def test_recipes_exist() -> None:
     assert RECIPES, "recipes/ ships at least one recipe"
+
+
+def test_none_is_read_as_unset_only_where_the_option_is_not_text() -> None:
+    import dataclasses as dc
+
+    @dc.dataclass
+    class Config:
+        clip: float | None = 1.0
+        rescale: str | None = None
+
+    config = build_config(Config, {"clip": "none", "rescale": "none"}, {})
+    assert config == Config(clip=None, rescale="none")
+    with pytest.raises(UsageError, match="'clip' must be float or NoneType"):
+        build_config(Config, {"clip": "off"}, {})
+
+
+def test_declared_bounds_and_choices_are_checked() -> None:
+    from omotool.config import Option, above, at_least, check_declared, declare, within
+
+    assert (above(0).describe(False), at_least(0).describe(True)) == ("> 0", ">= 0")
+    assert at_least(2, "pairs").describe(True) == "at least 2 (pairs)"
+    assert within("[0, 0.5)").describe(False) == "in [0, 0.5)"
+
+    @dataclasses.dataclass
+    class Config:
+        p: float = declare(0.5, Option("p", bounds=within("(0, 1]", "kept")))
+        mode: str = declare("a", Option("mode", choices=("a", "b")))
+
+    check_declared(Config())
+    with pytest.raises(UsageError, match=r"^--p must be in \(0, 1\] \(kept\)\.$"):
+        check_declared(Config(p=0.0))
+    with pytest.raises(UsageError, match="^--mode 'c': choose one of a, b.$"):
+        check_declared(Config(mode="c"))

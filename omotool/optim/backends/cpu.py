@@ -23,6 +23,9 @@ from omotool.merging.sparsify import key_seed
 from omotool.optim import kernels
 from omotool.optim.backends.base import Backend, Keep, TensorStep, register
 from omotool.optim.functional import (
+    MERGE_RULES,
+    DareDraw,
+    MergeContext,
     MergeOptions,
     StepStats,
     Workspace,
@@ -31,10 +34,7 @@ from omotool.optim.functional import (
     merge_update_,
 )
 from omotool.optim.rules import (
-    MERGE_RULES,
     MERGING_METHODS,
-    DareDraw,
-    MergeContext,
     add_dare_reference_,
     apply_ties_,
     dare_update_indices,

@@ -13,8 +13,15 @@ from omotool.merging import disjoint_merge, kept_count, keyed_generator
 from omotool.merging.sparsify import gap_chunk, gap_dtype, geometric_gaps_
 from omotool.optim.backends.base import Backend, Keep, TensorStep, register
 from omotool.optim.distributed import Shard, sharded_magnitude_mask
-from omotool.optim.functional import MergeOptions, StepStats, Workspace, fused_adamw_, step_k_
-from omotool.optim.rules import MERGE_RULES, add_dare_reference_
+from omotool.optim.functional import (
+    MERGE_RULES,
+    MergeOptions,
+    StepStats,
+    Workspace,
+    fused_adamw_,
+    step_k_,
+)
+from omotool.optim.rules import add_dare_reference_
 
 # Nothing here reads a tensor on the host: the step count that keys the DARE masks and the
 # step-K phase is a host integer kept beside the device ``step`` (``host_step``), bias

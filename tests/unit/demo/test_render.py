@@ -47,3 +47,10 @@ def test_every_document_has_its_markers() -> None:
         text = (ROOT / name).read_text(encoding="utf-8")
         for section in sections:
             assert f"<!-- demo:{section}:begin -->" in text, name
+
+
+def test_cost_names_each_committed_run_with_its_seconds() -> None:
+    cost = render_sections(ROOT)["cost"]
+    for path in sorted((ROOT / RESULTS.parent).glob("*.json")):
+        made = load_results(path)["provenance"]
+        assert f"`{made['command']}`" in cost and f"{made['seconds']:.0f} s" in cost, path.name

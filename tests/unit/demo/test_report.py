@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from omotool.demo.markdown import details_markdown, robustness_markdown, summary_markdown
+from omotool.demo.markdown import (
+    details_markdown,
+    robustness_markdown,
+    summary_markdown,
+    write_demo_report,
+)
 from omotool.demo.pipeline import DemoSettings, _Model
 from omotool.demo.report import (
     average_half_width,
@@ -20,7 +25,6 @@ from omotool.demo.report import (
     pareto,
     plot_frontiers,
     verdict_words,
-    write_demo_report,
 )
 from omotool.eval.runner import _averages
 

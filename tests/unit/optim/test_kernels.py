@@ -320,3 +320,20 @@ def test_chunk_drawn_masks_without_the_kernels_are_refused_by_name(monkeypatch) 
     context = MergeContext("w", 1, MergeOptions(method="dare", reserve_p=0.1), StepStats())
     with pytest.raises(UsageError, match="dare_draw='generator'"):
         cpu_backend.chunk_dare_indices(100, context, torch.device("cpu"))
+
+
+def test_thread_rows_are_made_once_and_slots_left_at_minus_one() -> None:
+    """The per-thread rows are allocated once per process and counted by ``scratch_bytes``;
+    after an OnTIES step (with T, so that merged entries are marked −2 on the way) every
+    slot is −1 again, as the next ``ties_apply`` expects."""
+    params = {n: t.requires_grad_() for n, t in make(0).items()}
+    opt = optimizer(params, method="ties", reserve_p=0.3)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(2):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    slots = kernels._thread_rows("slots")
+    assert kernels._thread_rows("slots") is slots and bool((slots == -1).all())
+    made = [kernels._thread_rows(kind) for kind in ("scratch", "flags", "slots")]
+    assert kernels.scratch_bytes() >= sum(rows.nbytes for rows in made)

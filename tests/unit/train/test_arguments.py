@@ -9,8 +9,14 @@ import pytest
 from transformers import TrainingArguments
 
 from omotool.errors import OmoError, UsageError
-from omotool.train.algorithms import ALGORITHM_OPTIONS, ALGORITHMS, Algorithm
-from omotool.train.arguments import MERGE_OPTIONS, MERGES, TrainConfig, trl_arguments
+from omotool.train.algorithms import ALGORITHMS, Algorithm
+from omotool.train.arguments import MERGES, TrainConfig, trl_arguments
+from omotool.train.options import train_options
+
+# The options only some algorithms read → the TRL field each sets; the merge options → the
+# --merge values that read them.
+ALGORITHM_OPTIONS = {name: o.trl[0] for name, o in train_options().items() if o.lacks}
+MERGE_OPTIONS = {name: o.merges for name, o in train_options().items() if o.merges}
 
 # The loss each --algo must end up with in its TRL config (orpo's config has no loss_type).
 LOSSES = {
@@ -69,7 +75,7 @@ def test_every_option_reaches_the_trl_config(tmp_path, algo, on) -> None:
     if "precompute_ref" in taken:
         assert args.precompute_ref_log_probs is True
     for option in set(taken) - {"beta", "label_smoothing", "precompute_ref"}:
-        assert getattr(args, ALGORITHM_OPTIONS[option][0]) == SET[option], option
+        assert getattr(args, ALGORITHM_OPTIONS[option]) == SET[option], option
     # gradient checkpointing: transformers reads activation_checkpointing, TRL its alias
     assert args.activation_checkpointing is on and args.gradient_checkpointing is on
     assert args.bf16 is on  # (TRL's default is True: off must be passed)
@@ -88,7 +94,7 @@ def test_loss_options_default_off_where_taken(tmp_path, algo) -> None:
         trl_default = type(args).__dataclass_fields__["beta"].default
         assert args.beta == config.beta == trl_default == {"grpo": 0.0, "rloo": 0.05}.get(algo, 0.1)
     for option in set(ALGORITHMS.get(algo).options) - {"beta", "label_smoothing", "precompute_ref"}:
-        field = ALGORITHM_OPTIONS[option][0]  # unset: TRL's default reaches the trainer
+        field = ALGORITHM_OPTIONS[option]  # unset: TRL's default reaches the trainer
         assert getattr(args, field) == type(args).__dataclass_fields__[field].default, option
     if "precompute_ref" in ALGORITHMS.get(algo).options:
         assert args.precompute_ref_log_probs is False
@@ -126,7 +132,7 @@ def test_loss_options_name_fields_of_the_config_class() -> None:
         algorithm = ALGORITHMS.get(name)
         fields = set(algorithm.config_class().__dataclass_fields__)
         for option in algorithm.options:
-            assert ALGORITHM_OPTIONS[option][0] in fields, (name, option)
+            assert ALGORITHM_OPTIONS[option] in fields, (name, option)
         assert set(algorithm.settings) <= fields, name
 
 
@@ -180,6 +186,12 @@ def test_a_value_error_of_trl_becomes_a_usage_error(tmp_path, monkeypatch) -> No
         ({"algo": "robust", "label_smoothing": 0.5}, r"--label-smoothing must be in \[0, 0.5\)"),
         ({"save_total_limit": 0}, "--save-total-limit must be at least 1"),
         ({"algo": "kto", "batch_size": 1}, "--algo kto needs --batch-size 2 or more"),
+        ({"lr": 0.0}, r"^--lr must be > 0\.$"),
+        ({"batch_size": 0}, r"^--batch-size must be at least 1\.$"),
+        ({"grad_accum": 0}, r"^--grad-accum must be at least 1\.$"),
+        ({"max_steps": -2}, r"^--max-steps must be -1 \(train for --epochs\) or at least 1\.$"),
+        ({"report_to": "mlflow"}, "--report-to 'mlflow': choose one of none, tensorboard, wandb"),
+        ({"algo": "dpx"}, "Unknown algorithm 'dpx'.* Did you mean 'dpo'"),
     ],
 )
 def test_out_of_range_options_are_refused_before_loading(tmp_path, options, message) -> None:
@@ -210,12 +222,13 @@ def test_runner_re_exports_the_options() -> None:
 # Values away from every default, for the merge options.
 MERGE_SET = {
     "base": "base-model", "task_vector": "runs/tau", "reserve_p": 0.2, "alpha": 0.0,
-    "online_step": 4, "rescale": "l1", "election": "weighted",
+    "online_step": 4, "rescale": "l1", "election": "weighted", "tau_clip": 2.0,
+    "missing": "adamw",
 }  # fmt: skip
 MERGE_REFUSED = [
     (merge, option)
     for merge in MERGES
-    for option, (takers, _) in MERGE_OPTIONS.items()
+    for option, takers in MERGE_OPTIONS.items()
     if merge not in takers
 ]
 
@@ -236,7 +249,7 @@ def test_a_merge_option_the_merge_does_not_read_is_refused(tmp_path, merge, opti
     with pytest.raises(UsageError, match=f"^{flag} {MERGE_SET[option]} has no effect with "
                        f"--merge {merge} ") as error:  # fmt: skip
         config.validate()
-    takers = MERGE_OPTIONS[option][0]
+    takers = MERGE_OPTIONS[option]
     assert str(error.value).endswith(f"drop it, or use --merge {' or '.join(takers)}.")
 
 
@@ -250,7 +263,7 @@ def test_merge_options_at_their_defaults_are_accepted_with_adamw(tmp_path) -> No
 
 @pytest.mark.parametrize("merge", ["dare", "ties"])
 def test_merge_options_reach_a_merge_that_reads_them(tmp_path, merge) -> None:
-    taken = {o: MERGE_SET[o] for o, (takers, _) in MERGE_OPTIONS.items() if merge in takers}
+    taken = {o: MERGE_SET[o] for o, takers in MERGE_OPTIONS.items() if merge in takers}
     taken.pop("base")  # (give --base or --task-vector, not both)
     train_config(tmp_path, merge=merge, **taken).validate()
 
@@ -265,8 +278,14 @@ def test_merge_options_reach_a_merge_that_reads_them(tmp_path, merge) -> None:
         ({"online_step": 0}, "--online-step must be at least 1"),
         ({"rescale": "dropout"}, "--rescale 'dropout': choose one of none, inverse, l1"),
         ({"merge": "ties", "election": "majority"}, "--election 'majority': choose one of"),
+        ({"tau_clip": 0.0}, "--tau-clip must be > 0"),
+        ({"missing": "skip"}, "--missing 'skip': choose one of error, adamw"),
+        ({"merge": "ties", "tau_clip": 2.0}, r"--tau-clip 2.0 has no effect with --merge ties "
+         r"\(it clamps the kept task vector, which only OnDARE does\): drop it, or use --merge "
+         "dare."),
+        ({"merge": "ties", "tau_clip": None}, "--tau-clip none has no effect with --merge ties"),
     ],
-)
+)  # fmt: skip
 def test_out_of_range_merge_options_are_refused_before_loading(tmp_path, options, message):
     with pytest.raises(UsageError, match=message):
         train_config(tmp_path, **({"merge": "dare", "base": "b"} | options)).validate()
@@ -363,3 +382,57 @@ def test_reward_options_on_the_command_line(cli, tmp_path) -> None:
         expect=2,
     )  # fmt: skip
     assert "--reward-weights gives 1 weights for 2 rewards" in " ".join(result.output.split())
+
+
+# -- derived from the declaration -------------------------------------------------------------
+def test_merge_options_reach_the_optimizer_by_its_own_argument_names(tmp_path) -> None:
+    import inspect
+
+    from omotool.optim import OnlineMergingAdamW
+    from omotool.train.arguments import optimizer_options
+
+    config = train_config(tmp_path, merge="dare", base="b", tau_clip=None, missing="adamw")
+    given = optimizer_options(config)
+    assert set(given) <= set(inspect.signature(OnlineMergingAdamW).parameters)
+    assert given["tau_clip"] is None and given["missing"] == "adamw"
+    assert (given["method"], given["backend"], given["seed"]) == ("dare", "auto", 0)
+
+
+def test_tau_clip_none_and_missing_from_the_command_line_and_recipes() -> None:
+    from omotool.config import build_config
+
+    required = {"model": "m", "dataset": "d", "out": "o", "base": "b"}
+    config = build_config(TrainConfig, required, {"tau_clip": "none", "missing": "adamw"})
+    assert (config.tau_clip, config.missing) == (None, "adamw")
+    assert build_config(TrainConfig, {**required, "tau-clip": None}, {}).tau_clip is None
+    assert build_config(TrainConfig, required, {"tau_clip": "2.5"}).tau_clip == 2.5
+    config.validate()
+
+
+def test_converted_trl_values_set_only_the_declared_fields(tmp_path) -> None:
+    from omotool.train.arguments import TRL_VALUES
+
+    config = train_config(tmp_path, save_steps=5, report_to="tensorboard", fsdp=True,
+                          eval_dataset="e", eval_steps=3)  # fmt: skip
+    for option, convert in TRL_VALUES.items():
+        assert set(convert(config)) == set(train_options()[option].trl), option
+
+
+def test_each_trl_field_has_at_most_one_owner() -> None:
+    from omotool.train.options import trl_owner
+
+    fields = [f for option in train_options().values() for f in option.trl]
+    assert len(fields) == len(set(fields))
+    assert (trl_owner("learning_rate"), trl_owner("data_seed")) == ("lr", "seed")
+    assert trl_owner("precompute_ref_log_probs") == "precompute_ref"
+    assert trl_owner("adam_beta1") is None  # free for a future --trl adam_beta1=...
+
+
+def test_command_line_reads_tau_clip_none_and_missing(cli, tmp_path) -> None:
+    out = tmp_path / "run"
+    common = ("--model", "m", "--dataset", "d", "-o", out, "--base", "b")
+    result = cli("train", *common, "--merge", "ties", "--tau-clip", "none", expect=2)
+    assert "--tau-clip none has no effect with --merge ties" in " ".join(result.output.split())
+    result = cli("train", *common, "--missing", "skip", expect=2)
+    assert "--missing 'skip': choose one of error, adamw" in " ".join(result.output.split())
+    assert not out.exists()
