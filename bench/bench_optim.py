@@ -372,7 +372,7 @@ class FiniteCheckOnly(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        from omotool.optim.online_merging import gradients_finite, gradients_nonfinite
+        from omotool.optim.gradients import gradients_finite, gradients_nonfinite
 
         if self.param_groups[0]["params"][0].device.type == "cpu":
             return gradients_finite(self.param_groups)

@@ -5,7 +5,8 @@ is the SFT delta they merge with; ``omotool.optim.functional`` holds the math.
 """
 
 from omotool.optim.functional import MergeOptions, StepStats
-from omotool.optim.online_merging import NonFiniteGradientError, OnlineMergingAdamW
+from omotool.optim.gradients import NonFiniteGradientError
+from omotool.optim.online_merging import OnlineMergingAdamW
 from omotool.optim.task_vector import FlatDelta, TaskVector
 from omotool.optim.wrapper import OnlineMerging
 

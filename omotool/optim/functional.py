@@ -24,39 +24,91 @@ Merge (Eq. 2: ``θ ← θ + F(Δθ) ⊕ F(τ_r)``), with ``T = F(τ_r)`` fixed a
 
 This module holds the options, the shared Adam arithmetic and the readable per-tensor step
 (``online_merging_adamw_``: the ``reference`` backend, the spec the others are tested
-against). The other backends of ``OnlineMergingAdamW``: ``cpu_backend`` (torch's fused AdamW
-plus numba kernels), ``torch_backend`` (sync-free tensor ops, any device) and
-``triton_backend`` (fused Triton kernels).
+against; the merge rules themselves are in ``optim.rules``). The backends of
+``OnlineMergingAdamW`` (``optim.backends``, one ``Backend.step`` each): ``reference`` (this
+module's step), ``cpu`` (torch's fused AdamW plus numba kernels), ``torch`` (sync-free tensor
+ops, any device) and ``triton`` (fused Triton kernels).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from omotool.errors import UsageError
-from omotool.merging import (
-    RESCALES,
-    bernoulli_indices,
-    dare,
-    disjoint_merge,
-    key_seed,
-    keyed_generator,
-    magnitude,
-    magnitude_topk_indices,
-    rescale,
-)
+from omotool.merging import RESCALES
 from omotool.merging.consensus import ELECTIONS
-from omotool.optim.distributed import Shard, sharded_magnitude_mask
+from omotool.optim.distributed import Shard
 from omotool.optim.task_vector import FlatDelta
 from omotool.registry import Registry
 
-METHODS = ("none", "dare", "ties")
-DEFAULT_RESCALE = {"none": "none", "dare": "inverse", "ties": "none"}
-DARE_DRAWS = ("generator", "chunks")
+_RETIRED_OPTIONS = ("dare_draw",)  # saved by older versions: a backend's detail, not an option
+
+
+Direction = Callable[[torch.Tensor | None], torch.Tensor]
+"""``direction(index)``: Adam's ``Δθ`` at flat ``index`` (1-D), or whole when ``None``."""
+
+
+DareDraw = Callable[[int, "MergeContext", torch.device], torch.Tensor]
+"""``draw(numel, context, device)``: sorted flat indices of ``Δθ`` kept by OnDARE at
+``context.step``, keyed by ``(seed, "update", step, name)`` (local ones under a shard): the
+whole tensor's Bernoulli(p) mask. Each backend has one way to draw it (``dare_update_indices``:
+from a keyed torch generator)."""
+
+
+@dataclass
+class MergeContext:
+    """What a rule's ``merge`` needs of one parameter's step besides its tensors: its ``name``
+    and ``step`` (which key the masks), the ``options``, the ``stats`` to add to, the FSDP
+    ``shard`` (``None``: the whole tensor), scratch buffers (``workspace``) and the backend's
+    OnDARE mask ``draw`` (``None``: ``dare_update_indices``)."""
+
+    name: str
+    step: int
+    options: MergeOptions
+    stats: StepStats
+    shard: Shard | None = None
+    workspace: Workspace | None = None
+    draw: DareDraw | None = None
+
+
+MergeFn = Callable[[torch.Tensor, Direction, "FlatDelta | None", MergeContext], None]
+"""``merge(θ, direction, T, context)``: ``θ ← θ + merge(Δθ, T)`` for one parameter."""
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    """One online merge rule: ``name`` (``method=``), ``default_rescale`` (``rescale=None``),
+    ``reference_term`` (``T = F(τ_r)`` of one whole parameter), ``merge`` (the reference
+    step; a rule with neither is plain AdamW) and ``reads_whole_update`` (whether it needs
+    every entry of ``Δθ``, as a top-p does, or only those it keeps)."""
+
+    name: str
+    default_rescale: str
+    reference_term: Callable[[torch.Tensor, str, MergeOptions], torch.Tensor] | None = None
+    merge: MergeFn | None = None
+    reads_whole_update: bool = False
+
+    @property
+    def merges(self) -> bool:
+        return self.merge is not None
+
+
+MERGE_RULES: Registry[MergeRule] = Registry("online merge method")
+"""The rules by name (``optim.rules`` registers them: none, dare, ties)."""
+
+
+def reference_tensor(tau: torch.Tensor, name: str, options: MergeOptions) -> torch.Tensor:
+    """``T = F(τ_r)`` for one whole parameter, fixed for the run (dense float32), by the rule
+    of ``options.method``."""
+    term = MERGE_RULES.get(options.method).reference_term
+    if term is None:
+        raise UsageError(f"method {options.method!r} has no reference term T (no merging).")
+    return term(tau.float(), name, options)
 
 
 @dataclass(frozen=True)
@@ -75,10 +127,6 @@ class MergeOptions:
     - ``tau_clip``: DARE clamps ``T`` to ``[−c, c]`` after rescaling (released code: 1);
       ``None`` disables. TIES never clips.
     - ``seed``: keys every random mask, with the step and the parameter name.
-    - ``dare_draw``: how OnDARE draws ``Δθ``'s mask, both Bernoulli(p) and keyed by (seed,
-      step, name): ``generator`` (``sparsify.bernoulli_indices`` from a keyed torch generator;
-      the ``reference`` and ``torch`` backends) or ``chunks`` (``kernels.dare_kept_indices``,
-      drawn per chunk inside the CPU kernels; the ``cpu`` backend sets it for its steps).
     """
 
     method: str = "dare"
@@ -89,11 +137,9 @@ class MergeOptions:
     election: str = "unweighted"
     tau_clip: float | None = 1.0
     seed: int = 0
-    dare_draw: str = "generator"
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"method {self.method!r} is not one of {', '.join(METHODS)}.")
+        MERGE_RULES.get(self.method)  # an unknown method: UsageError with the close names
         if not 0.0 < self.reserve_p <= 1.0:
             raise UsageError(f"reserve_p must be in (0, 1] (fraction kept), got {self.reserve_p}.")
         if not 0.0 <= self.alpha <= 1.0:
@@ -104,18 +150,22 @@ class MergeOptions:
             raise UsageError(f"rescale {self.rescale!r} is not one of {', '.join(RESCALES)}.")
         if self.election not in ELECTIONS:
             raise UsageError(f"election {self.election!r} is not one of {', '.join(ELECTIONS)}.")
-        if self.dare_draw not in DARE_DRAWS:
-            raise UsageError(f"dare_draw {self.dare_draw!r} is not one of {', '.join(DARE_DRAWS)}.")
         if self.tau_clip is not None and self.tau_clip <= 0:
             raise UsageError(f"tau_clip must be positive or None, got {self.tau_clip}.")
 
     @property
     def resolved_rescale(self) -> str:
-        return self.rescale or DEFAULT_RESCALE[self.method]
+        return self.rescale or MERGE_RULES.get(self.method).default_rescale
 
     @property
     def merges(self) -> bool:
-        return self.method != "none"
+        return MERGE_RULES.get(self.method).merges
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any]) -> MergeOptions:
+        """Options as ``dataclasses.asdict`` saved them with a checkpoint; keys of older
+        versions that were no merge options (``_RETIRED_OPTIONS``) are dropped."""
+        return cls(**{k: v for k, v in saved.items() if k not in _RETIRED_OPTIONS})
 
 
 @dataclass
@@ -166,25 +216,6 @@ def _device_scalar(value: float | torch.Tensor, device: torch.device) -> torch.T
     if isinstance(value, torch.Tensor):
         return value.to(torch.float64)
     return torch.full((), float(value), dtype=torch.float64, device=device)
-
-
-def reference_tensor(tau: torch.Tensor, name: str, options: MergeOptions) -> torch.Tensor:
-    """``T = F(τ_r)`` for one whole parameter, fixed for the run (dense float32).
-
-    DARE: ``clip(rescale(F_R(τ_r)))`` with a mask keyed by ``(seed, "tau", name)``;
-    TIES: ``rescale(F_K(τ_r))``.
-    """
-    p, mode = options.reserve_p, options.resolved_rescale
-    tau = tau.float()
-    if options.method == "dare":
-        reference = dare(tau, p, keyed_generator(options.seed, "tau", name), mode)
-        if options.tau_clip is not None:
-            reference.clamp_(-options.tau_clip, options.tau_clip)
-    elif options.method == "ties":
-        reference = magnitude(tau, p, mode)
-    else:
-        raise UsageError(f"method {options.method!r} has no reference term T (no merging).")
-    return reference
 
 
 def adam_moments_(
@@ -252,175 +283,6 @@ class Workspace:
         return dict(self._buffers)
 
 
-Direction = Callable[[torch.Tensor | None], torch.Tensor]
-"""``direction(index)``: Adam's ``Δθ`` at flat ``index`` (1-D), or whole when ``None``."""
-
-MergeRule = Callable[..., None]
-MERGE_RULES: Registry[MergeRule] = Registry("merge rule")
-
-
-def dare_update_indices(
-    numel: int,
-    *,
-    name: str,
-    step: int,
-    options: MergeOptions,
-    shard: Shard | None,
-    device: torch.device,
-) -> torch.Tensor:
-    """Sorted flat indices of ``Δθ`` kept by OnDARE at ``step`` (local ones under a shard).
-
-    The mask is keyed by ``(seed, "update", step, name)`` and is the whole tensor's
-    (``options.dare_draw``: ``chunks`` draws only the chunks that meet the shard).
-    """
-    if options.dare_draw == "chunks":
-        from omotool.optim import kernels
-
-        key = key_seed(options.seed, "update", step, name)
-        if shard is None:
-            return kernels.dare_kept_indices(numel, options.reserve_p, key).to(device)
-        start = shard.offset
-        index = kernels.dare_kept_indices(shard.numel, options.reserve_p, key, start, start + numel)
-        return (index - start).to(device)
-    generator = keyed_generator(options.seed, "update", step, name, device=device)
-    whole = shard.numel if shard is not None else numel
-    index = bernoulli_indices(whole, options.reserve_p, generator, device=device)
-    return shard.local_indices(index, numel) if shard is not None else index
-
-
-def add_dare_reference_(
-    flat: torch.Tensor, reference: FlatDelta | None, options: MergeOptions, stats: StepStats
-) -> None:
-    """``θ ← θ + α·T`` (the second term of Eq. 4)."""
-    alpha = options.alpha
-    if reference is None or alpha <= 0:
-        return
-    values = reference.flat_values()
-    if reference.indices is None:
-        flat.add_(values, alpha=alpha)
-    else:
-        flat.index_add_(0, reference.indices, values, alpha=alpha)
-    stats.tau_sq += alpha**2 * reference.sq_norm
-
-
-@MERGE_RULES.register("dare", help="OnDARE: random drop of the update, plus alpha * T")
-def merge_dare_(
-    param: torch.Tensor,
-    direction: Direction,
-    reference: FlatDelta | None,
-    *,
-    name: str,
-    step: int,
-    options: MergeOptions,
-    stats: StepStats,
-    shard: Shard | None = None,
-    workspace: Workspace | None = None,
-) -> None:
-    """``θ ← θ + (1 − α)·F_R(Δθ) + α·T`` (Eq. 3, 4), computing ``Δθ`` only where kept.
-
-    With a ``shard``, the mask is drawn over the whole tensor and this shard's part is used.
-    """
-    flat, p, alpha = param.view(-1), options.reserve_p, options.alpha
-    if p >= 1:
-        kept_values = direction(None).reshape(-1)
-        flat.add_(kept_values, alpha=1 - alpha)
-    else:
-        index = dare_update_indices(
-            flat.numel(), name=name, step=step, options=options, shard=shard, device=param.device
-        )
-        mode = options.resolved_rescale
-        if mode == "l1":
-            dense = direction(None).reshape(-1)
-            kept_values = rescale(dense[index], dense, mode, p)
-        else:
-            kept_values = rescale(direction(index), torch.empty(0), mode, p)
-        flat.index_add_(0, index, kept_values, alpha=1 - alpha)
-    stats.entries += flat.numel()
-    stats.kept += kept_values.numel()
-    stats.update_sq += (1 - alpha) ** 2 * float(torch.dot(kept_values, kept_values))
-    add_dare_reference_(flat, reference, options, stats)
-
-
-@MERGE_RULES.register("ties", help="OnTIES: top-p of the update, TIES merge with alpha * T")
-def merge_ties_(
-    param: torch.Tensor,
-    direction: Direction,
-    reference: FlatDelta | None,
-    *,
-    name: str,
-    step: int,
-    options: MergeOptions,
-    stats: StepStats,
-    shard: Shard | None = None,
-    workspace: Workspace | None = None,
-) -> None:
-    """``θ ← θ + (1 − α)·F_K(Δθ) ⊕ α·T`` (Eq. 5–7) with the shared TIES disjoint merge.
-
-    With a ``shard``, ``F_K`` is the top p of the whole tensor (see ``optim.distributed``).
-    """
-    p = options.reserve_p
-    update = direction(None).reshape(-1)  # TIES needs every |Δθ| to find the top p
-    if shard is not None:
-        kept_index = torch.nonzero(sharded_magnitude_mask(update, p, shard)).flatten()
-    elif workspace is not None:
-        scratch = workspace.get("magnitudes", update), workspace.get("mask", update, torch.bool)
-        kept_index = magnitude_topk_indices(update, p, *scratch)
-    else:
-        kept_index = magnitude_topk_indices(update, p)
-    kept = update.index_select(0, kept_index)
-    apply_ties_(param.view(-1), kept_index, kept, update, reference, options, stats)
-
-
-def apply_ties_(
-    flat: torch.Tensor,
-    kept_index: torch.Tensor,
-    kept: torch.Tensor,
-    update: torch.Tensor | None,
-    reference: FlatDelta | None,
-    options: MergeOptions,
-    stats: StepStats,
-) -> None:
-    """Add ``(1 − α)·F_K(Δθ) ⊕ α·T`` to ``flat``, given ``F_K``'s sorted ``kept_index`` and
-    ``kept = Δθ[kept_index]`` (``update``, the whole ``Δθ``, is only needed by the l1 rescale).
-    """
-    p, alpha = options.reserve_p, options.alpha
-    whole = update if update is not None else torch.empty(0)
-    kept_values = rescale(kept, whole, options.resolved_rescale, p)
-    stats.entries += flat.numel()
-    stats.kept += kept_index.numel()
-    if reference is None:
-        flat.index_add_(0, kept_index, kept_values, alpha=1 - alpha)
-        stats.update_sq += (1 - alpha) ** 2 * float(kept_values.square().sum())
-        return
-    # F_K(Δθ) where T is kept: both index lists are sorted, so membership is a searchsorted.
-    tau_index, tau_values = reference.flat_indices(), reference.flat_values()
-    if kept_index.numel():
-        position = torch.searchsorted(kept_index, tau_index).clamp_(max=kept_index.numel() - 1)
-        present = kept_index.index_select(0, position) == tau_index
-        update_at_tau = torch.where(present, kept_values.index_select(0, position), 0.0)
-    else:  # a shard may hold none of the whole tensor's top p
-        position = torch.zeros_like(tau_index)
-        present = torch.zeros_like(tau_index, dtype=torch.bool)
-        update_at_tau = torch.zeros_like(tau_values)
-    merged, agree = disjoint_merge(
-        torch.stack([tau_values, update_at_tau]),
-        [alpha, 1 - alpha],
-        election=options.election,
-        return_mask=True,
-    )
-    alone = kept_values.clone()
-    alone[position[present]] = 0  # those entries arrive through `merged`
-    flat.index_add_(0, kept_index, alone, alpha=1 - alpha)
-    flat.index_add_(0, tau_index, merged)
-    dropped = present & ~agree[1]
-    stats.overlap += int(present.sum())
-    stats.conflicts += int(dropped.sum())
-    stats.update_sq += (1 - alpha) ** 2 * (
-        float(kept_values.square().sum()) - float(update_at_tau[dropped].square().sum())
-    )
-    stats.tau_sq += alpha**2 * float(tau_values[agree[0]].square().sum())
-
-
 def online_merging_adamw_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -460,15 +322,7 @@ def online_merging_adamw_(
         )
 
     merge_update_(
-        param,
-        direction,
-        cache,
-        reference,
-        name=name,
-        step=step,
-        options=options,
-        stats=stats,
-        shard=shard,
+        param, direction, cache, reference, MergeContext(name, step, options, stats, shard)
     )
 
 
@@ -477,45 +331,56 @@ def merge_update_(
     direction: Direction,
     cache: torch.Tensor | None,
     reference: FlatDelta | None,
-    *,
-    name: str,
-    step: int,
-    options: MergeOptions,
-    stats: StepStats,
-    shard: Shard | None = None,
-    workspace: Workspace | None = None,
+    context: MergeContext,
 ) -> None:
-    """Apply the update ``direction`` to ``param`` merged per ``options``, with step-K.
+    """Apply the update ``direction`` to ``param`` merged per ``context.options`` (the rule's
+    reference ``merge``), with step-K (``step_k_``; ``cache`` is ``None`` when K = 1).
 
-    ``cache`` (``None`` when K = 1) accumulates the plain updates of the K − 1 steps between
-    merges. Used by ``OnlineMergingAdamW`` (Adam's ``Δθ``) and ``OnlineMerging`` (any inner
-    optimizer's ``Δθ``).
+    Used by the ``reference`` and ``cpu`` backends (Adam's ``Δθ``) and ``OnlineMerging`` (any
+    inner optimizer's ``Δθ``).
     """
+    options = context.options
     if cache is not None:
-        update = direction(None)
-        if step % options.online_step != 0:  # plain step, applied update cached
-            param.add_(update)
-            cache.add_(update)
+        update = direction(None).view(-1)
+        if not step_k_(param.view(-1), update, cache.view(-1), context.step, options.online_step):
             return
-        param.sub_(cache)  # roll back the K − 1 plain steps, merge their sum with this one
-        update.add_(cache)
-        cache.zero_()
 
         def direction(index: torch.Tensor | None, update: torch.Tensor = update) -> torch.Tensor:
-            return update if index is None else update.reshape(-1)[index]
+            return update if index is None else update[index]
 
-    stats.merged = True
-    MERGE_RULES.get(options.method)(
-        param,
-        direction,
-        reference,
-        name=name,
-        step=step,
-        options=options,
-        stats=stats,
-        shard=shard,
-        workspace=workspace,
-    )
+    context.stats.merged = True
+    merge = MERGE_RULES.get(options.method).merge
+    assert merge is not None, "merge_update_ is called for merging rules only"
+    merge(param, direction, reference, context)
+
+
+def step_k_(
+    flat: torch.Tensor,
+    update: torch.Tensor,
+    cache: torch.Tensor,
+    step: int,
+    online_step: int,
+    keep: torch.Tensor | None = None,
+) -> bool:
+    """Step-K (Alg. 2) on flat ``θ``, ``Δθ`` and cache ``c``; whether this step merges.
+
+    ``t mod K ≠ 0``: ``θ ← θ + Δθ``, ``c ← c + Δθ`` (plain step, applied update cached), no
+    merge. ``t mod K = 0``: ``θ ← θ − c``, ``Δθ ← Δθ + c``, ``c ← 0`` (the K − 1 plain steps
+    rolled back, their sum merged with this one). ``keep``: a 0-d bool on the device, false
+    on a skipped step (``Δθ`` is then 0), which rolls nothing back and keeps ``c`` (no sync).
+    """
+    if step % online_step != 0:
+        flat.add_(update)
+        cache.add_(update)
+        return False
+    rolled = cache if keep is None else torch.where(keep, cache, 0.0)
+    flat.sub_(rolled)
+    update.add_(rolled)
+    if keep is None:
+        cache.zero_()
+    else:  # emptied, or kept whole by a skipped step (cache is finite: × 1 is exact)
+        cache.mul_((~keep).float())
+    return True
 
 
 def fused_adamw_(

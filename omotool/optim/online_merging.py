@@ -12,36 +12,33 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from omotool.errors import InputError, OmoError, UsageError
-from omotool.merging import key_seed
-from omotool.optim import kernels, triton_backend
-from omotool.optim.cpu_backend import (
-    BatchEntry,
-    batched_step_,
-    batches,
-    fused_online_merging_adamw_,
+from omotool.errors import InputError, UsageError
+from omotool.optim import backends, kernels
+from omotool.optim.backends import Backend, TensorStep, resolve_backend
+from omotool.optim.distributed import local_tensors
+from omotool.optim.functional import MergeOptions, StepStats, Workspace
+from omotool.optim.gradients import (  # noqa: F401 - NonFiniteGradientError, gradients_*: public
+    GivenGradNorm,
+    NonFiniteGradientError,
+    closure_and_check,
+    gradients_finite,
+    gradients_nonfinite,
+    non_finite_error,
 )
-from omotool.optim.distributed import Shard, any_rank, any_rank_on_device, local_tensors
-from omotool.optim.functional import (
-    MergeOptions,
-    StepStats,
-    Workspace,
-    online_merging_adamw_,
-    reference_tensor,
+from omotool.optim.references import (  # noqa: F401 - what `missing=`, `nan_policy=` take
+    MISSING_POLICIES,
+    NAN_POLICIES,
+    set_up_merging,
 )
-from omotool.optim.task_vector import FlatDelta, TaskVector
-from omotool.optim.torch_backend import sync_free_online_merging_adamw_
+from omotool.optim.task_vector import TaskVector
 
-NAN_POLICIES = ("skip", "raise")
-BACKENDS = ("auto", "reference", "cpu", "torch", "triton")
-MISSING_POLICIES = ("error", "adamw")
+BACKENDS = ("auto", *backends.BACKENDS.names())
 _FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "master", "cache")  # kept in float32 on load
 _PLAIN_ADAMW = MergeOptions(method="none")
 _STATE_COMPONENT = {
@@ -51,95 +48,6 @@ _STATE_COMPONENT = {
 _MEMORY_COMPONENTS = (
     "moments", "steps", "master", "cache", "task_vector_values", "task_vector_indices",
 )  # fmt: skip
-
-
-@dataclasses.dataclass
-class TensorStep:
-    """One parameter's part of a step: tensors, state and settings (``_tensor_steps``)."""
-
-    name: str
-    local: torch.Tensor  # the parameter (this rank's shard)
-    work: torch.Tensor  # its float32 working copy: itself, its master, or a float32 copy
-    grad: torch.Tensor
-    shard: Shard | None
-    reference: FlatDelta | None  # T, or None (no merging for this tensor)
-    state: dict[str, Any]
-    adam: dict[str, float]  # lr, beta1, beta2, eps, weight_decay
-    options: MergeOptions  # the optimizer's, or plain AdamW where this tensor has no T
-
-    @property
-    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.state["exp_avg"], self.state["exp_avg_sq"]
-
-    @property
-    def low(self) -> torch.Tensor | None:
-        """The bf16/fp16 parameter that kernels write along with ``work``, or None when the
-        parameter is ``work`` itself."""
-        return self.local if self.work is not self.local else None
-
-    def write_back(self) -> None:
-        """Copy the working copy into the parameter when they differ (bf16/fp16)."""
-        if self.low is not None:
-            self.low.copy_(self.work)
-
-
-class GivenGradNorm:
-    """``note_grad_norm``: the caller hands the next ``step()`` the gradients' total norm.
-
-    Mixed into the online-merging optimizers; their steps read it through
-    ``closure_and_check`` (CPU) or ``gradients_nonfinite`` (devices).
-    """
-
-    # The norm and the gradients it was given for (``_gradient_versions``), or None.
-    _given: tuple[torch.Tensor, list[tuple[int, int]]] | None = None
-    param_groups: list[dict[str, Any]]
-
-    def note_grad_norm(self, total_norm: torch.Tensor | float) -> None:
-        """The total norm of the gradients the next ``step()`` applies, as the caller computed
-        it: ``torch.nn.utils.clip_grad_norm_``'s result, which the transformers ``Trainer``
-        computes before every optimizer step (``omotool train`` hands it over).
-
-        NaN and ±inf propagate into a norm, so a finite norm proves every gradient finite
-        and the step does not read the gradients for its own check (on CPU that read costs
-        about 0.2 of a fused AdamW step). A non-finite norm makes the step skip (or raise,
-        per ``nan_policy``) as a non-finite gradient does; a norm overflows only past
-        float32's range, and clipping by such a norm leaves no usable gradient anyway. Only
-        the next ``step()`` uses it, and not when that step is given a closure (which
-        computes new gradients), nor when a gradient has been replaced or changed in place
-        since (the step then reads the gradients itself). Call it right before ``step()``,
-        after the last change to the gradients (clipping by a finite norm keeps them
-        finite). With sharded parameters a DTensor norm's local part is used, and the
-        verdict is still agreed across ranks. Never read on the host by the sync-free
-        backends.
-        """
-        if not isinstance(total_norm, torch.Tensor):
-            total_norm = torch.tensor(float(total_norm))
-        self._given = (total_norm.detach(), self._gradient_versions())
-
-    def _take_grad_norm(self, closure: Any) -> torch.Tensor | None:
-        """The norm given for this step's gradients (None when none, when a closure
-        recomputes them, or when they are not the ones it was given for), forgotten so that
-        no later step uses it."""
-        given, self._given = self._given, None
-        if given is None or closure is not None or given[1] != self._gradient_versions():
-            return None
-        norm = given[0]
-        to_local = getattr(norm, "to_local", None)  # a DTensor: this rank's part
-        return to_local() if to_local is not None else norm
-
-    def _gradient_versions(self) -> list[tuple[int, int]]:
-        """Which gradient tensors there are and how often each was changed in place (the
-        tensors' version counters): equal lists mean the same gradients, unchanged."""
-        return [
-            (id(p.grad), p.grad._version)
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-
-
-class NonFiniteGradientError(OmoError, FloatingPointError):
-    """A NaN or inf gradient under ``nan_policy="raise"`` (no parameter was changed)."""
 
 
 class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
@@ -168,12 +76,12 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
             any device, reads values on the host; with ``method="none"`` it follows
             ``AdamW(foreach=False)`` bit for bit) to float32 rounding:
             ``"cpu"``: CPU tensors; OnDARE/OnTIES steps of float32 tensors in a few numba
-            kernels over all tensors at once (``optim.cpu_backend``, ``optim.kernels``),
+            kernels over all tensors at once (``optim.backends.cpu``, ``optim.kernels``),
             others in torch's fused AdamW kernel. ``"torch"``: tensor ops that never wait on
-            the device (``torch_backend.sync_free_online_merging_adamw_``): state on the parameters'
+            the device (``optim.backends.sync_free``): state on the parameters'
             device, no value read on the host during ``step()`` (NaN skipping decided on the
             device; statistics read only by ``stats()``); any device. ``"triton"``: fused
-            Triton kernels (``optim.triton_backend``; CUDA, or CPU tensors under
+            Triton kernels (``optim.backends.triton``; CUDA, or CPU tensors under
             ``TRITON_INTERPRET=1``), sync-free as ``"torch"``; refuses by name what it does
             not do (step-K, ``rescale="l1"``); not yet compiled on a GPU, so only on request.
             ``"auto"`` (default): ``"cpu"`` when every parameter is on the CPU, else
@@ -228,8 +136,7 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         if backend not in BACKENDS:
             raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
         self.backend = backend
-        self._resolved_backend: str | None = None
-        self._applied_options = self.options  # as the resolved backend applies them
+        self._backend: Backend | None = None  # resolved by the first step
         self._workspace = Workspace()
         self._skipped_on_device: torch.Tensor | None = None  # the sync-free path's count
         self.skipped_steps = 0
@@ -267,42 +174,19 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------
     @property
     def resolved_backend(self) -> str:
-        """The backend ``step()`` uses (``backend``, with ``"auto"`` decided by the devices)."""
-        if self._resolved_backend is None:
-            self._resolved_backend = self._resolve_backend()
-            self._applied_options = self._options_applied_by(self._resolved_backend)
-        return self._resolved_backend
+        """The name of the backend ``step()`` uses (``backend``, with ``"auto"`` decided by
+        the devices)."""
+        return self._resolved().name
 
-    def _options_applied_by(self, backend: str) -> MergeOptions:
-        """``options`` as ``backend`` applies them: the ``cpu`` backend with its kernels on
-        draws OnDARE's masks by chunks (``dare_draw``) in every path, batched or not, so that
-        they do not depend on sharding or on which tensors are batched. Decided once, with
-        the backend."""
-        if backend == "cpu" and kernels.usable():
-            return dataclasses.replace(self.options, dare_draw="chunks")
-        return self.options
-
-    def _resolve_backend(self) -> str:
-        devices = {p.device for group in self.param_groups for p in group["params"]}
-        on_cpu = all(device.type == "cpu" for device in devices)
-        backend = self.backend
-        if backend == "auto":
-            # "triton" only on request until its kernels have been compiled and checked on a
-            # GPU (scripts/gpu-check.sh): they have run in Triton's interpreter alone so far.
-            return "cpu" if on_cpu else "torch"
-        if backend == "cpu" and not on_cpu:
-            raise UsageError(
-                "backend='cpu' runs on CPU tensors; the parameters are on "
-                f"{', '.join(sorted(str(d) for d in devices))}. Use backend='auto'."
-            )
-        if backend == "triton":
-            for device in devices:
-                triton_backend.check_usable(self.options, device)
-        return backend
+    def _resolved(self) -> Backend:
+        """The backend, resolved once from the parameters' devices (``resolve_backend``)."""
+        if self._backend is None:
+            devices = {p.device for group in self.param_groups for p in group["params"]}
+            self._backend = resolve_backend(self.backend, self.options, devices)
+        return self._backend
 
     def _tensor_steps(self) -> Iterator[TensorStep]:
         """Every parameter with a gradient, with its state, ``T`` and float32 working copy."""
-        applied = self._applied_options  # step() resolved the backend, which decides them
         for group in self.param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, param in zip(names, group["params"], strict=True):
@@ -322,59 +206,40 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
                     name or "", local, work, grad, shard, reference, state,
                     dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"]),
-                    applied if merges else _PLAIN_ADAMW,
+                    self.options if merges else _PLAIN_ADAMW,
                 )  # fmt: skip
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One step for every parameter with a gradient (all or none of them: see nan_policy)."""
-        backend = self.resolved_backend
-        if backend in ("torch", "triton"):
-            return self._device_step(closure, backend)
-        loss, finite = closure_and_check(self, closure)
-        if not finite:
-            return loss
-        stats = StepStats()
-        batch: list[tuple[BatchEntry, torch.Tensor]] = []  # tensors for one batched step
+        backend = self._resolved()
+        if backend.sync_free:
+            loss, keep = self._check_on_device(closure)
+        else:
+            loss, finite = closure_and_check(self, closure)
+            if not finite:
+                return loss
+            keep = None
         tensors = list(self._tensor_steps())
-        if tensors:  # every tensor's step count at once
-            torch._foreach_add_([t.state["step"] for t in tensors], 1.0)
-        for t in tensors:
-            grad, (m, v), cache = t.grad.float(), t.moments, t.state.get("cache")
-            if (
-                backend == "cpu"
-                and t.options.merges
-                and t.shard is None
-                and batches(self.options, t.reference, t.work, grad, m, v)
-            ):
-                entry = BatchEntry(
-                    t.name, t.work, grad, m, v, int(t.state["step"]), reference=t.reference,
-                    **t.adam,
-                )  # fmt: skip
-                batch.append((entry, t.local))
-                continue
-            hyper = dict(name=t.name, options=t.options, stats=stats, shard=t.shard, **t.adam)
-            if backend == "cpu":
-                fused_online_merging_adamw_(
-                    t.work, grad, m, v, t.state["step"], cache, t.reference, self._workspace,
-                    **hyper,
-                )  # fmt: skip
-            else:
-                online_merging_adamw_(
-                    t.work, grad, m, v, cache, t.reference, step=int(t.state["step"]), **hyper
-                )
-            t.write_back()
-        self._batched_step(batch, stats)
+        if tensors:  # every tensor's step count at once (a few multi-tensor launches)
+            counted = 1.0 if keep is None else keep.to(torch.float32)
+            torch._foreach_add_([t.step for t in tensors], counted)
+        if backend.sync_free:  # keys the masks and step-K's phase, skipped steps included
+            for t in tensors:
+                t.state["host_step"] = t.state.get("host_step", 0) + 1
+        stats = StepStats()
+        backend.step(tensors, keep=keep, stats=stats, workspace=self._workspace)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
-            self.last_stats = stats
+            self.last_stats = stats.select(keep, self.last_stats)
         return loss
 
-    def _device_step(self, closure: Any, backend: str) -> Any:
-        """``step`` on the ``torch`` or ``triton`` backend: nothing read on the host.
+    def _check_on_device(self, closure: Any) -> tuple[Any, torch.Tensor | None]:
+        """``(loss, keep)`` for a sync-free backend: nothing read on the host.
 
         A non-finite gradient is found on the device (``gradients_nonfinite``); under
-        ``nan_policy="skip"`` the step is then applied as no change (the device ``step``
-        stays, ``state["host_step"]``, which keys the masks and step-K's phase, moves on).
+        ``nan_policy="skip"`` the step is then applied as no change (``keep`` false: the
+        device ``step`` stays, ``state["host_step"]``, which keys the masks and step-K's
+        phase, moves on).
         """
         given = self._take_grad_norm(closure)
         loss = None
@@ -382,74 +247,16 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         nonfinite = gradients_nonfinite(self.param_groups, given)
-        keep = None
-        if nonfinite is not None:
-            if self.nan_policy == "raise":
-                if bool(nonfinite):  # the one read of this path: raising needs the host
-                    raise _non_finite_error()
-            else:
-                keep = ~nonfinite
-                skipped = nonfinite.to(torch.float64)
-                before = self._skipped_on_device
-                self._skipped_on_device = skipped if before is None else before + skipped
-        counted = None if keep is None else keep.to(torch.float32)
-        found_inf = None if keep is None else nonfinite.to(torch.float32)
-        stats = StepStats()
-        partials = triton_backend.StepPartials(self._workspace)
-        dare: dict[tuple, list[triton_backend.DareTensor]] = {}  # per group's hyper-parameters
-        ties: dict[tuple, list[triton_backend.TiesTensor]] = {}
-        tensors = list(self._tensor_steps())
-        steps = [t.state["step"] for t in tensors]
-        if steps:  # every tensor's device step at once (a few multi-tensor launches)
-            torch._foreach_add_(steps, 1.0 if counted is None else counted)
-        for t in tensors:
-            t.state["host_step"] = t.state.get("host_step", 0) + 1
-            common = dict(name=t.name, options=t.options, stats=stats, shard=t.shard, **t.adam)
-            if backend == "triton" and t.options.merges and t.options.method == "dare":
-                key = key_seed(t.options.seed, "update", t.state["host_step"], t.name)
-                dare.setdefault(tuple(t.adam.items()), []).append(
-                    triton_backend.DareTensor(
-                        t.work, t.low, t.grad.contiguous(),
-                        *t.moments, t.state["step"], t.reference, key,
-                        t.shard.offset if t.shard is not None else 0,
-                    )
-                )  # fmt: skip
-                continue  # stepped together below
-            if backend == "triton" and t.options.merges:  # OnTIES
-                ties.setdefault(tuple(t.adam.items()), []).append(
-                    triton_backend.TiesTensor(
-                        t.work, t.low, t.grad.contiguous(), *t.moments, t.state["step"],
-                        t.reference, t.shard,
-                    )
-                )  # fmt: skip
-                continue  # stepped together below
-            sync_free_online_merging_adamw_(
-                t.work, t.grad.float(), *t.moments, t.state["step"], t.state.get("cache"),
-                t.reference, self._workspace, host_step=t.state["host_step"], keep=keep,
-                **common,
-            )  # fmt: skip
-            t.write_back()
-        for adam, tensors in dare.items():
-            triton_backend.triton_dare_adamw_(
-                tensors, found_inf=found_inf, options=self.options, stats=stats,
-                partials=partials, **dict(adam),
-            )  # fmt: skip
-        for adam, tensors in ties.items():
-            triton_backend.triton_ties_adamw_(
-                tensors, self._workspace, found_inf=found_inf, options=self.options,
-                stats=stats, partials=partials, **dict(adam),
-            )  # fmt: skip
-        partials.fold(stats, self.options.alpha)
-        if stats.merged:  # plain steps of step-K leave the last merge's figures in place
-            self.last_stats = stats.select(keep, self.last_stats)
-        return loss
-
-    def _batched_step(self, batch: list[tuple[BatchEntry, torch.Tensor]], stats: StepStats):
-        """This step's batched tensors in a few kernel calls (``batched_step_``)."""
-        batched_step_([entry for entry, _ in batch], self.options, stats, self._workspace)
-        for entry, local in batch:
-            if entry.param is not local:
-                local.copy_(entry.param)
+        if nonfinite is None:
+            return loss, None
+        if self.nan_policy == "raise":
+            if bool(nonfinite):  # the one read of this path: raising needs the host
+                raise non_finite_error()
+            return loss, None
+        skipped = nonfinite.to(torch.float64)
+        before = self._skipped_on_device
+        self._skipped_on_device = skipped if before is None else before + skipped
+        return loss, ~nonfinite
 
     def stats(self) -> dict[str, float]:
         """Metrics of the last merging step: kept and sign-conflict fractions, norms, skips."""
@@ -533,7 +340,7 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         state_dict = copy.copy(state_dict)
         extra = state_dict.pop("online_merging", None)
         if extra is not None:
-            saved = MergeOptions(**extra["options"])
+            saved = MergeOptions.from_saved(extra["options"])
             if saved != self.options:
                 raise InputError(
                     f"the checkpoint was made with merge options {saved}, this optimizer has "
@@ -568,169 +375,3 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
                 step = state["step"]
                 state["step"] = step.to(param.device, torch.float32, copy=True)
                 state.setdefault("host_step", int(step.item()))
-
-
-def set_up_merging(
-    param_groups: list[dict[str, Any]],
-    task_vector: TaskVector | Mapping[str, torch.Tensor] | str | os.PathLike[str] | None,
-    options: MergeOptions,
-    missing: str,
-    nan_policy: str,
-) -> tuple[dict[str, FlatDelta], str | None]:
-    """Validate the settings and build ``T`` per parameter: ``(references, τ fingerprint)``."""
-    options.validate()
-    if nan_policy not in NAN_POLICIES:
-        raise UsageError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}.")
-    if missing not in MISSING_POLICIES:
-        raise UsageError(f"missing must be one of {', '.join(MISSING_POLICIES)}.")
-    if not options.merges:
-        return {}, None
-    if task_vector is None:
-        raise UsageError(f"method {options.method!r} needs a task_vector (τ = θ_sft − θ_base).")
-    tv = TaskVector.coerce(task_vector)
-    references = build_references(named_parameters(param_groups), tv, options, missing)
-    return references, tv.sft_fingerprint
-
-
-def named_parameters(param_groups: list[dict[str, Any]]) -> list[tuple[str, torch.Tensor]]:
-    """``(name, parameter)`` of every group; names are required for merging."""
-    named = []
-    for group in param_groups:
-        names = group.get("param_names")
-        if names is None:
-            raise UsageError(
-                "online merging needs parameter names: pass model.named_parameters() (or "
-                "param groups of (name, parameter) pairs) instead of model.parameters()."
-            )
-        named.extend(zip(names, group["params"], strict=True))
-    return named
-
-
-def build_references(
-    named: list[tuple[str, torch.Tensor]],
-    task_vector: TaskVector,
-    options: MergeOptions,
-    missing: str = "error",
-) -> dict[str, FlatDelta]:
-    """``T = F(τ)`` for every named parameter, checked against the parameter's shape."""
-    absent = [name for name, _ in named if name not in task_vector]
-    if absent and missing == "error":
-        more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
-        raise InputError(
-            f"the task vector has no entry for {len(absent)} parameter(s): "
-            f"{', '.join(absent[:5])}{more}. Use the task vector of this model, or "
-            "missing='adamw' to train those parameters without merging."
-        )
-    references = {}
-    for name, param in named:
-        if name in absent:
-            continue
-        shape = tuple(task_vector.shape(name))
-        if shape != tuple(param.shape):
-            raise InputError(
-                f"parameter {name} has shape {list(param.shape)} but its task-vector entry "
-                f"has shape {list(shape)}: the task vector belongs to another model."
-            )
-        local, _, shard = local_tensors(param)
-        if shard is not None and options.resolved_rescale == "l1":
-            raise UsageError("rescale='l1' is not supported with sharded (FSDP) parameters.")
-        reference = reference_tensor(task_vector.get(name), name, options)
-        if shard is not None:  # each rank keeps its own run of the whole T
-            reference = shard.local_part(reference, local.numel()).clone()
-        references[name] = FlatDelta.from_dense(reference.view(local.shape)).to(local.device)
-        references[name].sq_norm  # noqa: B018 - computed once here, not read during a step
-    return references
-
-
-def closure_and_check(optimizer: GivenGradNorm, closure: Any) -> tuple[Any, bool]:
-    """Run ``closure`` (with grad enabled); then ``(loss, gradients finite)``, from the norm
-    the optimizer was given (``note_grad_norm``) or else by reading the gradients.
-
-    A non-finite gradient raises under ``nan_policy="raise"``, else it is counted in
-    ``optimizer.skipped_steps`` and the step must change nothing.
-    """
-    given = optimizer._take_grad_norm(closure)
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
-    if gradients_finite(optimizer.param_groups, given):
-        return loss, True
-    if optimizer.nan_policy == "raise":
-        raise _non_finite_error()
-    optimizer.skipped_steps += 1
-    return loss, False
-
-
-def _non_finite_error() -> NonFiniteGradientError:
-    return NonFiniteGradientError(
-        "a gradient holds NaN or inf values; no parameter was changed. Lower the learning "
-        "rate or check the data, or use nan_policy='skip' to skip such steps."
-    )
-
-
-def gradients_nonfinite(
-    param_groups: list[dict[str, Any]], given_norm: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """Whether any gradient, on any rank, holds NaN or inf: a 0-d bool on the gradients'
-    device, never read here (``None`` when there is no gradient).
-
-    From ``given_norm`` (``GivenGradNorm.note_grad_norm``: not finite ⇔ skip) when given,
-    else from the max-norms of all the gradients in a few multi-tensor launches
-    (``_foreach_norm``: NaN and ±inf propagate into a max-norm, and a finite value cannot
-    overflow it); with sharded parameters the flag is all-reduced on the device
-    (``any_rank_on_device``).
-    """
-    grads, groups = _gradients_and_groups(param_groups)
-    if not grads:
-        return None
-    device = grads[0].device
-    if given_norm is not None:
-        nonfinite = ~torch.isfinite(given_norm.to(device)).all()
-    else:
-        by_kind: dict[tuple, list[torch.Tensor]] = {}  # stacked per dtype: no op per tensor
-        for norm in torch._foreach_norm(grads, ord=math.inf):
-            by_kind.setdefault((norm.dtype, norm.device), []).append(norm)
-        finite = [torch.isfinite(torch.stack(ns)).all().to(device) for ns in by_kind.values()]
-        nonfinite = ~torch.stack(finite).all()
-    return any_rank_on_device(nonfinite, groups) if groups else nonfinite
-
-
-def gradients_finite(
-    param_groups: list[dict[str, Any]], given_norm: torch.Tensor | None = None
-) -> bool:
-    """Whether every gradient, on every rank, is free of NaN and inf.
-
-    From ``given_norm`` (``GivenGradNorm.note_grad_norm``: finite ⇔ finite gradients) when
-    given. Else contiguous float32 CPU gradients are checked together in one numba pass
-    (``kernels.all_finite``) where the kernels are on; others by one min/max pass each (NaN
-    and ±inf propagate into them; far cheaper here than ``isfinite`` or a max-norm). With
-    sharded parameters the verdict is agreed across ranks (one all-reduce), so that all
-    ranks skip a step together.
-    """
-    grads, groups = _gradients_and_groups(param_groups)
-    if given_norm is not None:
-        bad = bool(grads) and not bool(torch.isfinite(given_norm).all())
-    else:
-        batched, extremes = [], []
-        for grad in grads:
-            if kernels.usable(grad):
-                batched.append(grad)
-            else:
-                extremes.extend(extreme.float() for extreme in torch.aminmax(grad))
-        bad = bool(extremes) and not bool(torch.isfinite(torch.stack(extremes)).all())
-        bad = bad or not kernels.all_finite(batched)
-    return not any_rank(bad, groups) if groups else not bad
-
-
-def _gradients_and_groups(param_groups: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list]:
-    """This rank's non-empty gradients (dense) and the process groups of sharded parameters."""
-    grads, groups = [], []
-    for group in param_groups:
-        for param in group["params"]:
-            _, grad, shard = local_tensors(param)
-            if grad is not None and grad.numel():
-                grads.append(grad.to_dense() if grad.is_sparse else grad)
-            if shard is not None and shard.group not in groups:
-                groups.append(shard.group)
-    return grads, groups

@@ -1,4 +1,4 @@
-"""Triton kernels of the ``triton`` backend (``optim.triton_backend`` launches them).
+"""Triton kernels of the ``triton`` backend (``optim.backends.triton`` launches them).
 
 Each kernel makes one pass over a run of ``BLOCK`` entries per program; everything a kernel
 decides (bias corrections from the device ``step``, the NaN-skip flag, the TIES threshold)
@@ -13,23 +13,65 @@ interpreter of triton 3.9: no ``histogram`` mask argument, no early returns.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import triton
 import triton.language as tl
+
+from omotool.optim import triton_tables as tables
 
 BLOCK = 1024
 """Entries per program."""
 
 
+def _column(fields: Sequence[str], name: str) -> tl.constexpr:
+    """The column of field ``name`` in a table of ``fields`` (``triton_tables``), as a
+    compile-time constant (a global a kernel reads must be a ``tl.constexpr``)."""
+    return tl.constexpr(fields.index(name))
+
+
+# -- the tables' columns, from ``triton_tables`` (their docstrings say what each holds) ----------
+# The leading columns of the OnDARE and OnTIES tables alike (``COL_``: a kernel's argument may
+# bear a field's name, as ``DENSE_TAU``).
+COL_THETA, COL_LOW, COL_GRAD, COL_EXP_AVG, COL_EXP_AVG_SQ, COL_STEP, COL_DENSE_TAU, COL_N = (
+    _column(tables.ADAM_FIELDS, f)
+    for f in ("theta", "low", "grad", "exp_avg", "exp_avg_sq", "step", "dense_tau", "n")
+)
+DARE_COLUMNS = tl.constexpr(len(tables.DARE_FIELDS))
+DARE_OFFSET, DARE_KEY, DARE_FIRST = (
+    _column(tables.DARE_FIELDS, f) for f in ("offset", "key", "first")
+)
+DARE_TAU_COLUMNS = tl.constexpr(len(tables.DARE_TAU_FIELDS))
+DT_THETA, DT_LOW, DT_INDICES, DT_VALUES, DT_COUNT, DT_FIRST = (
+    _column(tables.DARE_TAU_FIELDS, f)
+    for f in ("theta", "low", "tau_indices", "tau_values", "tau_count", "tau_first")
+)
+TIES_COLUMNS = tl.constexpr(len(tables.TIES_FIELDS))
+TIES_AT, TIES_FIRST, TIES_K, TIES_TAU_FORM = (
+    _column(tables.TIES_FIELDS, f) for f in ("at", "first", "k", "tau_form")
+)
+TIES_TAU_INDICES, TIES_TAU_VALUES, TIES_TAU_COUNT, TIES_TAU_FIRST = (
+    _column(tables.TIES_FIELDS, f) for f in ("tau_indices", "tau_values", "tau_count", "tau_first")
+)
+TAU_DENSE = tl.constexpr(tables.TAU_DENSE)
+TAU_SPARSE = tl.constexpr(tables.TAU_SPARSE)
+PARTIAL_COLUMNS = tl.constexpr(len(tables.PARTIAL_FIELDS))
+P_KEPT, P_KEPT_SQ, P_OVERLAP, P_CONFLICTS, P_DROPPED_SQ, P_TAU_SQ = (
+    _column(tables.PARTIAL_FIELDS, f)
+    for f in ("kept", "kept_sq", "overlap", "conflicts", "dropped_sq", "tau_sq")
+)
+
+
 @triton.jit
 def _store_partials(partial_ptr, pid, kept, kept_sq, overlap, conflicts, dropped_sq, tau_sq):
-    """This program's row of a step's statistics (``triton_backend.PARTIAL_FIELDS``)."""
-    row = partial_ptr + pid * 6
-    tl.store(row, kept)
-    tl.store(row + 1, kept_sq)
-    tl.store(row + 2, overlap)
-    tl.store(row + 3, conflicts)
-    tl.store(row + 4, dropped_sq)
-    tl.store(row + 5, tau_sq)
+    """This program's row of a step's statistics (``triton_tables.PARTIAL_FIELDS``)."""
+    row = partial_ptr + pid * PARTIAL_COLUMNS
+    tl.store(row + P_KEPT, kept)
+    tl.store(row + P_KEPT_SQ, kept_sq)
+    tl.store(row + P_OVERLAP, overlap)
+    tl.store(row + P_CONFLICTS, conflicts)
+    tl.store(row + P_DROPPED_SQ, dropped_sq)
+    tl.store(row + P_TAU_SQ, tau_sq)
 
 
 @triton.jit
@@ -165,12 +207,9 @@ def grid(n: int) -> tuple[int]:
 
 
 # -- several tensors in one launch ---------------------------------------------------------------
-# A launch over many tensors reads each tensor's addresses and sizes from a table (int64 rows,
-# ``triton_backend._launch_tables``); ``owner[pid]`` is the row of program ``pid``'s tensor, whose
-# programs are numbered from the row's first block.
-# (tl.constexpr: a global a kernel reads must be one)
-DARE_COLUMNS = tl.constexpr(11)  # θ, low θ, g, m, v, step, dense T, n, offset, key, first block
-DARE_TAU_COLUMNS = tl.constexpr(6)  # θ, low θ, T's indices, T's values, count, first block
+# A launch over many tensors reads each tensor's addresses and sizes from a table (int64 rows of
+# the fields of ``triton_tables``, ``backends.triton._launch_tables``); ``owner[pid]`` is the row
+# of program ``pid``'s tensor, whose programs are numbered from the row's first block.
 
 
 @triton.jit
@@ -195,19 +234,24 @@ def _grad_pointer(address, GRAD_KIND: tl.constexpr):
 
 @triton.jit
 def _row_adam_moments(
-    row, local, inside, write, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
-    one_minus_beta2, eps, GRAD_KIND: tl.constexpr,
+    row, local, n, skip_ptr, lr, log_beta1, log_beta2, beta2, one_minus_beta1, one_minus_beta2,
+    eps, HAS_SKIP: tl.constexpr, GRAD_KIND: tl.constexpr,
 ):  # fmt: skip
-    """``_adam_moments`` of the tensor of a table row (``g, m, v, step`` in columns 2–5 of
-    both the OnDARE and the OnTIES tables)."""
-    grad_ptr = _grad_pointer(tl.load(row + 2), GRAD_KIND)
-    exp_avg_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-    step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-    return _adam_moments(
+    """``(inside, write, Δθ)``: ``_adam_moments`` of the tensor of a table row (``g, m, v,
+    step``: columns of ``triton_tables.ADAM_FIELDS``, which both the OnDARE and the OnTIES
+    tables start with) at ``local``, the entries below ``n`` (``inside``), written unless the
+    step is skipped (``write``, see ``_written``)."""
+    inside = local < n
+    write = _written(local, n, skip_ptr, HAS_SKIP)
+    grad_ptr = _grad_pointer(tl.load(row + COL_GRAD), GRAD_KIND)
+    exp_avg_ptr = tl.load(row + COL_EXP_AVG).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = tl.load(row + COL_EXP_AVG_SQ).to(tl.pointer_type(tl.float32))
+    step_ptr = tl.load(row + COL_STEP).to(tl.pointer_type(tl.float32))
+    update = _adam_moments(
         grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, local, inside, write, lr, log_beta1,
         log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
     )  # fmt: skip
+    return inside, write, update
 
 
 @triton.jit
@@ -236,22 +280,20 @@ def dare_adamw_many_kernel(
     """
     pid = tl.program_id(0)
     row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * DARE_COLUMNS
-    theta_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-    low_ptr = _low_pointer(tl.load(row + 1), theta_ptr, HAS_LOW, LOW_BF16)
-    n, offset, key = tl.load(row + 7), tl.load(row + 8), tl.load(row + 9)
-    local = (pid - tl.load(row + 10)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = local < n
-    write = _written(local, n, skip_ptr, HAS_SKIP)
-    update = _row_adam_moments(
-        row, local, inside, write, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
-        one_minus_beta2, eps, GRAD_KIND,
+    theta_ptr = tl.load(row + COL_THETA).to(tl.pointer_type(tl.float32))
+    low_ptr = _low_pointer(tl.load(row + COL_LOW), theta_ptr, HAS_LOW, LOW_BF16)
+    n, offset, key = tl.load(row + COL_N), tl.load(row + DARE_OFFSET), tl.load(row + DARE_KEY)
+    local = (pid - tl.load(row + DARE_FIRST)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside, write, update = _row_adam_moments(
+        row, local, n, skip_ptr, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
+        one_minus_beta2, eps, HAS_SKIP, GRAD_KIND,
     )  # fmt: skip
     theta = tl.load(theta_ptr + local, mask=inside, other=0.0)
     keep = dare_keep(key, local + offset, density) & write
     kept = tl.where(keep, update / divisor, 0.0)
     theta = theta * decay + weight * kept
     if DENSE_TAU:
-        tau_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+        tau_ptr = tl.load(row + COL_DENSE_TAU).to(tl.pointer_type(tl.float32))
         theta = theta + alpha * tl.load(tau_ptr + local, mask=inside, other=0.0)
     tl.store(theta_ptr + local, theta, mask=write)
     if HAS_LOW:
@@ -263,6 +305,32 @@ def dare_adamw_many_kernel(
 
 
 @triton.jit
+def _sparse_tau_entries(
+    table_ptr, owner_ptr, skip_ptr, BLOCK: tl.constexpr, HAS_LOW: tl.constexpr,
+    LOW_BF16: tl.constexpr, HAS_SKIP: tl.constexpr, INDEX_64: tl.constexpr,
+    COLUMNS: tl.constexpr, THETA: tl.constexpr, LOW: tl.constexpr, INDICES: tl.constexpr,
+    VALUES: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr,
+):  # fmt: skip
+    """``(row, θ pointer, low θ pointer, flat indices, T's values, inside, write)`` of this
+    program's run of the entries of a sparse ``T``: its tensor's row of a table of
+    ``COLUMNS``, read at the given columns (OnDARE's and OnTIES's tables keep them in
+    different places)."""
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * COLUMNS
+    theta_ptr = tl.load(row + THETA).to(tl.pointer_type(tl.float32))
+    low_ptr = _low_pointer(tl.load(row + LOW), theta_ptr, HAS_LOW, LOW_BF16)
+    index_ptr = _index_pointer(tl.load(row + INDICES), INDEX_64)
+    tau_ptr = tl.load(row + VALUES).to(tl.pointer_type(tl.float32))
+    count = tl.load(row + COUNT)
+    j = (pid - tl.load(row + FIRST)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = j < count
+    write = _written(j, count, skip_ptr, HAS_SKIP)
+    index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)
+    tau = tl.load(tau_ptr + j, mask=inside, other=0.0)
+    return row, theta_ptr, low_ptr, index, tau, inside, write
+
+
+@triton.jit
 def dare_tau_many_kernel(
     table_ptr, owner_ptr, skip_ptr, alpha,
     BLOCK: tl.constexpr, HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr, HAS_SKIP: tl.constexpr,
@@ -270,32 +338,14 @@ def dare_tau_many_kernel(
 ):  # fmt: skip
     """OnDARE's second term at the entries of every sparse ``T`` of the table:
     ``θ[i] += α·T[i]`` (Eq. 4)."""
-    pid = tl.program_id(0)
-    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * DARE_TAU_COLUMNS
-    theta_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-    low_ptr = _low_pointer(tl.load(row + 1), theta_ptr, HAS_LOW, LOW_BF16)
-    index_ptr = _index_pointer(tl.load(row + 2), INDEX_64)
-    tau_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    count = tl.load(row + 4)
-    j = (pid - tl.load(row + 5)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = j < count
-    write = _written(j, count, skip_ptr, HAS_SKIP)
-    index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)
-    tau = tl.load(tau_ptr + j, mask=inside, other=0.0)
+    row, theta_ptr, low_ptr, index, tau, inside, write = _sparse_tau_entries(
+        table_ptr, owner_ptr, skip_ptr, BLOCK, HAS_LOW, LOW_BF16, HAS_SKIP, INDEX_64,
+        DARE_TAU_COLUMNS, DT_THETA, DT_LOW, DT_INDICES, DT_VALUES, DT_COUNT, DT_FIRST,
+    )  # fmt: skip
     theta = tl.load(theta_ptr + index, mask=inside, other=0.0) + alpha * tau
     tl.store(theta_ptr + index, theta, mask=write)
     if HAS_LOW:
         tl.store(low_ptr + index, _to_low(theta, low_ptr, LOW_BF16), mask=write)
-
-
-TIES_COLUMNS = tl.constexpr(16)
-"""``triton_backend.TIES_FIELDS``: θ, low θ, g, m, v, step, dense T (or θ), n, offset in the
-update scratch, first block, T's indices, T's values, T's count, T's first block, k (the
-entries kept: over the whole tensor if sharded), T's form (``TAU_DENSE`` / ``TAU_SPARSE`` bits;
-a shard's ``T`` may be dense on one rank and sparse on another, so it is read per row and not
-compiled in)."""
-TAU_DENSE = tl.constexpr(1)
-TAU_SPARSE = tl.constexpr(2)
 
 
 @triton.jit
@@ -304,8 +354,8 @@ def _ties_row(table_ptr, owner_ptr, pid, BLOCK: tl.constexpr):
     the entries of a TIES table's tensors."""
     tensor = tl.load(owner_ptr + pid).to(tl.int64)
     row = table_ptr + tensor * TIES_COLUMNS
-    local = (pid - tl.load(row + 9)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return row, tensor, local, tl.load(row + 7), tl.load(row + 8)
+    local = (pid - tl.load(row + TIES_FIRST)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return row, tensor, local, tl.load(row + COL_N), tl.load(row + TIES_AT)
 
 
 @triton.jit
@@ -331,11 +381,9 @@ def ties_adam_many_kernel(
     (bits ``SHIFT`` and up) added into the tensor's row of ``hist`` (``BINS`` per row)."""
     pid = tl.program_id(0)
     row, tensor, local, n, at = _ties_row(table_ptr, owner_ptr, pid, BLOCK)
-    inside = local < n
-    write = _written(local, n, skip_ptr, HAS_SKIP)
-    update = _row_adam_moments(
-        row, local, inside, write, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
-        one_minus_beta2, eps, GRAD_KIND,
+    inside, write, update = _row_adam_moments(
+        row, local, n, skip_ptr, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
+        one_minus_beta2, eps, HAS_SKIP, GRAD_KIND,
     )  # fmt: skip
     update = tl.where(write, update, 0.0)
     tl.store(update_ptr + at + local, update, mask=inside)
@@ -379,7 +427,7 @@ def radix_pick_many_kernel(
     select = select_ptr + tensor * 2
     if FIRST:  # select holds last step's values: only its type is used here
         prefix = tl.load(select) * 0
-        rank = prefix + tl.load(table_ptr + tensor * TIES_COLUMNS + 14)
+        rank = prefix + tl.load(table_ptr + tensor * TIES_COLUMNS + TIES_K)
     else:
         prefix = tl.load(select)
         rank = tl.load(select + 1)
@@ -426,9 +474,9 @@ def ties_merge_many_kernel(
     """
     pid = tl.program_id(0)
     row, tensor, local, n, at = _ties_row(table_ptr, owner_ptr, pid, BLOCK)
-    theta_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-    low_ptr = _low_pointer(tl.load(row + 1), theta_ptr, HAS_LOW, LOW_BF16)
-    form = tl.load(row + 15)
+    theta_ptr = tl.load(row + COL_THETA).to(tl.pointer_type(tl.float32))
+    low_ptr = _low_pointer(tl.load(row + COL_LOW), theta_ptr, HAS_LOW, LOW_BF16)
+    form = tl.load(row + TIES_TAU_FORM)
     inside = local < n
     # As masks, per-row flags must be blocks: entries below n, or below 0 when the flag is off.
     dense = local < tl.where((form & TAU_DENSE) != 0, n, 0)
@@ -438,7 +486,7 @@ def ties_merge_many_kernel(
     selected = _selected(update, inside, select_ptr + tensor * 2, tie_base_ptr, pid)
     kept = tl.where(selected, update / divisor, 0.0)
     theta = tl.load(theta_ptr + local, mask=inside, other=0.0) * decay
-    tau_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+    tau_ptr = tl.load(row + COL_DENSE_TAU).to(tl.pointer_type(tl.float32))
     tau = tl.load(tau_ptr + local, mask=dense, other=0.0)
     merged, tau_agrees, update_agrees = _elect(tau, kept, alpha, weight, WEIGHTED)
     theta = theta + merged
@@ -470,18 +518,12 @@ def ties_tau_many_kernel(
     Per program, a row of statistics: overlap, conflicts, ``Σ dropped²``, ``Σ agreeing T²``;
     an entry of ``F_K`` is present where ``u ≠ 0``.
     """
-    pid = tl.program_id(0)
-    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * TIES_COLUMNS
-    theta_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-    low_ptr = _low_pointer(tl.load(row + 1), theta_ptr, HAS_LOW, LOW_BF16)
-    index_ptr = _index_pointer(tl.load(row + 10), INDEX_64)
-    tau_ptr = tl.load(row + 11).to(tl.pointer_type(tl.float32))
-    count, at = tl.load(row + 12), tl.load(row + 8)
-    j = (pid - tl.load(row + 13)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = j < count
-    write = _written(j, count, skip_ptr, HAS_SKIP)
-    index = tl.load(index_ptr + j, mask=inside, other=0).to(tl.int64)
-    tau = tl.load(tau_ptr + j, mask=inside, other=0.0)
+    row, theta_ptr, low_ptr, index, tau, inside, write = _sparse_tau_entries(
+        table_ptr, owner_ptr, skip_ptr, BLOCK, HAS_LOW, LOW_BF16, HAS_SKIP, INDEX_64,
+        TIES_COLUMNS, COL_THETA, COL_LOW, TIES_TAU_INDICES, TIES_TAU_VALUES, TIES_TAU_COUNT,
+        TIES_TAU_FIRST,
+    )  # fmt: skip
+    at = tl.load(row + TIES_AT)
     update = tl.load(update_ptr + at + index, mask=inside, other=0.0)
     merged, tau_agrees, update_agrees = _elect(tau, update, alpha, weight, WEIGHTED)
     theta = tl.load(theta_ptr + index, mask=inside, other=0.0)
@@ -492,7 +534,7 @@ def ties_tau_many_kernel(
     present = inside & (update != 0)
     dropped = present & ~update_agrees
     _store_partials(
-        partial_ptr, pid, 0.0, 0.0, tl.sum(present.to(tl.float32), axis=0),
+        partial_ptr, tl.program_id(0), 0.0, 0.0, tl.sum(present.to(tl.float32), axis=0),
         tl.sum(dropped.to(tl.float32), axis=0),
         tl.sum(tl.where(dropped, update * update, 0.0), axis=0),
         tl.sum(tl.where(inside & tau_agrees, tau * tau, 0.0), axis=0),

@@ -19,13 +19,9 @@ import torch
 
 from omotool.errors import InputError, UsageError
 from omotool.optim.distributed import local_tensors
-from omotool.optim.functional import MergeOptions, StepStats, merge_update_
-from omotool.optim.online_merging import (
-    GivenGradNorm,
-    closure_and_check,
-    named_parameters,
-    set_up_merging,
-)
+from omotool.optim.functional import MergeContext, MergeOptions, StepStats, merge_update_
+from omotool.optim.gradients import GivenGradNorm, closure_and_check
+from omotool.optim.references import named_parameters, set_up_merging
 from omotool.optim.task_vector import TaskVector
 
 
@@ -132,10 +128,7 @@ class OnlineMerging(GivenGradNorm, torch.optim.Optimizer):
                 lambda index, update=update: update if index is None else update.reshape(-1)[index],
                 state.get("cache"),
                 self.references[name],
-                name=name,
-                step=state["step"],
-                options=self.options,
-                stats=stats,
+                MergeContext(name, state["step"], self.options, stats),
             )
             param.copy_(work)
         if stats.merged:
@@ -158,7 +151,7 @@ class OnlineMerging(GivenGradNorm, torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         extra = state_dict["online_merging"]
-        if MergeOptions(**extra["options"]) != self.options:
+        if MergeOptions.from_saved(extra["options"]) != self.options:
             raise InputError("the checkpoint was made with other merge options.")
         self.optimizer.load_state_dict(state_dict["inner"])
         self.skipped_steps = int(extra["skipped_steps"])

@@ -113,7 +113,7 @@ def _check_combinations(config: TrainConfig) -> None:
 def check_optimizer_backend(config: TrainConfig) -> None:
     """Refuse ``--optimizer-backend triton`` where it cannot run this config (no Triton, no
     CUDA and no interpreter, step-K, the l1 rescale)."""
-    from omotool.optim import triton_backend
+    from omotool.optim.backends import triton as triton_backend
     from omotool.optim.functional import MergeOptions
 
     if config.optimizer_backend != "triton":

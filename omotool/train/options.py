@@ -19,8 +19,10 @@ from typing import Any
 from omotool.config import Option, above, at_least, declare, declared, within
 from omotool.train.algorithms import ALGORITHMS
 
+# The optimizer's merge rules (omotool.optim.functional.MERGE_RULES, which imports torch: the
+# command line reads this declaration without it; a test keeps the two equal).
 MERGES = ("none", "dare", "ties")
-MERGING = ("dare", "ties")
+MERGING = ("dare", "ties")  # those that merge (read a task vector)
 # TRL 1.16's GRPO losses and reward scalings (GRPOConfig's loss_type and scale_rewards).
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")

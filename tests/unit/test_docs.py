@@ -118,3 +118,19 @@ def test_links_stay_in_the_repository_and_resolve(path: Path) -> None:
             ):
                 broken.append(f"{where} names no heading")
     assert not broken, "\n".join(broken)
+
+
+REPO_PATH = re.compile(r"`((?:omotool|scripts|bench|recipes|tests|docs)/[\w./-]*)`")
+
+
+@pytest.mark.parametrize("path", USER_DOCS, ids=[str(p.relative_to(ROOT)) for p in USER_DOCS])
+def test_repository_paths_named_in_docs_exist(path: Path) -> None:
+    """A file or folder the docs name in backticks (`omotool/optim/kernels.py`) is there: a
+    rename updates the docs with it."""
+    missing = [
+        f"{path.relative_to(ROOT)}:{number}: {name}"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        for name in REPO_PATH.findall(line)
+        if "*" not in name and not (ROOT / name).exists()
+    ]
+    assert not missing, "\n".join(missing)

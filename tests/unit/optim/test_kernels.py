@@ -11,7 +11,8 @@ import torch
 
 from omotool.merging import sparsify
 from omotool.merging.sparsify import key_seed
-from omotool.optim import OnlineMergingAdamW, kernels, online_merging
+from omotool.optim import OnlineMergingAdamW, kernels
+from omotool.optim.backends import cpu as cpu_backend
 
 # a.weight is large enough to be sampled for OnTIES's floor; a.bias is selected exactly.
 SHAPES = {"a.weight": (300, 256), "a.bias": (300,)}
@@ -39,7 +40,7 @@ def one_step(state, start, grads, *, use_kernels, monkeypatch, **options):
         opt.load_state_dict(copy.deepcopy(state))  # loading may alias the given tensors
     with monkeypatch.context() as patch:
         if not use_kernels:
-            patch.setattr(online_merging, "batches", lambda *args: False)
+            patch.setattr(cpu_backend, "batches", lambda *args: False)
         for name, p in params.items():
             p.grad = grads[name].clone()
         opt.step()
@@ -309,16 +310,16 @@ def test_kernels_use_numba_workqueue_threads_not_a_second_openmp() -> None:
 
 
 def test_chunk_drawn_masks_without_the_kernels_are_refused_by_name(monkeypatch) -> None:
-    """``dare_draw="chunks"`` set by hand where the kernels are off: a UsageError saying what
-    to use instead, not a TypeError from inside (the optimizer itself only sets it when the
-    kernels are on)."""
+    """Chunk-drawn masks asked for where the kernels are off: a UsageError saying what to use
+    instead, not a TypeError from inside (the cpu backend only draws them when the kernels
+    are on)."""
     from omotool.errors import UsageError
-    from omotool.optim.functional import MergeOptions, dare_update_indices
+    from omotool.optim.functional import MergeContext, MergeOptions, StepStats
 
     monkeypatch.setattr(kernels, "_compiled", lambda: None)
-    options = MergeOptions(method="dare", reserve_p=0.1, dare_draw="chunks")
+    context = MergeContext("w", 1, MergeOptions(method="dare", reserve_p=0.1), StepStats())
     with pytest.raises(UsageError, match="dare_draw='generator'"):
-        dare_update_indices(100, name="w", step=1, options=options, shard=None, device="cpu")
+        cpu_backend.chunk_dare_indices(100, context, torch.device("cpu"))
 
 
 def test_thread_rows_are_made_once_and_slots_left_at_minus_one() -> None:

@@ -16,7 +16,7 @@ import torch
 
 from omotool.merging import magnitude_mask
 from omotool.optim import NonFiniteGradientError, OnlineMergingAdamW, kernels
-from omotool.optim.torch_backend import sync_free_topk_mask
+from omotool.optim.backends.sync_free import sync_free_topk_mask
 from tests.unit.optim.reference import ReferenceOptimizer
 from tests.unit.optim.test_online_merging import grad_sequence, make_params, make_tau, run
 

@@ -21,8 +21,9 @@ from omotool.optim import OnlineMergingAdamW
 from omotool.optim.functional import adam_direction
 
 triton = pytest.importorskip("triton")
-from omotool.optim import triton_backend  # noqa: E402
 from omotool.optim import triton_kernels as tk  # noqa: E402
+from omotool.optim.backends import triton as triton_backend  # noqa: E402
+from omotool.optim.backends import triton_select  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or triton_backend.interpreting()),
@@ -99,7 +100,7 @@ def _magnitudes(kind: str, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("n", [1, 1000, 5000])
 def test_topk_mask_keeps_what_magnitude_mask_keeps(kind, density, n) -> None:
     x = _magnitudes(kind, n)
-    mask = triton_backend.topk_mask(x.to(DEVICE), density).cpu()
+    mask = triton_select.topk_mask(x.to(DEVICE), density).cpu()
     assert torch.equal(mask, magnitude_mask(x, density))
 
 
@@ -197,6 +198,26 @@ def test_the_ties_table_has_a_name_for_every_column() -> None:
     assert len(triton_backend.TIES_FIELDS) == tk.TIES_COLUMNS.value
 
 
+def test_the_kernels_read_every_table_at_the_hosts_columns() -> None:
+    """The kernels' column constants come from the field lists the host builds rows from;
+    the shared Adam pass reads the leading columns of both the OnDARE and the OnTIES rows."""
+    from omotool.optim import triton_tables as tables
+
+    for fields, width in [
+        (tables.DARE_FIELDS, tk.DARE_COLUMNS), (tables.DARE_TAU_FIELDS, tk.DARE_TAU_COLUMNS),
+        (tables.TIES_FIELDS, tk.TIES_COLUMNS), (tables.PARTIAL_FIELDS, tk.PARTIAL_COLUMNS),
+    ]:  # fmt: skip
+        assert width.value == len(fields) == len(set(fields))
+    for name, column in [("grad", tk.COL_GRAD), ("n", tk.COL_N), ("step", tk.COL_STEP)]:
+        assert column.value == tables.DARE_FIELDS.index(name) == tables.TIES_FIELDS.index(name)
+    assert tk.DARE_KEY.value == tables.DARE_FIELDS.index("key")
+    assert tk.TIES_K.value == tables.TIES_FIELDS.index("k")
+    assert tk.DT_FIRST.value == tables.DARE_TAU_FIELDS.index("tau_first")
+    assert tables.table_row(tables.DARE_TAU_FIELDS, {"tau_count": 5}) == [0, 0, 0, 0, 5, 0]
+    with pytest.raises(KeyError, match="no such column: count"):
+        tables.table_row(tables.DARE_TAU_FIELDS, {"count": 5})
+
+
 @pytest.mark.parametrize("small", [3, 12])
 def test_ties_launches_do_not_grow_with_the_tensors(small, monkeypatch) -> None:
     """One large tensor and ``small`` small ones: two batches (the small ones fit together in
@@ -281,7 +302,7 @@ def test_memory_beyond_the_moments_is_reported() -> None:
     assert report["workspace_update_bytes"] == 4 * largest  # one largest tensor of scratch
     # 4096 int32 counts per tensor of the largest batch: [embed], [layer.weight, layer.bias]
     histogram = report["workspace_radix_histogram_bytes"]
-    assert histogram == 2 * 4 * triton_backend.RADIX_BINS
+    assert histogram == 2 * 4 * triton_select.RADIX_BINS
     per_program = workspace - report["workspace_update_bytes"] - histogram
     assert per_program < 0.05 * report["parameters"] + 256  # partial sums, tie counts
     assert report["total_bytes"] == pytest.approx(

@@ -219,6 +219,14 @@ def test_runner_re_exports_the_options() -> None:
     assert runner.MERGES is arguments.MERGES
 
 
+def test_merges_are_the_optimizers_merge_rules() -> None:
+    from omotool.optim.functional import MERGE_RULES
+    from omotool.train.options import MERGING
+
+    assert sorted(MERGES) == sorted(MERGE_RULES.names())
+    assert sorted(MERGING) == sorted(n for n in MERGE_RULES.names() if MERGE_RULES.get(n).merges)
+
+
 # Values away from every default, for the merge options.
 MERGE_SET = {
     "base": "base-model", "task_vector": "runs/tau", "reserve_p": 0.2, "alpha": 0.0,

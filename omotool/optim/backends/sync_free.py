@@ -5,20 +5,23 @@ device (any device; what a GPU takes where the ``triton`` backend does not apply
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from omotool.merging import disjoint_merge, kept_count, keyed_generator
 from omotool.merging.sparsify import gap_chunk, gap_dtype, geometric_gaps_
+from omotool.optim.backends.base import Backend, Keep, TensorStep, register
 from omotool.optim.distributed import Shard, sharded_magnitude_mask
 from omotool.optim.functional import (
+    MERGE_RULES,
     MergeOptions,
     StepStats,
     Workspace,
-    add_dare_reference_,
     fused_adamw_,
+    step_k_,
 )
-from omotool.optim.task_vector import FlatDelta
+from omotool.optim.rules import add_dare_reference_
 
 # Nothing here reads a tensor on the host: the step count that keys the DARE masks and the
 # step-K phase is a host integer kept beside the device ``step`` (``host_step``), bias
@@ -29,36 +32,30 @@ from omotool.optim.task_vector import FlatDelta
 # statistic stays a device tensor until ``StepStats.as_dict``.
 
 
-def sync_free_online_merging_adamw_(
-    param: torch.Tensor,
+def sync_free_step_(
+    t: TensorStep,
     grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: torch.Tensor,
-    cache: torch.Tensor | None,
-    reference: FlatDelta | None,
-    workspace: Workspace,
-    *,
-    host_step: int,
     keep: torch.Tensor | None,
-    name: str,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    options: MergeOptions,
     stats: StepStats,
-    shard: Shard | None = None,
+    workspace: Workspace,
 ) -> None:
-    """``cpu_backend.fused_online_merging_adamw_`` without host synchronisation (note above).
+    """``cpu.fused_step_`` without host synchronisation (note above), for one tensor.
 
-    ``step`` (on ``param``'s device) already counts this step unless it is skipped;
-    ``host_step`` counts it in any case (it keys masks and step-K's phase). ``keep``: a 0-d
+    ``t.step`` (on the parameter's device) already counts this step unless it is skipped;
+    ``t.host_step`` counts it in any case (it keys masks and step-K's phase). ``keep``: a 0-d
     bool on the device, false when this step is skipped (``None``: never skipped). The
     sharded OnTIES threshold is the one part that still synchronises
     (``optim.distributed.sharded_magnitude_mask``).
     """
+    param, (exp_avg, exp_avg_sq), step, cache, options = (
+        t.work,
+        t.moments,
+        t.step,
+        t.cache,
+        t.options,
+    )
+    lr, weight_decay = t.adam["lr"], t.adam["weight_decay"]
+    beta1, beta2, eps = t.adam["beta1"], t.adam["beta2"], t.adam["eps"]
     found_inf = None if keep is None else (~keep).float()
     adam = dict(beta1=beta1, beta2=beta2, eps=eps, found_inf=found_inf)
     if not options.merges:
@@ -70,7 +67,7 @@ def sync_free_online_merging_adamw_(
         factor = 1 - lr * weight_decay
         param.mul_(factor if keep is None else torch.where(keep, factor, 1.0))
     dense = (
-        options.method == "ties"
+        MERGE_RULES.get(options.method).reads_whole_update
         or cache is not None
         or options.resolved_rescale == "l1"
         or options.reserve_p >= 1
@@ -80,18 +77,10 @@ def sync_free_online_merging_adamw_(
         update = workspace.get("update", param).view_as(param).zero_()
         fused_adamw_(update, grad, exp_avg, exp_avg_sq, step, lr=lr, weight_decay=0.0, **adam)
         update = update.view(-1)
-        if cache is not None:
-            if host_step % options.online_step != 0:  # plain step, applied update cached
-                param.add_(update.view_as(param))
-                cache.add_(update.view_as(cache))
-                return
-            rolled = cache.view(-1) if keep is None else torch.where(keep, cache.view(-1), 0.0)
-            flat.sub_(rolled)  # roll back the K − 1 plain steps, merge their sum with this one
-            update.add_(rolled)
-            if found_inf is None:
-                cache.zero_()
-            else:  # emptied, or kept whole by a skipped step (cache is finite: × 1 is exact)
-                cache.mul_(found_inf)
+        if cache is not None and not step_k_(
+            flat, update, cache.view(-1), t.host_step, options.online_step, keep
+        ):
+            return
         direction = None
     else:  # the moments only; Δθ is computed at the kept entries
         fused_adamw_(param, grad, exp_avg, exp_avg_sq, step, lr=0.0, weight_decay=0.0, **adam)
@@ -101,13 +90,7 @@ def sync_free_online_merging_adamw_(
             return _adam_direction_at(exp_avg, exp_avg_sq, step, index, lr, beta1, beta2, eps)
 
     stats.merged = True
-    if options.method == "dare":
-        _sync_free_dare_(
-            flat, update, direction, reference, keep, host_step, name, options, stats, shard
-        )
-    else:
-        assert update is not None
-        _sync_free_ties_(flat, update, reference, keep, options, stats, shard, workspace)
+    RULES[options.method](SyncFreeMerge(t, flat, update, direction, keep, stats, workspace))
 
 
 def _adam_direction_at(
@@ -168,19 +151,26 @@ def sync_free_dare_indices(
     return torch.where(valid, index, 0), valid
 
 
-def _sync_free_dare_(
-    flat: torch.Tensor,
-    update: torch.Tensor | None,
-    direction: Callable[[torch.Tensor], torch.Tensor] | None,
-    reference: FlatDelta | None,
-    keep: torch.Tensor | None,
-    host_step: int,
-    name: str,
-    options: MergeOptions,
-    stats: StepStats,
-    shard: Shard | None,
-) -> None:
+@dataclass
+class SyncFreeMerge:
+    """One tensor's merge in the sync-free step (after Adam and step-K): its record, ``θ``
+    flat, the whole ``Δθ`` (``update``) or ``direction`` (``Δθ`` at given indices, when only
+    the kept entries are computed), ``keep`` (a 0-d bool on the device, false on a skipped step;
+    ``None``: never skipped), the statistics and scratch buffers."""
+
+    t: TensorStep
+    flat: torch.Tensor
+    update: torch.Tensor | None
+    direction: Callable[[torch.Tensor], torch.Tensor] | None
+    keep: torch.Tensor | None
+    stats: StepStats
+    workspace: Workspace
+
+
+def _sync_free_dare_(m: SyncFreeMerge) -> None:
     """OnDARE (``merge_dare_``) without a host sync; ``update`` is the whole Δθ or None."""
+    t, flat, update, direction, keep, stats = m.t, m.flat, m.update, m.direction, m.keep, m.stats
+    reference, options = t.reference, t.options
     p, alpha, mode = options.reserve_p, options.alpha, options.resolved_rescale
     if p >= 1:
         assert update is not None
@@ -189,7 +179,7 @@ def _sync_free_dare_(
         stats.kept += flat.numel()
     else:
         index, valid = sync_free_dare_indices(
-            flat.numel(), name=name, step=host_step, options=options, shard=shard,
+            flat.numel(), name=t.name, step=t.host_step, options=options, shard=t.shard,
             device=flat.device,
         )  # fmt: skip
         if keep is not None:
@@ -240,22 +230,16 @@ def sync_free_topk_mask(
     return above | (ties & (rank <= places))
 
 
-def _sync_free_ties_(
-    flat: torch.Tensor,
-    update: torch.Tensor,
-    reference: FlatDelta | None,
-    keep: torch.Tensor | None,
-    options: MergeOptions,
-    stats: StepStats,
-    shard: Shard | None,
-    workspace: Workspace,
-) -> None:
+def _sync_free_ties_(m: SyncFreeMerge) -> None:
     """OnTIES (``merge_ties_`` + ``apply_ties_``) densely, without a host sync.
 
     Under a ``shard`` the threshold of the whole tensor comes from
     ``sharded_magnitude_mask``, which synchronises (a gather of candidates of data-dependent
-    size); everything else does not.
+    size); everything else does not. ``update``: the whole Δθ (``reads_whole_update``).
     """
+    t, flat, update, keep, stats, workspace = m.t, m.flat, m.update, m.keep, m.stats, m.workspace
+    assert update is not None
+    reference, options, shard = t.reference, t.options, t.shard
     p, alpha = options.reserve_p, options.alpha
     if shard is not None:
         mask = sharded_magnitude_mask(update, p, shard).view(-1)
@@ -305,3 +289,20 @@ def _sync_free_ties_(
         alone = kept.index_fill_(0, tau_index, 0.0)  # those entries arrive through `merged`
         flat.add_(alone, alpha=1 - alpha)
         flat.index_add_(0, tau_index, merged)
+
+
+RULES = {"dare": _sync_free_dare_, "ties": _sync_free_ties_}
+"""Each merging method's sync-free step (``SyncFreeBackend.rules``)."""
+
+
+@register("torch", help="tensor ops that never wait on the device, any device")
+class SyncFreeBackend(Backend):
+    sync_free = True
+    rules = tuple(RULES)
+
+    def step(
+        self, tensors: list[TensorStep], *, keep: Keep, stats: StepStats, workspace: Workspace
+    ) -> None:
+        for t in tensors:
+            sync_free_step_(t, t.grad.float(), keep, stats, workspace)
+            t.write_back()

@@ -1,0 +1,91 @@
+"""Setting up online merging for an optimizer's parameters: the settings checked and
+``T = F(τ)`` built per parameter (``build_references``), once, before any step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from omotool.errors import InputError, UsageError
+from omotool.optim.distributed import local_tensors
+from omotool.optim.functional import MergeOptions, reference_tensor
+from omotool.optim.task_vector import FlatDelta, TaskVector
+
+NAN_POLICIES = ("skip", "raise")
+MISSING_POLICIES = ("error", "adamw")
+
+
+def set_up_merging(
+    param_groups: list[dict[str, Any]],
+    task_vector: TaskVector | Mapping[str, torch.Tensor] | str | os.PathLike[str] | None,
+    options: MergeOptions,
+    missing: str,
+    nan_policy: str,
+) -> tuple[dict[str, FlatDelta], str | None]:
+    """Validate the settings and build ``T`` per parameter: ``(references, τ fingerprint)``."""
+    options.validate()
+    if nan_policy not in NAN_POLICIES:
+        raise UsageError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}.")
+    if missing not in MISSING_POLICIES:
+        raise UsageError(f"missing must be one of {', '.join(MISSING_POLICIES)}.")
+    if not options.merges:
+        return {}, None
+    if task_vector is None:
+        raise UsageError(f"method {options.method!r} needs a task_vector (τ = θ_sft − θ_base).")
+    tv = TaskVector.coerce(task_vector)
+    references = build_references(named_parameters(param_groups), tv, options, missing)
+    return references, tv.sft_fingerprint
+
+
+def named_parameters(param_groups: list[dict[str, Any]]) -> list[tuple[str, torch.Tensor]]:
+    """``(name, parameter)`` of every group; names are required for merging."""
+    named = []
+    for group in param_groups:
+        names = group.get("param_names")
+        if names is None:
+            raise UsageError(
+                "online merging needs parameter names: pass model.named_parameters() (or "
+                "param groups of (name, parameter) pairs) instead of model.parameters()."
+            )
+        named.extend(zip(names, group["params"], strict=True))
+    return named
+
+
+def build_references(
+    named: list[tuple[str, torch.Tensor]],
+    task_vector: TaskVector,
+    options: MergeOptions,
+    missing: str = "error",
+) -> dict[str, FlatDelta]:
+    """``T = F(τ)`` for every named parameter, checked against the parameter's shape."""
+    absent = [name for name, _ in named if name not in task_vector]
+    if absent and missing == "error":
+        more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+        raise InputError(
+            f"the task vector has no entry for {len(absent)} parameter(s): "
+            f"{', '.join(absent[:5])}{more}. Use the task vector of this model, or "
+            "missing='adamw' to train those parameters without merging."
+        )
+    references = {}
+    for name, param in named:
+        if name in absent:
+            continue
+        shape = tuple(task_vector.shape(name))
+        if shape != tuple(param.shape):
+            raise InputError(
+                f"parameter {name} has shape {list(param.shape)} but its task-vector entry "
+                f"has shape {list(shape)}: the task vector belongs to another model."
+            )
+        local, _, shard = local_tensors(param)
+        if shard is not None and options.resolved_rescale == "l1":
+            raise UsageError("rescale='l1' is not supported with sharded (FSDP) parameters.")
+        reference = reference_tensor(task_vector.get(name), name, options)
+        if shard is not None:  # each rank keeps its own run of the whole T
+            reference = shard.local_part(reference, local.numel()).clone()
+        references[name] = FlatDelta.from_dense(reference.view(local.shape)).to(local.device)
+        references[name].sq_norm  # noqa: B018 - computed once here, not read during a step
+    return references
