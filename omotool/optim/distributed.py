@@ -30,7 +30,9 @@ from omotool.merging import kept_count, kth_largest
 
 @dataclass(frozen=True)
 class Shard:
-    """Where a rank's local tensor sits in the whole parameter (flattened, row-major)."""
+    """Where a rank's local tensor sits in the whole parameter (flattened, row-major): an
+    FSDP2 shard, or a run of a DeepSpeed ZeRO flat partition (``offset``: the run's global
+    ``start``; ``optim.zero_merging``). Within ``group``, lower ranks hold lower offsets."""
 
     numel: int  # entries of the whole tensor
     offset: int  # flat index of the first local entry

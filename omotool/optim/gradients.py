@@ -26,6 +26,9 @@ class GivenGradNorm:
     # The norm and the gradients it was given for (``_gradient_versions``), or None.
     _given: tuple[torch.Tensor, list[tuple[int, int]]] | None = None
     param_groups: list[dict[str, Any]]
+    # Process groups whose ranks skip a step together besides sharded parameters' (DeepSpeed
+    # ZeRO's data-parallel group: each rank sees only its partition's gradients).
+    agreement_groups: tuple[Any, ...] = ()
 
     def note_grad_norm(self, total_norm: torch.Tensor | float) -> None:
         """The total norm of the gradients the next ``step()`` applies, as the caller computed
@@ -87,7 +90,7 @@ def closure_and_check(optimizer: GivenGradNorm, closure: Any) -> tuple[Any, bool
     if closure is not None:
         with torch.enable_grad():
             loss = closure()
-    if gradients_finite(optimizer.param_groups, given):
+    if gradients_finite(optimizer.param_groups, given, optimizer.agreement_groups):
         return loss, True
     if optimizer.nan_policy == "raise":
         raise non_finite_error()
@@ -103,7 +106,9 @@ def non_finite_error() -> NonFiniteGradientError:
 
 
 def gradients_nonfinite(
-    param_groups: list[dict[str, Any]], given_norm: torch.Tensor | None = None
+    param_groups: list[dict[str, Any]],
+    given_norm: torch.Tensor | None = None,
+    agreement_groups: tuple[Any, ...] = (),
 ) -> torch.Tensor | None:
     """Whether any gradient, on any rank, holds NaN or inf: a 0-d bool on the gradients'
     device, never read here (``None`` when there is no gradient).
@@ -114,7 +119,7 @@ def gradients_nonfinite(
     overflow it); with sharded parameters the flag is all-reduced on the device
     (``any_rank_on_device``).
     """
-    grads, groups = _gradients_and_groups(param_groups)
+    grads, groups = _gradients_and_groups(param_groups, agreement_groups)
     if not grads:
         return None
     device = grads[0].device
@@ -130,7 +135,9 @@ def gradients_nonfinite(
 
 
 def gradients_finite(
-    param_groups: list[dict[str, Any]], given_norm: torch.Tensor | None = None
+    param_groups: list[dict[str, Any]],
+    given_norm: torch.Tensor | None = None,
+    agreement_groups: tuple[Any, ...] = (),
 ) -> bool:
     """Whether every gradient, on every rank, is free of NaN and inf.
 
@@ -141,7 +148,7 @@ def gradients_finite(
     sharded parameters the verdict is agreed across ranks (one all-reduce), so that all
     ranks skip a step together.
     """
-    grads, groups = _gradients_and_groups(param_groups)
+    grads, groups = _gradients_and_groups(param_groups, agreement_groups)
     if given_norm is not None:
         bad = bool(grads) and not bool(torch.isfinite(given_norm).all())
     else:
@@ -156,9 +163,12 @@ def gradients_finite(
     return not any_rank(bad, groups) if groups else not bad
 
 
-def _gradients_and_groups(param_groups: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list]:
-    """This rank's non-empty gradients (dense) and the process groups of sharded parameters."""
-    grads, groups = [], []
+def _gradients_and_groups(
+    param_groups: list[dict[str, Any]], agreement_groups: tuple[Any, ...] = ()
+) -> tuple[list[torch.Tensor], list]:
+    """This rank's non-empty gradients (dense) and the process groups of sharded parameters
+    (after ``agreement_groups``)."""
+    grads, groups = [], list(agreement_groups)
     for group in param_groups:
         for param in group["params"]:
             _, grad, shard = local_tensors(param)

@@ -17,12 +17,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from omotool.errors import InputError, UsageError
 from omotool.optim import backends, kernels
 from omotool.optim.backends import Backend, TensorStep, resolve_backend
 from omotool.optim.distributed import local_tensors
-from omotool.optim.functional import MergeOptions, StepStats, Workspace
+from omotool.optim.functional import MERGE_RULES, MergeOptions, StepStats, Workspace
 from omotool.optim.gradients import (  # noqa: F401 - NonFiniteGradientError, gradients_*: public
     GivenGradNorm,
     NonFiniteGradientError,
@@ -37,6 +38,8 @@ from omotool.optim.references import (  # noqa: F401 - what `missing=`, `nan_pol
     set_up_merging,
 )
 from omotool.optim.task_vector import TaskVector
+from omotool.optim.zero_merging import ZeroFlat, piece_steps, state_owner, zero_pieces
+from omotool.optim.zero_runs import ZeroRuns
 
 BACKENDS = ("auto", *backends.BACKENDS.names())
 _FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "master", "cache")  # kept in float32 on load
@@ -91,6 +94,8 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
             OnDARE's masks come from the backend's generator: ``"triton"`` draws from
             Philox by element offset, the others by geometric gaps (same law, other draws).
     """
+
+    _zero_flats: dict[int, ZeroFlat] = {}  # by id(flat): set by attach_zero_runs, never changed
 
     def __init__(
         self,
@@ -189,25 +194,36 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         """Every parameter with a gradient, with its state, ``T`` and float32 working copy."""
         for group in self.param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
+            if len(names) != len(group["params"]):
+                raise UsageError(
+                    "the optimizer's parameters were replaced (DeepSpeed ZeRO's flat "
+                    "partitions?): call attach_zero_runs after deepspeed.initialize."
+                )
             for name, param in zip(names, group["params"], strict=True):
                 local, grad, shard = local_tensors(param)
                 if grad is None:
                     continue
                 if grad.is_sparse:
                     raise UsageError("sparse gradients are not supported")
+                zero = self._zero_flats.get(id(param))
+                zero = zero if zero is not None and zero.flat is param else None
                 reference = self.references.get(name) if name is not None else None
-                merges = self.options.merges and reference is not None
+                merges = self.options.merges and (reference is not None or zero is not None)
                 state = self._state_for(param, local, merges)
                 work = state.get("master")
                 if work is None:
                     work = local if local.dtype == torch.float32 else local.float()
                 beta1, beta2 = group["betas"]
-                yield TensorStep(
+                whole = TensorStep(
                     name or "", local, work, grad, shard, reference, state,
                     dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"]),
                     self.options if merges else _PLAIN_ADAMW,
                 )  # fmt: skip
+                if zero is None:
+                    yield whole
+                else:
+                    yield from piece_steps(whole, zero, self.options, _PLAIN_ADAMW)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -221,17 +237,52 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
                 return loss
             keep = None
         tensors = list(self._tensor_steps())
-        if tensors:  # every tensor's step count at once (a few multi-tensor launches)
+        # One count per tensor; a ZeRO flat tensor's pieces share their flat tensor's.
+        owners = list({id(s): s for s in (state_owner(t.state) for t in tensors)}.values())
+        if owners:  # every tensor's step count at once (a few multi-tensor launches)
             counted = 1.0 if keep is None else keep.to(torch.float32)
-            torch._foreach_add_([t.step for t in tensors], counted)
+            torch._foreach_add_([state["step"] for state in owners], counted)
         if backend.sync_free:  # keys the masks and step-K's phase, skipped steps included
-            for t in tensors:
-                t.state["host_step"] = t.state.get("host_step", 0) + 1
+            for state in owners:
+                state["host_step"] = state.get("host_step", 0) + 1
         stats = StepStats()
         backend.step(tensors, keep=keep, stats=stats, workspace=self._workspace)
         if stats.merged:  # plain steps of step-K leave the last merge's figures in place
             self.last_stats = stats.select(keep, self.last_stats)
         return loss
+
+    # -- DeepSpeed ZeRO ----------------------------------------------------------------------
+    def attach_zero_runs(self, runs: ZeroRuns) -> None:
+        """Merge on DeepSpeed ZeRO-1/2/3 flat partitions, as ``runs`` describes them
+        (``optim.zero_runs.zero_runs(engine, model.named_parameters())``, after
+        ``deepspeed.initialize``; ``omotool train`` calls it). Explicit rather than found on
+        the first ``step()``: DeepSpeed hands the step only a flat tensor, and its layout is
+        known only to the engine.
+
+        Each flat tensor then gets Adam elementwise over all of it and the merge per run,
+        each run as the FSDP2-style shard of its parameter (``optim.zero_merging``): masks,
+        ``T`` and the OnTIES top-k are those of the whole parameter, whatever the stage or
+        world size. ``T`` is cut from the whole parameters' (built at construction, from the
+        named parameters handed to it); the groups' parameter names are dropped, since
+        DeepSpeed swaps its flat tensors into the groups.
+        """
+        if self.options.merges and self.options.resolved_rescale == "l1":
+            raise UsageError("rescale='l1' is not supported on DeepSpeed ZeRO partitions.")
+        if self.backend == "triton":  # its batched launches are not checked on runs yet
+            raise UsageError(
+                "backend='triton' is not supported on DeepSpeed ZeRO partitions; use 'torch'."
+            )
+        whole_update = MERGE_RULES.get(self.options.method).reads_whole_update
+        self._zero_flats = zero_pieces(runs, self.references, whole_update)
+        self.references = {  # the runs' parts of T replace the whole parameters'
+            f"{piece.name}@{i}:{piece.offset}": piece.reference
+            for i, zero in enumerate(self._zero_flats.values())
+            for piece in zero.pieces
+            if piece.reference is not None
+        }
+        for group in self.param_groups:
+            group.pop("param_names", None)
+        self.agreement_groups = (runs.group if runs.group is not None else dist.group.WORLD,)
 
     def _check_on_device(self, closure: Any) -> tuple[Any, torch.Tensor | None]:
         """``(loss, keep)`` for a sync-free backend: nothing read on the host.
@@ -246,7 +297,7 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        nonfinite = gradients_nonfinite(self.param_groups, given)
+        nonfinite = gradients_nonfinite(self.param_groups, given, self.agreement_groups)
         if nonfinite is None:
             return loss, None
         if self.nan_policy == "raise":

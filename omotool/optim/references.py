@@ -75,9 +75,11 @@ def build_references(
         if name in absent:
             continue
         shape = tuple(task_vector.shape(name))
-        if shape != tuple(param.shape):
+        # DeepSpeed ZeRO-3 partitions parameters as they load; ds_shape is the whole shape.
+        whole_shape = tuple(getattr(param, "ds_shape", param.shape))
+        if shape != whole_shape:
             raise InputError(
-                f"parameter {name} has shape {list(param.shape)} but its task-vector entry "
+                f"parameter {name} has shape {list(whole_shape)} but its task-vector entry "
                 f"has shape {list(shape)}: the task vector belongs to another model."
             )
         local, _, shard = local_tensors(param)
@@ -86,6 +88,8 @@ def build_references(
         reference = reference_tensor(task_vector.get(name), name, options)
         if shard is not None:  # each rank keeps its own run of the whole T
             reference = shard.local_part(reference, local.numel()).clone()
-        references[name] = FlatDelta.from_dense(reference.view(local.shape)).to(local.device)
+        # Whole under ZeRO (the runs take their parts: OnlineMergingAdamW.attach_zero_runs).
+        shape = local.shape if shard is not None else whole_shape
+        references[name] = FlatDelta.from_dense(reference.view(shape)).to(local.device)
         references[name].sq_norm  # noqa: B018 - computed once here, not read during a step
     return references

@@ -83,6 +83,10 @@ class ZeroRuns:
     flats: tuple[torch.Tensor, ...]  # the flat fp32 tensors, in DeepSpeed's group order
     runs: tuple[tuple[Run, ...], ...]  # runs[i]: the runs of flats[i], by ascending offset
     params: dict[str, ParamLayout]
+    # orders[i]: every parameter of flats[i]'s group, held here or not, in DeepSpeed's order:
+    # the same on every rank, so collectives over those parameters are called in one order.
+    orders: tuple[tuple[str, ...], ...] = ()
+    group: Any = None  # the data-parallel process group (None: the default group)
 
     def of(self, flat: torch.Tensor) -> tuple[Run, ...]:
         """The runs of ``flat`` (one of ``flats``, matched by identity)."""
@@ -207,13 +211,14 @@ def _partition_runs(
     ``partition_sizes[g]`` elements per rank; this rank's partition is ``flats[g]``."""
     import deepspeed.comm as dist
 
-    all_runs, params, coordinates = [], {}, set()
+    all_runs, orders, params, coordinates = [], [], {}, set()
     for g, group in enumerate(groups):
         rank = dist.get_rank(group=process_groups[g])
         coordinates.add((rank, dist.get_world_size(group=process_groups[g])))
         partition_size = partition_sizes[g]
         low, high = rank * partition_size, (rank + 1) * partition_size  # in the group's buffer
         runs = []
+        orders.append(tuple(_name(names, param) for param in group))
         for param, first in zip(group, offsets[g], strict=True):
             name, numel = _name(names, param), param.numel()
             ranks = _holders(first, numel, partition_size)
@@ -225,7 +230,10 @@ def _partition_runs(
         if check_fragments:
             _check_fragments(runs, group, names)
         all_runs.append(tuple(runs))
-    return ZeroRuns(stage, *_one_group(coordinates), tuple(flats), tuple(all_runs), params)
+    return ZeroRuns(
+        stage, *_one_group(coordinates), tuple(flats), tuple(all_runs), params, tuple(orders),
+        process_groups[0] if process_groups else None,
+    )  # fmt: skip
 
 
 def _check_fragments(runs: list[Run], group: list[Any], names: dict[int, str]) -> None:
@@ -257,12 +265,13 @@ def _check_fragments(runs: list[Run], group: list[Any], names: dict[int, str]) -
 def _stage3_runs(optimizer: Any, names: dict[int, str]) -> ZeroRuns:
     import deepspeed.comm as dist
 
-    flats, all_runs, params, coordinates = [], [], {}, set()
+    flats, all_runs, orders, params, coordinates = [], [], [], {}, set()
     for i, group in enumerate(optimizer.fp16_groups):
         process_group = optimizer.sub_group_process_groups[i]
         rank, world = dist.get_rank(group=process_group), dist.get_world_size(group=process_group)
         coordinates.add((rank, world))
         runs = []
+        orders.append(tuple(_name(names, param) for param in group))
         for param in group:
             name, numel = _name(names, param), param.ds_numel
             sub_group, offset, partition_size = optimizer.grad_position[
@@ -279,4 +288,8 @@ def _stage3_runs(optimizer: Any, names: dict[int, str]) -> ZeroRuns:
                 runs.append(Run(name, start=start, offset=offset, length=length))
         flats.append(optimizer.fp32_partitioned_groups_flat[i])
         all_runs.append(tuple(runs))
-    return ZeroRuns(3, *_one_group(coordinates), tuple(flats), tuple(all_runs), params)
+    groups = optimizer.sub_group_process_groups
+    return ZeroRuns(
+        3, *_one_group(coordinates), tuple(flats), tuple(all_runs), params, tuple(orders),
+        groups[0] if groups else None,
+    )  # fmt: skip

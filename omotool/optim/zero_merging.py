@@ -1,0 +1,128 @@
+"""Online merging on DeepSpeed ZeRO-1/2/3 partitions: each run of a flat tensor merged as the
+FSDP2 shard of its parameter that it is.
+
+A ZeRO flat fp32 tensor (``optim.zero_runs``) is cut into *pieces*, in one order that every
+rank of the data-parallel group shares (the flat's param group, in DeepSpeed's order):
+
+- a run ``Run(name, start, offset, length)`` of a parameter held by several ranks is a
+  ``distributed.Shard(numel, offset=start, group)`` of that parameter: DARE masks are drawn
+  over the whole parameter and keyed by global element offset, ``T = F(τ)`` of the whole
+  parameter is sliced by ``[start, start + length)``, the OnTIES top-k is that of the whole
+  parameter (``sharded_magnitude_mask`` over the group). Within a parameter lower ranks hold
+  lower elements (ZeRO-1/2: the flat buffer is split in rank order; ZeRO-3: rank ``r`` holds
+  ``[r·ps, (r+1)·ps)``), which is what the shard's tie-break assumes;
+- a run of a parameter held by this rank alone is the whole parameter (no shard, no collective);
+- where a rule reads the whole update (OnTIES) and other ranks hold a parameter this rank does
+  not, an empty piece takes part in their collectives (they are called in the same order on
+  every rank, or they would deadlock);
+- elements covered by no run (padding) get plain AdamW.
+
+Adam itself is elementwise, so it is the same over the pieces as over the whole flat tensor;
+the step count is the flat tensor's (``state[flat]["step"]``), shared by its pieces.
+"""
+
+from __future__ import annotations
+
+from collections import ChainMap
+from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from omotool.optim.backends.base import TensorStep
+from omotool.optim.distributed import Shard
+from omotool.optim.functional import MergeOptions
+from omotool.optim.task_vector import FlatDelta
+from omotool.optim.zero_runs import Run, ZeroRuns
+
+_PIECE_STATE = ("exp_avg", "exp_avg_sq", "master", "cache")  # sliced per piece; the rest shared
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``length`` elements of a flat tensor from ``offset``: a run of parameter ``name`` (``""``:
+    padding), its ``shard`` (None: the whole parameter) and its part of ``T`` (None: plain
+    AdamW)."""
+
+    name: str
+    offset: int
+    length: int
+    shard: Shard | None
+    reference: FlatDelta | None
+
+
+@dataclass(frozen=True)
+class ZeroFlat:
+    """One flat tensor and its pieces (in the order shared by every rank)."""
+
+    flat: torch.Tensor
+    pieces: tuple[Piece, ...]
+
+
+def zero_pieces(
+    runs: ZeroRuns, references: Mapping[str, FlatDelta], whole_update: bool
+) -> dict[int, ZeroFlat]:
+    """The pieces of every flat tensor of ``runs``, by ``id(flat)``. ``references``: ``T`` of
+    each whole parameter that merges (by name); ``whole_update``: the rule reads every entry
+    of the update (a top-k), so ranks that hold nothing of a shared parameter take part."""
+    group = runs.group if runs.group is not None else dist.group.WORLD
+    by_flat = {}
+    for flat, flat_runs, order in zip(runs.flats, runs.runs, runs.orders, strict=True):
+        held = {run.name: run for run in flat_runs}
+        pieces = []
+        for name in order:
+            layout, reference = runs.params[name], references.get(name)
+            run = held.get(name)
+            shared = len(layout.ranks) > 1
+            if run is None:
+                if not (whole_update and shared and reference is not None):
+                    continue
+                run = Run(name, start=0, offset=0, length=0)  # a part in the others' collectives
+            shard = Shard(numel=layout.numel, offset=run.start, group=group) if shared else None
+            if reference is not None:
+                dense = reference.to_dense().reshape(-1)
+                reference = FlatDelta.from_dense(dense[run.start : run.start + run.length].clone())
+                reference.sq_norm  # noqa: B018 - computed once here, not read during a step
+            pieces.append(Piece(name, run.offset, run.length, shard, reference))
+        pieces.extend(_padding(flat.numel(), flat_runs))
+        by_flat[id(flat)] = ZeroFlat(flat, tuple(pieces))
+    return by_flat
+
+
+def _padding(numel: int, runs: tuple[Run, ...]) -> Iterator[Piece]:
+    """Plain-AdamW pieces for the elements no run covers (``runs`` by ascending offset)."""
+    position = 0
+    for run in (*runs, Run("", 0, numel, 0)):
+        if run.offset > position:
+            yield Piece("", position, run.offset - position, None, None)
+        position = max(position, run.offset + run.length)
+
+
+def piece_steps(
+    whole: TensorStep, zero: ZeroFlat, options: MergeOptions, plain: MergeOptions
+) -> Iterator[TensorStep]:
+    """``whole`` (the flat tensor's step) as one step per piece: views of its tensors and
+    state; the step count stays the flat tensor's (``state_owner``)."""
+    for piece in zero.pieces:
+        merges = options.merges and piece.reference is not None
+
+        def cut(tensor: torch.Tensor, piece: Piece = piece) -> torch.Tensor:
+            return tensor.reshape(-1).narrow(0, piece.offset, piece.length)
+
+        views = {
+            key: cut(value)
+            for key, value in whole.state.items()
+            if key in _PIECE_STATE and (key != "cache" or merges)
+        }
+        yield TensorStep(
+            piece.name, cut(whole.local), cut(whole.work), cut(whole.grad), piece.shard,
+            piece.reference, ChainMap(views, whole.state), whole.adam,
+            options if merges else plain,
+        )  # fmt: skip
+
+
+def state_owner(state: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The state that owns a step's count: a piece's flat tensor's, else ``state`` itself."""
+    return state.maps[-1] if isinstance(state, ChainMap) else state

@@ -1,0 +1,113 @@
+"""OnlineMergingAdamW on DeepSpeed ZeRO partitions against the same optimizer unsharded.
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/integration/zero_merging_worker.py
+
+Each rank trains a tiny model under ZeRO-2 and ZeRO-3 (fp32, gloo) and, in the same process, a
+copy of it without DeepSpeed; both see the same gradients (every rank takes the same batch, so
+DeepSpeed's average over the ranks is the gradient itself: (g/2 + g/2) is exact). After each
+step every run of every flat partition must hold the unsharded parameter's elements
+``[start, start + length)``, and under ZeRO-2 the kept counts summed over the ranks must be the
+unsharded ones. The process stops (non-zero exit) at the first difference.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from omotool.optim import OnlineMergingAdamW
+from omotool.optim.zero_runs import run_views, zero_runs
+
+sys.path.insert(0, os.path.dirname(__file__))
+from zero_runs_worker import TinyModel  # noqa: E402
+
+STEPS = 3
+# eps well above float32's resolution of |g|: Adam's first update is then not ±lr almost
+# everywhere, so that OnTIES's top-k has no near-ties that a last-bit difference could reorder.
+SETTINGS = dict(
+    reserve_p=0.3, alpha=0.3, lr=1e-2, eps=1e-3, weight_decay=0.01, tau_clip=None, seed=5
+)
+# Float32 tolerance: both sides run the same elementwise operations on the same values, but a
+# vectorised kernel (fused AdamW, numba) may round a run's elements differently from the
+# whole tensor's where the run starts at another alignment (a last-bit difference per step).
+TOLERANCE = dict(rtol=1e-6, atol=1e-7)
+
+
+def named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def check(stage: int, method: str, backend: str, online_step: int = 1) -> None:
+    import deepspeed
+
+    label = f"ZeRO-{stage} {method} {backend} K={online_step}"
+    torch.manual_seed(0)
+    model = TinyModel()
+    plain = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    tau = {n: torch.randn(p.shape, generator=generator) * 0.05 for n, p in named(model)}
+    options = dict(
+        task_vector=tau, method=method, backend=backend, online_step=online_step, **SETTINGS
+    )
+    unsharded = OnlineMergingAdamW(named(plain), **options)
+    optimizer = OnlineMergingAdamW(named(model), **options)
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage, "sub_group_size": 40},  # ZeRO-3: 4 sub-groups
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1; the copy is not clipped
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    runs = zero_runs(engine, engine.module.named_parameters())
+    optimizer.attach_zero_runs(runs)
+    straddling = [n for n, layout in runs.params.items() if len(layout.ranks) > 1]
+    assert straddling, f"{label}: no parameter straddles the ranks"
+    for step in range(STEPS):
+        ids = torch.randint(0, 11, (1, 4), generator=torch.Generator().manual_seed(step))
+        engine.backward(engine(ids).square().mean())
+        engine.step()
+        plain(ids).square().mean().backward()
+        unsharded.step()
+        unsharded.zero_grad()
+        whole = dict(plain.named_parameters())
+        for flat, flat_runs in zip(runs.flats, runs.runs, strict=True):
+            for run, view in run_views(flat, flat_runs):
+                expected = whole[run.name].detach().reshape(-1)[run.start : run.start + run.length]
+                torch.testing.assert_close(
+                    view,
+                    expected,
+                    **TOLERANCE,
+                    msg=lambda m, r=run, s=step: f"{label} {r}, step {s}: {m}",
+                )
+        if (
+            stage < 3 and (step + 1) % online_step == 0
+        ):  # ZeRO-3 steps per sub-group: the last call's figures cover one only
+            kept = torch.tensor([float(optimizer.last_stats.kept)])
+            dist.all_reduce(kept)
+            assert kept.item() == float(unsharded.last_stats.kept), (label, step, kept.item())
+    engine.destroy()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    for stage in (2, 3):
+        for method in ("ties", "dare"):
+            for backend in ("reference", "torch", "cpu"):
+                check(stage, method, backend)
+    check(2, "ties", "torch", online_step=2)  # step-K: the cache, cut per run as the moments
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()
