@@ -6,9 +6,12 @@ or a JSON/YAML file, and hands the mapping to TRL's ``deepspeed`` field (transfo
 builds the optimizer with ``Trainer.create_optimizer``, since the config has no ``optimizer``
 block). DeepSpeed ZeRO steps that optimizer on flat partitions of the parameters it swaps into
 the optimizer's groups; with ``--merge none`` that is AdamW, elementwise, so the partitions need
-no names. What cannot run so is refused before anything loads (``check_deepspeed``): online
-merging, another optimizer or schedule, an offloaded optimizer, FSDP as well, a ZeRO-3 config
-that would save partitions as the final model, and a run without a launcher.
+no names; with ``--merge dare|ties`` the trainer hands the optimizer the partitions' runs after
+``deepspeed.initialize`` (``OnlineMergingAdamW.attach_zero_runs``), and each run is merged as
+its part of the whole parameter. What cannot run so is refused before anything loads
+(``check_deepspeed``): the l1 rescale or the Triton backend with merging, another optimizer or
+schedule, an offloaded optimizer, FSDP as well, a ZeRO-3 config that would save partitions as
+the final model, and a run without a launcher.
 """
 
 from __future__ import annotations
@@ -61,18 +64,23 @@ def deepspeed_stage(settings: dict[str, Any]) -> int:
 def check_deepspeed(config: TrainOptions) -> None:
     """Refuse a ``--deepspeed`` run that would not train with omotool's optimizer as given:
     another optimizer or schedule from the DeepSpeed config, an offloaded optimizer (accelerate
-    would replace the client optimizer by DeepSpeedCPUAdam), FSDP as well, or online merging
-    (the optimizer does not yet merge DeepSpeed's flat partitions)."""
+    would replace the client optimizer by DeepSpeedCPUAdam), FSDP as well, or what online
+    merging does not do on DeepSpeed's flat partitions (the l1 rescale, the Triton backend)."""
     settings = deepspeed_config(config)
     if settings is None:
         return
     given = f"--deepspeed {config.deepspeed}"
     if config.fsdp:
         raise UsageError(f"{given} and --fsdp both shard the model: choose one of them.")
-    if config.merge != "none":
+    if config.merge != "none" and config.rescale == "l1":
         raise UsageError(
-            f"--merge {config.merge} with {given}: online merging under DeepSpeed is not "
-            "supported yet; use --merge none, or FSDP2 with --fsdp."
+            f"--merge {config.merge} --rescale l1 with {given}: the l1 rescale is not "
+            "supported on DeepSpeed's partitions; use --rescale inverse or none."
+        )
+    if config.merge != "none" and config.optimizer_backend == "triton":
+        raise UsageError(
+            f"--merge {config.merge} --optimizer-backend triton with {given}: the Triton "
+            "backend does not merge DeepSpeed's partitions yet; use --optimizer-backend torch."
         )
     if "optimizer" in settings:
         raise UsageError(

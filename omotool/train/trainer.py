@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from omotool.errors import UsageError
 from omotool.io.formats import fsync_path
 from omotool.train.checkpoints import STAGING, rotate_checkpoints
 
@@ -50,13 +49,10 @@ def online_merging_trainer(
                 decay = set(self.get_decay_parameter_names(source))
                 named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
                 # DeepSpeed ZeRO steps the optimizer on flat partitions it swaps into each
-                # group, so names would not match them: unnamed, and merging is refused.
-                if self.is_deepspeed_enabled and options.get("method", "dare") != "none":
-                    raise UsageError(
-                        "online merging under DeepSpeed is not supported yet; use "
-                        "method='none', or FSDP2."
-                    )
-                entry = (lambda n, p: p) if self.is_deepspeed_enabled else (lambda n, p: (n, p))
+                # group: without merging the parameters go unnamed; with merging the names
+                # build T, and _prepare_for_training attaches the partitions' runs.
+                unnamed = self.is_deepspeed_enabled and options.get("method", "dare") == "none"
+                entry = (lambda n, p: p) if unnamed else (lambda n, p: (n, p))
                 groups = [
                     {"params": [entry(n, p) for n, p in named if n in decay],
                      "weight_decay": self.args.weight_decay},
@@ -72,6 +68,14 @@ def online_merging_trainer(
                     **options,
                 )
             return self.optimizer
+
+        def _prepare_for_training(self, *args: Any, **kwargs: Any) -> Any:
+            # After deepspeed.initialize (in here) and before a checkpoint is loaded: the
+            # optimizer learns which runs of which parameters DeepSpeed's flat partitions hold.
+            prepared = super()._prepare_for_training(*args, **kwargs)
+            if self.is_deepspeed_enabled and options.get("method", "dare") != "none":
+                attach_zero_runs(self.model_wrapped, self.model)
+            return prepared
 
         def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
             # transformers computes the gradients' total norm right before every optimizer
@@ -118,6 +122,21 @@ def online_merging_trainer(
 
     OnlineMergingTrainer.__name__ = f"OnlineMerging{trainer_class.__name__}"
     return OnlineMergingTrainer
+
+
+def attach_zero_runs(engine: Any, model: Any) -> None:
+    """Hand ``OnlineMergingAdamW`` under the DeepSpeed ``engine`` the runs of its ZeRO flat
+    partitions (``optim.zero_runs``); nothing to do when DeepSpeed steps the optimizer on the
+    parameters themselves (no ZeRO, no bf16 partitions)."""
+    from omotool.optim.zero_runs import zero_runs
+
+    inner = getattr(engine, "optimizer", None)  # DeepSpeed's ZeRO optimizer, or ours
+    optimizer = inner
+    while optimizer is not None and not hasattr(optimizer, "attach_zero_runs"):
+        optimizer = getattr(optimizer, "optimizer", None)
+    if optimizer is None or optimizer is inner:
+        return
+    optimizer.attach_zero_runs(zero_runs(engine, model.named_parameters()))
 
 
 def metrics_callback(path: Path) -> Any:

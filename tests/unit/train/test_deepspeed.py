@@ -84,13 +84,16 @@ def test_a_deepspeed_config_file_in_json_or_yaml(launched, tmp_path) -> None:
         ({}, {"fsdp": True}, "--fsdp both shard the model"),
         (
             {},
-            {"merge": "dare", "base": "b"},
-            "online merging under DeepSpeed is not supported "
-            "yet; use --merge none, or FSDP2 with --fsdp",
+            {"merge": "dare", "base": "b", "rescale": "l1"},
+            "the l1 rescale is not supported on DeepSpeed's partitions",
         ),
-        ({}, {"merge": "ties", "task_vector": "t"}, "--merge ties with --deepspeed"),
+        (
+            {},
+            {"merge": "ties", "task_vector": "t", "optimizer_backend": "triton"},
+            "--optimizer-backend triton with --deepspeed",
+        ),
     ],
-    ids=["optimizer", "scheduler", "offload", "zero3-unsaved", "fsdp", "dare", "ties"],
+    ids=["optimizer", "scheduler", "offload", "zero3-unsaved", "fsdp", "l1", "triton"],
 )
 def test_deepspeed_refusals_name_what_to_do(launched, tmp_path, settings, options, message) -> None:
     path = tmp_path / "ds.json"
@@ -98,6 +101,13 @@ def test_deepspeed_refusals_name_what_to_do(launched, tmp_path, settings, option
     with pytest.raises(UsageError, match=re.escape(message)) as refused:
         train_config(tmp_path, deepspeed=str(path), **options).validate()
     assert refused.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "options", [{"merge": "dare", "base": "b"}, {"merge": "ties", "task_vector": "t"}]
+)
+def test_online_merging_runs_under_deepspeed(launched, tmp_path, options) -> None:
+    train_config(tmp_path, deepspeed="zero2", **options).validate()
 
 
 def test_offload_to_none_is_no_offload(launched, tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""online_merging_trainer's optimizer under DeepSpeed: unnamed parameters, no merging."""
+"""online_merging_trainer's optimizer under DeepSpeed: unnamed parameters without merging,
+named ones (they build T) with it; the runs of DeepSpeed's partitions attached after set-up."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from omotool.errors import UsageError
 from omotool.optim import OnlineMergingAdamW
-from omotool.train.trainer import online_merging_trainer
+from omotool.train.trainer import attach_zero_runs, online_merging_trainer
 
 
 class DeepSpeedTrainer:
@@ -39,8 +40,26 @@ def test_under_deepspeed_the_optimizer_gets_unnamed_parameters() -> None:
     assert [p is trainer.model.weight for p in optimizer.param_groups[0]["params"]] == [True]
 
 
-@pytest.mark.parametrize("options", [{"method": "dare"}, {"method": "ties"}, {}])
-def test_under_deepspeed_merging_is_refused(options) -> None:
-    trainer = online_merging_trainer(DeepSpeedTrainer, {"weight": torch.zeros(2, 3)}, **options)
-    with pytest.raises(UsageError, match="online merging under DeepSpeed is not supported yet"):
-        trainer().create_optimizer()
+@pytest.mark.parametrize("method", ["dare", "ties"])
+def test_under_deepspeed_merging_gets_named_parameters(method) -> None:
+    tau = {"weight": torch.ones(2, 3), "bias": torch.ones(2)}
+    trainer = online_merging_trainer(DeepSpeedTrainer, tau, method=method)()
+    optimizer = trainer.create_optimizer()
+    assert [group["param_names"] for group in optimizer.param_groups] == [["weight"], ["bias"]]
+    assert set(optimizer.references) == {"weight", "bias"}
+
+
+def test_attach_zero_runs_only_where_deepspeed_wraps_the_optimizer() -> None:
+    """Without ZeRO (nor bf16 partitions) DeepSpeed steps the optimizer on the parameters."""
+    attached = []
+
+    class Optimizer:
+        def attach_zero_runs(self, runs) -> None:
+            attached.append(runs)
+
+    ours = Optimizer()
+    attach_zero_runs(SimpleNamespace(optimizer=ours), torch.nn.Linear(2, 2))
+    assert attached == []
+    with pytest.raises(UsageError, match="not a DeepSpeed ZeRO"):  # wrapped by something else
+        attach_zero_runs(SimpleNamespace(optimizer=SimpleNamespace(optimizer=ours)),
+                         torch.nn.Linear(2, 2))  # fmt: skip
