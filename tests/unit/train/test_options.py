@@ -22,8 +22,9 @@ REQUIRED = {"model": "m", "dataset": "d", "out": "o", "base": "b"}
 
 def train_name(name: str) -> str:
     """The train option that sets merge option ``name`` (``--merge`` sets ``method``)."""
-    (option,) = [o for o, d in train_options().items() if d.optim == name]
-    return option
+    found = [o for o, d in train_options().items() if d.optim == name]
+    assert len(found) == 1, f"TrainOptions lacks `{name}: ... = _merge_option({name!r})`"
+    return found[0]
 
 
 @pytest.mark.parametrize("name", list(DECLARED))
