@@ -254,20 +254,47 @@ def default_of(cls: Any, name: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
-def check_declared(config: Any) -> None:
-    """Refuse a value outside its option's ``choices`` or ``bounds`` (None is always unset)."""
+def check_declared(config: Any, keywords: bool = False) -> None:
+    """Refuse a value outside its option's ``choices`` or ``bounds`` (None is always unset),
+    naming the option by its flag (``--reserve-p must be in (0, 1] ...``) or, for the keyword
+    arguments of a library call (``keywords``), as given (``reserve_p=0.0 must be ...``)."""
     for name, option in declared(config).items():
         value = getattr(config, name)
         if value is None:
             continue
         allowed = option.allowed() if option.choices else None
+        given = f"{name}={value!r}" if keywords else f"{flag(name)} {value!r}"
         if hasattr(allowed, "get"):  # a Registry: its own message names close matches
             allowed.get(value)
         elif allowed and value not in allowed:
-            raise UsageError(f"{flag(name)} {value!r}: choose one of {', '.join(allowed)}.")
+            raise UsageError(f"{given}: choose one of {', '.join(allowed)}.")
         if option.bounds is not None and not option.bounds.holds(value):
             integer = isinstance(value, int)
-            raise UsageError(f"{flag(name)} must be {option.bounds.describe(integer)}.")
+            named = f"{name}={value!r}" if keywords else flag(name)
+            raise UsageError(f"{named} must be {option.bounds.describe(integer)}.")
+
+
+def check_types(config: Any) -> None:
+    """Refuse a field whose value is not of its declared type (``int``, ``float``, ``str``,
+    ``bool``, or one of those or None): for configs built from keyword arguments, which
+    ``build_config`` does not convert. A float field takes an int; bool is no number."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        if name not in declared(config):
+            continue
+        kinds = typing.get_args(hint) if _is_union(hint) else (hint,)
+        value = getattr(config, name)
+        if not all(kind in (int, float, str, bool, type(None)) for kind in kinds):
+            continue  # lists and others: not checked here
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (
+            (value is None and type(None) in kinds)
+            or (isinstance(value, bool) and bool in kinds)
+            or (number and isinstance(value, int) and int in kinds)
+            or (number and float in kinds)
+            or (isinstance(value, str) and str in kinds)
+        ):
+            names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise UsageError(f"{name} must be {names}, got {value!r}.")
 
 
 def command_options(cls: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

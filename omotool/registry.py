@@ -7,6 +7,7 @@ closest known names in its error message.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -18,10 +19,20 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """An ordered mapping from names to entries of one kind, with helpful lookup errors."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, registered_in: str = "") -> None:
+        """``registered_in``: the module whose import registers the entries, imported on the
+        first lookup (so that the registry's module need not import its entries' module)."""
         self.kind = kind
+        self._registered_in = registered_in
         self._entries: dict[str, T] = {}
         self._help: dict[str, str] = {}
+
+    @property
+    def _registered(self) -> dict[str, T]:
+        if self._registered_in:
+            importlib.import_module(self._registered_in)
+            self._registered_in = ""
+        return self._entries
 
     def register(self, name: str, help: str = "") -> Callable[[T], T]:
         """Decorator: ``@REGISTRY.register("ties", help="...")`` adds the decorated entry."""
@@ -38,7 +49,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """The entry called ``name``; a UsageError naming close matches otherwise."""
         try:
-            return self._entries[name]
+            return self._registered[name]
         except KeyError:
             raise UsageError(
                 f"Unknown {self.kind} {name!r}. Choose one of: {', '.join(self._entries)}."
@@ -47,20 +58,21 @@ class Registry(Generic[T]):
 
     def suggestion(self, name: object) -> str:
         """`` Did you mean 'a' or 'b'?`` naming the entries close to ``name``; "" if none is."""
-        close = difflib.get_close_matches(str(name), self._entries, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(str(name), self._registered, n=3, cutoff=0.5)
         return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
     def help(self, name: str) -> str:
+        self._registered  # noqa: B018 - the entries (and their help) are registered
         return self._help[name]
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        return list(self._registered)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._registered
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        return iter(self._registered)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._registered)

@@ -22,7 +22,8 @@ Merge (Eq. 2: ``θ ← θ + F(Δθ) ⊕ F(τ_r)``), with ``T = F(τ_r)`` fixed a
   disagree with it dropped) on the entries where ``T`` is kept; elsewhere ``F_K(Δθ)`` is alone
   and always agrees with itself.
 
-This module holds the options, the shared Adam arithmetic and the readable per-tensor step
+This module holds the options' checks (``MergeOptions``; they are declared in
+``optim.options``), the shared Adam arithmetic and the readable per-tensor step
 (``online_merging_adamw_``: the ``reference`` backend, the spec the others are tested
 against; the merge rules themselves are in ``optim.rules``). The backends of
 ``OnlineMergingAdamW`` (``optim.backends``, one ``Backend.step`` each): ``reference`` (this
@@ -32,6 +33,7 @@ ops, any device) and ``triton`` (fused Triton kernels).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,10 +41,10 @@ from typing import Any
 
 import torch
 
+from omotool.config import check_declared, check_types
 from omotool.errors import UsageError
-from omotool.merging import RESCALES
-from omotool.merging.consensus import ELECTIONS
 from omotool.optim.distributed import Shard
+from omotool.optim.options import MergeFields
 from omotool.optim.task_vector import FlatDelta
 from omotool.registry import Registry
 
@@ -98,8 +100,9 @@ class MergeRule:
         return self.merge is not None
 
 
-MERGE_RULES: Registry[MergeRule] = Registry("online merge method")
-"""The rules by name (``optim.rules`` registers them: none, dare, ties)."""
+MERGE_RULES: Registry[MergeRule] = Registry("online merge method", "omotool.optim.rules")
+"""The rules by name (``optim.rules`` registers them, imported on the first lookup: none,
+dare, ties)."""
 
 
 def reference_tensor(tau: torch.Tensor, name: str, options: MergeOptions) -> torch.Tensor:
@@ -112,46 +115,17 @@ def reference_tensor(tau: torch.Tensor, name: str, options: MergeOptions) -> tor
 
 
 @dataclass(frozen=True)
-class MergeOptions:
-    """How updates are merged with the SFT task vector (see module docstring).
-
-    - ``method``: ``none`` (AdamW), ``dare`` (OnDARE) or ``ties`` (OnTIES).
-    - ``reserve_p``: fraction ``p`` of entries kept by ``F`` (of ``Δθ`` and of ``τ_r``).
-    - ``alpha``: weight ``α`` of the SFT delta; ``1 − α`` weighs the update.
-    - ``online_step``: ``K`` of step-K merging; 1 merges at every step.
-    - ``rescale``: survivors of ``F`` scaled by ``1/p`` (``inverse``, the released code's
-      dropout, default for DARE), left as they are (``none``, the paper's text, default for
-      TIES), or scaled to the dense L1 norm (``l1``); applied to ``Δθ`` and ``τ_r`` alike.
-    - ``election``: TIES sign election on ``T + F(Δθ)`` (``unweighted``, the released code)
-      or on ``α·T + (1 − α)·F(Δθ)`` (``weighted``, the paper's Eq. 7).
-    - ``tau_clip``: DARE clamps ``T`` to ``[−c, c]`` after rescaling (released code: 1);
-      ``None`` disables. TIES never clips.
-    - ``seed``: keys every random mask, with the step and the parameter name.
-    """
-
-    method: str = "dare"
-    reserve_p: float = 0.01
-    alpha: float = 1e-7
-    online_step: int = 1
-    rescale: str | None = None
-    election: str = "unweighted"
-    tau_clip: float | None = 1.0
-    seed: int = 0
+class MergeOptions(MergeFields):
+    """How updates are merged with the SFT task vector: the options declared in
+    ``omotool.optim.options.MergeFields`` (default, help, allowed values, the methods that
+    read each), with their checks; the equations are this module's docstring."""
 
     def validate(self) -> None:
-        MERGE_RULES.get(self.method)  # an unknown method: UsageError with the close names
-        if not 0.0 < self.reserve_p <= 1.0:
-            raise UsageError(f"reserve_p must be in (0, 1] (fraction kept), got {self.reserve_p}.")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UsageError(f"alpha must be in [0, 1], got {self.alpha}.")
-        if not isinstance(self.online_step, int) or self.online_step < 1:
-            raise UsageError(f"online_step must be a positive integer, got {self.online_step}.")
-        if self.rescale is not None and self.rescale not in RESCALES:
-            raise UsageError(f"rescale {self.rescale!r} is not one of {', '.join(RESCALES)}.")
-        if self.election not in ELECTIONS:
-            raise UsageError(f"election {self.election!r} is not one of {', '.join(ELECTIONS)}.")
-        if self.tau_clip is not None and self.tau_clip <= 0:
-            raise UsageError(f"tau_clip must be positive or None, got {self.tau_clip}.")
+        """Refuse an unknown method (naming the close ones), a value of the wrong type, or
+        outside its declared choices or bounds."""
+        MERGE_RULES.get(self.method)
+        check_types(self)
+        check_declared(self, keywords=True)
 
     @property
     def resolved_rescale(self) -> str:
@@ -162,10 +136,17 @@ class MergeOptions:
         return MERGE_RULES.get(self.method).merges
 
     @classmethod
-    def from_saved(cls, saved: Mapping[str, Any]) -> MergeOptions:
-        """Options as ``dataclasses.asdict`` saved them with a checkpoint; keys of older
-        versions that were no merge options (``_RETIRED_OPTIONS``) are dropped."""
-        return cls(**{k: v for k, v in saved.items() if k not in _RETIRED_OPTIONS})
+    def from_saved(
+        cls, saved: Mapping[str, Any], unsaved: MergeOptions | None = None
+    ) -> MergeOptions:
+        """Options as ``dataclasses.asdict`` saved them with a checkpoint. Keys of older
+        versions that were no merge options (``_RETIRED_OPTIONS``) are dropped; options older
+        versions did not save (``missing``) are taken from ``unsaved`` (the resuming
+        optimizer's: nothing to compare them with), else their defaults."""
+        kept = {k: v for k, v in saved.items() if k not in _RETIRED_OPTIONS}
+        if unsaved is not None:
+            kept = {**dataclasses.asdict(unsaved), **kept}
+        return cls(**kept)
 
 
 @dataclass

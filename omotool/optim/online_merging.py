@@ -32,10 +32,12 @@ from omotool.optim.gradients import (  # noqa: F401 - NonFiniteGradientError, gr
     gradients_nonfinite,
     non_finite_error,
 )
-from omotool.optim.references import (  # noqa: F401 - what `missing=`, `nan_policy=` take
-    MISSING_POLICIES,
-    NAN_POLICIES,
+from omotool.optim.options import MISSING_POLICIES  # noqa: F401 - what `missing=` takes
+from omotool.optim.references import (
+    NAN_POLICIES,  # noqa: F401 - what `nan_policy=` takes
+    merge_options_of,
     set_up_merging,
+    takes_merge_options,
 )
 from omotool.optim.task_vector import TaskVector
 from omotool.optim.zero_merging import ZeroFlat, piece_steps, state_owner, zero_pieces
@@ -61,11 +63,7 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
             ``(name, tensor)`` pairs; names are how each tensor finds its ``τ``.
         task_vector: a ``TaskVector``, a ``{name: tensor}`` mapping, or an ``omotool delta``
             output folder. Not needed for ``method="none"``.
-        method, reserve_p, alpha, online_step, rescale, election, tau_clip, seed: see
-            ``omotool.optim.functional.MergeOptions`` (the equations are in that module).
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (per group where given).
-        missing: a parameter with no entry in the task vector is an error (``"error"``) or
-            trained with plain AdamW (``"adamw"``). A shape mismatch is always an error.
         nan_policy: a non-finite gradient anywhere skips the whole step and counts it
             (``"skip"``) or raises ``NonFiniteGradientError`` (an ``OmoError`` and a
             ``FloatingPointError``: ``"raise"``); parameters are never
@@ -93,50 +91,37 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
             threshold of FSDP-sharded tensors (``"torch"`` only) gathers candidates on the host.
             OnDARE's masks come from the backend's generator: ``"triton"`` draws from
             Philox by element offset, the others by geometric gaps (same law, other draws).
+        **merge_options: ``method``, ``reserve_p``, ``alpha``, ... : the merge options, as
+            declared (default, meaning, allowed values) in ``omotool.optim.options``; the
+            equations are in ``omotool.optim.functional``. An unknown keyword is refused.
     """
 
     _zero_flats: dict[int, ZeroFlat] = {}  # by id(flat): set by attach_zero_runs, never changed
 
+    @takes_merge_options
     def __init__(
         self,
         params: Iterable[Any],
         task_vector: TaskVector | Mapping[str, torch.Tensor] | str | os.PathLike[str] | None = None,
-        method: str = "dare",
-        reserve_p: float = 0.01,
-        alpha: float = 1e-7,
-        online_step: int = 1,
+        *,
         lr: float = 1e-6,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        seed: int = 0,
-        rescale: str | None = None,
-        election: str = "unweighted",
-        tau_clip: float | None = 1.0,
-        missing: str = "error",
         nan_policy: str = "skip",
         master_weights: bool = True,
         backend: str = "auto",
+        **merge_options: Any,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise UsageError(
                 f"invalid AdamW setting: lr={lr}, betas={betas}, eps={eps}, "
                 f"weight_decay={weight_decay}."
             )
-        self.options = MergeOptions(
-            method=method,
-            reserve_p=reserve_p,
-            alpha=alpha,
-            online_step=online_step,
-            rescale=rescale,
-            election=election,
-            tau_clip=tau_clip,
-            seed=seed,
-        )
+        self.options = merge_options_of(self, merge_options)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.nan_policy = nan_policy
-        self.missing = missing
         self.master_weights = master_weights
         if backend not in BACKENDS:
             raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
@@ -147,7 +132,7 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         self.skipped_steps = 0
         self.last_stats = StepStats()
         self.references, self.task_vector_fingerprint = set_up_merging(
-            self.param_groups, task_vector, self.options, missing, nan_policy
+            self.param_groups, task_vector, self.options, nan_policy
         )
 
     @property
@@ -391,7 +376,7 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         state_dict = copy.copy(state_dict)
         extra = state_dict.pop("online_merging", None)
         if extra is not None:
-            saved = MergeOptions.from_saved(extra["options"])
+            saved = MergeOptions.from_saved(extra["options"], self.options)
             if saved != self.options:
                 raise InputError(
                     f"the checkpoint was made with merge options {saved}, this optimizer has "

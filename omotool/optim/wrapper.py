@@ -21,44 +21,35 @@ from omotool.errors import InputError, UsageError
 from omotool.optim.distributed import local_tensors
 from omotool.optim.functional import MergeContext, MergeOptions, StepStats, merge_update_
 from omotool.optim.gradients import GivenGradNorm, closure_and_check
-from omotool.optim.references import named_parameters, set_up_merging
+from omotool.optim.references import (
+    merge_options_of,
+    named_parameters,
+    set_up_merging,
+    takes_merge_options,
+)
 from omotool.optim.task_vector import TaskVector
 
 
 class OnlineMerging(GivenGradNorm, torch.optim.Optimizer):
     """Wraps ``optimizer`` (built on ``model.named_parameters()``) with online merging.
 
-    The merge options, ``missing`` and ``nan_policy`` mean what they mean for
-    ``OnlineMergingAdamW``. Learning-rate schedulers see the inner optimizer's param groups.
+    The merge options (keyword arguments, declared in ``omotool.optim.options``) and
+    ``nan_policy`` mean what they mean for ``OnlineMergingAdamW``. Learning-rate schedulers see
+    the inner optimizer's param groups.
     """
 
+    @takes_merge_options
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         task_vector: TaskVector | Mapping[str, torch.Tensor] | str | os.PathLike[str],
-        method: str = "dare",
-        reserve_p: float = 0.01,
-        alpha: float = 1e-7,
-        online_step: int = 1,
-        seed: int = 0,
-        rescale: str | None = None,
-        election: str = "unweighted",
-        tau_clip: float | None = 1.0,
-        missing: str = "error",
+        *,
         nan_policy: str = "skip",
+        **merge_options: Any,
     ) -> None:
         # No Optimizer.__init__: the inner optimizer owns the param groups and their state.
         self.optimizer = optimizer
-        self.options = MergeOptions(
-            method=method,
-            reserve_p=reserve_p,
-            alpha=alpha,
-            online_step=online_step,
-            rescale=rescale,
-            election=election,
-            tau_clip=tau_clip,
-            seed=seed,
-        )
+        self.options = merge_options_of(self, merge_options)
         if any(
             local_tensors(param)[2] is not None
             for group in optimizer.param_groups
@@ -73,7 +64,7 @@ class OnlineMerging(GivenGradNorm, torch.optim.Optimizer):
         self.last_stats = StepStats()
         self.merge_state: dict[str, dict[str, Any]] = {}
         self.references, self.task_vector_fingerprint = set_up_merging(
-            optimizer.param_groups, task_vector, self.options, missing, nan_policy
+            optimizer.param_groups, task_vector, self.options, nan_policy
         )
 
     # torch.optim.Optimizer's attributes, forwarded to the inner optimizer.
@@ -151,7 +142,7 @@ class OnlineMerging(GivenGradNorm, torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         extra = state_dict["online_merging"]
-        if MergeOptions.from_saved(extra["options"]) != self.options:
+        if MergeOptions.from_saved(extra["options"], self.options) != self.options:
             raise InputError("the checkpoint was made with other merge options.")
         self.optimizer.load_state_dict(state_dict["inner"])
         self.skipped_steps = int(extra["skipped_steps"])

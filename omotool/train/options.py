@@ -6,23 +6,27 @@ Each field carries a ``TrainOption``: its help and ``--help`` panel, the values 
 ``Algorithm.options``; ``online``: only those that sample) read it, and the TRL config fields
 it sets (``trl``). The command's parameters, the recipe keys, the range checks, the refusals
 and the TRL config (``omotool.train.arguments``) are all derived from it: adding an option is
-adding a field here.
+adding a field here. The merge options (``--merge``, ``--reserve-p``, ..., ``--seed``) are the
+optimizer's, declared in ``omotool.optim.options`` and taken from there (``_merge_option``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from omotool.config import Option, above, at_least, declare, declared, within
+from omotool.config import above, at_least, declare, declared, default_of, within
+from omotool.optim.options import (  # noqa: F401 - MERGES: the --merge values, offered here
+    MERGES,
+    MERGING,
+    MergeFields,
+    MergeOption,
+)
 from omotool.train.algorithms import ALGORITHMS
 
-# The optimizer's merge rules (omotool.optim.functional.MERGE_RULES, which imports torch: the
-# command line reads this declaration without it; a test keeps the two equal).
-MERGES = ("none", "dare", "ties")
-MERGING = ("dare", "ties")  # those that merge (read a task vector)
 # TRL 1.16's GRPO losses and reward scalings (GRPOConfig's loss_type and scale_rewards).
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -43,11 +47,11 @@ _SAMPLES_NOTHING = "it learns from fixed examples, it samples no completions"
 
 
 @dataclass(frozen=True)
-class TrainOption(Option):
+class TrainOption(MergeOption):
     """An option of ``omotool train`` (see ``omotool.config.Option`` for the common part).
 
     - ``merges``: the ``--merge`` values that read it (empty: every one); ``does`` says what
-      it does, for the refusal of another ``--merge``.
+      it does, for the refusal of another ``--merge`` (``omotool.optim.options.MergeOption``).
     - ``lacks``: set for an option only some algorithms read (those listing it in
       ``Algorithm.options``): why another one lacks it. Its default means "not set": TRL's
       own default then applies, and ``--help`` shows it.
@@ -58,8 +62,6 @@ class TrainOption(Option):
     - ``optim``: the argument of ``OnlineMergingAdamW`` it sets.
     """
 
-    merges: tuple[str, ...] = ()
-    does: str = ""
     lacks: str = ""
     online: bool = False
     trl: tuple[str, ...] = ()
@@ -73,6 +75,16 @@ class TrainOption(Option):
 
 def _opt(default: Any, help: str, panel: str, **details: Any) -> Any:
     return declare(default, TrainOption(help, panel, **details))
+
+
+def _merge_option(name: str, panel: str = MERGE, **details: Any) -> Any:
+    """The option of ``OnlineMergingAdamW``'s merge option ``name`` as declared in
+    ``omotool.optim.options`` (default, help, values, range, the methods that read it), in
+    ``panel``, with ``details`` (another help, TRL fields) added."""
+    merge = declared(MergeFields)[name]
+    shared = {f.name: getattr(merge, f.name) for f in dataclasses.fields(merge)}
+    option = TrainOption(**{**shared, "panel": panel, "optim": name, **details})
+    return declare(default_of(MergeFields, name), option)
 
 
 @dataclass
@@ -167,10 +179,7 @@ class TrainOptions:
         trl=("use_vllm",),
     )  # fmt: skip
 
-    merge: str = _opt(
-        "dare", "Online merging: none (AdamW), dare (OnDARE) or ties (OnTIES).", MERGE,
-        choices=MERGES, optim="method",
-    )  # fmt: skip
+    merge: str = _merge_option("method")
     base: str | None = _opt(
         None, "Base model; the task vector is computed at start.", MERGE, merges=MERGING,
         does="computes the task vector to merge from this base model",
@@ -179,40 +188,13 @@ class TrainOptions:
         None, "Or the `omotool delta` output for --model (fingerprint checked).", MERGE,
         merges=MERGING, does="gives the task vector to merge",
     )  # fmt: skip
-    reserve_p: float = _opt(
-        0.01, "Fraction p of the update (and of tau) kept.", MERGE, optim="reserve_p",
-        merges=MERGING, bounds=within("(0, 1]", "the fraction kept"),
-        does="sets the fraction of each update and of τ a merge keeps",
-    )  # fmt: skip
-    alpha: float = _opt(
-        1e-7, "Weight of the SFT task vector in each merge.", MERGE, optim="alpha", merges=MERGING,
-        bounds=within("[0, 1]"), does="weighs the task vector in each merge",
-    )  # fmt: skip
-    online_step: int = _opt(
-        1, "Merge every K steps (step-K); 1 = every step.", MERGE, optim="online_step",
-        merges=MERGING, bounds=at_least(1), does="sets how many steps pass between merges",
-    )  # fmt: skip
-    rescale: str | None = _opt(
-        None, "none, inverse (1/p) or l1. [default: inverse for dare, none for ties]", MERGE,
-        optim="rescale", merges=MERGING, choices="omotool.merging:RESCALES",
-        does="sets how the entries a merge keeps are scaled",
-    )  # fmt: skip
-    election: str = _opt(
-        "unweighted", "OnTIES sign election: unweighted, weighted.", MERGE, optim="election",
-        merges=("ties",), choices="omotool.merging.consensus:ELECTIONS",
-        does="chooses the sign election, which only OnTIES holds",
-    )  # fmt: skip
-    tau_clip: float | None = _opt(
-        1.0, "OnDARE clamps the kept tau to [-C, C] after rescaling;", MERGE,
-        optim="tau_clip", merges=("dare",), bounds=above(0), none="no clamp",
-        does="clamps the kept task vector, which only OnDARE does",
-    )  # fmt: skip
-    missing: str = _opt(
-        "error", "A parameter the task vector lacks: error, or adamw (trained unmerged).",
-        MERGE, optim="missing", merges=MERGING,
-        choices="omotool.optim.online_merging:MISSING_POLICIES",
-        does="decides how parameters the task vector lacks train",
-    )  # fmt: skip
+    reserve_p: float = _merge_option("reserve_p")
+    alpha: float = _merge_option("alpha")
+    online_step: int = _merge_option("online_step")
+    rescale: str | None = _merge_option("rescale")
+    election: str = _merge_option("election")
+    tau_clip: float | None = _merge_option("tau_clip")
+    missing: str = _merge_option("missing")
 
     lr: float = _opt(5e-7, "Learning rate.", OPTIM, bounds=above(0), trl=("learning_rate",))
     warmup_steps: int = _opt(
@@ -232,9 +214,9 @@ class TrainOptions:
     )  # fmt: skip
 
     out: str = _opt("", "Run folder (model, checkpoints).", RUN, flags=("-o", "--out"))
-    seed: int = _opt(
-        0, "Seed of data order, masks and initialisation.", RUN, trl=("seed", "data_seed"),
-        optim="seed",
+    seed: int = _merge_option(
+        "seed", RUN, help="Seed of data order, masks and initialisation.",
+        trl=("seed", "data_seed"),
     )  # fmt: skip
     epochs: float = _opt(
         1.0, "Epochs over the data (unless --max-steps).", RUN, bounds=above(0),

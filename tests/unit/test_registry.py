@@ -31,3 +31,17 @@ def test_duplicate_registration_is_a_bug() -> None:
     registry.register("a")(1)
     with pytest.raises(ValueError):
         registry.register("a")(2)
+
+
+def test_entries_registered_in_another_module_are_there_on_first_lookup() -> None:
+    """The merge rules register themselves in ``optim.rules``, which imports the module of
+    the registry: the registry imports it on its first lookup, in a fresh process too."""
+    import subprocess
+    import sys
+
+    code = (
+        "from omotool.optim.functional import MERGE_RULES; import sys; "
+        "print('omotool.optim.rules' in sys.modules, MERGE_RULES.names())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False ['none', 'dare', 'ties']"
