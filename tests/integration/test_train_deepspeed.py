@@ -4,9 +4,9 @@ ZeRO-1 in one process is the run without DeepSpeed bit for bit; ZeRO-2 and ZeRO-
 processes with `--merge none` end where the same run in one process without DeepSpeed ends,
 save a model folder transformers loads, and a ZeRO-3 run resumed from its checkpoint ends
 bit-identical to the uninterrupted one. With `--merge dare` a ZeRO-3 run ends where the
-merging run in one process ends, with `--merge ties` a ZeRO-2 run where the 2-process run
-without DeepSpeed ends. (The first DeepSpeed use on a machine
-compiles a C++ communication op, about a minute, cached in ~/.cache/torch_extensions.)
+merging run in one process ends and resumes bit-exactly; with `--merge ties` a ZeRO-2 run ends
+where the 2-process run without DeepSpeed ends. (The first DeepSpeed use on a machine compiles
+a C++ communication op, about a minute, cached in ~/.cache/torch_extensions.)
 """
 
 from __future__ import annotations
@@ -113,6 +113,21 @@ def assert_matches_one_process(out: Path, one_process: dict[str, torch.Tensor]) 
         torch.testing.assert_close(param, one_process[name], rtol=1e-4, atol=1e-5)
 
 
+def assert_resumes_bit_exactly(out: Path, config: TrainConfig) -> TrainConfig:
+    """As if stopped after checkpoint-2: the resumed run ends where the whole one did."""
+    uninterrupted = parameters(out)
+    shutil.rmtree(out / "checkpoint-3")
+    for name in ("model.safetensors", "omotool.json"):
+        (out / name).unlink()
+    resumed = dataclasses.replace(config, resume=True)
+    done = train(resumed)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((out / "omotool.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    for name, param in parameters(out).items():
+        assert torch.equal(param, uninterrupted[name]), name
+    return resumed
+
+
 def test_zero1_in_one_process_is_the_plain_run_bit_for_bit(llama_pair, tmp_path, one_process):
     """One process: no gradient is reduced, and the optimizer's step on DeepSpeed's flat
     partition is elementwise the same as on each parameter."""
@@ -139,17 +154,7 @@ def test_zero3_matches_one_process_and_resumes_bit_exactly(
     out = tmp_path / "zero3"
     config = two_process_run(llama_pair, out, stage=3)
     assert_matches_one_process(out, one_process)  # the gathered weights, not partitions
-    uninterrupted = parameters(out)
-    # As if stopped after checkpoint-2: the resumed run ends where the whole one did.
-    shutil.rmtree(out / "checkpoint-3")
-    for name in ("model.safetensors", "omotool.json"):
-        (out / name).unlink()
-    resumed = dataclasses.replace(config, resume=True)
-    done = train(resumed)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert json.loads((out / "omotool.json").read_text())["resumed_from"].endswith("checkpoint-2")
-    for name, param in parameters(out).items():
-        assert torch.equal(param, uninterrupted[name]), name
+    resumed = assert_resumes_bit_exactly(out, config)
     # Its optimizer state is partitioned over 2 processes: one process may not resume it.
     alone = train(resumed, processes=1)
     assert alone.returncode != 0, alone.stderr[-3000:]  # torchrun's code for a failed rank
@@ -162,19 +167,20 @@ def merging(llama_pair, method: str) -> dict[str, Any]:
     return dict(merge=method, base=str(llama_pair[0]), reserve_p=0.2, alpha=0.01)
 
 
-def test_ondare_under_zero3_matches_one_process(llama_pair, tmp_path) -> None:
+def test_ondare_under_zero3_matches_one_process_and_resumes(llama_pair, tmp_path) -> None:
     """Each partition's runs are merged as parts of their whole parameters (masks keyed by
     global offset, T cut from the whole parameter's), so the run ends where one process ends,
     to the tolerance of the --merge none runs (assert_matches_one_process says why not
-    bit-equal)."""
+    bit-equal); resumed from its checkpoint it ends bit-identical."""
     options = merging(llama_pair, "dare")
     alone = TrainConfig(
         model=str(llama_pair[1]), dataset=str(PREFS), out=str(tmp_path / "one"),
         **(SETTINGS | options),
     )  # fmt: skip
     assert run_training(alone).steps == 3
-    two_process_run(llama_pair, tmp_path / "zero3", stage=3, **options)
+    config = two_process_run(llama_pair, tmp_path / "zero3", stage=3, **options)
     assert_matches_one_process(tmp_path / "zero3", parameters(tmp_path / "one"))
+    assert_resumes_bit_exactly(tmp_path / "zero3", config)  # masks keyed by the step
 
 
 def test_onties_under_zero2_matches_two_processes_without_deepspeed(llama_pair, tmp_path):
