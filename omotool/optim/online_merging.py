@@ -17,13 +17,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from omotool.errors import InputError, UsageError
 from omotool.optim import backends, kernels
 from omotool.optim.backends import Backend, TensorStep, resolve_backend
 from omotool.optim.distributed import local_tensors
-from omotool.optim.functional import MERGE_RULES, MergeOptions, StepStats, Workspace
+from omotool.optim.functional import MergeOptions, StepStats, Workspace
 from omotool.optim.gradients import (  # noqa: F401 - NonFiniteGradientError, gradients_*: public
     GivenGradNorm,
     NonFiniteGradientError,
@@ -40,7 +39,7 @@ from omotool.optim.references import (
     takes_merge_options,
 )
 from omotool.optim.task_vector import TaskVector
-from omotool.optim.zero_merging import ZeroFlat, piece_steps, state_owner, zero_pieces
+from omotool.optim.zero_merging import ZeroFlat, piece_steps, set_up_zero_merging, state_owner
 from omotool.optim.zero_runs import ZeroRuns
 
 BACKENDS = ("auto", *backends.BACKENDS.names())
@@ -238,36 +237,22 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
 
     # -- DeepSpeed ZeRO ----------------------------------------------------------------------
     def attach_zero_runs(self, runs: ZeroRuns) -> None:
-        """Merge on DeepSpeed ZeRO-1/2/3 flat partitions, as ``runs`` describes them
-        (``optim.zero_runs.zero_runs(engine, model.named_parameters())``, after
-        ``deepspeed.initialize``; ``omotool train`` calls it). Explicit rather than found on
-        the first ``step()``: DeepSpeed hands the step only a flat tensor, and its layout is
-        known only to the engine.
+        """Merge on DeepSpeed ZeRO-1/2/3 flat partitions as ``runs`` describes them
+        (``optim.zero_runs.zero_runs(engine, model.named_parameters())`` after
+        ``deepspeed.initialize``; ``omotool train`` calls it). Explicit, not found by the first
+        ``step()``: DeepSpeed hands the step a flat tensor, whose layout only the engine knows.
 
-        Each flat tensor then gets Adam elementwise over all of it and the merge per run,
-        each run as the FSDP2-style shard of its parameter (``optim.zero_merging``): masks,
-        ``T`` and the OnTIES top-k are those of the whole parameter, whatever the stage or
-        world size. ``T`` is cut from the whole parameters' (built at construction, from the
-        named parameters handed to it); the groups' parameter names are dropped, since
-        DeepSpeed swaps its flat tensors into the groups.
+        Adam runs elementwise over each flat tensor, the merge per run, each run as the shard
+        of its parameter (``optim.zero_merging``): masks, ``T`` (cut from the whole
+        parameter's, built at construction) and the OnTIES top-k are the whole parameter's.
+        The groups' parameter names are dropped: DeepSpeed swaps its flat tensors in.
         """
-        if self.options.merges and self.options.resolved_rescale == "l1":
-            raise UsageError("rescale='l1' is not supported on DeepSpeed ZeRO partitions.")
-        if self.backend == "triton":  # its batched launches are not checked on runs yet
-            raise UsageError(
-                "backend='triton' is not supported on DeepSpeed ZeRO partitions; use 'torch'."
-            )
-        whole_update = MERGE_RULES.get(self.options.method).reads_whole_update
-        self._zero_flats = zero_pieces(runs, self.references, whole_update)
-        self.references = {  # the runs' parts of T replace the whole parameters'
-            f"{piece.name}@{i}:{piece.offset}": piece.reference
-            for i, zero in enumerate(self._zero_flats.values())
-            for piece in zero.pieces
-            if piece.reference is not None
-        }
-        for group in self.param_groups:
-            group.pop("param_names", None)
-        self.agreement_groups = (runs.group if runs.group is not None else dist.group.WORLD,)
+        self._zero_flats, self.references, group = set_up_zero_merging(
+            runs, self.references, self.options, self.backend
+        )
+        for param_group in self.param_groups:
+            param_group.pop("param_names", None)
+        self.agreement_groups = (group,)
 
     def _check_on_device(self, closure: Any) -> tuple[Any, torch.Tensor | None]:
         """``(loss, keep)`` for a sync-free backend: nothing read on the host.

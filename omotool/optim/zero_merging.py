@@ -31,9 +31,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from omotool.errors import UsageError
 from omotool.optim.backends.base import TensorStep
 from omotool.optim.distributed import Shard
-from omotool.optim.functional import MergeOptions
+from omotool.optim.functional import MERGE_RULES, MergeOptions
 from omotool.optim.task_vector import FlatDelta
 from omotool.optim.zero_runs import Run, ZeroRuns
 
@@ -59,6 +60,29 @@ class ZeroFlat:
 
     flat: torch.Tensor
     pieces: tuple[Piece, ...]
+
+
+def set_up_zero_merging(
+    runs: ZeroRuns, references: Mapping[str, FlatDelta], options: MergeOptions, backend: str
+) -> tuple[dict[int, ZeroFlat], dict[str, FlatDelta], Any]:
+    """``(pieces by id(flat), their parts of T by key, the data-parallel group)`` for the
+    optimizer (``OnlineMergingAdamW.attach_zero_runs``), given ``T`` of the whole parameters;
+    what is not done on partitions is refused by name."""
+    if options.merges and options.resolved_rescale == "l1":
+        raise UsageError("rescale='l1' is not supported on DeepSpeed ZeRO partitions.")
+    if backend == "triton":  # its batched launches are not checked on runs yet
+        raise UsageError(
+            "backend='triton' is not supported on DeepSpeed ZeRO partitions; use 'torch'."
+        )
+    whole_update = MERGE_RULES.get(options.method).reads_whole_update
+    flats = zero_pieces(runs, references, whole_update)
+    parts = {
+        f"{piece.name}@{i}:{piece.offset}": piece.reference
+        for i, zero in enumerate(flats.values())
+        for piece in zero.pieces
+        if piece.reference is not None
+    }
+    return flats, parts, runs.group if runs.group is not None else dist.group.WORLD
 
 
 def zero_pieces(

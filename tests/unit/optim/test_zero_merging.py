@@ -4,10 +4,15 @@ the group is given); the merge itself is checked against the unsharded optimizer
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
+from omotool.errors import UsageError
+from omotool.optim.functional import MergeOptions
 from omotool.optim.task_vector import FlatDelta
-from omotool.optim.zero_merging import Piece, zero_pieces
+from omotool.optim.zero_merging import Piece, set_up_zero_merging, zero_pieces
 from omotool.optim.zero_runs import ParamLayout, Run, ZeroRuns
 
 GROUP = object()  # stands for the data-parallel process group
@@ -49,3 +54,16 @@ def test_rules_that_read_only_kept_entries_skip_parameters_held_elsewhere() -> N
     pieces = zero_pieces(runs, references, whole_update=False)[id(flat)].pieces
     assert [(p.name, p.offset, p.length) for p in pieces] == [("a", 0, 5), ("b", 5, 5), ("", 10, 2)]
     assert pieces[1].reference is None
+
+
+@pytest.mark.parametrize(
+    ("options", "backend", "message"),
+    [
+        (MergeOptions(method="dare", rescale="l1"), "auto", "rescale='l1' is not supported"),
+        (MergeOptions(method="ties"), "triton", "backend='triton' is not supported"),
+    ],
+)
+def test_what_partitions_do_not_do_is_refused_by_name(options, backend, message) -> None:
+    runs, _ = three_rank_runs()
+    with pytest.raises(UsageError, match=re.escape(message)):
+        set_up_zero_merging(runs, {}, options, backend)
