@@ -3,9 +3,9 @@
 What it measures
 ----------------
 A tiny Llama built from a config (random weights; default hidden 256, 4 layers, 4 heads / 2 KV
-heads, MLP 512, vocab 2048, untied embeddings: about 3.2M float32 parameters) and a task vector
-``τ = 1e-3·N(0, 1)`` of the same shapes. Three optimizers, all ``OnlineMergingAdamW`` with lr
-1e-6, no weight decay, ``reserve_p`` 0.01 and ``α`` 1e-7:
+heads, MLP 512, vocab 2048, untied embeddings: 3.4M float32 parameters in 37 tensors) and a
+task vector ``τ = 1e-3·N(0, 1)`` of the same shapes. Three optimizers, all
+``OnlineMergingAdamW`` with lr 1e-6, no weight decay, ``reserve_p`` 0.01 and ``α`` 1e-7:
 
 - ``none``: ``method="none"`` (plain AdamW), the baseline (ratio 1.0);
 - ``dare``: OnDARE (``method="dare"``);
@@ -32,7 +32,7 @@ summed over the ranks per model parameter, against unsharded.
 
 How to run
 ----------
-    python bench/bench_zero.py                      # about a minute on 2 cores
+    python bench/bench_zero.py                      # about 40 s on 2 cores
     python bench/bench_zero.py --rounds 4 --hidden 128 --layers 2   # smoke run
     python bench/bench_zero.py --out results.json   # also write the results as JSON
 
