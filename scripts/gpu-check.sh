@@ -271,6 +271,16 @@ step train-grpo-ties 90 train "${TORCHRUN[@]}" train --algo grpo --merge ties \
     --overwrite --json --out "$WORK/grpo-ties"
 step eval-cuda 90 eval "${OMOTOOL[@]}" eval "$TINY/sft" --task preference --data "$PREFS" \
     --ref-model "$TINY/base" --device cuda --json
+# DeepSpeed ZeRO-2 and ZeRO-3 (the deepspeed wheel, see docs/gpu.md). With one GPU they run at
+# world size 1 and shard nothing: they check the wiring only (DeepSpeed on CUDA with NCCL, the
+# flat partitions' runs handed to the optimizer, the final model saved); the sharded merge itself
+# is tested on CPU processes (tests/integration/test_zero_merging.py).
+step train-zero2-ties 120 train "${TORCHRUN[@]}" "${TRAIN[@]}" --merge ties \
+    --task-vector "$TINY/tau" --reserve-p 0.1 --alpha 1e-4 --deepspeed zero2 \
+    --out "$WORK/dpo-zero2-ties"
+step train-zero3-dare 120 train "${TORCHRUN[@]}" "${TRAIN[@]}" --merge dare \
+    --task-vector "$TINY/tau" --reserve-p 0.1 --alpha 1e-4 --deepspeed zero3 \
+    --out "$WORK/dpo-zero3-dare"
 # Last, so that it never takes the budget of the checks above. As training steps: the Trainer hands each step the gradients' norm (note_grad_norm), which
 # replaces the optimizer's own NaN/inf read of the gradients (finite-check: what that read costs).
 step bench-given-norm 150 bench "${BENCH[@]}" --dtype float32 --methods \

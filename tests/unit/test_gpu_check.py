@@ -46,9 +46,11 @@ def test_a_dry_run_prints_every_step_and_runs_nothing(tmp_path) -> None:
     assert "[bench-given-norm]" in out and "ondare-triton-given-norm" in out
     for merge in ("none", "dare", "ties"):
         assert f"[train-ddp-{merge}]" in out and f"[train-fsdp-{merge}]" in out
-    assert out.count("torch.distributed.run --standalone --nnodes 1 --nproc_per_node 1") == 8
+    assert out.count("torch.distributed.run --standalone --nnodes 1 --nproc_per_node 1") == 10
     assert "[train-grpo-ties]" in out and "--algo grpo --merge ties" in out
     assert "[train-fsdp-ties-triton]" in out and "--fsdp --optimizer-backend triton" in out
+    assert "[train-zero2-ties]" in out and "--merge ties" in out and "--deepspeed zero2" in out
+    assert "[train-zero3-dare]" in out and "--deepspeed zero3" in out
     assert "[triton-tests]" in out and "tests/unit/optim/test_triton_backend.py" in out
     assert "eval" in out and "--device cuda --json" in out
     assert "| step | status | seconds | key figure |" in out
