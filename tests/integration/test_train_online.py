@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import signal
 from pathlib import Path
 
@@ -291,3 +292,72 @@ def test_the_tiny_grpo_recipe_runs(cli, llama_pair, tmp_path) -> None:
     )  # fmt: skip
     assert "rewards/last_number/mean" in records(out)[0]
     assert json.loads((out / "omotool.json").read_text())["steps"] == 2
+
+
+UNUSUAL_REWARDS = """
+import asyncio
+
+def not_applicable(completions, **kwargs):
+    return [None] * len(completions)
+
+async def right_later(completions, reference, **kwargs):
+    await asyncio.sleep(0)
+    return [float(c.strip() == r) for c, r in zip(completions, reference)]
+
+def constant(completions, **kwargs):
+    return [1.0] * len(completions)
+"""
+
+
+@pytest.fixture(scope="module")
+def unusual_rewards(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("unusual") / "unusual_rewards.py"
+    path.write_text(UNUSUAL_REWARDS)
+    return path
+
+
+def test_a_reward_that_never_applies_runs_with_a_bar_and_a_summary(
+    cli, half_solver, prompts, unusual_rewards, tmp_path
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from omotool.train.progress import progress_callback
+
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    config = online(half_solver, prompts, tmp_path / "lib", max_steps=2,
+                    reward=[f"{unusual_rewards}:not_applicable"])  # fmt: skip
+    result = run_training(config, callbacks=[progress_callback(terminal)])  # TRL logs None
+    assert result.steps == 2 and result.metrics["reward"] is None
+    assert all(r["reward"] is None for r in records(tmp_path / "lib") if "reward" in r)
+    base, sft = half_solver
+    shown = cli(
+        "train", "--algo", "grpo", "--merge", "none", "--model", sft, "--dataset", prompts,
+        "-o", tmp_path / "cli", "--reward", f"{unusual_rewards}:not_applicable",
+        "--num-generations", "4", "--batch-size", "8", "--max-completion-length", "3",
+        "--max-steps", "1",
+    ).output  # fmt: skip
+    assert re.search(r"reward\s+│ –", shown) and "internal error" not in shown
+
+
+def test_an_async_reward_is_awaited(half_solver, prompts, unusual_rewards, tmp_path) -> None:
+    config = online(half_solver, prompts, tmp_path / "run", max_steps=2,
+                    reward=[f"{unusual_rewards}:right_later"])  # fmt: skip
+    assert run_training(config).steps == 2
+    logged = [r for r in records(tmp_path / "run") if "rewards/right_later/mean" in r]
+    assert len(logged) == 2 and all(0 <= r["rewards/right_later/mean"] <= 1 for r in logged)
+
+
+def test_rewards_without_spread_are_warned_about(
+    cli, half_solver, prompts, unusual_rewards, tmp_path
+) -> None:
+    base, sft = half_solver
+    with pytest.warns(UserWarning, match="NO LEARNING SIGNAL"):
+        shown = cli(
+            "train", "--algo", "rloo", "--merge", "none", "--model", sft, "--dataset", prompts,
+            "-o", tmp_path / "flat", "--reward", f"{unusual_rewards}:constant",
+            "--num-generations", "4", "--batch-size", "8", "--max-completion-length", "3",
+            "--max-steps", "2",
+        ).output  # fmt: skip
+    assert "no reward spread" in shown and "2 logged step(s)" in shown
