@@ -132,11 +132,16 @@ def flaky(completions, trainer_state, **kwargs):
 '''
 
 
+def rewards_module(tmp_path_factory, name: str, text: str) -> Path:
+    """``text`` written as the Python file ``name``.py in a new folder."""
+    path = tmp_path_factory.mktemp(name) / f"{name}.py"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture(scope="module")
 def reward_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("rewards") / "my_rewards.py"
-    path.write_text(REWARD_FILE)
-    return path
+    return rewards_module(tmp_path_factory, "my_rewards", REWARD_FILE)
 
 
 KINDS = ["exact", "regex", "last_number", "file", "module", "reward-model"]
@@ -311,9 +316,17 @@ def constant(completions, **kwargs):
 
 @pytest.fixture(scope="module")
 def unusual_rewards(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("unusual") / "unusual_rewards.py"
-    path.write_text(UNUSUAL_REWARDS)
-    return path
+    return rewards_module(tmp_path_factory, "unusual_rewards", UNUSUAL_REWARDS)
+
+
+def train_cli(cli, half_solver, data: Path, out: Path, algo: str, reward: str, steps: int) -> str:
+    """The output of ``omotool train --algo ALGO --reward REWARD`` (no terminal: no bar)."""
+    base, sft = half_solver
+    return cli(
+        "train", "--algo", algo, "--merge", "none", "--model", sft, "--dataset", data, "-o", out,
+        "--reward", reward, "--num-generations", "4", "--batch-size", "8",
+        "--max-completion-length", "3", "--max-steps", steps,
+    ).output  # fmt: skip
 
 
 def test_a_reward_that_never_applies_runs_with_a_bar_and_a_summary(
@@ -331,13 +344,8 @@ def test_a_reward_that_never_applies_runs_with_a_bar_and_a_summary(
     result = run_training(config, callbacks=[progress_callback(terminal)])  # TRL logs None
     assert result.steps == 2 and result.metrics["reward"] is None
     assert all(r["reward"] is None for r in records(tmp_path / "lib") if "reward" in r)
-    base, sft = half_solver
-    shown = cli(
-        "train", "--algo", "grpo", "--merge", "none", "--model", sft, "--dataset", prompts,
-        "-o", tmp_path / "cli", "--reward", f"{unusual_rewards}:not_applicable",
-        "--num-generations", "4", "--batch-size", "8", "--max-completion-length", "3",
-        "--max-steps", "1",
-    ).output  # fmt: skip
+    shown = train_cli(cli, half_solver, prompts, tmp_path / "cli", "grpo",
+                      f"{unusual_rewards}:not_applicable", steps=1)  # fmt: skip
     assert re.search(r"reward\s+│ –", shown) and "internal error" not in shown
 
 
@@ -352,12 +360,7 @@ def test_an_async_reward_is_awaited(half_solver, prompts, unusual_rewards, tmp_p
 def test_rewards_without_spread_are_warned_about(
     cli, half_solver, prompts, unusual_rewards, tmp_path
 ) -> None:
-    base, sft = half_solver
     with pytest.warns(UserWarning, match="NO LEARNING SIGNAL"):
-        shown = cli(
-            "train", "--algo", "rloo", "--merge", "none", "--model", sft, "--dataset", prompts,
-            "-o", tmp_path / "flat", "--reward", f"{unusual_rewards}:constant",
-            "--num-generations", "4", "--batch-size", "8", "--max-completion-length", "3",
-            "--max-steps", "2",
-        ).output  # fmt: skip
+        shown = train_cli(cli, half_solver, prompts, tmp_path / "flat", "rloo",
+                          f"{unusual_rewards}:constant", steps=2)  # fmt: skip
     assert "no reward spread" in shown and "2 logged step(s)" in shown
