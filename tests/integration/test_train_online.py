@@ -364,3 +364,15 @@ def test_rewards_without_spread_are_warned_about(
         shown = train_cli(cli, half_solver, prompts, tmp_path / "flat", "rloo",
                           f"{unusual_rewards}:constant", steps=2)  # fmt: skip
     assert "no reward spread" in shown and "2 logged step(s)" in shown
+
+
+@pytest.mark.parametrize(
+    "evaluation", [dict(eval_batch_size=16), dict(num_generations_eval=4)], ids=["batch", "fewer"]
+)
+def test_evaluation_with_16_generations(half_solver, prompts, tmp_path, evaluation) -> None:
+    config = online(half_solver, prompts, tmp_path / "run", num_generations=16, batch_size=16,
+                    max_steps=1, eval_dataset=str(prompts), eval_steps=1, **evaluation)  # fmt: skip
+    config.validate()
+    assert run_training(config).steps == 1
+    evaluated = [r for r in records(tmp_path / "run") if "eval_reward" in r]
+    assert len(evaluated) == 1 and 0 <= evaluated[0]["eval_reward"] <= 1
