@@ -183,7 +183,7 @@ def check_rewards(config: TrainConfig) -> None:
         if not math.isfinite(weight):
             raise UsageError(
                 f"--reward-weights gives {spec.option} the weight {weight}: weights must be "
-                "finite numbers (an infinite weight makes every reward NaN)."
+                "finite numbers (NaN or an infinite weight makes the rewards NaN)."
             )
     if config.max_length != defaults.max_length:
         raise UsageError(
