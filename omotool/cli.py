@@ -319,11 +319,24 @@ def train(
     if json_output:
         stdout.print_json(json.dumps(dataclasses.asdict(result)))
         return
+    stdout.print(_train_table(cfg, result, online=ALGORITHMS.get(cfg.algo).online))
+    if result.interrupted:
+        _error(f"interrupted at step {result.steps}; a checkpoint was saved. Continue with "
+               "the same command and --resume.")  # fmt: skip
+        raise typer.Exit(130)
+
+
+def _train_table(cfg: Any, result: Any, online: bool) -> Table:
+    """The end-of-run summary of ``omotool train``; a metric that is None, NaN or missing is
+    shown as such (``metric_text``), never refused."""
+    from omotool.train.progress import metric_text
+    from omotool.train.trainer import ZERO_SPREAD_KEY
+
     table = Table(title=f"{cfg.algo} with {cfg.merge} → {result.out}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("steps", str(result.steps))
-    if ALGORITHMS.get(cfg.algo).online:
+    if online:
         table.add_row("prompts", f"{result.examples:,}")
     else:
         table.add_row(
@@ -335,16 +348,19 @@ def train(
         table.add_row("resumed from", result.resumed_from)
     for key in (
         "loss", "rewards/accuracies", "rewards/margins", "reward", "reward_std",
-        "merge/kept_fraction",
+        "frac_reward_zero_std", "merge/kept_fraction",
         "merge/sign_conflict_fraction", "merge/skipped_steps", "train_loss",
     ):  # fmt: skip
         if key in result.metrics:
-            table.add_row(key, f"{result.metrics[key]:.4g}")
-    stdout.print(table)
-    if result.interrupted:
-        _error(f"interrupted at step {result.steps}; a checkpoint was saved. Continue with "
-               "the same command and --resume.")  # fmt: skip
-        raise typer.Exit(130)
+            table.add_row(key, metric_text(result.metrics[key]))
+    flat = result.metrics.get(ZERO_SPREAD_KEY)
+    if flat:
+        table.add_row(
+            Text("no reward spread", style="bold red"),
+            Text(f"{flat} logged step(s) where every group's completions got equal rewards: "
+                 "no advantage, nothing learned in them", style="red"),
+        )  # fmt: skip
+    return table
 
 
 def _quiet_libraries() -> None:

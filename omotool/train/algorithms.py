@@ -20,7 +20,7 @@ from omotool.registry import Registry
 # The options of TRL's online trainers (GRPO and RLOO) that both take.
 _ONLINE = (
     "beta", "num_generations", "max_completion_length", "temperature", "top_p", "use_vllm",
-    "num_iterations", "epsilon", "reward_weights",
+    "num_iterations", "epsilon", "reward_weights", "num_generations_eval",
 )  # fmt: skip
 
 

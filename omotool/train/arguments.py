@@ -11,6 +11,7 @@ cannot use (``check_rewards``), a value out of range or not among its choices
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,8 +107,9 @@ def _check_combinations(config: TrainConfig) -> None:
         )
     if config.max_steps == 0 or config.max_steps < -1:
         raise UsageError("--max-steps must be -1 (train for --epochs) or at least 1.")
-    if config.eval_steps is not None and not config.eval_dataset:
-        raise UsageError("--eval-steps needs --eval-dataset.")
+    for option in ("eval_steps", "eval_batch_size", "num_generations_eval"):
+        if getattr(config, option) != default_of(TrainConfig, option) and not config.eval_dataset:
+            raise UsageError(f"{flag(option)} needs --eval-dataset.")
 
 
 def check_optimizer_backend(config: TrainConfig) -> None:
@@ -177,6 +179,12 @@ def check_rewards(config: TrainConfig) -> None:
             f"rewards ({', '.join(spec.option for spec in specs)}): give one per reward, in that "
             "order (the --reward ones first, then the --reward-model ones)."
         )
+    for spec, weight in zip(specs, config.reward_weights or (), strict=False):
+        if not math.isfinite(weight):
+            raise UsageError(
+                f"--reward-weights gives {spec.option} the weight {weight}: weights must be "
+                "finite numbers (NaN or an infinite weight makes the rewards NaN)."
+            )
     if config.max_length != defaults.max_length:
         raise UsageError(
             f"--max-length has no effect with --algo {config.algo} (it samples the completions): "
@@ -197,6 +205,16 @@ def check_rewards(config: TrainConfig) -> None:
             f"process(es) × --grad-accum {config.grad_accum} = {completions} completions, not a "
             f"multiple of {generations}: make the product a multiple (e.g. --batch-size "
             f"{generations}), or change --num-generations."
+        )
+    evaluated = config.num_generations_eval or generations
+    if config.eval_dataset and (config.eval_batch_size * processes) % evaluated:
+        given = "--num-generations-eval" if config.num_generations_eval else "--num-generations"
+        raise UsageError(
+            f"--algo {config.algo} evaluates {given} {evaluated} completions per prompt, but an "
+            f"evaluation batch holds --eval-batch-size {config.eval_batch_size} × {processes} "
+            f"process(es) = {config.eval_batch_size * processes} completions, not a multiple "
+            f"of {evaluated}: set --eval-batch-size {evaluated} (or a multiple), or "
+            "--num-generations-eval to a divisor."
         )
 
 

@@ -145,6 +145,10 @@ class TrainOptions:
         bounds=at_least(2, "advantages compare a prompt's completions"),
         trl=("num_generations",),
     )  # fmt: skip
+    num_generations_eval: int | None = _opt(
+        None, "Completions sampled per prompt when evaluating. [default: --num-generations]",
+        ONLINE, lacks=_SAMPLES_NOTHING, bounds=at_least(1), trl=("num_generations_eval",),
+    )  # fmt: skip
     max_completion_length: int | None = _opt(
         None, "Longest sampled completion, in tokens.", ONLINE, bounds=at_least(1),
         lacks=_SAMPLES_NOTHING, trl=("max_completion_length",),
@@ -226,6 +230,10 @@ class TrainOptions:
     batch_size: int = _opt(
         1, "Examples per device per micro-batch.", RUN, bounds=at_least(1),
         trl=("per_device_train_batch_size",),
+    )  # fmt: skip
+    eval_batch_size: int = _opt(
+        8, "Examples per device per evaluation batch (online: a multiple of the evaluation "
+        "generations).", RUN, bounds=at_least(1), trl=("per_device_eval_batch_size",),
     )  # fmt: skip
     grad_accum: int = _opt(
         1, "Micro-batches per optimizer step.", RUN, bounds=at_least(1),

@@ -3,9 +3,24 @@ family) or the mean reward (GRPO, RLOO)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console
+
+MISSING = "–"  # a metric that is missing or None (TRL logs None where no reward applied)
+
+
+def metric_text(value: Any, spec: str = ".4g") -> str:
+    """``value`` formatted with ``spec``; ``MISSING`` for None, ``nan``/``inf``/``-inf`` for
+    non-finite numbers, ``str(value)`` for what is not a number."""
+    if value is None:
+        return MISSING
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if not math.isfinite(value):
+        return str(float(value))
+    return format(value, spec)
 
 
 def progress_callback(console: Console) -> Any:
@@ -49,11 +64,11 @@ def progress_callback(console: Console) -> Any:
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
             if self.bar is None or not logs or "loss" not in logs:
                 return
-            shown = [f"loss {logs['loss']:.4f}"]
+            shown = [f"loss {metric_text(logs['loss'], '.4f')}"]
             if "rewards/accuracies" in logs:
-                shown.append(f"reward acc {logs['rewards/accuracies']:.2f}")
+                shown.append(f"reward acc {metric_text(logs['rewards/accuracies'], '.2f')}")
             if "reward" in logs:  # online RL: the mean reward of the step's completions
-                shown.append(f"reward {logs['reward']:.3f}")
+                shown.append(f"reward {metric_text(logs['reward'], '.3f')}")
             self.bar.update(self.task, description="  ".join(shown))
 
         def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:

@@ -8,17 +8,20 @@ float per completion (``None``: this reward does not apply to that completion). 
   row's reference column under ``omotool.eval.generation.is_correct`` (the code ``omotool eval
   generate`` scores with), else 0.0;
 - a **Python function** (``--reward path/to/file.py:name`` or ``package.module:name``) with
-  TRL's signature;
+  TRL's signature, plain or ``async def`` (TRL awaits those on its event loop, concurrently);
 - a **reward model** (``--reward-model DIR``): a one-output sequence classifier scored by
   ``omotool.eval.reward_model.rewards`` (the code of ``omotool eval --reward-model``).
 
-Every reward is wrapped in ``CheckedReward``: an exception, a wrong count, a value that is not
-a number, NaN or ±inf stop the run with a ``RewardError`` naming the reward (and the prompt),
-where TRL would average NaN away or fail deep inside its trainer.
+Every reward is wrapped in ``CheckedReward`` (``AsyncCheckedReward`` for an async one): an
+exception, a wrong count, a value that is not a number, NaN or ±inf stop the run with a
+``RewardError`` naming the reward (and the prompt), where TRL would average NaN away or fail
+deep inside its trainer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -192,14 +195,24 @@ class CheckedReward:
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> Any:
         try:
             values = self.function(prompts=prompts, completions=completions, **kwargs)
+            if inspect.iscoroutine(values):  # an async function behind a plain one (a decorator)
+                values = asyncio.run(values)
         except RewardError:
             raise
         except Exception as error:
-            at = self._failing_prompt(prompts, completions, kwargs)
-            raise RewardError(
-                f"reward {self.option} raised {type(error).__name__}: {error} (prompt: "
-                f"{_shown(at)})."
-            ) from error
+            raise self._raised(error, self._failing_prompt(prompts, completions, kwargs)) from error
+        return self.checked(values, prompts, completions)
+
+    def _raised(self, error: Exception, prompt: Any) -> RewardError:
+        return RewardError(
+            f"reward {self.option} raised {type(error).__name__}: {error} (prompt: "
+            f"{_shown(prompt)})."
+        )
+
+    def checked(
+        self, values: Any, prompts: Sequence[Any], completions: Sequence[Any]
+    ) -> list[float | None]:
+        """``values`` as one float (or None) per completion, or a ``RewardError``."""
         try:
             values = list(values)
         except TypeError:
@@ -231,15 +244,63 @@ class CheckedReward:
     ) -> Any:
         """The first prompt whose completion alone makes the function raise (else the first)."""
         for index, prompt in enumerate(prompts):
-            single = {
-                key: [value[index]] if _per_completion(value, len(prompts)) else value
-                for key, value in kwargs.items()
-            }
+            single = _one_completion(kwargs, index, len(prompts))
             try:
-                self.function(prompts=[prompt], completions=[completions[index]], **single)
+                values = self.function(prompts=[prompt], completions=[completions[index]], **single)
+                if inspect.iscoroutine(values):
+                    asyncio.run(values)
             except Exception:
                 return prompt
         return prompts[0] if prompts else ""
+
+
+class AsyncCheckedReward(CheckedReward):
+    """``CheckedReward`` of an ``async def`` reward: TRL awaits it (``async def __call__``) on
+    its event loop, alongside the other async rewards."""
+
+    async def __call__(  # type: ignore[override]
+        self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
+    ) -> Any:
+        try:
+            values = await self.function(prompts=prompts, completions=completions, **kwargs)
+        except RewardError:
+            raise
+        except Exception as error:
+            at = await self._failing_prompt_async(prompts, completions, kwargs)
+            raise self._raised(error, at) from error
+        return self.checked(values, prompts, completions)
+
+    async def _failing_prompt_async(
+        self, prompts: Sequence[Any], completions: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """The first prompt whose completion alone makes the function raise (else the first)."""
+        for index, prompt in enumerate(prompts):
+            try:
+                await self.function(
+                    prompts=[prompt], completions=[completions[index]],
+                    **_one_completion(kwargs, index, len(prompts)),
+                )  # fmt: skip
+            except Exception:
+                return prompt
+        return prompts[0] if prompts else ""
+
+
+def is_async(function: Callable[..., Any]) -> bool:
+    """Whether calling ``function`` returns a coroutine: an ``async def`` function, a
+    ``functools.partial`` of one, or an object with an ``async def __call__`` (as TRL's
+    ``is_async_callable`` reads it)."""
+    while isinstance(function, functools.partial):
+        function = function.func
+    call = type(function).__call__ if not inspect.isroutine(function) else None
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call)
+
+
+def _one_completion(kwargs: Mapping[str, Any], index: int, count: int) -> dict[str, Any]:
+    """TRL's keyword arguments for completion ``index`` alone."""
+    return {
+        key: [value[index]] if _per_completion(value, count) else value
+        for key, value in kwargs.items()
+    }
 
 
 def _per_completion(value: Any, count: int) -> bool:
@@ -308,7 +369,8 @@ def load_reward(
         model, tokenizer = load_reward_model(spec.source, placement)
         model.eval()
         function = reward_model_function(model, tokenizer)
-    return CheckedReward(spec_name(spec, function), spec.option, function, columns)
+    checked = AsyncCheckedReward if is_async(function) else CheckedReward
+    return checked(spec_name(spec, function), spec.option, function, columns)
 
 
 def required_columns(rewards: Sequence[CheckedReward]) -> dict[str, str]:

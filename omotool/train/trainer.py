@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,13 +141,39 @@ def attach_zero_runs(engine: Any, model: Any) -> None:
     optimizer.attach_zero_runs(zero_runs(engine, model.named_parameters()))
 
 
+# TRL's share of the step's prompt groups whose completions all got the same reward (their
+# advantages are 0: the step learns nothing from them).
+ZERO_SPREAD = "frac_reward_zero_std"
+ZERO_SPREAD_KEY = "no_reward_spread_steps"  # in the summary: logged steps where it was 1
+ZERO_SPREAD_WARN_AFTER = 5  # logged steps at 1 from the start before the run is warned about
+
+
+def json_record(record: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``record`` with each non-finite float (NaN, ±inf: JSON has none) replaced by None, and
+    the names of those replaced."""
+    replaced = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    return {k: None if k in replaced else v for k, v in record.items()}, replaced
+
+
 def metrics_callback(path: Path) -> Any:
     """A transformers callback writing each log line plus the optimizer's ``stats()`` (when it
-    has them) to ``path``."""
+    has them) to ``path``, one JSON object a line.
+
+    A non-finite value is written as null, with a warning the first time each metric is. A run
+    whose every group of completions has had equal rewards (``frac_reward_zero_std`` 1) for its
+    first ``ZERO_SPREAD_WARN_AFTER`` logged steps, or for all of a shorter run, is warned about
+    once: it learns nothing. ``last`` holds the latest value of each metric (the summary's),
+    and ``last[ZERO_SPREAD_KEY]`` the number of logged steps at 1 (when any).
+    """
     from transformers import TrainerCallback
 
     class MetricsLog(TrainerCallback):
-        last: dict[str, Any] = {}
+        def __init__(self) -> None:
+            self.last: dict[str, Any] = {}
+            self.non_finite: set[str] = set()  # metrics already warned about
+            self.logged = 0  # logged steps with a ZERO_SPREAD value
+            self.flat = 0  # of which at 1
+            self.warned_flat = False
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
@@ -156,12 +184,48 @@ def metrics_callback(path: Path) -> Any:
             while optimizer is not None and not hasattr(optimizer, "stats"):
                 optimizer = getattr(optimizer, "optimizer", None)  # accelerate's wrapper
             stats = optimizer.stats() if optimizer is not None else {}
-            record = {"step": state.global_step, **logs, **stats}
-            record = {
-                k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)
-            }
+            record, replaced = json_record({"step": state.global_step, **logs, **stats})
+            for name in replaced:
+                if name not in self.non_finite:
+                    self.non_finite.add(name)
+                    warnings.warn(
+                        f"metric {name!r} is {logs.get(name, stats.get(name))} at step "
+                        f"{state.global_step}; metrics.jsonl holds null where a value is not "
+                        "finite.",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+            self._count_flat(record.get(ZERO_SPREAD))
             self.last = {**self.last, **record}  # the end-of-run summary keeps the last loss
+            if self.flat:
+                self.last[ZERO_SPREAD_KEY] = self.flat
             with path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.logged and self.flat == self.logged:
+                self._warn_flat()
+
+        def _count_flat(self, fraction: Any) -> None:
+            if fraction is None:
+                return
+            self.logged += 1
+            self.flat += fraction == 1
+            if self.flat == self.logged == ZERO_SPREAD_WARN_AFTER:
+                self._warn_flat()
+
+        def _warn_flat(self) -> None:
+            if self.warned_flat:
+                return
+            self.warned_flat = True
+            warnings.warn(
+                f"NO LEARNING SIGNAL: in each of the first {self.logged} logged steps, every "
+                f"prompt's completions got equal rewards ({ZERO_SPREAD} = 1), so every "
+                "advantage is 0 and the policy does not change. Make the rewards tell the "
+                "completions apart (a finer reward, more --num-generations, a higher "
+                "--temperature).",
+                UserWarning,
+                stacklevel=2,
+            )
 
     return MetricsLog()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import signal
 from pathlib import Path
 
@@ -131,11 +132,16 @@ def flaky(completions, trainer_state, **kwargs):
 '''
 
 
+def rewards_module(tmp_path_factory, name: str, text: str) -> Path:
+    """``text`` written as the Python file ``name``.py in a new folder."""
+    path = tmp_path_factory.mktemp(name) / f"{name}.py"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture(scope="module")
 def reward_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("rewards") / "my_rewards.py"
-    path.write_text(REWARD_FILE)
-    return path
+    return rewards_module(tmp_path_factory, "my_rewards", REWARD_FILE)
 
 
 KINDS = ["exact", "regex", "last_number", "file", "module", "reward-model"]
@@ -291,3 +297,82 @@ def test_the_tiny_grpo_recipe_runs(cli, llama_pair, tmp_path) -> None:
     )  # fmt: skip
     assert "rewards/last_number/mean" in records(out)[0]
     assert json.loads((out / "omotool.json").read_text())["steps"] == 2
+
+
+UNUSUAL_REWARDS = """
+import asyncio
+
+def not_applicable(completions, **kwargs):
+    return [None] * len(completions)
+
+async def right_later(completions, reference, **kwargs):
+    await asyncio.sleep(0)
+    return [float(c.strip() == r) for c, r in zip(completions, reference)]
+
+def constant(completions, **kwargs):
+    return [1.0] * len(completions)
+"""
+
+
+@pytest.fixture(scope="module")
+def unusual_rewards(tmp_path_factory) -> Path:
+    return rewards_module(tmp_path_factory, "unusual_rewards", UNUSUAL_REWARDS)
+
+
+def train_cli(cli, half_solver, data: Path, out: Path, algo: str, reward: str, steps: int) -> str:
+    """The output of ``omotool train --algo ALGO --reward REWARD`` (no terminal: no bar)."""
+    base, sft = half_solver
+    return cli(
+        "train", "--algo", algo, "--merge", "none", "--model", sft, "--dataset", data, "-o", out,
+        "--reward", reward, "--num-generations", "4", "--batch-size", "8",
+        "--max-completion-length", "3", "--max-steps", steps,
+    ).output  # fmt: skip
+
+
+def test_a_reward_that_never_applies_runs_with_a_bar_and_a_summary(
+    cli, half_solver, prompts, unusual_rewards, tmp_path
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from omotool.train.progress import progress_callback
+
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    config = online(half_solver, prompts, tmp_path / "lib", max_steps=2,
+                    reward=[f"{unusual_rewards}:not_applicable"])  # fmt: skip
+    result = run_training(config, callbacks=[progress_callback(terminal)])  # TRL logs None
+    assert result.steps == 2 and result.metrics["reward"] is None
+    assert all(r["reward"] is None for r in records(tmp_path / "lib") if "reward" in r)
+    shown = train_cli(cli, half_solver, prompts, tmp_path / "cli", "grpo",
+                      f"{unusual_rewards}:not_applicable", steps=1)  # fmt: skip
+    assert re.search(r"reward\s+│ –", shown) and "internal error" not in shown
+
+
+def test_an_async_reward_is_awaited(half_solver, prompts, unusual_rewards, tmp_path) -> None:
+    config = online(half_solver, prompts, tmp_path / "run", max_steps=2,
+                    reward=[f"{unusual_rewards}:right_later"])  # fmt: skip
+    assert run_training(config).steps == 2
+    logged = [r for r in records(tmp_path / "run") if "rewards/right_later/mean" in r]
+    assert len(logged) == 2 and all(0 <= r["rewards/right_later/mean"] <= 1 for r in logged)
+
+
+def test_rewards_without_spread_are_warned_about(
+    cli, half_solver, prompts, unusual_rewards, tmp_path
+) -> None:
+    with pytest.warns(UserWarning, match="NO LEARNING SIGNAL"):
+        shown = train_cli(cli, half_solver, prompts, tmp_path / "flat", "rloo",
+                          f"{unusual_rewards}:constant", steps=2)  # fmt: skip
+    assert "no reward spread" in shown and "2 logged step(s)" in shown
+
+
+@pytest.mark.parametrize(
+    "evaluation", [dict(eval_batch_size=16), dict(num_generations_eval=4)], ids=["batch", "fewer"]
+)
+def test_evaluation_with_16_generations(half_solver, prompts, tmp_path, evaluation) -> None:
+    config = online(half_solver, prompts, tmp_path / "run", num_generations=16, batch_size=16,
+                    max_steps=1, eval_dataset=str(prompts), eval_steps=1, **evaluation)  # fmt: skip
+    config.validate()
+    assert run_training(config).steps == 1
+    evaluated = [r for r in records(tmp_path / "run") if "eval_reward" in r]
+    assert len(evaluated) == 1 and 0 <= evaluated[0]["eval_reward"] <= 1

@@ -311,3 +311,25 @@ def test_demo_eval_stage_key_changes_only_off_the_default(tmp_path, monkeypatch)
     assert json.dumps(keys[0], sort_keys=True) == json.dumps(before, sort_keys=True)
     cpu = torch.device("cpu")
     assert runs == [(cpu, torch.float32)] * 4 + [(cpu, torch.bfloat16)] * 2
+
+
+def test_train_summary_shows_none_nan_and_missing_metrics(tmp_path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from omotool.cli import _train_table
+    from omotool.train.arguments import TrainConfig
+    from omotool.train.runner import TrainResult
+    from omotool.train.trainer import ZERO_SPREAD_KEY
+
+    cfg = dataclasses.replace(TrainConfig(), algo="grpo", merge="none")
+    metrics = {"loss": float("nan"), "reward": None, "reward_std": float("inf"),
+               "frac_reward_zero_std": 1.0, ZERO_SPREAD_KEY: 3}  # fmt: skip
+    result = TrainResult(str(tmp_path), 3, False, None, metrics, examples=16)
+    console = Console(file=io.StringIO(), width=200)
+    console.print(_train_table(cfg, result, online=True))
+    shown = console.file.getvalue()
+    assert re.search(r"loss\s+│ nan", shown) and re.search(r"reward\s+│ –", shown)
+    assert re.search(r"reward_std\s+│ inf", shown) and "train_loss" not in shown  # missing
+    assert "no reward spread" in shown and "3 logged step(s)" in shown

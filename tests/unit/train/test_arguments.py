@@ -4,6 +4,7 @@ config or the optimizer, or is refused before anything is loaded."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 from transformers import TrainingArguments
@@ -36,7 +37,7 @@ SET = {
     "beta": 0.3, "label_smoothing": 0.2, "precompute_ref": True, "num_generations": 2,
     "max_completion_length": 17, "temperature": 0.7, "top_p": 0.9, "use_vllm": True,
     "num_iterations": 2, "epsilon": 0.3, "loss_type": "grpo", "scale_rewards": "batch",
-    "reward_weights": [0.5],
+    "reward_weights": [0.5], "num_generations_eval": 2,
 }  # fmt: skip
 
 
@@ -58,9 +59,11 @@ def test_every_option_reaches_the_trl_config(tmp_path, algo, on) -> None:
     # (use_vllm: vLLM is not installed here; test_use_vllm_needs_vllm)
     taken = {option: SET[option] for option in algorithm.options if option != "use_vllm"}
     length = {} if algorithm.online else {"max_length": 77}  # online: max_completion_length
+    evaluated = {"eval_dataset": "e"} if "num_generations_eval" in taken else {}
     config = train_config(
         tmp_path, algo=algo, lr=3e-4, warmup_steps=7, lr_scheduler="cosine", bf16=on,
         gradient_checkpointing=on, report_to="tensorboard" if on else "none", **length, **taken,
+        **evaluated,
     )  # fmt: skip
     dataclasses.replace(config, report_to="none").validate()  # (tensorboard is not installed)
     args = trl_arguments(config, tmp_path)
@@ -182,6 +185,8 @@ def test_a_value_error_of_trl_becomes_a_usage_error(tmp_path, monkeypatch) -> No
         ({"epochs": 0.0}, "--epochs must be > 0"),
         ({"max_length": 0}, "--max-length must be at least 1"),
         ({"eval_steps": 5}, "--eval-steps needs --eval-dataset"),
+        ({"eval_batch_size": 16}, "--eval-batch-size needs --eval-dataset"),
+        ({"eval_batch_size": 0, "eval_dataset": "e"}, "--eval-batch-size must be at least 1"),
         ({"beta": 0.0}, "--beta must be > 0"),
         ({"algo": "robust", "label_smoothing": 0.5}, r"--label-smoothing must be in \[0, 0.5\)"),
         ({"save_total_limit": 0}, "--save-total-limit must be at least 1"),
@@ -352,6 +357,19 @@ def test_command_line_refuses_a_merge_option_adamw_does_not_read(cli, tmp_path) 
          "--reference-field answer is read by the verifiers only"),
         (dict(algo="grpo", reward=["exact"], reward_model=["rm"], reward_weights=[1.0]),
          r"gives 1 weights for 2 rewards \(--reward exact, --reward-model rm\)"),
+        (dict(algo="grpo", reward_weights=[math.inf]),
+         r"--reward-weights gives --reward exact the weight inf: weights must be finite"),
+        (dict(algo="rloo", reward=["exact", "f.py:g"], reward_weights=[1.0, -math.inf]),
+         "gives --reward f.py:g the weight -inf"),
+        (dict(algo="grpo", reward_weights=[math.nan]), "the weight nan"),
+        (dict(algo="grpo", num_generations_eval=4), "--num-generations-eval needs --eval-dataset"),
+        (dict(algo="grpo", num_generations=16, batch_size=16, eval_dataset="e"),
+         r"evaluates --num-generations 16 completions per prompt, but an evaluation batch holds "
+         r"--eval-batch-size 8 × 1 process\(es\) = 8 completions"),
+        (dict(algo="grpo", num_generations_eval=3, eval_dataset="e"),
+         "evaluates --num-generations-eval 3 completions"),
+        (dict(algo="grpo", num_generations_eval=0, eval_dataset="e"),
+         "--num-generations-eval must be at least 1"),
         (dict(algo="grpo", max_length=64), "use --max-completion-length"),
         (dict(algo="grpo", use_vllm=True), "--use-vllm needs the vllm package"),
         (dict(algo="grpo", num_generations=3),
@@ -444,3 +462,21 @@ def test_command_line_reads_tau_clip_none_and_missing(cli, tmp_path) -> None:
     result = cli("train", *common, "--missing", "skip", expect=2)
     assert "--missing 'skip': choose one of error, adamw" in " ".join(result.output.split())
     assert not out.exists()
+
+
+def test_evaluation_batches_and_generations_reach_trl(tmp_path) -> None:
+    big = train_config(
+        tmp_path, algo="grpo", num_generations=16, batch_size=16, eval_dataset="e",
+        eval_batch_size=16,
+    )  # fmt: skip
+    big.validate()
+    assert trl_arguments(big, tmp_path).per_device_eval_batch_size == 16
+    fewer = train_config(
+        tmp_path, algo="rloo", num_generations=16, batch_size=16, eval_dataset="e",
+        num_generations_eval=4,
+    )  # fmt: skip
+    fewer.validate()
+    args = trl_arguments(fewer, tmp_path)
+    assert (args.num_generations_eval, args.per_device_eval_batch_size) == (4, 8)
+    with pytest.raises(UsageError, match="--num-generations-eval 2 has no effect with --algo dpo"):
+        train_config(tmp_path, algo="dpo", eval_dataset="e", num_generations_eval=2).validate()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import math
 from types import SimpleNamespace
 
 from rich.console import Console
 
-from omotool.train.progress import progress_callback
+from omotool.train.progress import MISSING, metric_text, progress_callback
 
 
 def description_after(logs: dict) -> str:
@@ -26,3 +27,20 @@ def test_dpo_shows_the_reward_accuracy_and_grpo_the_mean_reward() -> None:
         "loss 0.5000  reward acc 0.75"
     )
     assert description_after({"loss": 0.01, "reward": 0.4375}) == "loss 0.0100  reward 0.438"
+
+
+def test_none_nan_and_missing_metrics_are_shown_not_formatted() -> None:
+    # TRL logs reward None when no reward applied to any completion of the step
+    assert description_after({"loss": 0.5, "reward": None}) == "loss 0.5000  reward –"
+    assert description_after({"loss": float("nan"), "reward": float("inf")}) == (
+        "loss nan  reward inf"
+    )
+    assert description_after({"loss": None, "rewards/accuracies": None}) == "loss –  reward acc –"
+    assert description_after({"reward": 0.5}) == ""  # no loss: not a training step's log
+
+
+def test_metric_text() -> None:
+    assert metric_text(0.123456) == "0.1235" and metric_text(3, ".2f") == "3.00"
+    assert metric_text(None) == MISSING
+    assert [metric_text(v) for v in (math.nan, math.inf, -math.inf)] == ["nan", "inf", "-inf"]
+    assert metric_text("text") == "text" and metric_text(True) == "True"

@@ -3,6 +3,7 @@ modules, and every reward is checked on every call."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from omotool.errors import InputError, UsageError
 from omotool.eval.generation import is_correct
 from omotool.train.rewards import (
+    AsyncCheckedReward,
     CheckedReward,
     RewardError,
     RewardSpec,
@@ -152,3 +154,51 @@ def test_load_reward_names_and_columns(tmp_path) -> None:
 def test_a_causal_lm_is_not_a_reward_model(llama_pair) -> None:
     with pytest.raises(InputError, match="not a sequence classifier"):
         load_reward(RewardSpec("model", str(llama_pair[1])))
+
+
+ASYNC_REWARDS = '''
+import asyncio
+
+async def judged(completions, reference, **kwargs):
+    """An async judge: 1 for the reference answer."""
+    await asyncio.sleep(0)
+    return [float(c == r) for c, r in zip(completions, reference)]
+
+async def fails_on_q(prompts, completions, **kwargs):
+    await asyncio.sleep(0)
+    return [1.0 / (p != "q") for p in prompts]
+
+async def nan(completions, **kwargs):
+    return [float("nan")] * len(completions)
+
+class Judge:
+    async def __call__(self, completions, **kwargs):
+        return [0.5] * len(completions)
+
+judge = Judge()
+
+def hidden(completions, **kwargs):  # a plain function handing back a coroutine
+    return judged(completions=completions, **kwargs)
+'''
+
+
+def test_async_rewards_are_awaited_by_trl_and_checked(tmp_path) -> None:
+    from trl.trainer.utils import is_async_callable
+
+    (tmp_path / "judges.py").write_text(ASYNC_REWARDS)
+    loaded = {
+        name: load_reward(RewardSpec("function", f"{tmp_path}/judges.py:{name}"))
+        for name in ("judged", "fails_on_q", "nan", "judge", "hidden")
+    }
+    assert loaded["judged"].columns == ("reference",)
+    for name in ("judged", "fails_on_q", "nan", "judge"):
+        assert isinstance(loaded[name], AsyncCheckedReward) and is_async_callable(loaded[name])
+    assert not is_async_callable(loaded["hidden"])
+    rows = dict(prompts=["p", "q"], completions=["1", "2"], reference=["1", "1"])
+    assert asyncio.run(loaded["judged"](**rows)) == [1.0, 0.0]
+    assert asyncio.run(loaded["judge"](**rows)) == [0.5, 0.5]
+    assert loaded["hidden"](**rows) == [1.0, 0.0]  # run to its end, not "returned coroutine"
+    with pytest.raises(RewardError, match=r"raised ZeroDivisionError.*prompt: 'q'"):
+        asyncio.run(loaded["fails_on_q"](**rows))
+    with pytest.raises(RewardError, match="returned nan for the prompt 'p'"):
+        asyncio.run(loaded["nan"](**rows))

@@ -3,14 +3,23 @@ named ones (they build T) with it; the runs of DeepSpeed's partitions attached a
 
 from __future__ import annotations
 
+import json
+import math
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
 from omotool.errors import UsageError
 from omotool.optim import OnlineMergingAdamW
-from omotool.train.trainer import attach_zero_runs, online_merging_trainer
+from omotool.train.trainer import (
+    ZERO_SPREAD_KEY,
+    ZERO_SPREAD_WARN_AFTER,
+    attach_zero_runs,
+    metrics_callback,
+    online_merging_trainer,
+)
 
 
 class DeepSpeedTrainer:
@@ -63,3 +72,63 @@ def test_attach_zero_runs_only_where_deepspeed_wraps_the_optimizer() -> None:
     with pytest.raises(UsageError, match="not a DeepSpeed ZeRO"):  # wrapped by something else
         attach_zero_runs(SimpleNamespace(optimizer=SimpleNamespace(optimizer=ours)),
                          torch.nn.Linear(2, 2))  # fmt: skip
+
+
+def _log_lines(path, *logs: dict) -> Any:
+    """A ``metrics_callback`` on ``path`` after one ``on_log`` per entry of ``logs``."""
+    callback = metrics_callback(path)
+    for step, log in enumerate(logs, 1):
+        state = SimpleNamespace(is_world_process_zero=True, global_step=step)
+        callback.on_log(None, state, None, logs=log)
+    return callback
+
+
+def test_non_finite_metrics_are_written_as_null_with_one_warning_each(tmp_path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    with pytest.warns(UserWarning) as caught:
+        callback = _log_lines(
+            path,
+            {"loss": 0.5, "reward": math.nan},
+            {"loss": math.inf, "reward": math.nan},
+            {"loss": 0.25, "reward": None},
+        )
+    lines = [json.loads(line) for line in path.read_text().splitlines()]  # strict JSON
+    assert lines == [
+        {"step": 1, "loss": 0.5, "reward": None},
+        {"step": 2, "loss": None, "reward": None},
+        {"step": 3, "loss": 0.25, "reward": None},
+    ]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2  # once per metric
+    assert "'reward' is nan at step 1" in messages[0] and "'loss' is inf at step 2" in messages[1]
+    assert callback.last == {"step": 3, "loss": 0.25, "reward": None}
+    json.dumps(callback.last, allow_nan=False)  # the summary and omotool.json stay JSON
+
+
+FLAT = {"loss": 0.0, "frac_reward_zero_std": 1.0}
+
+
+def test_a_run_without_reward_spread_is_warned_about_once(tmp_path) -> None:
+    with pytest.warns(UserWarning, match="NO LEARNING SIGNAL") as caught:
+        callback = _log_lines(tmp_path / "m.jsonl", *[FLAT] * (ZERO_SPREAD_WARN_AFTER + 3))
+        callback.on_train_end(None, None, None)
+    assert len(caught) == 1
+    assert f"first {ZERO_SPREAD_WARN_AFTER} logged steps" in str(caught[0].message)
+    assert callback.last[ZERO_SPREAD_KEY] == ZERO_SPREAD_WARN_AFTER + 3
+
+
+def test_a_short_run_without_reward_spread_is_warned_about_at_its_end(tmp_path) -> None:
+    callback = _log_lines(tmp_path / "m.jsonl", FLAT, FLAT)
+    with pytest.warns(UserWarning, match="first 2 logged steps"):
+        callback.on_train_end(None, None, None)
+
+
+def test_some_reward_spread_is_not_warned_about(tmp_path, recwarn) -> None:
+    spread = {"loss": 0.1, "frac_reward_zero_std": 0.5}
+    callback = _log_lines(tmp_path / "m.jsonl", FLAT, spread, *[FLAT] * ZERO_SPREAD_WARN_AFTER)
+    callback.on_train_end(None, None, None)
+    assert not [w for w in recwarn if "LEARNING SIGNAL" in str(w.message)]
+    assert callback.last[ZERO_SPREAD_KEY] == ZERO_SPREAD_WARN_AFTER + 1  # (the summary's count)
+    offline = _log_lines(tmp_path / "dpo.jsonl", {"loss": 0.3})  # no such metric: no count
+    offline.on_train_end(None, None, None)
+    assert ZERO_SPREAD_KEY not in offline.last
