@@ -86,25 +86,59 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set {pair!r}: write KEY=VALUE, e.g. --set lr=5e-7.")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            parsed = value
-        overrides[key.strip().replace("-", "_")] = parsed
+        overrides[key.strip().replace("-", "_")] = _yaml_value(value)
     return overrides
 
 
+def parse_mapping(key: str, value: Any) -> dict[str, Any]:
+    """The value of mapping option ``key``: a mapping, or ``KEY=VALUE`` texts (one, or a list,
+    as a repeated flag gives; a list may also hold one-key mappings), values read as YAML;
+    None (an empty YAML value) is the empty mapping."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise UsageError(f"option {key.replace('_', '-')!r} must be a mapping, got {value!r}.")
+    mapping: dict[str, Any] = {}
+    for item in items:
+        if isinstance(item, dict):
+            mapping.update(parse_mapping(key, item))
+            continue
+        name, sep, text = str(item).partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"{flag(key)} {item!r}: write KEY=VALUE, e.g. {flag(key)} name=1.")
+        mapping[name.strip()] = _yaml_value(text)
+    return mapping
+
+
+def _yaml_value(text: str) -> Any:
+    """``text`` read as YAML (``5e-7``, ``true``, ``{a: 1}``); as itself if it is not YAML;
+    None if blank."""
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
 def build_config(cls: type[C], recipe: dict[str, Any], overrides: dict[str, Any]) -> C:
-    """``cls(**(recipe | overrides))`` with unknown keys and wrong types reported by name."""
+    """``cls(**(recipe | overrides))`` with unknown keys and wrong types reported by name; a
+    mapping option (``dict``) given in both is merged, the overrides' keys winning."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
-    values = {key.replace("-", "_"): value for key, value in {**recipe, **overrides}.items()}
+    recipe = {key.replace("-", "_"): value for key, value in recipe.items()}
+    overrides = {key.replace("-", "_"): value for key, value in overrides.items()}
+    values = {**recipe, **overrides}
     for key in values:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" Did you mean {close[0].replace('_', '-')!r}?" if close else ""
             raise UsageError(f"unknown option {key.replace('_', '-')!r} in recipe.{hint}")
     coerced = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
+    for key in recipe.keys() & overrides.keys():
+        if _is_mapping(hints[key]):
+            coerced[key] = {**_coerce(key, recipe[key], hints[key]), **coerced[key]}
     missing = [
         name
         for name, f in fields.items()
@@ -133,6 +167,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if type(None) in options and str not in options and str(value).lower() in ("none", "null"):
         return None  # e.g. --tau-clip none
     for option in options:
+        if _is_mapping(option):
+            return parse_mapping(key, value)
         if typing.get_origin(option) is list:  # a YAML list, or "a,b" / one value as text
             (item,) = typing.get_args(option)
             if isinstance(value, str) and item is not str:
@@ -155,6 +191,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 def _is_union(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _is_mapping(hint: Any) -> bool:
+    return hint is dict or typing.get_origin(hint) is dict
 
 
 # -- declared options --------------------------------------------------------------------------
@@ -232,9 +272,9 @@ class Option:
 
 
 def declare(default: Any, option: Option) -> Any:
-    """A dataclass field declared as ``option`` (a list default becomes a factory)."""
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={OPTION: option})
+    """A dataclass field declared as ``option`` (a list or dict default becomes a factory)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: default.copy(), metadata={OPTION: option})
     return dataclasses.field(default=default, metadata={OPTION: option})
 
 
@@ -331,7 +371,7 @@ def command_parameters(cls: Any) -> list[inspect.Parameter]:
             metavar=metavar,
             help=escape(option.help + (f" none: {option.none}." if option.none else "")),
             rich_help_panel=option.panel,
-            show_default=not (default is None or default is False or default in ("", [])),
+            show_default=not (default is None or default is False or default in ("", [], {})),
         )
         parameters.append(
             inspect.Parameter(
@@ -348,6 +388,8 @@ def _command_line_type(hint: Any, option: Option) -> tuple[Any, str | None]:
                type(None)]  # fmt: skip
     if option.none:
         return str, f"<{options[0].__name__}|none>"
+    if any(_is_mapping(item) for item in options):  # a repeated KEY=VALUE (parse_mapping)
+        return list[str], "KEY=VALUE"
     for item in options:
         if typing.get_origin(item) is list and typing.get_args(item) != (str,):
             return str | None, f"<{typing.get_args(item)[0].__name__},...>"  # "0.5,1"

@@ -5,7 +5,9 @@ Every option either reaches TRL's trainer or the optimizer, or is refused before
 loaded: an option the algorithm does not read (``check_algorithm_options``), a merge option
 the chosen ``--merge`` does not read (``check_merge_options``), rewards an online algorithm
 cannot use (``check_rewards``), a value out of range or not among its choices
-(``omotool.config.check_declared``), and a setting the installed TRL has no field for.
+(``omotool.config.check_declared``), a ``--trl`` field that is not the algorithm's or is
+omotool's to set (``omotool.train.trl_passthrough``), and a setting the installed TRL has no
+field for.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from omotool.train.options import (
     train_options,
     trl_default,
 )
+from omotool.train.trl_passthrough import trl_passthrough
 
 __all__ = [
     "LOSS_TYPES", "LR_SCHEDULERS", "MERGES", "REPORTERS", "SCALE_REWARDS", "TrainConfig",
@@ -88,6 +91,7 @@ def check_config(config: TrainConfig) -> None:
     if config.beta is None and "beta" in algorithm.options:
         config.beta = float(trl_default(config.algo, "beta"))
     check_algorithm_options(config)
+    config.trl = trl_passthrough(config.algo, config.trl)  # (typed as saved with the run)
     _check_combinations(config)
     check_rewards(config)
     if config.batch_size < algorithm.min_batch_size:
@@ -286,7 +290,7 @@ TRL_FIXED = {
 def trl_arguments(config: TrainConfig, output: Path) -> Any:
     """The TRL config object for ``config.algo``: each option's value in the TRL fields it
     declares (``TrainOption.trl``, converted by ``TRL_VALUES``), then the algorithm's fixed
-    settings.
+    settings, then the ``--trl`` fields (none of which omotool sets: ``trl_passthrough``).
 
     Every value reaches a field of the TRL config class: an option the algorithm does not read
     is refused (``check_algorithm_options``), an unset one (``None``) is left to TRL's default,
@@ -316,6 +320,7 @@ def trl_arguments(config: TrainConfig, output: Path) -> Any:
     if algorithm.online:  # completions are cut at --max-completion-length instead
         values.pop("max_length")
     values.update(algorithm.settings)
+    values.update(trl_passthrough(config.algo, config.trl))
     missing = sorted(set(values) - fields)
     if missing:
         import trl

@@ -57,8 +57,8 @@ class TrainOption(MergeOption):
       own default then applies, and ``--help`` shows it.
     - ``online``: read only by the algorithms that sample completions (the rewards).
     - ``trl``: the fields of TRL's config it sets (its value, unless
-      ``arguments.TRL_VALUES`` converts it); each field has one owner (``trl_owner``), so a
-      pass-through of other TRL fields can refuse the owned ones, naming the option.
+      ``arguments.TRL_VALUES`` converts it); each field has one owner (``trl_owner``), so
+      ``--trl`` (the pass-through of any other field) refuses the owned ones, naming it.
     - ``optim``: the argument of ``OnlineMergingAdamW`` it sets.
     """
 
@@ -118,6 +118,10 @@ class TrainOptions:
     precompute_ref: bool = _opt(
         False, "Reference log-probs once up front, then free the reference model.", ALGO,
         lacks="it has no reference model", trl=("precompute_ref_log_probs",),
+    )  # fmt: skip
+    trl: dict[str, Any] = _opt(
+        {}, "Another field of the algorithm's TRL config, VALUE read as YAML (repeatable): "
+        "--trl epsilon_high=0.28. Fields an option sets are refused.", ALGO,
     )  # fmt: skip
 
     reward: list[str] = _opt(
@@ -284,8 +288,8 @@ def train_options() -> dict[str, TrainOption]:
 
 
 def trl_owner(trl_field: str) -> str | None:
-    """The option that sets ``trl_field`` of TRL's config, if one does (a future
-    ``--trl KEY=VALUE`` refuses those, naming the option)."""
+    """The option that sets ``trl_field`` of TRL's config, if one does (``--trl KEY=VALUE``
+    refuses those, naming the option)."""
     owners = {f: name for name, option in train_options().items() for f in option.trl}
     return owners.get(trl_field)
 

@@ -111,6 +111,8 @@ def prepare_output(output: Path, overwrite: bool) -> None:
 
 CONFIG_FILE, METADATA_FILE = "config.yaml", "omotool.json"
 # Options that may change between a run and its resumption without changing its trajectory.
+# (Not ``trl``: which of TRL's many fields leave the trajectory alone is not known here, so a
+# changed --trl is refused like any other option.)
 RESUMABLE = {"resume", "overwrite", "report_to", "logging_steps", "save_total_limit", "save_steps"}
 
 

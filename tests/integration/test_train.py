@@ -105,6 +105,22 @@ def test_gradient_checkpointing_flag_reaches_the_model(llama_pair, prefs, tmp_pa
     assert seen == [on]
 
 
+@pytest.mark.slow  # a real run, to see --trl reach TRL's trainer and the saved config
+def test_trl_fields_reach_the_trainer_and_are_saved(llama_pair, prefs, tmp_path) -> None:
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append((args.max_grad_norm, args.ld_alpha))
+
+    out = tmp_path / "run"
+    trl = {"max_grad_norm": 0.5, "ld_alpha": 0.5}
+    run_training(config(llama_pair, prefs, out, merge="none", max_steps=1, trl=trl), [Probe()])
+    assert seen == [(0.5, 0.5)]
+    assert yaml.safe_load((out / "config.yaml").read_text())["trl"] == trl
+    assert json.loads((out / "omotool.json").read_text())["config"]["trl"] == trl
+
+
 def test_an_option_the_loss_does_not_read_is_refused_before_anything(llama_pair, prefs, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(UsageError, match="--precompute-ref has no effect with --algo orpo"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,3 +120,31 @@ def test_declared_bounds_and_choices_are_checked() -> None:
         check_declared(Config(p=0.0))
     with pytest.raises(UsageError, match="^--mode 'c': choose one of a, b.$"):
         check_declared(Config(mode="c"))
+
+
+def test_a_mapping_option_takes_a_mapping_or_key_value_texts() -> None:
+    from omotool.config import parse_mapping
+
+    assert parse_mapping("trl", None) == {}
+    assert parse_mapping("trl", {"a": 1}) == {"a": 1}
+    assert parse_mapping("trl", "a=1") == {"a": 1}
+    assert parse_mapping("trl", ["a=0.5", "b={c: [1, 2]}", {"d": True}, "e="]) == {
+        "a": 0.5, "b": {"c": [1, 2]}, "d": True, "e": None,
+    }  # fmt: skip
+    assert parse_mapping("trl", ["a=x=y", "b={not yaml"]) == {"a": "x=y", "b": "{not yaml"}
+    with pytest.raises(UsageError, match=r"--trl 'a': write KEY=VALUE"):
+        parse_mapping("trl", ["a"])
+    with pytest.raises(UsageError, match=r"option 'trl' must be a mapping, got 3"):
+        parse_mapping("trl", 3)
+
+
+def test_a_mapping_option_in_the_recipe_and_the_overrides_is_merged() -> None:
+    from omotool.config import Option, declare
+
+    @dataclasses.dataclass
+    class Config:
+        extra: dict[str, Any] = declare({}, Option("Extra fields."))
+
+    merged = build_config(Config, {"extra": {"a": 1, "b": 2}}, {"extra": ["b=3", "c=4"]})
+    assert merged.extra == {"a": 1, "b": 3, "c": 4}
+    assert Config().extra == {} and Config().extra is not Config().extra
