@@ -186,6 +186,14 @@ class TrainOptions:
         False, "Sample with vLLM (GPU machines).", ONLINE, lacks=_SAMPLES_NOTHING,
         trl=("use_vllm",),
     )  # fmt: skip
+    log_completions: int = _opt(
+        8, "Completions a logging step adds to OUT/completions.jsonl, with their rewards "
+        "(0: none).", ONLINE, online=True, bounds=at_least(0),
+    )  # fmt: skip
+    print_completions: int = _opt(
+        0, "Completions shown in a table at each logging step.", ONLINE, online=True,
+        bounds=at_least(0),
+    )  # fmt: skip
 
     merge: str = _merge_option("method")
     base: str | None = _opt(

@@ -1,12 +1,15 @@
 """A rich progress bar for training runs: steps with ETA, live loss, and the reward accuracy (DPO
-family) or the mean reward (GRPO, RLOO)."""
+family) or the mean reward (GRPO, RLOO); the table of an online step's completions."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 MISSING = "–"  # a metric that is missing or None (TRL logs None where no reward applied)
 
@@ -77,3 +80,30 @@ def progress_callback(console: Console) -> Any:
                 self.bar = None
 
     return RichProgress()
+
+
+def completions_table(step: int, rows: Sequence[Mapping[str, Any]]) -> Table:
+    """The completions of ``rows`` (``omotool.train.trainer.completion_rows``: prompt,
+    completion, rewards by name, advantage) as a table titled with ``step``."""
+    names = list(dict.fromkeys(name for row in rows for name in row["rewards"]))
+    table = Table(title=f"completions at step {step}", show_lines=True)
+    table.add_column("prompt", overflow="fold")
+    table.add_column("completion", overflow="fold")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("advantage", justify="right")
+    for row in rows:
+        table.add_row(
+            _text(row["prompt"]),
+            _text(row["completion"]),
+            *(metric_text(row["rewards"].get(name), ".3g") for name in names),
+            metric_text(row["advantage"], ".3g"),
+        )
+    return table
+
+
+def _text(value: Any) -> Text:
+    """A prompt or completion as plain text (no rich markup): a conversation's last message."""
+    if isinstance(value, list) and value and isinstance(value[-1], Mapping):
+        value = value[-1].get("content", value[-1])
+    return Text(str(value))

@@ -39,9 +39,10 @@ from omotool.train.deepspeed import (
     init_deepspeed_comm,
 )
 from omotool.train.rewards import load_reward, name_uniquely, parse_rewards, required_columns
-from omotool.train.trainer import metrics_callback, online_merging_trainer
+from omotool.train.trainer import completions_callback, metrics_callback, online_merging_trainer
 
 METRICS_FILE = "metrics.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"  # online RL: what the policy wrote, step by step
 # MERGES lives in omotool.train.options, TrainConfig and trl_arguments in omotool.train.arguments;
 # imported from here too.
 __all__ = ["MERGES", "TrainConfig", "TrainResult", "run_training", "trl_arguments"]
@@ -113,7 +114,8 @@ CONFIG_FILE, METADATA_FILE = "config.yaml", "omotool.json"
 # Options that may change between a run and its resumption without changing its trajectory.
 # (Not ``trl``: which of TRL's many fields leave the trajectory alone is not known here, so a
 # changed --trl is refused like any other option.)
-RESUMABLE = {"resume", "overwrite", "report_to", "logging_steps", "save_total_limit", "save_steps"}
+RESUMABLE = {"resume", "overwrite", "report_to", "logging_steps", "save_total_limit", "save_steps",
+             "log_completions", "print_completions"}  # fmt: skip
 
 
 def resume_point(config: TrainConfig, output: Path) -> Path:
@@ -222,7 +224,9 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
             record = json.dumps(deepspeed_record(config), indent=2)
             write_text_atomic(output / DEEPSPEED_FILE, record)
         if start is not None:
-            _truncate_metrics(metrics_path, int(CHECKPOINT.match(start.name).group(1)))
+            step = int(CHECKPOINT.match(start.name).group(1))
+            for logged in (metrics_path, output / COMPLETIONS_FILE):
+                _truncate_metrics(logged, step)
 
     torch.manual_seed(config.seed)
     dtype = torch.bfloat16 if config.bf16 else torch.float32
@@ -249,6 +253,8 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         name = algorithm.trainer.rpartition(":")[2]
         raise UsageError(f"TRL's {name} refuses this run: {exc}") from exc
     trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout
+    if algorithm.online and (config.log_completions or config.print_completions):
+        trainer.add_callback(_completions_log(trainer, config, output / COMPLETIONS_FILE))
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, interrupt.handler) if in_main_thread else None
     try:
@@ -356,13 +362,43 @@ def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
     }
 
 
+def _completions_log(trainer: Any, config: TrainConfig, path: Path) -> Any:
+    """The callback writing ``--log-completions`` rows a logging step to ``path`` and showing
+    ``--print-completions`` of them in a table on stderr."""
+    from rich.console import Console
+
+    from omotool.train.progress import completions_table
+
+    console = Console(stderr=True)
+    return completions_callback(
+        trainer,
+        path,
+        config.log_completions,
+        show=lambda step, rows: console.print(completions_table(step, rows)),
+        shown=config.print_completions,
+    )
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines logged after ``step`` (the resumed run logs those steps again)."""
+    """Drop the lines logged after ``step`` (the resumed run logs those steps again), and a
+    line cut short by a killed run; ``path`` is removed when no line is left."""
     if not path.exists():
         return
     kept = [
         line
         for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
+        if (record := _json_line(line)) is not None and record.get("step", 0) <= step
     ]
-    write_text_atomic(path, "\n".join(kept))
+    if kept:
+        write_text_atomic(path, "\n".join(kept))
+    else:
+        path.unlink()
+
+
+def _json_line(line: str) -> dict[str, Any] | None:
+    """The JSON object on ``line``; None for a blank or unreadable one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None

@@ -229,3 +229,71 @@ def metrics_callback(path: Path) -> Any:
             )
 
     return MetricsLog()
+
+
+def completion_rows(logs: Mapping[str, Any], step: int, limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` completions of TRL's GRPO/RLOO ``_logs`` (the latest batch of
+    completions: ``prompt``, ``completion``, ``rewards`` {name: values}, ``advantages``), one
+    dict each: ``step``, ``prompt``, ``completion``, ``rewards`` {name: value}, ``advantage``.
+    A value that is None or not finite (TRL's NaN for a reward that did not apply) is None."""
+
+    def number(values: list[Any], i: int) -> float | None:
+        value = values[i] if i < len(values) else None
+        return None if value is None or not math.isfinite(value) else float(value)
+
+    prompts, completions = list(logs["prompt"])[:limit], list(logs["completion"])[:limit]
+    rewards = {name: list(values)[:limit] for name, values in logs["rewards"].items()}
+    advantages = list(logs["advantages"])[:limit]
+    return [
+        {
+            "step": step,
+            "prompt": prompt,
+            "completion": completion,
+            "rewards": {name: number(values, i) for name, values in rewards.items()},
+            "advantage": number(advantages, i),
+        }
+        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=False))
+    ]
+
+
+def completions_callback(
+    trainer: Any, path: Path | None, logged: int, show: Any = None, shown: int = 0
+) -> Any:
+    """A transformers callback appending, at each logging step, the first ``logged``
+    completions of ``trainer``'s latest batch (TRL's GRPO/RLOO ``_logs``) to ``path`` as
+    ``completion_rows``, one JSON object a line, written and flushed at once (a killed run
+    leaves whole lines), and handing the first ``shown`` to ``show(step, rows)``.
+
+    A batch is written once: a logging step that sampled nothing new (``--num-iterations``
+    above 1, the end-of-run log) writes nothing, nor does evaluation.
+    """
+    from transformers import TrainerCallback
+
+    class CompletionsLog(TrainerCallback):
+        def __init__(self) -> None:
+            self.seen: Any = None  # the first advantage of the last batch handled
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
+        ) -> None:
+            batch = getattr(trainer, "_logs", None)
+            if not logs or not state.is_world_process_zero or not batch or not batch["advantages"]:
+                return
+            # Each batch TRL samples brings new float objects (tensor.tolist()), never cached,
+            # and the one held here cannot be reused: the same object, the same batch.
+            first = batch["advantages"][0]
+            if first is self.seen:
+                return
+            self.seen = first
+            if any(key.startswith("eval_") for key in logs):
+                return  # evaluation's completions, which the next sampled batch replaces
+            rows = completion_rows(batch, state.global_step, max(logged, shown))
+            if path is not None and logged:
+                text = "".join(json.dumps(row, default=str) + "\n" for row in rows[:logged])
+                with path.open("a", encoding="utf-8") as handle:
+                    handle.write(text)
+                    handle.flush()
+            if show is not None and shown:
+                show(state.global_step, rows[:shown])
+
+    return CompletionsLog()

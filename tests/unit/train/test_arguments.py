@@ -480,3 +480,13 @@ def test_evaluation_batches_and_generations_reach_trl(tmp_path) -> None:
     assert (args.num_generations_eval, args.per_device_eval_batch_size) == (4, 8)
     with pytest.raises(UsageError, match="--num-generations-eval 2 has no effect with --algo dpo"):
         train_config(tmp_path, algo="dpo", eval_dataset="e", num_generations_eval=2).validate()
+
+
+@pytest.mark.parametrize("option", ["log_completions", "print_completions"])
+def test_the_completion_logs_are_refused_for_fixed_data(tmp_path, option) -> None:
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(UsageError, match=f"^{flag} 2 has no effect with --algo dpo"):
+        train_config(tmp_path, algo="dpo", **{option: 2}).validate()
+    train_config(tmp_path, algo="grpo", **{option: 2}).validate()
+    with pytest.raises(OmoError, match=flag):
+        train_config(tmp_path, algo="grpo", **{option: -1}).validate()

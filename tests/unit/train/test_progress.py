@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from omotool.train.progress import MISSING, metric_text, progress_callback
+from omotool.train.progress import MISSING, completions_table, metric_text, progress_callback
 
 
 def description_after(logs: dict) -> str:
@@ -44,3 +44,18 @@ def test_metric_text() -> None:
     assert metric_text(None) == MISSING
     assert [metric_text(v) for v in (math.nan, math.inf, -math.inf)] == ["nan", "inf", "-inf"]
     assert metric_text("text") == "text" and metric_text(True) == "True"
+
+
+def test_the_completions_table_shows_each_reward_and_the_advantage() -> None:
+    rows = [
+        {"prompt": "pick [1]", "completion": "1", "rewards": {"exact": 1.0, "model": None},
+         "advantage": 0.5},
+        {"prompt": [{"role": "user", "content": "say 2"}], "completion": "[b]2",
+         "rewards": {"exact": 0.0, "model": 0.25}, "advantage": -0.5},
+    ]  # fmt: skip
+    console = Console(file=io.StringIO(), width=100)
+    console.print(completions_table(7, rows))
+    text = console.file.getvalue()
+    assert "completions at step 7" in text
+    assert all(word in text for word in ("pick [1]", "say 2", "[b]2", "exact", "model", "-0.5"))
+    assert MISSING in text  # the reward that did not apply

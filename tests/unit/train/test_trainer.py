@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict, deque
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,6 +18,7 @@ from omotool.train.trainer import (
     ZERO_SPREAD_KEY,
     ZERO_SPREAD_WARN_AFTER,
     attach_zero_runs,
+    completions_callback,
     metrics_callback,
     online_merging_trainer,
 )
@@ -132,3 +134,62 @@ def test_some_reward_spread_is_not_warned_about(tmp_path, recwarn) -> None:
     offline = _log_lines(tmp_path / "dpo.jsonl", {"loss": 0.3})  # no such metric: no count
     offline.on_train_end(None, None, None)
     assert ZERO_SPREAD_KEY not in offline.last
+
+
+class SamplingTrainer:
+    """What ``completions_callback`` reads of TRL's GRPO/RLOO trainer: ``_logs``."""
+
+    def __init__(self) -> None:
+        self._logs: dict = {"prompt": deque(maxlen=4), "completion": deque(maxlen=4),
+                            "rewards": defaultdict(lambda: deque(maxlen=4)),
+                            "advantages": deque(maxlen=4)}  # fmt: skip
+
+    def sample(self, *rows: tuple) -> None:
+        for prompt, completion, exact, model, advantage in rows:
+            self._logs["prompt"].append(prompt)
+            self._logs["completion"].append(completion)
+            self._logs["rewards"]["exact"].append(exact)
+            self._logs["rewards"]["model"].append(model)
+            self._logs["advantages"].append(float(advantage))
+
+
+def test_completions_are_written_once_per_sampled_batch_up_to_the_bound(tmp_path) -> None:
+    trainer, path, shown = SamplingTrainer(), tmp_path / "completions.jsonl", []
+    callback = completions_callback(trainer, path, 3, show=lambda *a: shown.append(a), shown=1)
+
+    def log(step: int, **logs: float) -> None:
+        state = SimpleNamespace(is_world_process_zero=True, global_step=step)
+        callback.on_log(None, state, None, logs=logs or {"loss": 0.1})
+
+    log(1)  # nothing sampled yet
+    trainer.sample(("p", "1", 1.0, math.nan, 0.5), ("p", "2", 0.0, math.inf, -0.5),
+                   ("q", "", 0.0, 2.0, 0.0), ("q", "3", 0.0, 1.0, 0.0))  # fmt: skip
+    log(2)
+    log(3)  # the same batch (--num-iterations 2): not again
+    trainer.sample(("e", "e", 1.0, 1.0, 1.0))
+    log(3, eval_loss=0.2)  # evaluation: not written
+    log(4)  # still evaluation's completions
+    trainer.sample(*[("r", "4", 1.0, 0.5, 0.25)] * 4)
+    log(5)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]  # strict JSON
+    assert lines[:3] == [
+        {"step": 2, "prompt": "p", "completion": "1", "rewards": {"exact": 1.0, "model": None},
+         "advantage": 0.5},
+        {"step": 2, "prompt": "p", "completion": "2", "rewards": {"exact": 0.0, "model": None},
+         "advantage": -0.5},
+        {"step": 2, "prompt": "q", "completion": "", "rewards": {"exact": 0.0, "model": 2.0},
+         "advantage": 0.0},
+    ]  # fmt: skip
+    assert [line["step"] for line in lines] == [2, 2, 2, 5, 5, 5]
+    assert [(step, [row["completion"] for row in rows]) for step, rows in shown] == [
+        (2, ["1"]), (5, ["4"])
+    ]  # fmt: skip
+
+
+def test_completions_are_not_written_when_off(tmp_path) -> None:
+    trainer, path = SamplingTrainer(), tmp_path / "completions.jsonl"
+    trainer.sample(("p", "1", 1.0, 1.0, 0.5))
+    callback = completions_callback(trainer, path, 0)
+    callback.on_log(None, SimpleNamespace(is_world_process_zero=True, global_step=1), None,
+                    logs={"loss": 0.1})  # fmt: skip
+    assert not path.exists()
