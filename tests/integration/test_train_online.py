@@ -23,7 +23,7 @@ from omotool.errors import InputError
 from omotool.eval.reward_model import _render, rewards
 from omotool.eval.scoring import encode_pair, token_logprobs
 from omotool.tiny_models import build_model, build_tokenizer, model_config, save_model
-from omotool.train.rewards import RewardError, reward_model_function
+from omotool.train.rewards import RewardError, load_reward, parse_rewards, reward_model_function
 from omotool.train.runner import TrainConfig, run_training
 from tests.integration.test_train import assert_same_model, start_worker, wait_for
 
@@ -113,8 +113,8 @@ def online(half_solver, data: Path, out: Path, **options) -> TrainConfig:
     return TrainConfig(**(values | options))
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def records(out: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
 
 
 REWARD_FILE = '''
@@ -283,6 +283,8 @@ def test_sigkill_then_resume_is_bit_identical(half_solver, prompts, tmp_path) ->
     rewards_whole = [r["reward"] for r in records(Path(whole.out)) if "reward" in r]
     rewards_resumed = [r["reward"] for r in records(Path(killed.out)) if "reward" in r]
     assert rewards_resumed == rewards_whole  # the same completions were sampled
+    completions = [records(Path(run.out), "completions.jsonl") for run in (whole, killed)]
+    assert completions[1] == completions[0]  # steps past the checkpoint written once
 
 
 def test_the_tiny_grpo_recipe_runs(cli, llama_pair, tmp_path) -> None:
@@ -376,3 +378,25 @@ def test_evaluation_with_16_generations(half_solver, prompts, tmp_path, evaluati
     assert run_training(config).steps == 1
     evaluated = [r for r in records(tmp_path / "run") if "eval_reward" in r]
     assert len(evaluated) == 1 and 0 <= evaluated[0]["eval_reward"] <= 1
+
+
+def test_completions_are_logged_with_each_rewards_value(
+    half_solver, prompts, tmp_path, capsys
+) -> None:
+    config = online(
+        half_solver, prompts, tmp_path / "run", reward=["exact", "regex"], reward_pattern="([0-9])",
+        max_steps=2, log_completions=6, print_completions=2,
+    )  # fmt: skip
+    run_training(config)
+    rows = records(tmp_path / "run", "completions.jsonl")
+    assert [row["step"] for row in rows] == [1] * 6 + [2] * 6  # 6 of the 8 completions a step
+    exact, regex = (
+        load_reward(spec, pattern="([0-9])") for spec in parse_rewards(["exact", "regex"])
+    )
+    for row in rows:
+        assert set(row) == {"step", "prompt", "completion", "rewards", "advantage"}
+        assert row["prompt"] in PROMPTS and isinstance(row["advantage"], float)
+        kwargs = dict(prompts=[row["prompt"]], completions=[row["completion"]], reference=["1"])
+        assert row["rewards"] == {"exact": exact(**kwargs)[0], "regex": regex(**kwargs)[0]}
+    shown = capsys.readouterr().err  # --print-completions 2: a table a step, on stderr
+    assert "completions at step 1" in shown and "completions at step 2" in shown
