@@ -346,6 +346,8 @@ def test_a_reward_that_never_applies_runs_with_a_bar_and_a_summary(
     result = run_training(config, callbacks=[progress_callback(terminal)])  # TRL logs None
     assert result.steps == 2 and result.metrics["reward"] is None
     assert all(r["reward"] is None for r in records(tmp_path / "lib") if "reward" in r)
+    logged = records(tmp_path / "lib", "completions.jsonl")
+    assert logged and all(r["rewards"] == {"not_applicable": None} for r in logged)
     shown = train_cli(cli, half_solver, prompts, tmp_path / "cli", "grpo",
                       f"{unusual_rewards}:not_applicable", steps=1)  # fmt: skip
     assert re.search(r"reward\s+│ –", shown) and "internal error" not in shown
