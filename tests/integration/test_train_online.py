@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -19,12 +20,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
 
-from omotool.errors import InputError
+from omotool.errors import InputError, UsageError
 from omotool.eval.reward_model import _render, rewards
 from omotool.eval.scoring import encode_pair, token_logprobs
 from omotool.tiny_models import build_model, build_tokenizer, model_config, save_model
 from omotool.train.rewards import RewardError, reward_model_function
-from omotool.train.runner import TrainConfig, run_training
+from omotool.train.runner import CONFIG_FILE, TrainConfig, run_training
 from tests.integration.test_train import assert_same_model, start_worker, wait_for
 
 PROMPTS = [f"pick {a} or {b} ?" for a in "abcd" for b in "wxyz"]
@@ -283,6 +284,42 @@ def test_sigkill_then_resume_is_bit_identical(half_solver, prompts, tmp_path) ->
     rewards_whole = [r["reward"] for r in records(Path(whole.out)) if "reward" in r]
     rewards_resumed = [r["reward"] for r in records(Path(killed.out)) if "reward" in r]
     assert rewards_resumed == rewards_whole  # the same completions were sampled
+
+
+def resumed_copy(run: Path, folder: Path, newest: int) -> Path:
+    """A copy of the finished ``run`` whose newest checkpoint is checkpoint-``newest``."""
+    shutil.copytree(run, folder)
+    saved = folder / CONFIG_FILE  # the run's settings, --out included
+    saved.write_text(saved.read_text().replace(str(run), str(folder)))
+    for path in folder.glob("checkpoint-*"):
+        if int(path.name.split("-")[1]) > newest:
+            shutil.rmtree(path)
+    return folder
+
+
+def test_resume_with_two_iterations_is_exact_at_a_generation_boundary(
+    half_solver, prompts, tmp_path
+) -> None:
+    """With --num-iterations 2, TRL samples every 2 steps and keeps the completions in memory,
+    which no checkpoint holds: from checkpoint-2 the resumed run is the uninterrupted one (the
+    same parameters, the same rewards); from checkpoint-3 it would sample anew and end
+    elsewhere, so it is refused before anything loads, naming the checkpoint to resume from."""
+    whole = online(half_solver, prompts, tmp_path / "whole", num_iterations=2, max_steps=4,
+                   save_steps=1)  # fmt: skip
+    run_training(whole)
+    boundary = resumed_copy(Path(whole.out), tmp_path / "from2", newest=2)
+    result = run_training(dataclasses.replace(whole, out=str(boundary), resume=True))
+    assert result.resumed_from.endswith("checkpoint-2") and result.steps == 4
+    assert_same_model(boundary, Path(whole.out))
+    rewards_whole = [r["reward"] for r in records(Path(whole.out)) if "reward" in r]
+    assert [r["reward"] for r in records(boundary) if "reward" in r] == rewards_whole
+    inside = resumed_copy(Path(whole.out), tmp_path / "from3", newest=3)
+    with pytest.raises(
+        UsageError,
+        match="checkpoint-3 lies inside a generation buffer of 2 "
+        r"steps .* Resume from checkpoint-2 .* multiples of 2 with --save-steps",
+    ):
+        run_training(dataclasses.replace(whole, out=str(inside), resume=True))
 
 
 def test_the_tiny_grpo_recipe_runs(cli, llama_pair, tmp_path) -> None:
