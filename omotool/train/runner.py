@@ -269,7 +269,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(config.model)
     metrics = metrics_callback(metrics_path)
-    interrupt = Interrupt()
+    interrupt = Interrupt(every=generation_buffer_steps(arguments))  # a resumable checkpoint
     trainer_class = online_merging_trainer(
         algorithm.trainer_class(), tau, **optimizer_options(config)
     )
