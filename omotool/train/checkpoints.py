@@ -36,10 +36,14 @@ def rotate_checkpoints(output: Path, limit: int | None) -> None:
 
 
 class Interrupt:
-    """Ctrl-C ends the run at the next step boundary with a checkpoint; twice, at once."""
+    """Ctrl-C ends the run at the next step boundary with a checkpoint; twice, at once.
 
-    def __init__(self) -> None:
+    ``every``: the run stops only at a step that is a multiple of it (GRPO/RLOO's generation
+    buffer, ``runner.generation_buffer_steps``), so that its checkpoint can be resumed from."""
+
+    def __init__(self, every: int = 1) -> None:
         self.requested = False
+        self.every = every
 
     def handler(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -53,7 +57,7 @@ class Interrupt:
 
         class StopAndSave(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-                if interrupt.requested:
+                if interrupt.requested and state.global_step % interrupt.every == 0:
                     control.should_save = True
                     control.should_training_stop = True
 

@@ -240,7 +240,8 @@ class TrainOptions:
     )  # fmt: skip
     max_steps: int = _opt(-1, "Optimizer steps; -1: as --epochs give.", RUN, trl=("max_steps",))
     batch_size: int = _opt(
-        1, "Examples per device per micro-batch.", RUN, bounds=at_least(1),
+        1, "Examples per device per micro-batch (grpo, rloo: completions; × processes × "
+        "--grad-accum must be a multiple of --num-generations).", RUN, bounds=at_least(1),
         trl=("per_device_train_batch_size",),
     )  # fmt: skip
     eval_batch_size: int = _opt(
@@ -252,7 +253,8 @@ class TrainOptions:
         trl=("gradient_accumulation_steps",),
     )  # fmt: skip
     save_steps: int = _opt(
-        0, "Checkpoint every N steps; 0: none.", RUN, bounds=at_least(0),
+        0, "Checkpoint every N steps; 0: none (--num-iterations above 1: --resume needs a "
+        "checkpoint at a multiple of the generation buffer's steps).", RUN, bounds=at_least(0),
         trl=("save_strategy", "save_steps"),
     )  # fmt: skip
     save_total_limit: int | None = _opt(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import shutil
 import signal
@@ -145,6 +146,42 @@ def resume_point(config: TrainConfig, output: Path) -> Path:
     return found[-1]
 
 
+def generation_buffer_steps(arguments: Any) -> int:
+    """Optimizer steps one batch of sampled completions lasts: 1 but for GRPO/RLOO.
+
+    TRL's online trainers sample every ``G = steps_per_generation × num_iterations`` micro-batches
+    and keep the completions in memory, which a checkpoint does not hold; optimizer step N ends
+    at micro-batch N × grad_accum, so the buffer is full again at N a multiple of
+    G / gcd(G, grad_accum)."""
+    if getattr(arguments, "steps_per_generation", None) is None:
+        return 1  # the DPO family samples nothing
+    sampled_every = arguments.steps_per_generation * (arguments.num_iterations or 1)
+    return sampled_every // math.gcd(sampled_every, arguments.gradient_accumulation_steps)
+
+
+def check_generation_boundary(start: Path, output: Path, arguments: Any) -> None:
+    """Refuse to resume from a checkpoint saved while completions were buffered: TRL would
+    sample new ones where the run never stopped would have reused them, and end elsewhere."""
+    steps = generation_buffer_steps(arguments)
+    step = int(CHECKPOINT.match(start.name).group(1))
+    if step % steps == 0:
+        return
+    earlier = [
+        p for p in checkpoints(output) if int(CHECKPOINT.match(p.name).group(1)) % steps == 0
+    ]
+    instead = (
+        f"resume from {earlier[-1].name} (move the newer checkpoints out of {output})"
+        if earlier
+        else "start again"
+    )
+    raise UsageError(
+        f"{start.name} lies inside a generation buffer of {steps} steps (num_iterations × "
+        f"steps_per_generation / grad_accum): resuming there would sample new completions and "
+        f"not continue the run. {instead[0].upper() + instead[1:]}, or save at multiples of "
+        f"{steps} with --save-steps."
+    )
+
+
 # -- the run ---------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -191,6 +228,8 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     if start is not None:
         check_deepspeed_resume(config, start)
     arguments = trl_arguments(config, output)  # TRL's own checks, before any data or model
+    if start is not None:
+        check_generation_boundary(start, output, arguments)
     if config.deepspeed:
         init_deepspeed_comm()
     with _loading(config.model):  # its config.json: a wrong --model fails before anything runs
@@ -234,7 +273,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(config.model)
     metrics = metrics_callback(metrics_path)
-    interrupt = Interrupt()
+    interrupt = Interrupt(every=generation_buffer_steps(arguments))  # a resumable checkpoint
     trainer_class = online_merging_trainer(
         algorithm.trainer_class(), tau, **optimizer_options(config)
     )

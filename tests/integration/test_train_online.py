@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -19,12 +20,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
 
-from omotool.errors import InputError
+from omotool.errors import InputError, UsageError
 from omotool.eval.reward_model import _render, rewards
 from omotool.eval.scoring import encode_pair, token_logprobs
-from omotool.tiny_models import build_model, build_tokenizer, model_config, save_model
+from omotool.tiny_models import (
+    build_model,
+    build_pair,
+    build_tokenizer,
+    model_config,
+    save_model,
+)
 from omotool.train.rewards import RewardError, load_reward, parse_rewards, reward_model_function
-from omotool.train.runner import TrainConfig, run_training
+from omotool.train.runner import CONFIG_FILE, TrainConfig, run_training
 from tests.integration.test_train import assert_same_model, start_worker, wait_for
 
 PROMPTS = [f"pick {a} or {b} ?" for a in "abcd" for b in "wxyz"]
@@ -287,18 +294,61 @@ def test_sigkill_then_resume_is_bit_identical(half_solver, prompts, tmp_path) ->
     assert completions[1] == completions[0]  # steps past the checkpoint written once
 
 
-def test_the_tiny_grpo_recipe_runs(cli, llama_pair, tmp_path) -> None:
-    base, sft = llama_pair
+def resumed_copy(run: Path, folder: Path, newest: int) -> Path:
+    """A copy of the finished ``run`` whose newest checkpoint is checkpoint-``newest``."""
+    shutil.copytree(run, folder)
+    saved = folder / CONFIG_FILE  # the run's settings, --out included
+    saved.write_text(saved.read_text().replace(str(run), str(folder)))
+    for path in folder.glob("checkpoint-*"):
+        if int(path.name.split("-")[1]) > newest:
+            shutil.rmtree(path)
+    return folder
+
+
+def test_resume_with_two_iterations_is_exact_at_a_generation_boundary(
+    half_solver, prompts, tmp_path
+) -> None:
+    """With --num-iterations 2, TRL samples every 2 steps and keeps the completions in memory,
+    which no checkpoint holds: from checkpoint-2 the resumed run is the uninterrupted one (the
+    same parameters, the same rewards); from checkpoint-3 it would sample anew and end
+    elsewhere, so it is refused before anything loads, naming the checkpoint to resume from."""
+    whole = online(half_solver, prompts, tmp_path / "whole", num_iterations=2, max_steps=4,
+                   save_steps=1)  # fmt: skip
+    run_training(whole)
+    boundary = resumed_copy(Path(whole.out), tmp_path / "from2", newest=2)
+    result = run_training(dataclasses.replace(whole, out=str(boundary), resume=True))
+    assert result.resumed_from.endswith("checkpoint-2") and result.steps == 4
+    assert_same_model(boundary, Path(whole.out))
+    rewards_whole = [r["reward"] for r in records(Path(whole.out)) if "reward" in r]
+    assert [r["reward"] for r in records(boundary) if "reward" in r] == rewards_whole
+    inside = resumed_copy(Path(whole.out), tmp_path / "from3", newest=3)
+    with pytest.raises(
+        UsageError,
+        match="checkpoint-3 lies inside a generation buffer of 2 "
+        r"steps .* Resume from checkpoint-2 .* multiples of 2 with --save-steps",
+    ):
+        run_training(dataclasses.replace(whole, out=str(inside), resume=True))
+
+
+def test_the_tiny_grpo_recipe_learns_on_the_quickstart_models(cli, tmp_path) -> None:
+    """The recipe on the models ``make quickstart`` builds (scripts/make_tiny_models.py), 4 of
+    its 8 steps: its reward differs among a prompt's completions (TRL's frac_reward_zero_std
+    below 1) and the policy moves (gradient and update norms above 0), on every step. Whether
+    the mean reward rises is not asserted: 8 completions a step make it too noisy to say."""
+    base, sft = build_pair(tmp_path / "quickstart", arch="llama", hidden_size=64, layers=2)
     recipe = Path(__file__).parents[2] / "recipes" / "train" / "tiny-grpo-onties.yaml"
     cli("delta", base, sft, "-o", tmp_path / "tau")
     out = tmp_path / "grpo"
     cli(
         "train", "--config", recipe, "--set", f"model={sft}", "--set",
-        f"task_vector={tmp_path / 'tau'}", "--set", f"out={out}", "--set", "max_steps=2",
+        f"task_vector={tmp_path / 'tau'}", "--set", f"out={out}", "--set", "max_steps=4",
         "--set", "save_steps=0",
     )  # fmt: skip
-    assert "rewards/last_number/mean" in records(out)[0]
-    assert json.loads((out / "omotool.json").read_text())["steps"] == 2
+    steps = [r for r in records(out) if "reward" in r]
+    assert len(steps) == 4 and "rewards/has_lowercase_letter/mean" in steps[0]
+    assert all(r["frac_reward_zero_std"] < 1 for r in steps)
+    assert all(r["grad_norm"] > 0 and r["merge/update_norm"] > 0 for r in steps)
+    assert json.loads((out / "omotool.json").read_text())["steps"] == 4
 
 
 UNUSUAL_REWARDS = """

@@ -376,6 +376,9 @@ def test_command_line_refuses_a_merge_option_adamw_does_not_read(cli, tmp_path) 
          r"--batch-size 8 × 1 process\(es\) × --grad-accum 1 = 8 completions, not a multiple "
          "of 3"),
         (dict(algo="rloo", batch_size=3), "--num-generations 2 .* = 3 completions"),
+        (dict(algo="grpo", batch_size=1),  # --batch-size's default: the fix is in the message
+         r"= 1 completions, not a multiple of 8: make the product a multiple \(e.g. "
+         r"--batch-size 8\)"),
         (dict(algo="grpo", num_generations=1, batch_size=1),
          "--num-generations must be at least 2"),
         (dict(algo="grpo", beta=-0.1), "--beta must be >= 0"),

@@ -71,3 +71,10 @@ def test_every_merge_option_reaches_the_optimizer_under_its_name() -> None:
     keywords = inspect.signature(OnlineMergingAdamW).parameters
     for name in DECLARED:
         assert name in keywords and given[name] == default_of(MergeFields, name)
+
+
+def test_batch_size_help_says_online_algorithms_count_completions() -> None:
+    """TRL's ``per_device_train_batch_size`` counts completions for GRPO and RLOO, not prompts."""
+    help = train_options()["batch_size"].help
+    assert "completions" in help and "--num-generations" in help
+    assert "--resume" in train_options()["save_steps"].help
