@@ -29,7 +29,7 @@ ISSUE = re.compile(
 )
 DEVELOPMENT = re.compile(  # words about how the project is made, not about the tool
     r"\bthis project\b|\bsessions?\b|\bwe (?:built|added|made|tried|found)\b|\bby us\b"
-    r"|\bdevelopment machine\b",
+    r"|\bdevelopment machine\b|\bworkplace\b",
     re.IGNORECASE,
 )
 
