@@ -45,7 +45,7 @@ _UNITS = {
 }
 
 
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def parse_size(text: str | int) -> int:
@@ -161,7 +161,7 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    options = union_members(hint)
     if value is None and type(None) in options:
         return None
     if type(None) in options and str not in options and str(value).lower() in ("none", "null"):
@@ -181,7 +181,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if option is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        if option is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads 5e-7 (no dot) as a string
         if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -189,8 +189,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise UsageError(f"option {key.replace('_', '-')!r} must be {names}, got {value!r}.")
 
 
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+def union_members(hint: Any) -> tuple[Any, ...]:
+    """The types a hint allows: a union's members (``float | None``: float, NoneType), or the
+    hint itself."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
 
 
 def _is_mapping(hint: Any) -> bool:
@@ -321,7 +325,7 @@ def check_types(config: Any) -> None:
     for name, hint in typing.get_type_hints(type(config)).items():
         if name not in declared(config):
             continue
-        kinds = typing.get_args(hint) if _is_union(hint) else (hint,)
+        kinds = union_members(hint)
         value = getattr(config, name)
         if not all(kind in (int, float, str, bool, type(None)) for kind in kinds):
             continue  # lists and others: not checked here
@@ -384,8 +388,7 @@ def command_parameters(cls: Any) -> list[inspect.Parameter]:
 def _command_line_type(hint: Any, option: Option) -> tuple[Any, str | None]:
     """The type Typer parses and the metavar shown: lists of numbers and options that take
     ``none`` are read as text (``build_config`` converts them), everything else as declared."""
-    options = [o for o in (typing.get_args(hint) if _is_union(hint) else (hint,)) if o is not
-               type(None)]  # fmt: skip
+    options = [o for o in union_members(hint) if o is not type(None)]
     if option.none:
         return str, f"<{options[0].__name__}|none>"
     if any(_is_mapping(item) for item in options):  # a repeated KEY=VALUE (parse_mapping)

@@ -20,7 +20,7 @@ import typing
 import warnings
 from typing import Any
 
-from omotool.config import _FLOAT, _is_union, flag, parse_mapping
+from omotool.config import FLOAT_TEXT, flag, parse_mapping, union_members
 from omotool.errors import UsageError
 from omotool.train.algorithms import ALGORITHMS
 from omotool.train.options import trl_owner
@@ -91,7 +91,7 @@ def field_value(config_class: type, name: str, value: Any) -> Any:
     hint = _field_types(config_class).get(name, Any)
     converted = _convert(value, hint)
     if converted is _MISMATCH:
-        texts = str in (typing.get_args(hint) if _is_union(hint) else (hint,))
+        texts = str in (union_members(hint))
         quote = " (quote it to pass a text)" if texts and value is not None else ""
         raise UsageError(
             f"--trl {name}: {config_class.__name__}.{name} is {_type_name(hint)}, got "
@@ -115,7 +115,7 @@ def _convert(value: Any, hint: Any) -> Any:
     """``value`` as one of ``hint``'s types: first as is (strict), then converted."""
     if hint is Any or isinstance(hint, str):
         return value
-    kinds = typing.get_args(hint) if _is_union(hint) else (hint,)
+    kinds = union_members(hint)
     if type(None) in kinds and str not in kinds and str(value).lower() in ("none", "null"):
         return None  # e.g. --trl steps_per_generation=none
     for strict in (True, False):
@@ -157,7 +157,7 @@ def _as(value: Any, kind: Any, strict: bool) -> Any:
     if kind is float:
         if isinstance(value, float) or (number and not strict):
             return float(value)
-        if not strict and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        if not strict and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads 5e-7 (no dot) as a text
         return _MISMATCH
     if kind is str:
