@@ -95,8 +95,6 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
             equations are in ``omotool.optim.functional``. An unknown keyword is refused.
     """
 
-    _zero_flats: dict[int, ZeroFlat] = {}  # by id(flat): set by attach_zero_runs, never changed
-
     @takes_merge_options
     def __init__(
         self,
@@ -122,6 +120,7 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.nan_policy = nan_policy
         self.master_weights = master_weights
+        self._zero_flats: dict[int, ZeroFlat] = {}  # by id(flat): set by attach_zero_runs
         if backend not in BACKENDS:
             raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
         self.backend = backend
