@@ -201,12 +201,11 @@ def check_rewards(config: TrainConfig) -> None:
         )
     generations = config.num_generations or trl_default(config.algo, "num_generations")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    completions = config.batch_size * processes * config.grad_accum
+    held, completions = generation_batch(config, processes)
     if completions % generations:
         raise UsageError(
             f"--algo {config.algo} samples --num-generations {generations} completions per "
-            f"prompt, but a step holds --batch-size {config.batch_size} × {processes} "
-            f"process(es) × --grad-accum {config.grad_accum} = {completions} completions, not a "
+            f"prompt, but a generation holds {held} = {completions} completions, not a "
             f"multiple of {generations}: make the product a multiple (e.g. --batch-size "
             f"{generations}), or change --num-generations."
         )
@@ -220,6 +219,27 @@ def check_rewards(config: TrainConfig) -> None:
             f"of {evaluated}: set --eval-batch-size {evaluated} (or a multiple), or "
             "--num-generations-eval to a divisor."
         )
+
+
+def generation_batch(config: TrainConfig, processes: int) -> tuple[str, int]:
+    """TRL's generation batch: the completions sampled together, which must hold whole groups
+    of ``num_generations``. It is ``--trl generation_batch_size`` if given, else
+    ``--batch-size × processes × steps_per_generation``, where ``steps_per_generation``
+    (``--trl``) defaults to ``--grad-accum`` (GRPOConfig/RLOOConfig ``__post_init__``).
+    Returns how it is made (for messages) and its size."""
+    trl = trl_passthrough(config.algo, config.trl)
+    if trl.get("generation_batch_size") is not None:
+        size = trl["generation_batch_size"]
+        return f"--trl generation_batch_size {size}", size
+    steps = trl.get("steps_per_generation")
+    factor = (
+        f"--grad-accum {config.grad_accum}"
+        if steps is None
+        else f"--trl steps_per_generation {steps}"
+    )
+    steps = config.grad_accum if steps is None else steps
+    made = f"--batch-size {config.batch_size} × {processes} process(es) × {factor}"
+    return made, config.batch_size * processes * steps
 
 
 def check_algorithm_options(config: TrainConfig) -> None:

@@ -404,6 +404,36 @@ def test_grpo_takes_zero_beta_and_several_processes_count(tmp_path, monkeypatch)
     config.validate()
 
 
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        (dict(grad_accum=1, trl={"steps_per_generation": 2}), None),  # 4 × 2: one group
+        (dict(grad_accum=2, trl={"steps_per_generation": 1}),
+         r"a generation holds --batch-size 4 × 1 process\(es\) × --trl steps_per_generation 1 "
+         "= 4 completions, not a multiple of 8"),
+        (dict(grad_accum=2), None),  # steps_per_generation defaults to --grad-accum
+        (dict(trl={"generation_batch_size": 16}), None),
+        (dict(trl={"generation_batch_size": 12}),
+         "a generation holds --trl generation_batch_size 12 = 12 completions, not a multiple"),
+    ],
+)  # fmt: skip
+def test_the_group_check_counts_a_generation_as_trl_does(tmp_path, options, refusal) -> None:
+    """TRL samples ``--batch-size × processes × steps_per_generation`` completions at once
+    (or ``generation_batch_size``), and that must hold whole groups: with --trl
+    steps_per_generation the step's own batch (× --grad-accum) is not what counts."""
+    config = train_config(tmp_path, algo="grpo", num_generations=8, batch_size=4, **options)
+    if refusal is None:
+        config.validate()
+        arguments = trl_arguments(config, tmp_path)  # TRL agrees
+        assert arguments.generation_batch_size % 8 == 0
+        return
+    with pytest.raises(UsageError, match=refusal):
+        config.validate()
+    with pytest.raises(UsageError, match="must be divisible by num_generations"):
+        trl_arguments(train_config(tmp_path, algo="grpo", num_generations=8, batch_size=4,
+                                   **options), tmp_path)  # fmt: skip
+
+
 def test_reward_options_on_the_command_line(cli, tmp_path) -> None:
     result = cli(
         "train", "--model", "m", "--dataset", "d", "-o", tmp_path / "o", "--algo", "grpo",
