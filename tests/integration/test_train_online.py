@@ -20,6 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
 
+from omotool.config import build_config, load_recipe
 from omotool.errors import InputError, UsageError
 from omotool.eval.reward_model import _render, rewards
 from omotool.eval.scoring import encode_pair, token_logprobs
@@ -30,8 +31,11 @@ from omotool.tiny_models import (
     model_config,
     save_model,
 )
+from omotool.train.arguments import TRL_VALUES, trl_arguments
+from omotool.train.options import train_options
 from omotool.train.rewards import RewardError, load_reward, parse_rewards, reward_model_function
 from omotool.train.runner import CONFIG_FILE, TrainConfig, run_training
+from tests.conftest import Cli
 from tests.integration.test_train import assert_same_model, start_worker, wait_for
 
 PROMPTS = [f"pick {a} or {b} ?" for a in "abcd" for b in "wxyz"]
@@ -330,25 +334,108 @@ def test_resume_with_two_iterations_is_exact_at_a_generation_boundary(
         run_training(dataclasses.replace(whole, out=str(inside), resume=True))
 
 
-def test_the_tiny_grpo_recipe_learns_on_the_quickstart_models(cli, tmp_path) -> None:
+RECIPES = Path(__file__).parents[2] / "recipes" / "train"
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory) -> tuple[Path, Path]:
+    """(SFT, task vector) of the models ``make quickstart`` builds (scripts/make_tiny_models.py)."""
+    folder = tmp_path_factory.mktemp("quickstart")
+    base, sft = build_pair(folder, arch="llama", hidden_size=64, layers=2)
+    Cli()("delta", base, sft, "-o", folder / "tau")
+    return sft, folder / "tau"
+
+
+def run_tiny_recipe(cli, quickstart, name: str, out: Path, **settings) -> dict:
+    """``omotool train --config recipes/train/NAME`` on the quickstart's models into ``out``;
+    returns the recipe's values with the ``--set`` ones applied (what the run was asked)."""
+    sft, tau = quickstart
+    overrides = dict(model=str(sft), task_vector=str(tau), out=str(out), **settings)
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    cli("train", "--config", RECIPES / name, *sets)
+    return load_recipe(RECIPES / name) | overrides
+
+
+def test_the_tiny_grpo_recipe_learns_on_the_quickstart_models(cli, quickstart, tmp_path) -> None:
     """The recipe on the models ``make quickstart`` builds (scripts/make_tiny_models.py), 4 of
     its 8 steps: its reward differs among a prompt's completions (TRL's frac_reward_zero_std
     below 1) and the policy moves (gradient and update norms above 0), on every step. Whether
     the mean reward rises is not asserted: 8 completions a step make it too noisy to say."""
-    base, sft = build_pair(tmp_path / "quickstart", arch="llama", hidden_size=64, layers=2)
-    recipe = Path(__file__).parents[2] / "recipes" / "train" / "tiny-grpo-onties.yaml"
-    cli("delta", base, sft, "-o", tmp_path / "tau")
     out = tmp_path / "grpo"
-    cli(
-        "train", "--config", recipe, "--set", f"model={sft}", "--set",
-        f"task_vector={tmp_path / 'tau'}", "--set", f"out={out}", "--set", "max_steps=4",
-        "--set", "save_steps=0",
-    )  # fmt: skip
+    run_tiny_recipe(cli, quickstart, "tiny-grpo-onties.yaml", out, max_steps=4, save_steps=0)
     steps = [r for r in records(out) if "reward" in r]
     assert len(steps) == 4 and "rewards/has_lowercase_letter/mean" in steps[0]
     assert all(r["frac_reward_zero_std"] < 1 for r in steps)
     assert all(r["grad_norm"] > 0 and r["merge/update_norm"] > 0 for r in steps)
     assert json.loads((out / "omotool.json").read_text())["steps"] == 4
+
+
+# What makes each GRPO variant, as fields of TRL's GRPOConfig (the papers' choices, as the
+# recipes' comments give them); its recipes are recipes/train/{qwen2.5-1.5b,tiny}-NAME-onties.yaml.
+VARIANTS = {
+    "dapo": dict(loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
+                 mask_truncated_completions=True, beta=0.0),
+    "dr-grpo": dict(loss_type="dr_grpo", scale_rewards="none", beta=0.0),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4,
+                 epsilon_high=4e-4, beta=0.0),
+}  # fmt: skip
+
+
+def assert_reaches_trl(values: dict, arguments) -> None:
+    """Each of the recipe ``values`` that names a TRL field (an option's ``TrainOption.trl``
+    taken as is, or a ``trl:`` field) holds that value in the TRL config ``arguments``:
+    none dropped or changed on the way."""
+    options = train_options()
+    checked = []
+    for key, value in values.items():
+        if key == "trl":
+            fields = dict(value)
+        elif options[key].trl and key not in TRL_VALUES:
+            fields = dict.fromkeys(options[key].trl, value)
+            if key == "gradient_checkpointing":  # TRL/transformers name it one way or the other
+                fields = {name: value for name in fields if hasattr(arguments, name)}
+        else:
+            continue
+        for name, expected in fields.items():
+            assert getattr(arguments, name) == expected, (key, name, getattr(arguments, name))
+            checked.append(name)
+    assert checked
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_variant_recipes_reach_trls_config(variant, tmp_path) -> None:
+    """The full-size recipe and its tiny counterpart: the TRL config omotool builds from each
+    holds the variant's fields and every other value the recipe sets."""
+    for name in (f"qwen2.5-1.5b-{variant}-onties.yaml", f"tiny-{variant}-onties.yaml"):
+        values = load_recipe(RECIPES / name)
+        config = build_config(TrainConfig, values, {})
+        config.validate()
+        arguments = trl_arguments(config, tmp_path)
+        assert {field: getattr(arguments, field) for field in VARIANTS[variant]} == VARIANTS[
+            variant
+        ], name
+        assert_reaches_trl(values, arguments)
+
+
+@pytest.mark.slow  # 3 runs of 4 steps: about a minute
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_tiny_variant_recipes_learn(cli, quickstart, tmp_path, variant) -> None:
+    """Each tiny variant recipe, 4 steps through the command line: the TRL config the trainer
+    ran with (saved in the checkpoint) holds the variant's fields and the recipe's values, and
+    every step has a learning signal: rewards that differ within some prompt's completions
+    (frac_reward_zero_std below 1), a gradient and an update (norms above 0). A recipe whose
+    rewards never differ, or whose loss masks every completion, trains nothing and fails."""
+    out = tmp_path / variant
+    asked = run_tiny_recipe(cli, quickstart, f"tiny-{variant}-onties.yaml", out, max_steps=4,
+                            save_steps=4)  # fmt: skip
+    arguments = torch.load(out / "checkpoint-4" / "training_args.bin", weights_only=False)
+    assert {field: getattr(arguments, field) for field in VARIANTS[variant]} == VARIANTS[variant]
+    assert_reaches_trl(asked, arguments)
+    stepped = [r for r in records(out) if "grad_norm" in r]
+    sampled = [r for r in stepped if "reward" in r]  # (GSPO: every other step samples)
+    assert len(stepped) == 4 and sampled
+    assert all(r["frac_reward_zero_std"] < 1 for r in sampled)
+    assert all(r["grad_norm"] > 0 and r["merge/update_norm"] > 0 for r in stepped)
 
 
 UNUSUAL_REWARDS = """
