@@ -539,3 +539,22 @@ def test_completions_are_logged_with_each_rewards_value(
         assert row["rewards"] == {"exact": exact(**kwargs)[0], "regex": regex(**kwargs)[0]}
     shown = capsys.readouterr().err  # --print-completions 2: a table a step, on stderr
     assert "completions at step 1" in shown and "completions at step 2" in shown
+
+
+def test_rloo_completions_are_logged_with_their_leave_one_out_advantage(
+    half_solver, prompts, tmp_path
+) -> None:
+    """RLOO's rows: the first 4 completions of a step are one prompt's group (TRL samples a
+    prompt's completions together), each advantage its reward minus the mean of the other 3
+    (RLOO's baseline; --beta 0: no KL term in the reward)."""
+    config = online(half_solver, prompts, tmp_path / "run", algo="rloo", beta=0.0, max_steps=2,
+                    log_completions=4)  # fmt: skip
+    run_training(config)
+    rows = records(tmp_path / "run", "completions.jsonl")
+    assert [row["step"] for row in rows] == [1] * 4 + [2] * 4
+    for group in (rows[:4], rows[4:]):
+        assert len({row["prompt"] for row in group}) == 1
+        rewards = [row["rewards"]["exact"] for row in group]
+        for row, reward in zip(group, rewards, strict=True):
+            baseline = (sum(rewards) - reward) / 3
+            assert row["advantage"] == pytest.approx(reward - baseline, abs=1e-6)
