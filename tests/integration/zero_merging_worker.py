@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -77,6 +79,22 @@ def check(
         empty = torch.tensor([float(any(p.length == 0 and p.name for p in pieces))])
         dist.all_reduce(empty)
         assert empty.item() > 0, f"{label}: no rank takes part in a top-k with nothing held"
+    for step in steps_compared(engine, plain, unsharded, runs, label):
+        if (
+            stage < 3 and (step + 1) % online_step == 0
+        ):  # ZeRO-3 steps per sub-group: the last call's figures cover one only
+            kept = torch.tensor([float(optimizer.last_stats.kept)])
+            dist.all_reduce(kept)
+            assert kept.item() == float(unsharded.last_stats.kept), (label, step, kept.item())
+    engine.destroy()
+
+
+def steps_compared(
+    engine: Any, plain: torch.nn.Module, unsharded: torch.optim.Optimizer, runs: Any, label: str
+) -> Iterator[int]:
+    """``STEPS`` steps of ``engine`` and, on the same batch, of ``plain`` with ``unsharded``;
+    after each, every run of every flat partition must hold the unsharded parameter's elements
+    (to ``TOLERANCE``). Yields each step's index once it is checked."""
     for step in range(STEPS):
         ids = torch.randint(0, 11, (1, 4), generator=torch.Generator().manual_seed(step))
         engine.backward(engine(ids).square().mean())
@@ -94,13 +112,7 @@ def check(
                     **TOLERANCE,
                     msg=lambda m, r=run, s=step: f"{label} {r}, step {s}: {m}",
                 )
-        if (
-            stage < 3 and (step + 1) % online_step == 0
-        ):  # ZeRO-3 steps per sub-group: the last call's figures cover one only
-            kept = torch.tensor([float(optimizer.last_stats.kept)])
-            dist.all_reduce(kept)
-            assert kept.item() == float(unsharded.last_stats.kept), (label, step, kept.item())
-    engine.destroy()
+        yield step
 
 
 def main() -> None:
