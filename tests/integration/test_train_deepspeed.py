@@ -3,11 +3,14 @@
 ZeRO-1 in one process is the run without DeepSpeed bit for bit; ZeRO-2 and ZeRO-3 runs in 2
 processes with `--merge none` end where the same run in one process without DeepSpeed ends,
 save a model folder transformers loads, and a ZeRO-3 run resumed from its checkpoint ends
-bit-identical to the uninterrupted one. With `--merge dare` a ZeRO-3 run ends where the
-merging run in one process ends and resumes bit-exactly; with `--merge ties` a ZeRO-2 run ends
-where the 2-process run without DeepSpeed ends. `--merge none` under ZeRO-2 ends where TRL's
-own DPOTrainer with its default AdamW ends under the same config. (The first DeepSpeed use on
-a machine compiles a C++ communication op, about a minute, cached in ~/.cache/torch_extensions.)
+bit-identical to the uninterrupted one. With `--merge dare` ZeRO-1 and ZeRO-3 runs end where
+the merging run in one process ends (ZeRO-3 also resumes bit-exactly), and in bf16 under ZeRO-3
+where the bf16 run in one process ends, to the tolerances its test states; with `--merge ties`
+a ZeRO-2 run ends where the 2-process run without DeepSpeed ends, and killed by SIGKILL after a
+checkpoint and resumed it ends bit-identical. `--merge none` under ZeRO-2 ends where TRL's own
+DPOTrainer with its default AdamW ends under the same config. Only the main process prints the
+summary. (The first DeepSpeed use on a machine compiles a C++ communication op, about a minute,
+cached in ~/.cache/torch_extensions.)
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ SGD with momentum inside: elementwise, so the flat partitions step as the whole 
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
@@ -18,11 +17,9 @@ import torch
 import torch.distributed as dist
 
 from omotool.optim import OnlineMerging
-from omotool.optim.zero_runs import zero_runs
 
 sys.path.insert(0, os.path.dirname(__file__))
-from zero_merging_worker import named, steps_compared  # noqa: E402
-from zero_runs_worker import TinyModel  # noqa: E402
+from zero_merging_worker import named, sharded, steps_compared, tiny_model_pair  # noqa: E402
 
 MERGING = dict(reserve_p=0.3, alpha=0.3, tau_clip=None, seed=5)
 
@@ -32,26 +29,11 @@ def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def check(stage: int, method: str) -> None:
-    import deepspeed
-
     label = f"OnlineMerging(SGD) ZeRO-{stage} {method}"
-    torch.manual_seed(0)
-    model = TinyModel()
-    plain = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(1)
-    tau = {n: torch.randn(p.shape, generator=generator) * 0.05 for n, p in named(model)}
+    model, plain, tau = tiny_model_pair()
     unsharded = OnlineMerging(sgd(plain), tau, method=method, **MERGING)
     optimizer = OnlineMerging(sgd(model), tau, method=method, **MERGING)
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage, "sub_group_size": 40},  # ZeRO-3: 4 sub-groups
-        "zero_allow_untested_optimizer": True,
-        "gradient_clipping": 0.0,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    runs = zero_runs(engine, engine.module.named_parameters())
-    optimizer.attach_zero_runs(runs)
+    engine, runs = sharded(model, optimizer, stage)
     assert any(len(layout.ranks) > 1 for layout in runs.params.values()), label
     for _ in steps_compared(engine, plain, unsharded, runs, label):
         pass
