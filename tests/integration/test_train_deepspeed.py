@@ -299,7 +299,7 @@ def test_onties_under_zero2_killed_after_a_checkpoint_resumes_bit_exactly(
     command, env = torchrun(["-m", "omotool", "train", *command_line(killed)])
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(Path(killed.out) / "checkpoint-2", job)
+        wait_for(Path(killed.out) / "checkpoint-2", job, timeout=300)  # as launch allows
     finally:
         # torchrun starts each rank in a session of its own: kill torchrun and every rank.
         ranks = psutil.Process(job.pid).children(recursive=True)
