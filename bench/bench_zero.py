@@ -12,13 +12,13 @@ task vector ``τ = 1e-3·N(0, 1)`` of the same shapes. Three optimizers, all
 - ``ties``: OnTIES (``method="ties"``).
 
 **Sharded**: 2 CPU processes under torchrun (gloo, ``DS_ACCELERATOR=cpu``), one
-``deepspeed.initialize`` per optimizer with the ZeRO section of ``recipes/deepspeed/zero2.json``
-or ``zero3.json`` (its ``"auto"`` values left to DeepSpeed's defaults), fp32, no gradient
-clipping, and ``attach_zero_runs`` for every optimizer (``none`` included: the same partitions,
-the same per-run step). **Unsharded**: the same three optimizers on the whole model in one
-process. Every process uses one thread (``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``,
-``NUMBA_NUM_THREADS=1``), so a rank steps half the elements with what the unsharded process
-steps all of them with.
+``deepspeed.initialize`` per optimizer with the ZeRO section of the shipped ``--deepspeed
+zero2`` or ``zero3`` config in ``omotool/train/deepspeed_configs/`` (its ``"auto"`` values left
+to DeepSpeed's defaults), fp32, no gradient clipping, and ``attach_zero_runs`` for every
+optimizer (``none`` included: the same partitions, the same per-run step). **Unsharded**: the
+same three optimizers on the whole model in one process. Every process uses one thread
+(``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``, ``NUMBA_NUM_THREADS=1``), so a rank steps
+half the elements with what the unsharded process steps all of them with.
 
 Each round runs one step of every optimizer on the same batch (random token ids, batch 2 per
 process, length 32; forward and backward not timed), after ``--warmup`` untimed rounds. The
@@ -61,6 +61,7 @@ import socket  # noqa: E402
 import torch  # noqa: E402
 
 from omotool.optim import OnlineMergingAdamW  # noqa: E402
+from omotool.train.deepspeed import DEEPSPEED_CONFIGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("none", "dare", "ties")
@@ -150,7 +151,7 @@ def unsharded(args: argparse.Namespace) -> dict[str, Any]:
 def zero_config(stage: int) -> dict[str, Any]:
     """The ZeRO section of the shipped ``--deepspeed zero<stage>`` config, ``"auto"`` values
     left to DeepSpeed's defaults, for one fp32 micro-batch per step without clipping."""
-    shipped = json.loads((ROOT / "recipes" / "deepspeed" / f"zero{stage}.json").read_text())
+    shipped = json.loads((DEEPSPEED_CONFIGS / f"zero{stage}.json").read_text())
     zero = {k: v for k, v in shipped["zero_optimization"].items() if v != "auto"}
     return {
         "train_micro_batch_size_per_gpu": BATCH,

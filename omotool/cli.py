@@ -309,20 +309,24 @@ def train(
     """RLHF training (DPO, IPO, KTO, ..., GRPO, RLOO) on TRL with the online-merging optimizer."""
     from omotool.config import parse_overrides
     from omotool.train.algorithms import ALGORITHMS
-    from omotool.train.progress import progress_callback
+    from omotool.train.progress import is_main_process, progress_callback
     from omotool.train.runner import run_training
 
     cfg = _resolve(ctx, TrainConfig, config, parse_overrides(set_))
     _quiet_libraries()
     shown = [] if json_output or not stderr.is_terminal else [progress_callback(stderr)]
     result = run_training(cfg, callbacks=shown)
+    main = is_main_process()  # under torchrun every rank returns the result: one prints it
     if json_output:
-        stdout.print_json(json.dumps(dataclasses.asdict(result)))
+        if main:
+            stdout.print_json(json.dumps(dataclasses.asdict(result)))
         return
-    stdout.print(_train_table(cfg, result, online=ALGORITHMS.get(cfg.algo).online))
+    if main:
+        stdout.print(_train_table(cfg, result, online=ALGORITHMS.get(cfg.algo).online))
     if result.interrupted:
-        _error(f"interrupted at step {result.steps}; a checkpoint was saved. Continue with "
-               "the same command and --resume.")  # fmt: skip
+        if main:
+            _error(f"interrupted at step {result.steps}; a checkpoint was saved. Continue "
+                   "with the same command and --resume.")  # fmt: skip
         raise typer.Exit(130)
 
 

@@ -1,17 +1,18 @@
 """``omotool train --deepspeed``: the DeepSpeed config named, its checks, and the record a
 resumption is checked against.
 
-``--deepspeed`` takes ``zero1``, ``zero2`` or ``zero3`` (the configs in ``recipes/deepspeed/``)
-or a JSON/YAML file, and hands the mapping to TRL's ``deepspeed`` field (transformers then
-builds the optimizer with ``Trainer.create_optimizer``, since the config has no ``optimizer``
-block). DeepSpeed ZeRO steps that optimizer on flat partitions of the parameters it swaps into
-the optimizer's groups; with ``--merge none`` that is AdamW, elementwise, so the partitions need
-no names; with ``--merge dare|ties`` the trainer hands the optimizer the partitions' runs after
-``deepspeed.initialize`` (``OnlineMergingAdamW.attach_zero_runs``), and each run is merged as
-its part of the whole parameter. What cannot run so is refused before anything loads
-(``check_deepspeed``): the l1 rescale or the Triton backend with merging, another optimizer or
-schedule, an offloaded optimizer, FSDP as well, a ZeRO-3 config that would save partitions as
-the final model, and a run without a launcher.
+``--deepspeed`` takes ``zero1``, ``zero2`` or ``zero3`` (the configs in ``deepspeed_configs/``
+next to this module, shipped in the wheel) or a JSON/YAML file, and hands the mapping to TRL's
+``deepspeed`` field (transformers then builds the optimizer with ``Trainer.create_optimizer``,
+since the config has no ``optimizer`` block). DeepSpeed ZeRO steps that optimizer on flat
+partitions of the parameters it swaps into the optimizer's groups; with ``--merge none`` that is
+AdamW, elementwise, so the partitions need no names; with ``--merge dare|ties`` the trainer
+hands the optimizer the partitions' runs after ``deepspeed.initialize``
+(``OnlineMergingAdamW.attach_zero_runs``), and each run is merged as its part of the whole
+parameter. What cannot run so is refused before anything loads (``check_deepspeed``): the l1
+rescale or the Triton backend with merging, another optimizer or schedule, an offloaded
+optimizer, FSDP as well, a ZeRO-3 config that would save partitions as the final model, and a
+run without a launcher.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from omotool.train.options import TrainOptions
 DEEPSPEED_FILE = "deepspeed.json"  # in the run folder: what a resumption must match
 
 
-# --deepspeed zero1 / zero2 / zero3: the configs shipped in the repository's recipes/deepspeed/.
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
+# --deepspeed zero1 / zero2 / zero3: the configs shipped inside the package (package data, so
+# an installed wheel has them), omotool/train/deepspeed_configs/.
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "deepspeed_configs"
 DEEPSPEED_STAGES = ("zero1", "zero2", "zero3")
 
 

@@ -4,6 +4,7 @@ family) or the mean reward (GRPO, RLOO); the table of an online step's completio
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,6 +13,12 @@ from rich.table import Table
 from rich.text import Text
 
 MISSING = "–"  # a metric that is missing or None (TRL logs None where no reward applied)
+
+
+def is_main_process() -> bool:
+    """Whether this process shows the run (progress, summary): rank 0 of a torchrun or
+    accelerate launch (``RANK``), or a process started alone. The other ranks only train."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def metric_text(value: Any, spec: str = ".4g") -> str:

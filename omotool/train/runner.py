@@ -39,6 +39,7 @@ from omotool.train.deepspeed import (
     deepspeed_record,
     init_deepspeed_comm,
 )
+from omotool.train.progress import is_main_process
 from omotool.train.rewards import load_reward, name_uniquely, parse_rewards, required_columns
 from omotool.train.trainer import completions_callback, metrics_callback, online_merging_trainer
 
@@ -68,11 +69,6 @@ def load_task_vector(config: TrainConfig) -> Any:
                 f"with `omotool delta BASE {config.model}` or give --base."
             )
     return tau
-
-
-def _is_main_process() -> bool:
-    """Rank 0 of a torchrun/accelerate launch, or a single process."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _dataset(path: str, kind: str, split: str, columns: dict[str, str] | None = None) -> Any:
@@ -255,7 +251,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     name_uniquely(rewards)
     tau = load_task_vector(config) if config.merge != "none" else None
     metrics_path = output / METRICS_FILE
-    if _is_main_process():  # under torchrun/accelerate the other ranks only train
+    if is_main_process():  # under torchrun/accelerate the other ranks only train
         if start is None:
             prepare_output(output, config.overwrite)
         write_text_atomic(output / CONFIG_FILE, yaml.safe_dump(asdict(config), sort_keys=False))

@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,22 +46,20 @@ def named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def check(
-    stage: int, method: str, backend: str, online_step: int = 1, expect_empty_piece: bool = False
-) -> None:
-    import deepspeed
-
-    label = f"ZeRO-{stage} {method} {backend} K={online_step}"
+def tiny_model_pair() -> tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor]]:
+    """``(model, an unsharded copy, a task vector for it)``, the same on every rank."""
     torch.manual_seed(0)
     model = TinyModel()
-    plain = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(1)
     tau = {n: torch.randn(p.shape, generator=generator) * 0.05 for n, p in named(model)}
-    options = dict(
-        task_vector=tau, method=method, backend=backend, online_step=online_step, **SETTINGS
-    )
-    unsharded = OnlineMergingAdamW(named(plain), **options)
-    optimizer = OnlineMergingAdamW(named(model), **options)
+    return model, copy.deepcopy(model), tau
+
+
+def sharded(model: torch.nn.Module, optimizer: Any, stage: int) -> tuple[Any, Any]:
+    """``(engine, runs)``: ``model`` and ``optimizer`` under ``deepspeed.initialize`` at ZeRO
+    ``stage`` (fp32, no clipping), the optimizer given its partitions' runs."""
+    import deepspeed
+
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -70,6 +70,20 @@ def check(
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     runs = zero_runs(engine, engine.module.named_parameters())
     optimizer.attach_zero_runs(runs)
+    return engine, runs
+
+
+def check(
+    stage: int, method: str, backend: str, online_step: int = 1, expect_empty_piece: bool = False
+) -> None:
+    label = f"ZeRO-{stage} {method} {backend} K={online_step}"
+    model, plain, tau = tiny_model_pair()
+    options = dict(
+        task_vector=tau, method=method, backend=backend, online_step=online_step, **SETTINGS
+    )
+    unsharded = OnlineMergingAdamW(named(plain), **options)
+    optimizer = OnlineMergingAdamW(named(model), **options)
+    engine, runs = sharded(model, optimizer, stage)
     straddling = [n for n, layout in runs.params.items() if len(layout.ranks) > 1]
     assert straddling, f"{label}: no parameter straddles the ranks"
     if expect_empty_piece:  # this rank's part in the top-k of a parameter it does not hold
@@ -77,6 +91,22 @@ def check(
         empty = torch.tensor([float(any(p.length == 0 and p.name for p in pieces))])
         dist.all_reduce(empty)
         assert empty.item() > 0, f"{label}: no rank takes part in a top-k with nothing held"
+    for step in steps_compared(engine, plain, unsharded, runs, label):
+        if (
+            stage < 3 and (step + 1) % online_step == 0
+        ):  # ZeRO-3 steps per sub-group: the last call's figures cover one only
+            kept = torch.tensor([float(optimizer.last_stats.kept)])
+            dist.all_reduce(kept)
+            assert kept.item() == float(unsharded.last_stats.kept), (label, step, kept.item())
+    engine.destroy()
+
+
+def steps_compared(
+    engine: Any, plain: torch.nn.Module, unsharded: torch.optim.Optimizer, runs: Any, label: str
+) -> Iterator[int]:
+    """``STEPS`` steps of ``engine`` and, on the same batch, of ``plain`` with ``unsharded``;
+    after each, every run of every flat partition must hold the unsharded parameter's elements
+    (to ``TOLERANCE``). Yields each step's index once it is checked."""
     for step in range(STEPS):
         ids = torch.randint(0, 11, (1, 4), generator=torch.Generator().manual_seed(step))
         engine.backward(engine(ids).square().mean())
@@ -94,13 +124,7 @@ def check(
                     **TOLERANCE,
                     msg=lambda m, r=run, s=step: f"{label} {r}, step {s}: {m}",
                 )
-        if (
-            stage < 3 and (step + 1) % online_step == 0
-        ):  # ZeRO-3 steps per sub-group: the last call's figures cover one only
-            kept = torch.tensor([float(optimizer.last_stats.kept)])
-            dist.all_reduce(kept)
-            assert kept.item() == float(unsharded.last_stats.kept), (label, step, kept.item())
-    engine.destroy()
+        yield step
 
 
 def main() -> None:

@@ -205,3 +205,24 @@ def test_a_checkpoint_without_deepspeed_state_is_named(tmp_path, monkeypatch) ->
     with pytest.raises(InputError, match="holds no DeepSpeed checkpoint"):
         check_deepspeed_resume(config(2), tmp_path / "checkpoint-2")
     check_deepspeed_resume(TrainConfig(model="m", dataset="d", out="o"), tmp_path)  # no DS
+
+
+def test_the_shipped_configs_are_package_data() -> None:
+    """``--deepspeed zero2`` works from an installed wheel: the configs live inside the package
+    and pyproject.toml declares them as its data (a wheel built from it holds them)."""
+    tomllib = pytest.importorskip("tomllib")
+    from importlib.resources import files
+
+    from omotool.train.deepspeed import DEEPSPEED_CONFIGS, DEEPSPEED_STAGES
+
+    shipped = files("omotool.train") / "deepspeed_configs"
+    assert Path(str(shipped)) == DEEPSPEED_CONFIGS
+    assert sorted(p.name for p in DEEPSPEED_CONFIGS.iterdir()) == [
+        f"{stage}.json" for stage in DEEPSPEED_STAGES
+    ]
+    pyproject = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
+    declared = pyproject["tool"]["setuptools"]["package-data"]["omotool.train"]
+    for stage in DEEPSPEED_STAGES:
+        relative = f"deepspeed_configs/{stage}.json"
+        assert any(Path(relative).match(pattern) for pattern in declared), relative
+        assert json.loads((shipped / f"{stage}.json").read_text())["zero_optimization"]

@@ -8,7 +8,13 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from omotool.train.progress import MISSING, completions_table, metric_text, progress_callback
+from omotool.train.progress import (
+    MISSING,
+    completions_table,
+    is_main_process,
+    metric_text,
+    progress_callback,
+)
 
 
 def description_after(logs: dict) -> str:
@@ -59,3 +65,15 @@ def test_the_completions_table_shows_each_reward_and_the_advantage() -> None:
     assert "completions at step 7" in text
     assert all(word in text for word in ("pick [1]", "say 2", "[b]2", "exact", "model", "-0.5"))
     assert MISSING in text  # the reward that did not apply
+
+
+def test_only_rank_0_of_a_launch_is_the_main_process(monkeypatch) -> None:
+    """Under torchrun/accelerate (``RANK`` set) only rank 0 prints; a process started alone
+    (no ``RANK``) is its own main process. (`omotool train --deepspeed` over 2 processes
+    prints its summary once: tests/integration/test_train_deepspeed.py.)"""
+    monkeypatch.delenv("RANK", raising=False)
+    assert is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process()
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main_process()
