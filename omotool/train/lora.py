@@ -1,0 +1,152 @@
+"""LoRA (PEFT) in ``omotool train``: the ``--lora-*`` options as TRL's ``ModelConfig`` and the
+adapter config TRL builds from it, their checks, and the 4-bit load (QLoRA).
+
+With ``--lora-r R`` every linear layer named by ``--lora-target-modules`` gets an adapter
+``W = W₀ + s·B·A`` (``B`` d×R, initialised to 0; ``A`` R×k; ``s = alpha/R``, or
+``alpha/√R`` with ``--use-rslora``); only ``A`` and ``B`` train, through the same optimizer as
+full-parameter training. TRL's trainers take the adapter config (``peft_config``) and wrap
+the model; a DPO-style reference is then the policy with its adapter switched off, which is
+``--model`` itself. The run folder holds a PEFT adapter (``adapter_config.json``,
+``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(model, run)`` loads.
+
+Online merging (``--merge dare|ties``) does not reach the factors yet: it is refused with
+LoRA. Its math (the merged full-weight update projected onto the adapter's tangent space) is
+``omotool.optim.lora_projection``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Any
+
+from omotool.config import default_of, flag
+from omotool.errors import InputError, UsageError
+
+ALL_LINEAR = "all-linear"
+INSTALL = "pip install 'omotool[lora]'"
+
+
+def lora_on(config: Any) -> bool:
+    """Whether ``config`` (a ``TrainConfig``) trains a LoRA adapter (``--lora-r`` given)."""
+    return config.lora_r is not None
+
+
+def target_modules(config: Any) -> str | list[str]:
+    """``--lora-target-modules`` as PEFT takes it: ``"all-linear"`` or a list of names."""
+    text = config.lora_target_modules.strip()
+    if text == ALL_LINEAR:
+        return ALL_LINEAR
+    names = [name.strip() for name in text.split(",")]
+    if not text or not all(names):
+        raise UsageError(
+            f"--lora-target-modules {config.lora_target_modules!r}: write {ALL_LINEAR} or module "
+            "names separated by commas, e.g. q_proj,v_proj."
+        )
+    return names
+
+
+def check_lora(config: Any) -> None:
+    """Refuse, before anything loads: a LoRA option without ``--lora-r``; LoRA without the
+    peft package; ``--merge dare|ties`` with LoRA (not built yet: it would do nothing to the
+    factors); ``--load-in-4bit`` without CUDA or bitsandbytes."""
+    from omotool.train.options import train_options
+
+    if not lora_on(config):
+        for name, option in train_options().items():
+            if option.lora and getattr(config, name) != default_of(type(config), name):
+                value = getattr(config, name)
+                given = flag(name) if isinstance(value, bool) else f"{flag(name)} {value}"
+                raise UsageError(
+                    f"{given} has no effect without --lora-r (LoRA is off: every weight trains): "
+                    "add --lora-r R, or drop it."
+                )
+        return
+    target_modules(config)
+    if importlib.util.find_spec("peft") is None:
+        raise UsageError(f"--lora-r needs the peft package: {INSTALL}")
+    if config.merge != "none":
+        raise UsageError(
+            f"--merge {config.merge} with --lora-r: online merging of LoRA factors is not "
+            "available yet (the merge would not reach the adapter). Use --merge none (AdamW on "
+            "the LoRA factors), or drop --lora-r to merge full-parameter training."
+        )
+    if config.load_in_4bit:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(
+                "--load-in-4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit layers do not run "
+                "on CPUs. Drop it to train the adapter over the full-precision model."
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError(
+                "--load-in-4bit needs the bitsandbytes package: pip install bitsandbytes"
+            )
+
+
+def model_config(config: Any, dtype: Any = None) -> Any:
+    """TRL's ``ModelConfig`` holding the ``--lora-*`` options (TRL's own names)."""
+    from trl import ModelConfig
+
+    model = ModelConfig(
+        model_name_or_path=config.model,
+        dtype=dtype,
+        use_peft=True,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        load_in_4bit=config.load_in_4bit,
+    )
+    # Set after __post_init__, which turns a one-name list into a string: PEFT reads a string
+    # as a regular expression matched against the whole module path (q_proj would match none).
+    model.lora_target_modules = target_modules(config)
+    return model
+
+
+def peft_config(config: Any) -> Any:
+    """The adapter config TRL builds from the ``--lora-*`` options (``trl.get_peft_config``),
+    for the trainer's ``peft_config``; None without ``--lora-r``."""
+    if not lora_on(config):
+        return None
+    from trl import get_peft_config
+
+    return get_peft_config(model_config(config))
+
+
+def model_load_options(config: Any, dtype: Any) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments: the 4-bit quantization (TRL's
+    ``get_quantization_config``) with ``--load-in-4bit``, else none."""
+    if not (lora_on(config) and config.load_in_4bit):
+        return {}
+    import os
+
+    from trl import get_quantization_config
+
+    return {  # 4-bit weights load straight onto this process's GPU
+        "quantization_config": get_quantization_config(model_config(config, dtype)),
+        "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))},
+    }
+
+
+def check_targets(config: Any, model_config: Any) -> None:
+    """Refuse ``--lora-target-modules`` that name no module of ``--model`` (whose transformers
+    config is ``model_config``), before its weights load: the adapter is built on an empty
+    (meta-device) copy of the model, as PEFT would build it."""
+    if not lora_on(config):
+        return
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+        try:
+            get_peft_model(skeleton, peft_config(config))
+        except ValueError as exc:
+            raise InputError(
+                f"--lora-target-modules {config.lora_target_modules}: {config.model} has no "
+                f"such module to adapt ({exc})."
+            ) from None

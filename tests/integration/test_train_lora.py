@@ -1,0 +1,144 @@
+"""`omotool train --lora-r R`: a PEFT adapter trained by TRL's real trainers on a tiny Llama,
+loadable by PEFT, and the LoRA options' refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from omotool.errors import InputError, UsageError
+from omotool.train.runner import TrainConfig, run_training
+
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "omotool.json"}
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    rows = [
+        {"prompt": f"what is {i} + {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1} !"}
+        for i in range(12)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def lora_config(llama_pair, data, out, **options) -> TrainConfig:
+    settings = dict(
+        model=str(llama_pair[1]), dataset=str(data), out=str(out), lr=1e-2, batch_size=4,
+        max_steps=3, max_length=32, merge="none", lora_r=4, lora_alpha=8.0,
+    )  # fmt: skip
+    return TrainConfig(**(settings | options))
+
+
+def logits(model, tokens=torch.tensor([[5, 9, 17, 33, 40]])) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def test_dpo_lora_writes_a_peft_adapter_that_changes_the_model(llama_pair, prefs, tmp_path):
+    out = tmp_path / "run"
+    result = run_training(lora_config(llama_pair, prefs, out, lora_target_modules="q_proj,v_proj"))
+    assert result.steps == 3 and not result.interrupted
+    assert {p.name for p in out.iterdir()} >= ADAPTER_FILES
+    assert not (out / "model.safetensors").exists()  # an adapter, not a whole model
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8.0 and not adapter["use_rslora"]
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    factors = load_file(out / "adapter_model.safetensors")
+    assert factors and all(("q_proj" in k or "v_proj" in k) for k in factors)
+    # B starts at 0: trained, it is not (the signal that the factors learned).
+    lora_b = [v for k, v in factors.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)
+    sft = AutoModelForCausalLM.from_pretrained(str(llama_pair[1]), dtype=torch.float32)
+    before = logits(sft)
+    tuned = PeftModel.from_pretrained(sft, str(out))
+    assert not torch.allclose(logits(tuned), before)
+    with tuned.disable_adapter():  # the base under the adapter is --model, untouched
+        torch.testing.assert_close(logits(tuned), before)
+    assert yaml.safe_load((out / "config.yaml").read_text())["lora_r"] == 4
+    metadata = json.loads((out / "omotool.json").read_text())
+    assert metadata["config"]["lora_target_modules"] == "q_proj,v_proj"
+    assert metadata["model"]["fingerprint"]
+
+
+def test_grpo_lora_all_linear_with_rslora(llama_pair, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"say {i}", "reference": "1"} for i in range(4)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "grpo"
+    options = dict(
+        algo="grpo", reward=["exact"], num_generations=2, batch_size=2, max_completion_length=4,
+        max_steps=2, max_length=TrainConfig().max_length, use_rslora=True, lora_dropout=0.0,
+    )  # fmt: skip
+    result = run_training(lora_config(llama_pair, prompts, out, **options))
+    assert result.steps == 2
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["use_rslora"] and adapter["lora_dropout"] == 0.0
+    names = {k for k in load_file(out / "adapter_model.safetensors")}
+    for module in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(f".{module}.lora_A" in k for k in names), module  # all-linear: every one
+    assert not any("lm_head" in k for k in names)
+    sft = AutoModelForCausalLM.from_pretrained(str(llama_pair[1]), dtype=torch.float32)
+    PeftModel.from_pretrained(sft, str(out))  # loads
+
+
+def test_lora_options_on_the_command_line_and_in_recipes(cli, llama_pair, prefs, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump({"lora-r": 2, "lora-alpha": 4, "lora-target-modules": "q_proj"})
+    )
+    out = tmp_path / "cli"
+    cli(
+        "train", "--config", recipe, "--model", llama_pair[1], "--dataset", prefs, "-o", out,
+        "--lr", "1e-2", "--batch-size", "4", "--max-steps", "1", "--max-length", "32",
+        "--merge", "none", "--lora-alpha", "6", "--json",
+    )  # fmt: skip
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["target_modules"]) == (2, 6.0, ["q_proj"])
+    help_text = cli("train", "--help").output
+    for name in ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-target-modules",
+                 "--use-rslora", "--load-in-4bit"):  # fmt: skip
+        assert name in help_text
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        ({"lora_r": None, "lora_alpha": 16.0}, UsageError, "--lora-alpha 16.0 has no effect"),
+        (
+            {"lora_r": None, "lora_alpha": 32.0, "use_rslora": True},
+            UsageError,
+            "--use-rslora has no effect",
+        ),
+        ({"lora_r": 0}, UsageError, "--lora-r must be at least 1"),
+        ({"lora_dropout": 1.0}, UsageError, "--lora-dropout must be in [0, 1)"),
+        ({"lora_target_modules": "q_proj,,v_proj"}, UsageError, "--lora-target-modules"),
+        ({"merge": "dare", "base": "x", "alpha": 0.01}, UsageError, "--merge dare with --lora-r"),
+        ({"merge": "ties", "base": "x"}, UsageError, "--merge ties with --lora-r"),
+        ({"lora_target_modules": "nope_proj"}, InputError, "has no such module"),
+    ],
+)
+def test_bad_lora_options_are_refused_before_anything_is_written(
+    llama_pair, prefs, tmp_path, options, error, words
+):
+    out = tmp_path / "refused"
+    with pytest.raises(error, match=None) as caught:
+        run_training(lora_config(llama_pair, prefs, out, **options))
+    assert words in str(caught.value)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_load_in_4bit_is_refused_on_cpu(llama_pair, prefs, tmp_path):
+    with pytest.raises(UsageError, match="--load-in-4bit .*needs a CUDA GPU"):
+        run_training(lora_config(llama_pair, prefs, tmp_path / "q", load_in_4bit=True))
+    with pytest.raises(UsageError, match="--load-in-4bit has no effect without --lora-r"):
+        off = dict(lora_r=None, lora_alpha=TrainConfig().lora_alpha, load_in_4bit=True)
+        run_training(lora_config(llama_pair, prefs, tmp_path / "q", **off))
