@@ -9,9 +9,9 @@ the model; a DPO-style reference is then the policy with its adapter switched of
 ``--model`` itself. The run folder holds a PEFT adapter (``adapter_config.json``,
 ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(model, run)`` loads.
 
-Online merging (``--merge dare|ties``) does not reach the factors yet: it is refused with
-LoRA. Its math (the merged full-weight update projected onto the adapter's tangent space) is
-``omotool.optim.lora_projection``.
+With ``--merge dare|ties`` the factors step through the same AdamW, then each adapted module
+gets the merge of its full-weight update with ``T = F(τ)`` projected back onto its factors
+(``omotool.optim.lora_merging``, math in ``omotool.optim.lora_projection``).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def target_modules(config: Any) -> str | list[str]:
 
 def check_lora(config: Any) -> None:
     """Refuse, before anything loads: a LoRA option without ``--lora-r``; LoRA without the
-    peft package; ``--merge dare|ties`` with LoRA (not built yet: it would do nothing to the
-    factors); ``--load-in-4bit`` without CUDA or bitsandbytes."""
+    peft package; with ``--merge dare|ties``, what LoRA merging does not support yet (step-K,
+    FSDP, DeepSpeed, 4-bit weights); ``--load-in-4bit`` without CUDA or bitsandbytes."""
     from omotool.train.options import train_options
 
     if not lora_on(config):
@@ -66,11 +66,22 @@ def check_lora(config: Any) -> None:
     if importlib.util.find_spec("peft") is None:
         raise UsageError(f"--lora-r needs the peft package: {INSTALL}")
     if config.merge != "none":
-        raise UsageError(
-            f"--merge {config.merge} with --lora-r: online merging of LoRA factors is not "
-            "available yet (the merge would not reach the adapter). Use --merge none (AdamW on "
-            "the LoRA factors), or drop --lora-r to merge full-parameter training."
-        )
+        not_yet = [
+            given
+            for given, refused in (
+                (f"--online-step {config.online_step}", config.online_step != 1),
+                ("--fsdp", config.fsdp),
+                (f"--deepspeed {config.deepspeed}", config.deepspeed),
+                ("--load-in-4bit", config.load_in_4bit),
+            )
+            if refused
+        ]
+        if not_yet:
+            raise UsageError(
+                f"--merge {config.merge} with --lora-r merges the adapter every step of one "
+                f"process or of DDP processes; {not_yet[0]} is not supported with it yet: drop "
+                "it, or use --merge none."
+            )
     if config.load_in_4bit:
         import torch
 
@@ -150,3 +161,26 @@ def check_targets(config: Any, model_config: Any) -> None:
                 f"--lora-target-modules {config.lora_target_modules}: {config.model} has no "
                 f"such module to adapt ({exc})."
             ) from None
+
+
+def lora_merging_trainer(trainer_class: type, task_vector: Any, **options: Any) -> type:
+    """``trainer_class`` training a LoRA adapter with online merging: the factors step with
+    ``OnlineMergingAdamW(method="none")`` (as with ``--merge none``) wrapped in
+    ``LoraOnlineMerging``, which merges each adapted module's update with ``task_vector``;
+    ``options`` are ``OnlineMergingAdamW``'s (``method``, ``reserve_p``, ..., ``backend``)."""
+    from omotool.optim.lora_merging import LoraOnlineMerging, peft_lora_modules
+    from omotool.train.trainer import online_merging_trainer
+
+    merge = {key: value for key, value in options.items() if key != "backend"}
+    inner = {"method": "none", "backend": options.get("backend", "auto")}
+
+    class LoraOnlineMergingTrainer(online_merging_trainer(trainer_class, None, **inner)):  # type: ignore[misc]
+        def create_optimizer(self, model: Any = None) -> Any:
+            if self.optimizer is None:
+                factors = super().create_optimizer(model)
+                modules = peft_lora_modules(self.model if model is None else model)
+                self.optimizer = LoraOnlineMerging(factors, modules, task_vector, **merge)
+            return self.optimizer
+
+    LoraOnlineMergingTrainer.__name__ = f"LoraOnlineMerging{trainer_class.__name__}"
+    return LoraOnlineMergingTrainer

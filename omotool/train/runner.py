@@ -40,7 +40,7 @@ from omotool.train.deepspeed import (
     init_deepspeed_comm,
 )
 from omotool.train.lora import check_targets as check_lora_targets
-from omotool.train.lora import lora_on, model_load_options, peft_config
+from omotool.train.lora import lora_merging_trainer, lora_on, model_load_options, peft_config
 from omotool.train.rewards import load_reward, name_uniquely, parse_rewards, required_columns
 from omotool.train.trainer import completions_callback, metrics_callback, online_merging_trainer
 
@@ -279,9 +279,10 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         tokenizer = AutoTokenizer.from_pretrained(config.model)
     metrics = metrics_callback(metrics_path)
     interrupt = Interrupt(every=generation_buffer_steps(arguments))  # a resumable checkpoint
-    trainer_class = online_merging_trainer(
-        algorithm.trainer_class(), tau, **optimizer_options(config)
+    merging = (
+        lora_merging_trainer if lora_on(config) and tau is not None else online_merging_trainer
     )
+    trainer_class = merging(algorithm.trainer_class(), tau, **optimizer_options(config))
     extra = {"reward_funcs": rewards} if algorithm.online else {}
     if lora_on(config):  # TRL wraps the model in the adapter (omotool.train.lora)
         extra["peft_config"] = peft_config(config)

@@ -1,5 +1,5 @@
 """`omotool train --lora-r R`: a PEFT adapter trained by TRL's real trainers on a tiny Llama,
-loadable by PEFT, and the LoRA options' refusals."""
+loadable by PEFT, with and without online merging, and the LoRA options' refusals."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from omotool.errors import InputError, UsageError
+from omotool.optim.lora_merging import SHARE
 from omotool.train.runner import TrainConfig, run_training
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "omotool.json"}
@@ -120,8 +121,8 @@ def test_lora_options_on_the_command_line_and_in_recipes(cli, llama_pair, prefs,
         ({"lora_r": 0}, UsageError, "--lora-r must be at least 1"),
         ({"lora_dropout": 1.0}, UsageError, "--lora-dropout must be in [0, 1)"),
         ({"lora_target_modules": "q_proj,,v_proj"}, UsageError, "--lora-target-modules"),
-        ({"merge": "dare", "base": "x", "alpha": 0.01}, UsageError, "--merge dare with --lora-r"),
-        ({"merge": "ties", "base": "x"}, UsageError, "--merge ties with --lora-r"),
+        ({"merge": "dare", "base": "x", "online_step": 2}, UsageError, "--online-step 2 is not"),
+        ({"merge": "ties", "base": "x", "load_in_4bit": True}, UsageError, "--load-in-4bit is not"),
         ({"lora_target_modules": "nope_proj"}, InputError, "has no such module"),
     ],
 )
@@ -142,3 +143,29 @@ def test_load_in_4bit_is_refused_on_cpu(llama_pair, prefs, tmp_path):
     with pytest.raises(UsageError, match="--load-in-4bit has no effect without --lora-r"):
         off = dict(lora_r=None, lora_alpha=TrainConfig().lora_alpha, load_in_4bit=True)
         run_training(lora_config(llama_pair, prefs, tmp_path / "q", **off))
+
+
+def test_dare_reserve_1_alpha_0_is_lora_adamw_bit_for_bit(llama_pair, prefs, tmp_path):
+    plain = tmp_path / "none"
+    run_training(lora_config(llama_pair, prefs, plain, max_steps=2))
+    merged = tmp_path / "dare"
+    options = dict(merge="dare", base=str(llama_pair[0]), reserve_p=1.0, alpha=0.0, max_steps=2)
+    result = run_training(lora_config(llama_pair, prefs, merged, **options))
+    assert result.metrics[SHARE] == 1.0  # the correction ran (E = 0: all of nothing kept)
+    assert result.metrics["merge/kept_fraction"] == 1.0
+    a, b = (load_file(folder / "adapter_model.safetensors") for folder in (plain, merged))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("merge", ["ties", "dare"])
+def test_online_merging_reaches_the_adapter(llama_pair, prefs, tmp_path, merge):
+    out = tmp_path / merge
+    options = dict(merge=merge, base=str(llama_pair[0]), reserve_p=0.2, alpha=0.01, max_steps=2)
+    result = run_training(lora_config(llama_pair, prefs, out, **options))
+    assert 0 < result.metrics[SHARE] < 1  # part of the merge lies outside the tangent space
+    assert result.metrics["merge/kept_fraction"] == pytest.approx(0.2, abs=0.03)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if SHARE in r][:2] == [1, 2]
+    sft = AutoModelForCausalLM.from_pretrained(str(llama_pair[1]), dtype=torch.float32)
+    before = logits(sft)  # (from_pretrained puts the adapter into sft itself)
+    assert not torch.allclose(logits(PeftModel.from_pretrained(sft, str(out))), before)
