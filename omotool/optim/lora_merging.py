@@ -102,7 +102,8 @@ class LoraOnlineMerging(torch.optim.Optimizer):
         self.references = build_references(named, tau, self.options)
         self.task_vector_fingerprint = tau.sft_fingerprint
         self.merge_steps = 0
-        self.last_stats: dict[str, float] = {}
+        self.last_stats = StepStats()
+        self.last_share: tuple[torch.Tensor, torch.Tensor] | None = None  # ‖realised‖², ‖E‖²
 
     # torch.optim.Optimizer's attributes, forwarded to the inner optimizer.
     @property
@@ -149,7 +150,7 @@ class LoraOnlineMerging(torch.optim.Optimizer):
             return loss  # nothing moved: nothing to merge (OnDARE would still add α·T)
         self.merge_steps += 1
         stats = StepStats()
-        realised_sq = error_sq = 0.0
+        error_sq = realised_sq = torch.zeros((), dtype=torch.float64)  # summed on the device
         for module, (a, b) in zip(self.modules, before, strict=True):
             da, db = module.a.detach() - a, module.b.detach() - b
             context = MergeContext(module.name, self.merge_steps, self.options, stats)
@@ -160,17 +161,24 @@ class LoraOnlineMerging(torch.optim.Optimizer):
             )  # fmt: skip
             module.a.add_(step.delta_a.to(module.a.dtype))
             module.b.add_(step.delta_b.to(module.b.dtype))
-            error = float(step.error_norm)
-            error_sq += error**2
-            realised_sq += (float(step.kept_share) * error) ** 2
-        self.last_stats = {
-            **stats.as_dict(getattr(self.optimizer, "skipped_steps", 0)),
-            SHARE: math.sqrt(realised_sq / error_sq) if error_sq else 1.0,
-        }
+            error_sq = error_sq.to(step.error_norm.device) + step.error_norm.double() ** 2
+            realised_sq = (
+                realised_sq.to(error_sq.device)
+                + (step.kept_share.double() * step.error_norm.double()) ** 2
+            )
+        self.last_stats, self.last_share = stats, (realised_sq, error_sq)
         return loss
 
     def stats(self) -> dict[str, float]:
-        return dict(self.last_stats)
+        """The last merged step's statistics (``StepStats.as_dict``) and ``SHARE``; read on the
+        host here, at logging, not at every step."""
+        if self.last_share is None:
+            return {}
+        realised_sq, error_sq = (float(x) for x in self.last_share)
+        return {
+            **self.last_stats.as_dict(getattr(self.optimizer, "skipped_steps", 0)),
+            SHARE: math.sqrt(realised_sq / error_sq) if error_sq else 1.0,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {

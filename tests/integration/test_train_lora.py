@@ -169,3 +169,27 @@ def test_online_merging_reaches_the_adapter(llama_pair, prefs, tmp_path, merge):
     sft = AutoModelForCausalLM.from_pretrained(str(llama_pair[1]), dtype=torch.float32)
     before = logits(sft)  # (from_pretrained puts the adapter into sft itself)
     assert not torch.allclose(logits(PeftModel.from_pretrained(sft, str(out))), before)
+
+
+@pytest.mark.slow
+def test_lora_merging_resumes_bit_identical(llama_pair, prefs, tmp_path):
+    """A run resumed from its step-2 checkpoint ends where the uninterrupted one did: the
+    factors' Adam state and the merge's step count (which keys the masks) are restored."""
+    import shutil
+
+    options = dict(
+        merge="dare", base=str(llama_pair[0]), reserve_p=0.3, alpha=0.01, max_steps=4,
+        save_steps=2, lora_dropout=0.0,
+    )  # fmt: skip
+    whole = tmp_path / "whole"
+    run_training(lora_config(llama_pair, prefs, whole, **options))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    (resumed / "adapter_model.safetensors").unlink()
+    saved = yaml.safe_load((resumed / "config.yaml").read_text())
+    (resumed / "config.yaml").write_text(yaml.safe_dump({**saved, "out": str(resumed)}))
+    config = lora_config(llama_pair, prefs, resumed, resume=True, **options)
+    assert run_training(config).resumed_from.endswith("checkpoint-2")
+    a, b = (load_file(folder / "adapter_model.safetensors") for folder in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
