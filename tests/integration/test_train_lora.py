@@ -193,3 +193,42 @@ def test_lora_merging_resumes_bit_identical(llama_pair, prefs, tmp_path):
     assert run_training(config).resumed_from.endswith("checkpoint-2")
     a, b = (load_file(folder / "adapter_model.safetensors") for folder in (whole, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_lora_merging_under_ddp_ranks_agree_and_match_one_process(llama_pair, tmp_path):
+    """2 CPU processes (torchrun, gloo): the ranks' factors end bit-identical (same keyed masks
+    on every rank), and as one process with both ranks' batches, to float tolerance."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.integration.test_distributed import free_port
+
+    worker = Path(__file__).with_name("train_dist_worker.py")
+    prefs = Path(__file__).parents[2] / "recipes" / "data" / "tiny-prefs.jsonl"
+    options = dict(
+        merge="dare", base=str(llama_pair[0]), reserve_p=0.3, alpha=0.01, lora_dropout=0.0,
+        lr=1e-3,
+    )  # fmt: skip
+    config = lora_config(llama_pair, prefs, tmp_path / "ddp", **options)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parents[2])}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(worker),
+        str(tmp_path / "config.json"), str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    factors = [name for name in ranks[0] if "lora_" in name]
+    assert factors and all(torch.equal(ranks[0][n], ranks[1][n]) for n in factors)
+    one = tmp_path / "one"
+    run_training(dataclasses.replace(config, out=str(one), batch_size=8))
+    alone = load_file(one / "adapter_model.safetensors")
+    for name in factors:
+        saved = name.replace(".default", "")  # PEFT files drop the adapter's name
+        torch.testing.assert_close(alone[saved], ranks[0][name], rtol=1e-4, atol=1e-6)
