@@ -67,3 +67,56 @@ def test_an_adapter_whose_base_is_missing_is_named(adapter, tmp_path) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="its base model .*gone.* cannot be found"):
         load_adapter_model(folder)
+
+
+def test_adapter_reader_reads_the_merged_weights_lazily(llama_pair, adapter) -> None:
+    from omotool.io.adapters import AdapterReader, open_model
+
+    folder, _ = adapter
+    merged = load_adapter_model(folder, dtype=torch.float32).state_dict()
+    with open_model(folder) as reader:
+        assert isinstance(reader, AdapterReader) and reader.scale == 2.0
+        assert len(reader.adapted) == 4  # q_proj and v_proj of 2 layers
+        for name in reader.names:
+            torch.testing.assert_close(reader.get(name), merged[name])
+    with open_model(llama_pair[1]) as plain:
+        assert not isinstance(plain, AdapterReader)
+
+
+def test_delta_and_merge_offline_take_an_adapter_as_a_model(llama_pair, adapter, tmp_path):
+    from safetensors.torch import load_file
+
+    from omotool.delta import DeltaConfig, compute_delta
+    from omotool.merge_offline import MergeConfig, run_merge
+
+    folder, _ = adapter
+    sft = {
+        k: v
+        for k, v in AutoModelForCausalLM.from_pretrained(str(llama_pair[1])).state_dict().items()
+    }
+    merged = load_adapter_model(folder, dtype=torch.float32).state_dict()
+    # τ from the SFT model to the adapter: s·B·A on the adapted weights, 0 elsewhere
+    compute_delta(DeltaConfig(base=str(llama_pair[1]), sft=str(folder), out=str(tmp_path / "tau")))
+    tau = load_file(tmp_path / "tau" / "model.safetensors")
+    for name, value in tau.items():
+        torch.testing.assert_close(value, merged[name] - sft[name], atol=1e-6, rtol=1e-5)
+        assert ("q_proj" in name or "v_proj" in name) == bool(value.abs().max() > 0), name
+    meta = json.loads((tmp_path / "tau" / "omotool.json").read_text())
+    assert meta["sft"]["path"] == str(folder.absolute())
+    # offline interpolation between SFT and the adapter's model, halfway
+    run_merge(MergeConfig(sft=str(llama_pair[1]), rlhf=str(folder), out=str(tmp_path / "half")))
+    half = AutoModelForCausalLM.from_pretrained(str(tmp_path / "half"), dtype=torch.float32)
+    for name, value in half.state_dict().items():
+        torch.testing.assert_close(value, (sft[name] + merged[name]) / 2, atol=1e-6, rtol=1e-5)
+    meta = json.loads((tmp_path / "half" / "omotool.json").read_text())
+    assert meta["rlhf"]["path"] == str(folder.absolute())
+
+
+def test_adapters_with_more_than_lora_factors_are_refused(adapter) -> None:
+    from omotool.io.adapters import open_model
+
+    folder, _ = adapter
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(InputError, match="use_dora is not supported here"):
+        open_model(folder)
