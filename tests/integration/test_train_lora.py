@@ -69,7 +69,8 @@ def test_dpo_lora_writes_a_peft_adapter_that_changes_the_model(llama_pair, prefs
     assert metadata["model"]["fingerprint"]
 
 
-def test_grpo_lora_all_linear_with_rslora(llama_pair, tmp_path):
+@pytest.mark.parametrize("merge", ["none", "ties"])
+def test_grpo_lora_all_linear_with_rslora(llama_pair, tmp_path, merge):
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"say {i}", "reference": "1"} for i in range(4)]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -77,9 +78,13 @@ def test_grpo_lora_all_linear_with_rslora(llama_pair, tmp_path):
     options = dict(
         algo="grpo", reward=["exact"], num_generations=2, batch_size=2, max_completion_length=4,
         max_steps=2, max_length=TrainConfig().max_length, use_rslora=True, lora_dropout=0.0,
+        merge=merge,
     )  # fmt: skip
+    if merge != "none":
+        options.update(base=str(llama_pair[0]), reserve_p=0.2, alpha=0.01)
     result = run_training(lora_config(llama_pair, prompts, out, **options))
     assert result.steps == 2
+    assert (SHARE in result.metrics) == (merge != "none")
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["use_rslora"] and adapter["lora_dropout"] == 0.0
     names = {k for k in load_file(out / "adapter_model.safetensors")}
