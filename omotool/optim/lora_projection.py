@@ -120,8 +120,9 @@ def tangent_correction(
     ridge bounds the gain relative to ``B``'s own scale, this bounds the step itself when ``B``
     is small (``None``: no cap). ``B = 0`` gives ``ΔA = 0`` exactly, ``E = 0`` zeros exactly.
     """
-    gram_a = a @ a.mT  # r×r
-    coefficients = torch.linalg.solve(gram_a, a @ error.mT)  # (AAᵀ)⁻¹·A·Eᵀ, r×d
+    # Both r×r inverses through eigh: on CPUs a tiny LAPACK solve costs far more than eigh.
+    gram_a, basis_a = torch.linalg.eigh(a @ a.mT)
+    coefficients = basis_a @ ((basis_a.mT @ (a @ error.mT)) / gram_a[:, None])  # (AAᵀ)⁻¹AEᵀ
     delta_b = coefficients.mT / scale  # (1/s)·E·Aᵀ(AAᵀ)⁻¹
     residual = error - coefficients.mT @ a  # E·(I − P_A)
     eigenvalues, vectors = torch.linalg.eigh(b.mT @ b)
