@@ -47,11 +47,20 @@ def target_modules(config: Any) -> str | list[str]:
 
 
 def check_lora(config: Any) -> None:
-    """Refuse, before anything loads: a LoRA option without ``--lora-r``; LoRA without the
+    """Refuse, before anything loads: an adapter folder as ``--model`` (not yet); a LoRA
+    option without ``--lora-r``; LoRA without the
     peft package; with ``--merge dare|ties``, what LoRA merging does not support yet (step-K,
     FSDP, DeepSpeed, 4-bit weights); ``--load-in-4bit`` without CUDA or bitsandbytes."""
+    from omotool.io.adapters import adapter_base, is_adapter
     from omotool.train.options import train_options
 
+    if config.model and is_adapter(config.model):
+        raise InputError(
+            f"--model {config.model} is a LoRA adapter folder: training starts from a whole "
+            "model for now. Write the adapter's model first: omotool merge-offline --sft "
+            f"{adapter_base(config.model)} --rlhf {config.model} --alpha 1 -o MERGED, then "
+            "--model MERGED."
+        )
     if not lora_on(config):
         for name, option in train_options().items():
             if option.lora and getattr(config, name) != default_of(type(config), name):

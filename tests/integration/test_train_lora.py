@@ -237,3 +237,11 @@ def test_lora_merging_under_ddp_ranks_agree_and_match_one_process(llama_pair, tm
     for name in factors:
         saved = name.replace(".default", "")  # PEFT files drop the adapter's name
         torch.testing.assert_close(alone[saved], ranks[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_an_adapter_as_model_is_refused_with_the_way_round(llama_pair, prefs, tmp_path):
+    first = tmp_path / "first"
+    run_training(lora_config(llama_pair, prefs, first, max_steps=1))
+    with pytest.raises(InputError, match="is a LoRA adapter folder.*merge-offline --sft"):
+        run_training(lora_config(llama_pair, prefs, tmp_path / "second", model=str(first)))
+    assert not (tmp_path / "second").exists()
