@@ -29,6 +29,7 @@ from omotool.optim.functional import MergeContext, MergeOptions, StepStats
 from omotool.optim.lora_projection import DAMPING, MAX_A_CHANGE, lora_merge_step
 from omotool.optim.references import build_references, merge_options_of, takes_merge_options
 from omotool.optim.task_vector import TaskVector
+from omotool.optim.wrapper import WrappedOptimizer
 
 SHARE = "merge/lora_kept_share"
 """Logged: ``‖s(ΔB·A + B·ΔA)‖ / ‖E‖`` over every adapted module of the step (energy-weighted),
@@ -63,7 +64,7 @@ def peft_lora_modules(model: Any, adapter: str = "default") -> list[LoraModule]:
     return modules
 
 
-class LoraOnlineMerging(torch.optim.Optimizer):
+class LoraOnlineMerging(WrappedOptimizer):
     """Online merging of LoRA ``modules`` with ``task_vector`` around ``optimizer`` (which
     steps their factors). Merge options as for ``OnlineMergingAdamW`` (``online_step`` 1
     only); ``rho`` and ``max_a_change`` as for ``lora_projection.tangent_correction``."""
@@ -105,23 +106,6 @@ class LoraOnlineMerging(torch.optim.Optimizer):
         self.last_stats = StepStats()
         self.last_share: tuple[torch.Tensor, torch.Tensor] | None = None  # ‖realised‖², ‖E‖²
 
-    # torch.optim.Optimizer's attributes, forwarded to the inner optimizer.
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = groups
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
     @property
     def resolved_backend(self) -> str | None:
         return getattr(self.optimizer, "resolved_backend", None)
@@ -129,12 +113,6 @@ class LoraOnlineMerging(torch.optim.Optimizer):
     def note_grad_norm(self, total_norm: torch.Tensor | float) -> None:
         if hasattr(self.optimizer, "note_grad_norm"):
             self.optimizer.note_grad_norm(total_norm)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        raise UsageError("add parameter groups to the inner optimizer before wrapping it.")
 
     def __repr__(self) -> str:
         return f"LoraOnlineMerging({self.options}, {self.optimizer!r})"

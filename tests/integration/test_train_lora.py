@@ -4,6 +4,7 @@ loadable by PEFT, with and without online merging, and the LoRA options' refusal
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,15 +20,12 @@ from omotool.train.runner import TrainConfig, run_training
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "omotool.json"}
 
 
-@pytest.fixture(scope="module")
-def prefs(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
-    rows = [
-        {"prompt": f"what is {i} + {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1} !"}
-        for i in range(12)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+PREFS = Path(__file__).parents[2] / "recipes" / "data" / "tiny-prefs.jsonl"  # arithmetic pairs
+
+
+@pytest.fixture
+def prefs() -> Path:
+    return PREFS
 
 
 def lora_config(llama_pair, data, out, **options) -> TrainConfig:
@@ -201,19 +199,17 @@ def test_lora_merging_resumes_bit_identical(llama_pair, prefs, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_merging_under_ddp_ranks_agree_and_match_one_process(llama_pair, tmp_path):
+def test_lora_merging_under_ddp_ranks_agree_and_match_one_process(llama_pair, prefs, tmp_path):
     """2 CPU processes (torchrun, gloo): the ranks' factors end bit-identical (same keyed masks
     on every rank), and as one process with both ranks' batches, to float tolerance."""
     import dataclasses
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     from tests.integration.test_distributed import free_port
 
     worker = Path(__file__).with_name("train_dist_worker.py")
-    prefs = Path(__file__).parents[2] / "recipes" / "data" / "tiny-prefs.jsonl"
     options = dict(
         merge="dare", base=str(llama_pair[0]), reserve_p=0.3, alpha=0.01, lora_dropout=0.0,
         lr=1e-3,
