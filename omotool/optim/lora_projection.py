@@ -173,6 +173,7 @@ def lora_merge_step(
     updates, ``M = merge(δW, T)``, ``E = M − δW`` and its tangent-space correction."""
     update = lora_update(a, b, da, db, scale)
     error = merged_update(update, reference, context).sub_(update)
+    del update  # at most two d×k temporaries live at once: E and E·(I − P_A), then the fit
     delta_b, delta_a = tangent_correction(error, a, b, scale, rho=rho, max_a_change=max_a_change)
     realised = (delta_b @ a).addmm_(b, delta_a).mul_(scale)  # reuses δW's size, once
     error_norm = torch.linalg.matrix_norm(error)
