@@ -21,6 +21,7 @@ from omotool import __version__
 from omotool.config import config_dict, parse_size
 from omotool.errors import InputError, UsageError
 from omotool.io import ModelReader, ModelWriter, check_output, fingerprint
+from omotool.io.adapters import open_model
 from omotool.merging import RESCALES, SPARSIFIERS, keyed_generator
 
 METADATA_FILE = "omotool.json"
@@ -236,7 +237,7 @@ def compute_delta(
     check_output(config.out, config.overwrite, [config.base, config.sft])
     with (
         ModelReader(config.base, config.allow_pickle) as base,
-        ModelReader(config.sft, config.allow_pickle) as sft,
+        open_model(config.sft, config.allow_pickle) as sft,  # a LoRA adapter folder too
     ):
         plan = plan_delta(base, sft, config.vocab_mismatch)
         out_dtype = DTYPES[config.dtype] if config.dtype else sft.dominant_dtype()
@@ -250,7 +251,10 @@ def compute_delta(
             "omotool_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "base": {"path": str(base.path.absolute()), "fingerprint": fingerprint(base)},
-            "sft": {"path": str(sft.path.absolute()), "fingerprint": fingerprint(sft)},
+            "sft": {
+                "path": str(getattr(sft, "adapter", sft.path).absolute()),
+                "fingerprint": fingerprint(sft),
+            },
             "dtype": summary.dtype,
             "sparsify": {
                 "method": config.sparsify,

@@ -28,6 +28,7 @@ from omotool.config import config_dict, parse_size
 from omotool.delta import DTYPES, plan_delta
 from omotool.errors import InputError, UsageError
 from omotool.io import ModelReader, ModelWriter, check_output, fingerprint
+from omotool.io.adapters import open_model
 from omotool.merging import RESCALES, keyed_generator
 from omotool.merging.methods import MERGE_METHODS
 
@@ -208,8 +209,8 @@ def run_merge(
     inputs = [p for p in (config.sft, config.rlhf, config.base) if p is not None]
     check_output(config.out, config.overwrite, inputs)
     with contextlib.ExitStack() as stack:
-        sft = stack.enter_context(ModelReader(config.sft, config.allow_pickle))
-        rlhf = stack.enter_context(ModelReader(config.rlhf, config.allow_pickle))
+        sft = stack.enter_context(open_model(config.sft, config.allow_pickle))
+        rlhf = stack.enter_context(open_model(config.rlhf, config.allow_pickle))
         base = (
             stack.enter_context(ModelReader(config.base, config.allow_pickle))
             if MERGE_METHODS.get(config.method).needs_base and config.base is not None
@@ -227,8 +228,8 @@ def run_merge(
             "kind": "merge",
             "omotool_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "sft": {"path": str(sft.path.absolute()), "fingerprint": fingerprint(sft)},
-            "rlhf": {"path": str(rlhf.path.absolute()), "fingerprint": fingerprint(rlhf)},
+            "sft": {"path": _source(sft), "fingerprint": fingerprint(sft)},
+            "rlhf": {"path": _source(rlhf), "fingerprint": fingerprint(rlhf)},
             "base": None
             if base is None
             else {"path": str(base.path.absolute()), "fingerprint": fingerprint(base)},
@@ -272,6 +273,11 @@ def run_merge(
         extrapolated=[a for a in alphas if a > 1],
         unmatched=unmatched,
     )
+
+
+def _source(reader: ModelReader) -> str:
+    """The folder a reader reads: the adapter's for an adapter, else the model's."""
+    return str(getattr(reader, "adapter", reader.path).absolute())
 
 
 def _merge_one(

@@ -58,13 +58,14 @@ class _Models:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             from omotool.errors import InputError
+            from omotool.io.adapters import is_adapter, load_adapter_model, tokenizer_folder
 
+            # a PEFT adapter folder (omotool train --lora-r) is its base with it merged in
+            load = load_adapter_model if is_adapter(path) else AutoModelForCausalLM.from_pretrained
             try:
                 options = load_options(self.placement)
-                model = placed(
-                    AutoModelForCausalLM.from_pretrained(path, **options), self.placement
-                )
-                tokenizer = AutoTokenizer.from_pretrained(path)
+                model = placed(load(path, **options), self.placement)
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path))
             except (OSError, ValueError) as error:
                 raise InputError(f"model {path} does not load: {error}") from None
             self.loaded[key] = (model, tokenizer)
@@ -95,6 +96,17 @@ class _Models:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def _fingerprint(path: str) -> str:
+    """The fingerprint of a model folder, or of an adapter folder (its base and weights)."""
+    from omotool.io.adapters import adapter_fingerprint, is_adapter
+    from omotool.io.reader import ModelReader, fingerprint
+
+    if is_adapter(path):
+        return adapter_fingerprint(path)
+    with ModelReader(path) as reader:
+        return fingerprint(reader)
 
 
 def run_task(
@@ -146,8 +158,6 @@ def run_suite(
     """The report of every model on every task (see module docstring); ``progress(what,
     done, total)`` follows the long parts (scoring, generation). ``device`` and ``dtype``
     (names, ``torch.device``/``torch.dtype``, or ``None``) override the suite's."""
-    from omotool.io.reader import ModelReader, fingerprint
-
     placement = suite_placement(suite, device, dtype)
     models = _Models(placement)
     shared = _shared(models, suite)
@@ -181,8 +191,7 @@ def run_suite(
                 "answers": answers,
             }
         models.release(keep=shared)  # this model is done: free it before loading the next
-        with ModelReader(path) as reader:
-            results[path] = {"path": path, "fingerprint": fingerprint(reader), "tasks": tasks}
+        results[path] = {"path": path, "fingerprint": _fingerprint(path), "tasks": tasks}
         results[path]["averages"] = _averages(tasks)
     if suite.baseline:
         base = results[suite.baseline]

@@ -38,7 +38,37 @@ from omotool.optim.zero_merging import Piece, ZeroFlat, set_up_zero_merging
 from omotool.optim.zero_runs import ZeroRuns
 
 
-class OnlineMerging(GivenGradNorm, torch.optim.Optimizer):
+class WrappedOptimizer(torch.optim.Optimizer):
+    """An optimizer around ``self.optimizer`` (set by the subclass's ``__init__``, which does
+    not call ``Optimizer.__init__``): ``torch.optim.Optimizer``'s attributes are the inner
+    optimizer's, so learning-rate schedulers and checkpoints see its param groups."""
+
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise UsageError("add parameter groups to the inner optimizer before wrapping it.")
+
+
+class OnlineMerging(GivenGradNorm, WrappedOptimizer):
     """Wraps ``optimizer`` (built on ``model.named_parameters()``) with online merging.
 
     The merge options (keyword arguments, declared in ``omotool.optim.options``) and
@@ -75,29 +105,6 @@ class OnlineMerging(GivenGradNorm, torch.optim.Optimizer):
         self.references, self.task_vector_fingerprint = set_up_merging(
             optimizer.param_groups, task_vector, self.options, nan_policy
         )
-
-    # torch.optim.Optimizer's attributes, forwarded to the inner optimizer.
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = groups
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        raise UsageError("add parameter groups to the inner optimizer before wrapping it.")
 
     def __repr__(self) -> str:
         return f"OnlineMerging({self.options}, {self.optimizer!r})"

@@ -24,6 +24,7 @@ from omotool.config import check_declared, default_of, flag
 from omotool.errors import OmoError, UsageError
 from omotool.train.algorithms import ALGORITHMS
 from omotool.train.deepspeed import check_deepspeed, deepspeed_config
+from omotool.train.lora import check_lora
 from omotool.train.options import (
     LOSS_TYPES,
     LR_SCHEDULERS,
@@ -68,6 +69,7 @@ def check_config(config: TrainConfig) -> None:
     if config.beta is not None and config.beta <= 0 and not algorithm.online:
         raise UsageError("--beta must be > 0.")  # (online: 0 drops the KL term)
     check_declared(config)
+    check_lora(config)
     check_merge_options(config)
     if config.merge != "none" and not (config.base or config.task_vector):
         raise UsageError(

@@ -42,7 +42,7 @@ _FIXED_DATA = [name for name in ALGORITHMS if name not in _SAMPLING]
 # --help panels
 DATA, ALGO, MERGE = "Model and data", "Algorithm", "Merging"
 ONLINE = "Online RL: " + ", ".join(_SAMPLING)
-OPTIM, RUN, DEVICES = "Optimizer", "Run", "Memory and devices"
+OPTIM, RUN, DEVICES, LORA = "Optimizer", "Run", "Memory and devices", "LoRA"
 _SAMPLES_NOTHING = "it learns from fixed examples, it samples no completions"
 
 
@@ -60,12 +60,15 @@ class TrainOption(MergeOption):
       ``arguments.TRL_VALUES`` converts it); each field has one owner (``trl_owner``), so
       ``--trl`` (the pass-through of any other field) refuses the owned ones, naming it.
     - ``optim``: the argument of ``OnlineMergingAdamW`` it sets.
+    - ``lora``: read only with ``--lora-r`` (LoRA on): a field of TRL's ``ModelConfig``, which
+      builds the adapter (``omotool.train.lora``).
     """
 
     lacks: str = ""
     online: bool = False
     trl: tuple[str, ...] = ()
     optim: str = ""
+    lora: bool = False
 
     def help_default(self, name: str, default: Any) -> str | None:
         if not self.lacks or default is not None:
@@ -289,6 +292,30 @@ class TrainOptions:
         None, "DeepSpeed ZeRO: zero1, zero2, zero3 (shipped configs) or a JSON/YAML config "
         "without an optimizer block (omotool provides it); with --merge none for now.", DEVICES,
         trl=("deepspeed",),
+    )  # fmt: skip
+
+    # LoRA (PEFT): TRL's ModelConfig names and defaults; omotool.train.lora builds the adapter.
+    lora_r: int | None = _opt(
+        None, "Train a LoRA adapter of this rank instead of every weight (the run folder then "
+        "holds a PEFT adapter over --model).", LORA, bounds=at_least(1),
+    )  # fmt: skip
+    lora_alpha: float = _opt(
+        32.0, "LoRA scale numerator: the update is (alpha/r)·B·A (alpha/√r with --use-rslora).",
+        LORA, bounds=above(0), lora=True,
+    )  # fmt: skip
+    lora_dropout: float = _opt(
+        0.05, "Dropout on the LoRA branch's input.", LORA, bounds=within("[0, 1)"), lora=True
+    )
+    lora_target_modules: str = _opt(
+        "all-linear", "Modules that get an adapter: all-linear (every linear layer but the "
+        "output head) or names, comma-separated: q_proj,v_proj.", LORA, lora=True,
+    )  # fmt: skip
+    use_rslora: bool = _opt(
+        False, "Rank-stabilised LoRA: scale alpha/√r instead of alpha/r.", LORA, lora=True
+    )
+    load_in_4bit: bool = _opt(
+        False, "QLoRA: load --model in 4 bits (bitsandbytes, CUDA only; not yet run by "
+        "omotool's tests).", LORA, lora=True,
     )  # fmt: skip
 
 

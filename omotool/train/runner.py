@@ -39,6 +39,8 @@ from omotool.train.deepspeed import (
     deepspeed_record,
     init_deepspeed_comm,
 )
+from omotool.train.lora import check_targets as check_lora_targets
+from omotool.train.lora import lora_merging_trainer, lora_on, model_load_options, peft_config
 from omotool.train.progress import is_main_process
 from omotool.train.rewards import load_reward, name_uniquely, parse_rewards, required_columns
 from omotool.train.trainer import completions_callback, metrics_callback, online_merging_trainer
@@ -229,7 +231,8 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     if config.deepspeed:
         init_deepspeed_comm()
     with _loading(config.model):  # its config.json: a wrong --model fails before anything runs
-        AutoConfig.from_pretrained(config.model)
+        model_config = AutoConfig.from_pretrained(config.model)
+    check_lora_targets(config, model_config)
     specs = parse_rewards(config.reward, config.reward_model) if algorithm.online else []
     # Verifiers and Python functions first (an import error before any data or model is read),
     # reward models once the data are checked; all before the policy loads.
@@ -266,14 +269,19 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     torch.manual_seed(config.seed)
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     with _loading(config.model):
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model, dtype=dtype, **model_load_options(config, dtype)
+        )
         tokenizer = AutoTokenizer.from_pretrained(config.model)
     metrics = metrics_callback(metrics_path)
     interrupt = Interrupt(every=generation_buffer_steps(arguments))  # a resumable checkpoint
-    trainer_class = online_merging_trainer(
-        algorithm.trainer_class(), tau, **optimizer_options(config)
+    merging = (
+        lora_merging_trainer if lora_on(config) and tau is not None else online_merging_trainer
     )
+    trainer_class = merging(algorithm.trainer_class(), tau, **optimizer_options(config))
     extra = {"reward_funcs": rewards} if algorithm.online else {}
+    if lora_on(config):  # TRL wraps the model in the adapter (omotool.train.lora)
+        extra["peft_config"] = peft_config(config)
     try:
         trainer = trainer_class(
             model=model,
