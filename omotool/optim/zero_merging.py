@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from omotool.errors import UsageError
 from omotool.optim.backends.base import TensorStep
-from omotool.optim.distributed import Shard
+from omotool.optim.distributed import Shard, shard_delta
 from omotool.optim.functional import MERGE_RULES, MergeOptions
 from omotool.optim.task_vector import FlatDelta
 from omotool.optim.zero_runs import Run, ZeroRuns
@@ -105,9 +105,8 @@ def zero_pieces(
                     continue
                 run = Run(name, start=0, offset=0, length=0)  # a part in the others' collectives
             shard = Shard(numel=layout.numel, offset=run.start, group=group) if shared else None
-            if reference is not None:
-                dense = reference.to_dense().reshape(-1)
-                reference = FlatDelta.from_dense(dense[run.start : run.start + run.length].clone())
+            if reference is not None:  # in the whole's form: alike on every rank
+                reference = shard_delta(reference, run.start, run.length)
                 reference.sq_norm  # noqa: B018 - computed once here, not read during a step
             pieces.append(Piece(name, run.offset, run.length, shard, reference))
         pieces.extend(_padding(flat.numel(), flat_runs))
