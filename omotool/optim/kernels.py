@@ -252,6 +252,15 @@ def dare_steps_(
     return float(squares.sum()), per_tensor.astype(np.int64)
 
 
+def _coprime_stride(n: int) -> int:
+    """A stride for a ``SAMPLE``-entry sample of ``n`` entries, coprime to ``n`` (as
+    ``sparsify.sample_stride``, for any ``n``)."""
+    stride = max(1, n // SAMPLE)
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    return stride
+
+
 @dataclass(frozen=True)
 class Candidates:
     """``ties_candidates_many``'s outputs: tensor t's items are ``item_first[t] :
@@ -325,6 +334,12 @@ def ties_steps_(
     (param_at, grad_at, m_at, v_at), sizes, scalars = _batch(tensors, adam)
     count = sizes.size
     strides = [sample_stride(int(n), SAMPLE) for n in sizes]
+    if shared is not None:  # a small shard samples too: its floor is its whole tensor's
+        small = shared.mask(count) & (sizes > 0) & np.array([s is None for s in strides])
+        strides = [
+            _coprime_stride(int(n)) if is_small else s
+            for n, s, is_small in zip(sizes, strides, small, strict=True)
+        ]
     sample_sizes = [
         0 if s is None else -(-int(n) // s) for n, s in zip(sizes, strides, strict=True)
     ]

@@ -10,7 +10,9 @@ copy of it without DeepSpeed; both see the same gradients (every rank takes the 
 DeepSpeed's average over the ranks is the gradient itself: (g/2 + g/2) is exact). After each
 step every run of every flat partition must hold the unsharded parameter's elements
 ``[start, start + length)``, and under ZeRO-2 the kept counts summed over the ranks must be the
-unsharded ones. The process stops (non-zero exit) at the first difference.
+unsharded ones. With the ``cpu`` backend under ZeRO-3, one ``step()`` makes a fixed number of
+collectives however many shared parameters it steps. The process stops (non-zero exit) at the
+first difference.
 """
 
 from __future__ import annotations
@@ -44,12 +46,46 @@ def named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def counting_collectives(optimizer: OnlineMergingAdamW, calls: list[int]) -> None:
+    """Append to ``calls``, per ``optimizer.step()``, how many all-reduces and all-gathers it
+    made (DeepSpeed's own collectives run outside it)."""
+    inner = optimizer.step
+
+    def step(*args, **kwargs):
+        calls.append(0)
+        originals = dist.all_reduce, dist.all_gather
+
+        def counted(collective):
+            def call(*a, **k):
+                calls[-1] += 1
+                return collective(*a, **k)
+
+            return call
+
+        dist.all_reduce, dist.all_gather = (counted(c) for c in originals)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            dist.all_reduce, dist.all_gather = originals
+
+    optimizer.step = step
+
+
 def check(
-    stage: int, method: str, backend: str, online_step: int = 1, expect_empty_piece: bool = False
+    stage: int,
+    method: str,
+    backend: str,
+    online_step: int = 1,
+    expect_empty_piece: bool = False,
+    sub_group_size: int = 40,
+    most_collectives: int | None = None,
 ) -> None:
+    """Train under ZeRO-``stage`` beside the unsharded copy (module docstring); with
+    ``most_collectives``, no ``step()`` may make more collectives than that, however many
+    shared parameters it steps (the shards' top-k is agreed for all of them at once)."""
     import deepspeed
 
-    label = f"ZeRO-{stage} {method} {backend} K={online_step}"
+    label = f"ZeRO-{stage} {method} {backend} K={online_step} sub-group {sub_group_size}"
     torch.manual_seed(0)
     model = TinyModel()
     plain = copy.deepcopy(model)
@@ -63,7 +99,7 @@ def check(
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage, "sub_group_size": 40},  # ZeRO-3: 4 sub-groups
+        "zero_optimization": {"stage": stage, "sub_group_size": sub_group_size},  # ZeRO-3
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1; the copy is not clipped
     }
@@ -72,6 +108,12 @@ def check(
     optimizer.attach_zero_runs(runs)
     straddling = [n for n, layout in runs.params.items() if len(layout.ranks) > 1]
     assert straddling, f"{label}: no parameter straddles the ranks"
+    calls: list[int] = []
+    if most_collectives is not None:
+        shared = [p for zero in optimizer._zero_flats.values() for p in zero.pieces if p.shard]
+        # Per shared parameter (three collectives each, as before batching) would be more.
+        assert 3 * len(shared) > most_collectives + 1, (label, len(shared))
+        counting_collectives(optimizer, calls)
     if expect_empty_piece:  # this rank's part in the top-k of a parameter it does not hold
         pieces = [p for zero in optimizer._zero_flats.values() for p in zero.pieces]
         empty = torch.tensor([float(any(p.length == 0 and p.name for p in pieces))])
@@ -100,6 +142,8 @@ def check(
             kept = torch.tensor([float(optimizer.last_stats.kept)])
             dist.all_reduce(kept)
             assert kept.item() == float(unsharded.last_stats.kept), (label, step, kept.item())
+    if most_collectives is not None:
+        assert calls and max(calls) <= most_collectives, (label, calls)
     engine.destroy()
 
 
@@ -117,6 +161,10 @@ def main() -> None:
                 for backend in ("reference", "torch", "cpu"):
                     check(stage, method, backend)
         check(2, "ties", "torch", online_step=2)  # step-K: the cache, cut per run as the moments
+        # One step() of every shared parameter: the finite check, then the top-k agreement
+        # of all shards (the floors' all-reduce, two all-gathers); OnDARE needs none.
+        check(3, "ties", "cpu", sub_group_size=10**9, most_collectives=4)
+        check(3, "dare", "cpu", sub_group_size=10**9, most_collectives=1)
     dist.barrier()
     dist.destroy_process_group()
 
