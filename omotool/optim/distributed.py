@@ -18,6 +18,7 @@ Replicated DTensors (and plain tensors, e.g. under DDP) need none of this.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,6 +237,7 @@ def sharded_thresholds(
     floors: np.ndarray,
     ks: np.ndarray,
     group: Any,
+    take: Callable[[str, int, torch.dtype], torch.Tensor] | None = None,
 ) -> ShardSelections:
     """The exact top-k of many sharded tensors at once, in two gathers for all of them.
 
@@ -244,8 +246,13 @@ def sharded_thresholds(
     in index order) are given, and ``ties[j]`` entries equal to it; ``ks[j]``: the whole
     tensor's k. Every rank gathers every rank's counts, then magnitudes, and finds the same
     k-th largest of each tensor (one sort of all of them); ties at it go to the lowest global
-    indices (lower ranks hold lower offsets), as in ``magnitude_mask``.
+    indices (lower ranks hold lower offsets), as in ``magnitude_mask``. ``take(purpose,
+    numel, dtype)``: a reusable 1-D CPU buffer (``Workspace.take``) for the gathered
+    magnitudes and their sort keys, so that they are held and counted (``memory_report``);
+    by default they are temporaries.
     """
+    if take is None:
+        take = lambda _, numel, dtype: torch.empty(numel, dtype=dtype)  # noqa: E731
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     device, tensors = group_device(group), len(ks)
     mine = torch.from_numpy(np.stack([counts, ties], axis=1).astype(np.int64)).to(device)
@@ -254,14 +261,23 @@ def sharded_thresholds(
     per_rank = torch.stack(gathered_counts).cpu().numpy()  # [rank, tensor, (above, ties)]
     above_floor, at_floor = per_rank[:, :, 0], per_rank[:, :, 1]
     sizes = above_floor.sum(axis=1)
-    padded = torch.zeros(int(sizes.max(initial=0)), device=device)
+    width = max(1, int(sizes.max(initial=0)))
+    rows = take("shard_candidates", (world + 1) * width, torch.float32).view(world + 1, width)
+    padded = rows[world]
     padded[: magnitudes.size] = torch.from_numpy(magnitudes)
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded, group=group)
+    padded[magnitudes.size :] = 0.0
+    if device.type == "cpu":
+        gathered = list(rows[:world].unbind())
+        dist.all_gather(gathered, padded, group=group)
+    else:
+        gathered = [torch.empty(width, device=device) for _ in range(world)]
+        dist.all_gather(gathered, padded.to(device), group=group)
     # Magnitudes as (tensor, float32 bits) keys: bits of non-negative floats sort as values.
     owner = [np.repeat(np.arange(tensors, dtype=np.int64), above_floor[r]) for r in range(world)]
     bits = [g.cpu().numpy()[: sizes[r]].view(np.int32) for r, g in enumerate(gathered)]
-    keys = np.sort(np.concatenate([(o << 32) | b for o, b in zip(owner, bits, strict=True)]))
+    keys = take("shard_keys", int(sizes.sum()), torch.long).numpy()
+    np.concatenate([(o << 32) | b for o, b in zip(owner, bits, strict=True)], out=keys)
+    keys.sort()
     total_above, total_ties = above_floor.sum(axis=0), at_floor.sum(axis=0)
     ends = np.cumsum(total_above)
     inside = (total_above >= ks) & (ks > 0)  # the k-th largest is a candidate

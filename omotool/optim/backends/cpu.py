@@ -185,7 +185,8 @@ def batched_ties_step_(
     total = sum(e.work.numel() for e in entries)
     like = torch.empty(1).expand(total)  # only its size and device are used
     buffers = workspace.get("index", like, torch.long), workspace.get("values", like)
-    shared = ShardTopK([e.shard for e in entries]) if any(e.shard for e in entries) else None
+    shards = [e.shard for e in entries]
+    shared = ShardTopK(shards, workspace) if any(shards) else None
     short, totals = kernels.ties_steps_(
         [_moments(e) for e in entries],
         [None if e.reference is None else (e.reference.indices, e.reference.values)

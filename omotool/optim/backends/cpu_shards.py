@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from omotool.optim.distributed import Shard, agree_floors_, sharded_thresholds
+from omotool.optim.functional import Workspace
 from omotool.optim.kernels import Candidates
 
 _NOTHING = np.int32(0x7FFFFFFF)  # a threshold no magnitude reaches (cpu_kernels.MAGNITUDE_BITS)
@@ -38,8 +39,9 @@ class ShardTopK:
     t's shard, or None for a whole tensor). After the step, ``kept[t]`` is how many entries
     shard t kept here and ``short[t]`` whether it was left to the caller."""
 
-    def __init__(self, shards: list[Shard | None]) -> None:
+    def __init__(self, shards: list[Shard | None], workspace: Workspace) -> None:
         self.shards = shards
+        self.workspace = workspace
         self.groups: dict[int, tuple[Any, list[int]]] = {}  # in order of first appearance
         for t, shard in enumerate(shards):
             if shard is not None:
@@ -90,6 +92,7 @@ class ShardTopK:
             found = sharded_thresholds(
                 magnitudes, per_tensor.astype(np.int64), ties.astype(np.int64),
                 c.floors[tensors], np.asarray([self.whole_keep[t] for t in positions]), group,
+                self._take,
             )  # fmt: skip
             at_floor = found.thresholds == c.floors[tensors]  # ties counted, not candidates
             nothing = found.short | (found.kept == 0)
@@ -107,6 +110,9 @@ class ShardTopK:
                 if at_floor[j] and not nothing[j] and found.ties[j]:
                     a, z = firsts[j], lasts[j]
                     _share_in_order(c.ties[a:z], int(found.ties[j]), tie_keep[a:z])
+
+    def _take(self, purpose: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.workspace.take(purpose, numel, dtype, torch.device("cpu"))
 
 
 def _first_counts(flags: np.ndarray, owner: np.ndarray, tensors: int) -> np.ndarray:
