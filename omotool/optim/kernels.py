@@ -252,10 +252,11 @@ def dare_steps_(
     return float(squares.sum()), per_tensor.astype(np.int64)
 
 
-def _coprime_stride(n: int) -> int:
-    """A stride for a ``SAMPLE``-entry sample of ``n`` entries, coprime to ``n`` (as
-    ``sparsify.sample_stride``, for any ``n``)."""
-    stride = max(1, n // SAMPLE)
+def _coprime_stride(n: int, size: int = SAMPLE // 4) -> int:
+    """A stride for a ``size``-entry sample of ``n`` entries, coprime to ``n`` (as
+    ``sparsify.sample_stride``, for any ``n``). A small shard's sample is smaller than a large
+    tensor's: its floor only bounds the candidates, which an exact selection then ranks."""
+    stride = max(1, n // size)
     while math.gcd(stride, n) != 1:
         stride += 1
     return stride
