@@ -79,21 +79,26 @@ def check(
     expect_empty_piece: bool = False,
     sub_group_size: int = 40,
     most_collectives: int | None = None,
+    eps: float | None = None,
 ) -> None:
     """Train under ZeRO-``stage`` beside the unsharded copy (module docstring); with
     ``most_collectives``, no ``step()`` may make more collectives than that, however many
-    shared parameters it steps (the shards' top-k is agreed for all of them at once)."""
+    shared parameters it steps (the shards' top-k is agreed for all of them at once). ``eps``:
+    Adam's, where not ``SETTINGS``'; a tiny one makes the first update ``±lr`` at every entry
+    with a gradient: the top-k is decided among exact ties, which go to the lowest indices
+    across the ranks."""
     import deepspeed
 
-    label = f"ZeRO-{stage} {method} {backend} K={online_step} sub-group {sub_group_size}"
+    label = f"ZeRO-{stage} {method} {backend} K={online_step} sub-group {sub_group_size} {eps=}"
     torch.manual_seed(0)
     model = TinyModel()
     plain = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(1)
     tau = {n: torch.randn(p.shape, generator=generator) * 0.05 for n, p in named(model)}
     options = dict(
-        task_vector=tau, method=method, backend=backend, online_step=online_step, **SETTINGS
-    )
+        task_vector=tau, method=method, backend=backend, online_step=online_step,
+        **{**SETTINGS, **({} if eps is None else {"eps": eps})},
+    )  # fmt: skip
     unsharded = OnlineMergingAdamW(named(plain), **options)
     optimizer = OnlineMergingAdamW(named(model), **options)
     config = {
@@ -165,6 +170,10 @@ def main() -> None:
         # of all shards (the floors' all-reduce, two all-gathers); OnDARE needs none.
         check(3, "ties", "cpu", sub_group_size=10**9, most_collectives=4)
         check(3, "dare", "cpu", sub_group_size=10**9, most_collectives=1)
+        # The top-k among exact ties (the first step's ±lr; with 2 ranks the averaged
+        # gradient is exact, so the ties are exact on both sides).
+        for stage in (2, 3):
+            check(stage, "ties", "cpu", sub_group_size=10**9, eps=1e-30)
     dist.barrier()
     dist.destroy_process_group()
 
