@@ -279,6 +279,18 @@ class Candidates:
     base: np.ndarray
 
 
+@dataclass(frozen=True)
+class Selection:
+    """``ties_thresholds``'s outputs, per tensor: ``short``, the ``thresholds`` (float32
+    bits) and ``cutoffs`` (the last index kept at the threshold among candidates); per item:
+    ``tie_keep`` (how many entries equal to the floor it keeps)."""
+
+    short: np.ndarray
+    thresholds: np.ndarray
+    cutoffs: np.ndarray
+    tie_keep: np.ndarray
+
+
 class SharedTopK(Protocol):
     """How the ranks holding shards of the same tensors agree on each whole tensor's top-k
     inside ``ties_steps_`` (``backends.cpu_shards``)."""
@@ -292,16 +304,8 @@ class SharedTopK(Protocol):
     def mask(self, count: int) -> np.ndarray:
         """Which of the ``count`` tensors are shards (bool)."""
 
-    def select_(
-        self,
-        candidates: Candidates,
-        short: np.ndarray,
-        thresholds: np.ndarray,
-        cutoffs: np.ndarray,
-        tie_keep: np.ndarray,
-    ) -> None:
-        """The shards' ``short``, ``thresholds``, ``cutoffs`` and ``tie_keep`` (as
-        ``ties_thresholds`` sets them) from the whole tensors' top-k."""
+    def select_(self, candidates: Candidates, selection: Selection) -> None:
+        """The shards' entries of ``selection`` from their whole tensors' top-k."""
 
 
 def ties_steps_(
@@ -389,8 +393,8 @@ def ties_steps_(
     if shared is not None:
         shared.select_(
             Candidates(out_i, out_v, counts, ties, floors, item_first, item_start, base),
-            short, thresholds, cutoffs, tie_keep,
-        )  # fmt: skip
+            Selection(short, thresholds, cutoffs, tie_keep),
+        )
     ref_index_at, ref_value_at, ref_count = _references(references)
     stats = np.zeros((item_tensor.size, 4))
     _, _, _, bias2, eps, step_size = scalars

@@ -29,7 +29,7 @@ import torch
 
 from omotool.optim.distributed import Shard, agree_floors_, sharded_thresholds
 from omotool.optim.functional import Workspace
-from omotool.optim.kernels import Candidates
+from omotool.optim.kernels import Candidates, Selection
 
 _NOTHING = np.int32(0x7FFFFFFF)  # a threshold no magnitude reaches (cpu_kernels.MAGNITUDE_BITS)
 
@@ -66,15 +66,10 @@ class ShardTopK:
             agree_floors_(agreed, group)
             floors[positions] = agreed.numpy()
 
-    def select_(
-        self,
-        candidates: Candidates,
-        short: np.ndarray,
-        thresholds: np.ndarray,
-        cutoffs: np.ndarray,
-        tie_keep: np.ndarray,
-    ) -> None:
+    def select_(self, candidates: Candidates, selection: Selection) -> None:
         c = candidates
+        short, thresholds = selection.short, selection.thresholds
+        cutoffs, tie_keep = selection.cutoffs, selection.tie_keep
         for group, positions in self.groups.values():
             tensors = np.asarray(positions, dtype=np.int64)
             firsts, lasts = c.item_first[tensors], c.item_first[tensors + 1]
