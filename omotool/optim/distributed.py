@@ -9,8 +9,10 @@ row-major flattened tensor. With that geometry:
 - ``T = F(τ)`` is computed from the whole τ (one tensor at a time, at set-up) and each rank keeps
   its run only;
 - the TIES top-k is the top-k of the whole tensor: its exact threshold comes from the union of
-  the ranks' local candidates (``sharded_magnitude_mask``), or, in the ``triton`` backend,
-  from radix-select histograms summed over the ranks (``all_reduce_on_device``); ties at the
+  the ranks' local candidates (``sharded_magnitude_mask``), or, for all shards of a step at
+  once, from the ranks' candidates above an agreed floor (``agree_floors_``,
+  ``sharded_thresholds``: the ``cpu`` backend), or, in the ``triton`` backend, from
+  radix-select histograms summed over the ranks (``all_reduce_on_device``); ties at the
   threshold go to the lowest global indices, as in ``omotool.merging.magnitude_mask``.
 Replicated DTensors (and plain tensors, e.g. under DDP) need none of this.
 """

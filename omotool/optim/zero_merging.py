@@ -7,8 +7,10 @@ rank of the data-parallel group shares (the flat's param group, in DeepSpeed's o
 - a run ``Run(name, start, offset, length)`` of a parameter held by several ranks is a
   ``distributed.Shard(numel, offset=start, group)`` of that parameter: DARE masks are drawn
   over the whole parameter and keyed by global element offset, ``T = F(τ)`` of the whole
-  parameter is sliced by ``[start, start + length)``, the OnTIES top-k is that of the whole
-  parameter (``sharded_magnitude_mask`` over the group). Within a parameter lower ranks hold
+  parameter is sliced by ``[start, start + length)`` (in the whole's form, so that every rank
+  batches its pieces alike), the OnTIES top-k is that of the whole parameter (agreed for all
+  shared pieces of a step at once in the ``cpu`` backend, ``backends.cpu_shards``; piece by
+  piece, ``sharded_magnitude_mask``, in the others). Within a parameter lower ranks hold
   lower elements (ZeRO-1/2: the flat buffer is split in rank order; ZeRO-3: rank ``r`` holds
   ``[r·ps, (r+1)·ps)``), which is what the shard's tie-break assumes;
 - a run of a parameter held by this rank alone is the whole parameter (no shard, no collective);
