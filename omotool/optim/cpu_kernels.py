@@ -186,31 +186,44 @@ def dare_kept(key, n, first_chunk, log_drop, counts, starts, out, rows):
 
 @kernel
 def dare_steps(
-    g_at, m_at, v_at, p_at, sizes, item_tensor, item_start, keys, log_drop, ref_index_at,
-    ref_value_at, ref_count, w1, b2, w2, bias2, eps, step_size, density, w, alpha, squares,
-    kept_counts, offset_rows,
+    g_at, m_at, v_at, p_at, sizes, origins, item_tensor, item_start, keys, log_drop,
+    ref_index_at, ref_value_at, ref_count, w1, b2, w2, bias2, eps, step_size, density, w, alpha,
+    squares, kept_counts, offset_rows,
 ):  # fmt: skip
     """OnDARE per chunk: ``m, v`` advanced everywhere, then, while they are in cache,
     ``θ_i += w·Δθ_i/density`` at the chunk's ``chunk_kept(keys[t], …)`` entries and ``θ_j +=
     α·T_j``. ``squares[item]``: ``Σ (Δθ_i/density)²`` over the kept entries,
-    ``kept_counts[item]`` their count; ``offset_rows``: int32 per thread."""
+    ``kept_counts[item]`` their count; ``offset_rows``: int32 per thread.
+
+    ``origins[t]``: where tensor t's entry 0 sits in its whole tensor (a shard's offset; 0
+    for a whole tensor). Items are the whole tensor's chunks (``kernels._items``): a chunk's
+    mask is drawn from the whole chunk's first entry and cut to the shard, so a shard keeps
+    exactly the entries the whole tensor's mask keeps there."""
     for item in prange(item_tensor.size):
-        t, n, lo, hi = chunk_of(item, item_tensor, item_start, sizes)
+        t, n, lo, _ = chunk_of(item, item_tensor, item_start, sizes)
+        origin = origins[t]
+        start = (origin + lo) // CHUNK * CHUNK  # the whole tensor's chunk holding entry lo
+        hi = min(n, start + CHUNK - origin)
         gc, mc = floats(g_at[t], n)[lo:hi], floats(m_at[t], n)[lo:hi]
         vc, pc = floats(v_at[t], n)[lo:hi], floats(p_at[t], n)[lo:hi]
         offsets = offset_rows[get_thread_id()]
-        count = chunk_kept(keys[t], lo, hi, log_drop, offsets)
+        count = chunk_kept(keys[t], start, origin + hi, log_drop, offsets)
+        skip = origin + lo - start  # the chunk's entries before this shard
         a1, c2, a2 = w1[t], b2[t], w2[t]
         for i in range(hi - lo):
             mc[i], vc[i] = moments(gc[i], mc[i], vc[i], a1, c2, a2)
         scale, bias, tiny = step_size[t], bias2[t], eps[t]
         total = 0.0
+        kept = 0
         for j in range(count):
-            i = offsets[j]
-            kept = direction(mc[i], vc[i], bias, tiny, scale) / density
-            pc[i] += kept * w
-            total += float(kept) * float(kept)
-        squares[item], kept_counts[item] = total, count
+            i = offsets[j] - skip
+            if i < 0:
+                continue
+            kept += 1
+            update = direction(mc[i], vc[i], bias, tiny, scale) / density
+            pc[i] += update * w
+            total += float(update) * float(update)
+        squares[item], kept_counts[item] = total, kept
         if ref_count[t] > 0:
             ref_at, ref_of, first, stop = reference_run(
                 ref_index_at, ref_value_at, ref_count, t, lo, hi

@@ -9,8 +9,10 @@ row-major flattened tensor. With that geometry:
 - ``T = F(τ)`` is computed from the whole τ (one tensor at a time, at set-up) and each rank keeps
   its run only;
 - the TIES top-k is the top-k of the whole tensor: its exact threshold comes from the union of
-  the ranks' local candidates (``sharded_magnitude_mask``), or, in the ``triton`` backend,
-  from radix-select histograms summed over the ranks (``all_reduce_on_device``); ties at the
+  the ranks' local candidates (``sharded_magnitude_mask``), or, for all shards of a step at
+  once, from the ranks' candidates above an agreed floor (``agree_floors_``,
+  ``sharded_thresholds``: the ``cpu`` backend), or, in the ``triton`` backend, from
+  radix-select histograms summed over the ranks (``all_reduce_on_device``); ties at the
   threshold go to the lowest global indices, as in ``omotool.merging.magnitude_mask``.
 Replicated DTensors (and plain tensors, e.g. under DDP) need none of this.
 """
@@ -18,14 +20,17 @@ Replicated DTensors (and plain tensors, e.g. under DDP) need none of this.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from omotool.errors import UsageError
 from omotool.merging import kept_count, kth_largest
+from omotool.optim.task_vector import FlatDelta
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,23 @@ class Shard:
 
     def local_part(self, whole: torch.Tensor, local_numel: int) -> torch.Tensor:
         return whole.reshape(-1)[self.offset : self.offset + local_numel]
+
+
+def shard_delta(
+    whole: FlatDelta, start: int, length: int, shape: tuple[int, ...] | None = None
+) -> FlatDelta:
+    """The entries ``[start, start + length)`` of a whole tensor's ``T``, in the whole's form:
+    sparse (local int32 indices) where the whole is sparse, else dense (of ``shape``, or
+    1-D). So every rank of a group holds its part of a tensor in the same form, whatever its
+    part's density: the batched steps decide by that form, alike on every rank."""
+    if whole.indices is None:
+        values = whole.values.reshape(-1)[start : start + length].clone()
+        return FlatDelta(values.view(shape or (length,)), None, length)
+    indices = whole.indices.long()
+    bounds = torch.tensor([start, start + length], dtype=indices.dtype)
+    lo, hi = torch.searchsorted(indices, bounds).tolist()
+    dtype = torch.int32 if length < 2**31 else torch.long
+    return FlatDelta(whole.values[lo:hi].clone(), (indices[lo:hi] - start).to(dtype), length)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -181,3 +203,105 @@ def _all_gather_ragged(values: torch.Tensor, group: Any) -> torch.Tensor:
     dist.all_gather(pieces, padded, group=group)
     whole = torch.cat([piece[:count] for piece, count in zip(pieces, counts, strict=True)])
     return whole.to(values.device)
+
+
+@dataclass(frozen=True)
+class ShardSelections:
+    """Each sharded tensor's part of its whole tensor's top-k (``sharded_thresholds``), one
+    entry per tensor: keep this rank's entries above ``thresholds`` and the first ``ties`` of
+    its entries equal to it, in index order (``kept`` is how many that is here). ``short``:
+    the candidates held fewer than k entries (nothing is decided: select from the whole
+    update); a tensor whose k is 0 keeps nothing (threshold ``inf``)."""
+
+    thresholds: np.ndarray  # float32
+    ties: np.ndarray  # int64
+    kept: np.ndarray  # int64
+    short: np.ndarray  # bool
+
+
+def agree_floors_(floors: torch.Tensor, group: Any) -> None:
+    """The least of every rank's ``floors`` (float32, one per sharded tensor, in an order
+    every rank shares), in place: one all-reduce for all of them. A rank that holds nothing
+    of a tensor gives ``inf``.
+
+    Each rank's floor lies at or below its ``⌈k·n_local/n⌉``-th largest entry (a sampled
+    floor), so the least of them lies at or below the k-th largest of the whole tensor: the
+    ranks' entries above it hold the whole top-k."""
+    moved = floors.to(group_device(group))
+    dist.all_reduce(moved, op=dist.ReduceOp.MIN, group=group)
+    floors.copy_(moved)
+
+
+def sharded_thresholds(
+    magnitudes: np.ndarray,
+    counts: np.ndarray,
+    ties: np.ndarray,
+    floors: np.ndarray,
+    ks: np.ndarray,
+    group: Any,
+    take: Callable[[str, int, torch.dtype], torch.Tensor] | None = None,
+) -> ShardSelections:
+    """The exact top-k of many sharded tensors at once, in two gathers for all of them.
+
+    Tensor j's ranks share the floor ``floors[j]`` (``agree_floors_``); this rank holds
+    ``counts[j]`` entries above it, whose ``magnitudes`` (float32, tensor after tensor, each
+    in index order) are given, and ``ties[j]`` entries equal to it; ``ks[j]``: the whole
+    tensor's k. Every rank gathers every rank's counts, then magnitudes, and finds the same
+    k-th largest of each tensor (one sort of all of them); ties at it go to the lowest global
+    indices (lower ranks hold lower offsets), as in ``magnitude_mask``. ``take(purpose,
+    numel, dtype)``: a reusable 1-D CPU buffer (``Workspace.take``) for the gathered
+    magnitudes and their sort keys, so that they are held and counted (``memory_report``);
+    by default they are temporaries.
+    """
+    if take is None:
+        take = lambda _, numel, dtype: torch.empty(numel, dtype=dtype)  # noqa: E731
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    device, tensors = group_device(group), len(ks)
+    mine = torch.from_numpy(np.stack([counts, ties], axis=1).astype(np.int64)).to(device)
+    gathered_counts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered_counts, mine, group=group)
+    per_rank = torch.stack(gathered_counts).cpu().numpy()  # [rank, tensor, (above, ties)]
+    above_floor, at_floor = per_rank[:, :, 0], per_rank[:, :, 1]
+    sizes = above_floor.sum(axis=1)
+    width = max(1, int(sizes.max(initial=0)))
+    rows = take("shard_candidates", (world + 1) * width, torch.float32).view(world + 1, width)
+    padded = rows[world]
+    padded[: magnitudes.size] = torch.from_numpy(magnitudes)
+    padded[magnitudes.size :] = 0.0
+    if device.type == "cpu":
+        gathered = list(rows[:world].unbind())
+        dist.all_gather(gathered, padded, group=group)
+    else:
+        gathered = [torch.empty(width, device=device) for _ in range(world)]
+        dist.all_gather(gathered, padded.to(device), group=group)
+    # Magnitudes as (tensor, float32 bits) keys: bits of non-negative floats sort as values.
+    owner = [np.repeat(np.arange(tensors, dtype=np.int64), above_floor[r]) for r in range(world)]
+    bits = [g.cpu().numpy()[: sizes[r]].view(np.int32) for r, g in enumerate(gathered)]
+    keys = take("shard_keys", int(sizes.sum()), torch.long).numpy()
+    np.concatenate([(o << 32) | b for o, b in zip(owner, bits, strict=True)], out=keys)
+    keys.sort()
+    total_above, total_ties = above_floor.sum(axis=0), at_floor.sum(axis=0)
+    ends = np.cumsum(total_above)
+    inside = (total_above >= ks) & (ks > 0)  # the k-th largest is a candidate
+    at_floor_only = ~inside & (total_above + total_ties >= ks) & (ks > 0)
+    short = ~inside & ~at_floor_only & (ks > 0)
+    threshold_bits = np.full(tensors, np.float32(np.inf).view(np.int32), dtype=np.int64)
+    picked = keys[np.where(inside, ends - ks, 0)] & 0xFFFFFFFF if keys.size else threshold_bits
+    threshold_bits = np.where(inside, picked, threshold_bits)
+    threshold_bits = np.where(
+        at_floor_only, floors.astype(np.float32).view(np.int32), threshold_bits
+    )
+    equal = np.zeros((world, tensors), dtype=np.int64)
+    above = np.zeros((world, tensors), dtype=np.int64)
+    for r in range(world):
+        limit = threshold_bits[owner[r]]
+        equal[r] = np.bincount(owner[r][bits[r] == limit], minlength=tensors)
+        above[r] = np.bincount(owner[r][bits[r] > limit], minlength=tensors)
+    equal = np.where(at_floor_only, at_floor, equal)
+    above = np.where(at_floor_only, above_floor, above)
+    before = equal[:rank].sum(axis=0)
+    take = np.clip(ks - above.sum(axis=0) - before, 0, equal[rank])
+    take = np.where(short | (ks <= 0), 0, take)
+    kept = np.where(short | (ks <= 0), 0, above[rank] + take)
+    thresholds = threshold_bits.astype(np.int32).view(np.float32)
+    return ShardSelections(thresholds, take, kept, short)

@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -166,13 +168,21 @@ def _log_drop(density: float) -> float:
     return math.log1p(-density) if density < 1 else -math.inf
 
 
-def _items(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Work items (tensor, first entry) of ``CHUNK`` entries, and each tensor's first item."""
-    chunks = (sizes + CHUNK - 1) // CHUNK
+def _items(
+    sizes: np.ndarray, origins: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Work items (tensor, first entry) of ``CHUNK`` entries, and each tensor's first item.
+    With ``origins`` (where each tensor's entry 0 sits in its whole tensor: a shard's
+    offset), the items are the parts of the whole tensor's chunks that the tensor holds."""
+    if origins is None:
+        origins = np.zeros_like(sizes)
+    head = origins % CHUNK  # entries of the first whole chunk before the tensor
+    chunks = np.where(sizes > 0, (head + sizes + CHUNK - 1) // CHUNK, 0)
     item_tensor = np.repeat(np.arange(sizes.size, dtype=np.int64), chunks)
     item_first = np.zeros(sizes.size + 1, dtype=np.int64)
     np.cumsum(chunks, out=item_first[1:])
     item_start = (np.arange(item_tensor.size, dtype=np.int64) - item_first[item_tensor]) * CHUNK
+    item_start = np.maximum(item_start - head[item_tensor], 0)
     return item_tensor, item_start, item_first
 
 
@@ -212,30 +222,90 @@ def dare_steps_(
     density: float,
     weight: float,
     alpha: float,
+    origins: list[int] | None = None,
 ) -> tuple[float, np.ndarray]:
     """OnDARE over many tensors in one call: moments, a fresh mask, ``θ += w·Δθ/d + α·T``.
 
     ``tensors[t] = (param, grad, exp_avg, exp_avg_sq)``; ``keys[t]`` keys tensor t's mask,
     which keeps each entry with probability ``keep`` (``dare_kept_indices`` gives its
     indices); ``density``: the rescale divisor ``d``; ``references[t] = (int32 sorted indices,
-    values)`` of ``T`` or None; ``adam[t] = (step, lr, beta1, beta2, eps)``. Returns
-    ``Σ (Δθ[i]/density)²`` over all kept entries and the kept count per tensor.
+    values)`` of ``T`` or None; ``adam[t] = (step, lr, beta1, beta2, eps)``; ``origins[t]``:
+    where tensor t starts in its whole tensor (a shard's offset; default 0), whose mask it
+    keeps its part of. Returns ``Σ (Δθ[i]/density)²`` over all kept entries and the kept
+    count per tensor.
     """
     (param_at, grad_at, m_at, v_at), sizes, scalars = _batch(tensors, adam)
-    item_tensor, item_start, _ = _items(sizes)
+    starts = np.zeros_like(sizes) if origins is None else np.asarray(origins, dtype=np.int64)
+    item_tensor, item_start, _ = _items(sizes, starts)
     ref_index_at, ref_value_at, ref_count = _references(references)
     w1, b2, w2, bias2, eps, step_size = scalars
     squares = np.zeros(item_tensor.size)
     kept = np.zeros(item_tensor.size, dtype=np.int64)
     _match_torch_threads()
     _compiled().dare_steps(
-        grad_at, m_at, v_at, param_at, sizes, item_tensor, item_start,
+        grad_at, m_at, v_at, param_at, sizes, starts, item_tensor, item_start,
         np.asarray(keys, dtype=np.int64), _log_drop(keep), ref_index_at, ref_value_at,
         ref_count, w1, b2, w2, bias2, eps, step_size, np.float32(density), np.float32(weight),
         np.float32(alpha), squares, kept, _thread_rows("offsets"),
     )  # fmt: skip
     per_tensor = np.bincount(item_tensor, weights=kept, minlength=sizes.size)
     return float(squares.sum()), per_tensor.astype(np.int64)
+
+
+def _coprime_stride(n: int, size: int = SAMPLE // 4) -> int:
+    """A stride for a ``size``-entry sample of ``n`` entries, coprime to ``n`` (as
+    ``sparsify.sample_stride``, for any ``n``). A small shard's sample is smaller than a large
+    tensor's: its floor only bounds the candidates, which an exact selection then ranks."""
+    stride = max(1, n // size)
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    return stride
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """``ties_candidates_many``'s outputs: tensor t's items are ``item_first[t] :
+    item_first[t + 1]``; item a's candidates (flat index, ``Δθ``) are ``out_i``/``out_v``
+    from ``base[t] + item_start[a]``, ``counts[a]`` of them; ``ties[a]`` entries equal the
+    floor."""
+
+    out_i: np.ndarray
+    out_v: np.ndarray
+    counts: np.ndarray
+    ties: np.ndarray
+    floors: np.ndarray
+    item_first: np.ndarray
+    item_start: np.ndarray
+    base: np.ndarray
+
+
+@dataclass(frozen=True)
+class Selection:
+    """``ties_thresholds``'s outputs, per tensor: ``short``, the ``thresholds`` (float32
+    bits) and ``cutoffs`` (the last index kept at the threshold among candidates); per item:
+    ``tie_keep`` (how many entries equal to the floor it keeps)."""
+
+    short: np.ndarray
+    thresholds: np.ndarray
+    cutoffs: np.ndarray
+    tie_keep: np.ndarray
+
+
+class SharedTopK(Protocol):
+    """How the ranks holding shards of the same tensors agree on each whole tensor's top-k
+    inside ``ties_steps_`` (``backends.cpu_shards``)."""
+
+    def floor_keep(self, keep: list[int], sizes: np.ndarray) -> list[int]:
+        """The k each tensor's sampled floor is drawn for (a shard: its share of k)."""
+
+    def floors_(self, floors: np.ndarray, sizes: np.ndarray) -> None:
+        """Make the shards' floors their whole tensors' (the same on every rank)."""
+
+    def mask(self, count: int) -> np.ndarray:
+        """Which of the ``count`` tensors are shards (bool)."""
+
+    def select_(self, candidates: Candidates, selection: Selection) -> None:
+        """The shards' entries of ``selection`` from their whole tensors' top-k."""
 
 
 def ties_steps_(
@@ -248,6 +318,7 @@ def ties_steps_(
     density: float,
     alpha: float,
     weighted: bool,
+    shared: SharedTopK | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """OnTIES for many tensors: moments, exact top-``keep[t]`` of ``|Δθ|``, TIES merge with T.
 
@@ -259,6 +330,8 @@ def ties_steps_(
     receive candidates are touched). Returns ``(short, stats)``: ``short[t]`` when the floor
     was above the k-th largest (moments advanced, nothing applied: select from the whole
     ``Δθ``), and the totals (overlap, conflicts, Σ kept², Σ T² kept).
+    ``shared``: where some tensors are shards of whole tensors, how their ranks agree on the
+    whole tensor's top-k (``keep[t]`` is then the whole tensor's k).
     """
     from omotool.merging.sparsify import sample_rank, sample_stride
 
@@ -266,6 +339,12 @@ def ties_steps_(
     (param_at, grad_at, m_at, v_at), sizes, scalars = _batch(tensors, adam)
     count = sizes.size
     strides = [sample_stride(int(n), SAMPLE) for n in sizes]
+    if shared is not None:  # a small shard samples too: its floor is its whole tensor's
+        small = shared.mask(count) & (sizes > 0) & np.array([s is None for s in strides])
+        strides = [
+            _coprime_stride(int(n)) if is_small else s
+            for n, s, is_small in zip(sizes, strides, small, strict=True)
+        ]
     sample_sizes = [
         0 if s is None else -(-int(n) // s) for n, s in zip(sizes, strides, strict=True)
     ]
@@ -277,15 +356,18 @@ def ties_steps_(
         grad_at, m_at, v_at, sizes, np.array([s or 1 for s in strides], dtype=np.int64),
         sample_start, *scalars, samples,
     )  # fmt: skip
+    floor_keep = keep if shared is None else shared.floor_keep(keep, sizes)
     ranks = np.array(
         [
             sample_rank(k, int(n), z) if z else 1
-            for k, n, z in zip(keep, sizes, sample_sizes, strict=True)
+            for k, n, z in zip(floor_keep, sizes, sample_sizes, strict=True)
         ],
         dtype=np.int64,
     )
     floors = np.zeros(count, dtype=np.float32)
     kernels.sample_floors(samples, sample_start, ranks, floors)
+    if shared is not None:
+        shared.floors_(floors, sizes)
     item_tensor, item_start, item_first = _items(sizes)
     base = np.zeros(count, dtype=np.int64)
     np.cumsum(sizes[:-1], out=base[1:])
@@ -298,6 +380,8 @@ def ties_steps_(
         out_i, out_v, counts, ties, lows, highs, _thread_rows("scratch"), _thread_rows("flags"),
     )  # fmt: skip
     keep_array = np.asarray(keep, dtype=np.int64)
+    if shared is not None:  # the shards' selection is the whole tensors': made below
+        keep_array = np.where(shared.mask(count), 0, keep_array)
     short = np.zeros(count, dtype=np.bool_)
     thresholds = np.empty(count, dtype=np.int32)
     cutoffs = np.empty(count, dtype=np.int64)
@@ -306,6 +390,11 @@ def ties_steps_(
         out_i, out_v, counts, ties, lows, highs, floors, item_first, item_start, base,
         keep_array, short, thresholds, cutoffs, tie_keep,
     )  # fmt: skip
+    if shared is not None:
+        shared.select_(
+            Candidates(out_i, out_v, counts, ties, floors, item_first, item_start, base),
+            Selection(short, thresholds, cutoffs, tie_keep),
+        )
     ref_index_at, ref_value_at, ref_count = _references(references)
     stats = np.zeros((item_tensor.size, 4))
     _, _, _, bias2, eps, step_size = scalars

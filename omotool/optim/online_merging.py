@@ -293,7 +293,12 @@ class OnlineMergingAdamW(GivenGradNorm, torch.optim.Optimizer):
         and ``workspace_<purpose>``: the fast path's scratch buffers, allocated by the first
         step that needs them and grown to the largest request (the largest tensor; for
         batched OnTIES all batched entries, of which only the pages that receive candidates
-        become resident). Sizes are those of the tensors' storages, each counted once.
+        become resident; for shards, ``shard_candidates`` and ``shard_keys``: every rank's
+        candidates above the agreed floor and their sort keys, ``backends.cpu_shards``).
+        A shard stepped alone (backends ``torch``, ``reference``; a dense ``T``) makes
+        temporaries of its own size during its step, freed after it: at most one largest
+        tensor's, not counted here. Sizes are those of the tensors' storages, each counted
+        once.
         ``total`` is their sum; ``extra`` is what torch.optim.AdamW does not hold (all but
         moments and steps). ``kernel_scratch_bytes``: the numba kernels' per-thread rows,
         shared by every optimizer of the process, not in the totals.

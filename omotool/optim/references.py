@@ -16,7 +16,7 @@ import torch
 
 from omotool.config import default_of
 from omotool.errors import InputError, UsageError
-from omotool.optim.distributed import local_tensors
+from omotool.optim.distributed import local_tensors, shard_delta
 from omotool.optim.functional import MergeOptions, reference_tensor
 from omotool.optim.options import MergeFields
 from omotool.optim.task_vector import FlatDelta, TaskVector
@@ -124,10 +124,10 @@ def build_references(
         if shard is not None and options.resolved_rescale == "l1":
             raise UsageError("rescale='l1' is not supported with sharded (FSDP) parameters.")
         reference = reference_tensor(task_vector.get(name), name, options)
-        if shard is not None:  # each rank keeps its own run of the whole T
-            reference = shard.local_part(reference, local.numel()).clone()
         # Whole under ZeRO (the runs take their parts: OnlineMergingAdamW.attach_zero_runs).
-        shape = local.shape if shard is not None else whole_shape
-        references[name] = FlatDelta.from_dense(reference.view(shape)).to(local.device)
+        whole = FlatDelta.from_dense(reference.view(whole_shape))
+        if shard is not None:  # each rank keeps its own run of the whole T, in its form
+            whole = shard_delta(whole, shard.offset, local.numel(), tuple(local.shape))
+        references[name] = whole.to(local.device)
         references[name].sq_norm  # noqa: B018 - computed once here, not read during a step
     return references

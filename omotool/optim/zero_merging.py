@@ -7,8 +7,10 @@ rank of the data-parallel group shares (the flat's param group, in DeepSpeed's o
 - a run ``Run(name, start, offset, length)`` of a parameter held by several ranks is a
   ``distributed.Shard(numel, offset=start, group)`` of that parameter: DARE masks are drawn
   over the whole parameter and keyed by global element offset, ``T = F(τ)`` of the whole
-  parameter is sliced by ``[start, start + length)``, the OnTIES top-k is that of the whole
-  parameter (``sharded_magnitude_mask`` over the group). Within a parameter lower ranks hold
+  parameter is sliced by ``[start, start + length)`` (in the whole's form, so that every rank
+  batches its pieces alike), the OnTIES top-k is that of the whole parameter (agreed for all
+  shared pieces of a step at once in the ``cpu`` backend, ``backends.cpu_shards``; piece by
+  piece, ``sharded_magnitude_mask``, in the others). Within a parameter lower ranks hold
   lower elements (ZeRO-1/2: the flat buffer is split in rank order; ZeRO-3: rank ``r`` holds
   ``[r·ps, (r+1)·ps)``), which is what the shard's tie-break assumes;
 - a run of a parameter held by this rank alone is the whole parameter (no shard, no collective);
@@ -33,7 +35,7 @@ import torch.distributed as dist
 
 from omotool.errors import UsageError
 from omotool.optim.backends.base import TensorStep
-from omotool.optim.distributed import Shard
+from omotool.optim.distributed import Shard, shard_delta
 from omotool.optim.functional import MERGE_RULES, MergeOptions
 from omotool.optim.task_vector import FlatDelta
 from omotool.optim.zero_runs import Run, ZeroRuns
@@ -105,9 +107,8 @@ def zero_pieces(
                     continue
                 run = Run(name, start=0, offset=0, length=0)  # a part in the others' collectives
             shard = Shard(numel=layout.numel, offset=run.start, group=group) if shared else None
-            if reference is not None:
-                dense = reference.to_dense().reshape(-1)
-                reference = FlatDelta.from_dense(dense[run.start : run.start + run.length].clone())
+            if reference is not None:  # in the whole's form: alike on every rank
+                reference = shard_delta(reference, run.start, run.length)
                 reference.sq_norm  # noqa: B018 - computed once here, not read during a step
             pieces.append(Piece(name, run.offset, run.length, shard, reference))
         pieces.extend(_padding(flat.numel(), flat_runs))

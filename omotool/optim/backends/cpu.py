@@ -22,6 +22,8 @@ from omotool.merging import kept_count, magnitude_topk_indices
 from omotool.merging.sparsify import key_seed
 from omotool.optim import kernels
 from omotool.optim.backends.base import Backend, Keep, TensorStep, register
+from omotool.optim.backends.cpu_shards import ShardTopK
+from omotool.optim.distributed import sharded_magnitude_mask
 from omotool.optim.functional import (
     MERGE_RULES,
     DareDraw,
@@ -62,11 +64,7 @@ class CpuBackend(Backend):
         batch: list[TensorStep] = []  # tensors for one batched step
         for t in tensors:
             grad = t.grad.float()
-            if (
-                t.options.merges
-                and t.shard is None
-                and batches(self.options, t.reference, t.work, grad, *t.moments)
-            ):
+            if t.options.merges and batches(self.options, t.reference, t.work, grad, *t.moments):
                 batch.append(replace(t, grad=grad))
                 continue
             fused_step_(t, grad, stats, workspace, self.draw)
@@ -140,8 +138,10 @@ def batches(
     options: MergeOptions, reference: FlatDelta | None, param: torch.Tensor, *tensors: torch.Tensor
 ) -> bool:
     """Whether a tensor can join a batched step: OnDARE or OnTIES with K = 1, ``p < 1``,
-    rescale ``none|inverse``, unsharded contiguous float32 CPU tensors; OnTIES with a sparse T
-    (int32 indices) or none."""
+    rescale ``none|inverse``, contiguous float32 CPU tensors (whole or shards); OnTIES with a
+    sparse T (int32 indices) or none. For a shard the answer is the same on every rank of its
+    group (the batched OnTIES step agrees on top-k with collectives): it depends on the
+    options, the tensors' kind and the form of T, which every rank cuts alike."""
     if options.online_step != 1 or options.reserve_p >= 1 or options.resolved_rescale == "l1":
         return False
     if options.method not in BATCHED:
@@ -185,16 +185,19 @@ def batched_ties_step_(
     total = sum(e.work.numel() for e in entries)
     like = torch.empty(1).expand(total)  # only its size and device are used
     buffers = workspace.get("index", like, torch.long), workspace.get("values", like)
+    shards = [e.shard for e in entries]
+    shared = ShardTopK(shards, workspace) if any(shards) else None
     short, totals = kernels.ties_steps_(
         [_moments(e) for e in entries],
         [None if e.reference is None else (e.reference.indices, e.reference.values)
          for e in entries],
         [_adam(e) for e in entries],
-        [kept_count(e.work.numel(), p) for e in entries],
+        [kept_count(_whole_numel(e), p) for e in entries],
         buffers,
         density=p if options.resolved_rescale == "inverse" else 1.0,
         alpha=alpha,
         weighted=options.election == "weighted",
+        shared=shared,
     )  # fmt: skip
     stats.merged = True
     overlap, conflicts, update_sq, tau_sq = totals
@@ -202,16 +205,24 @@ def batched_ties_step_(
     stats.conflicts += int(conflicts)
     stats.update_sq += (1 - alpha) ** 2 * float(update_sq)
     stats.tau_sq += alpha**2 * float(tau_sq)
-    for e, overshot in zip(entries, short, strict=True):
+    for t, (e, overshot) in enumerate(zip(entries, short, strict=True)):
         if overshot:  # the moments are this step's already: select from the whole Δθ
             adam = {k: v for k, v in e.adam.items() if k != "weight_decay"}
             update = adam_direction(*e.moments, step=int(e.step), **adam).reshape(-1)
-            kept_index = magnitude_topk_indices(update, p)
+            if e.shard is None:
+                kept_index = magnitude_topk_indices(update, p)
+            else:  # every rank of the group finds this shard short (from the same counts)
+                kept_index = torch.nonzero(sharded_magnitude_mask(update, p, e.shard)).flatten()
             flat = e.work.view(-1)
             apply_ties_(flat, kept_index, update[kept_index], update, e.reference, options, stats)
         else:
             stats.entries += e.work.numel()
-            stats.kept += kept_count(e.work.numel(), p)
+            stats.kept += kept_count(e.work.numel(), p) if e.shard is None else shared.kept[t]
+
+
+def _whole_numel(e: TensorStep) -> int:
+    """Entries of the whole tensor (all shards)."""
+    return e.shard.numel if e.shard is not None else e.work.numel()
 
 
 def batched_dare_step_(
@@ -241,6 +252,7 @@ def batched_dare_step_(
         density=p if options.resolved_rescale == "inverse" else 1.0,
         weight=1 - alpha,
         alpha=alpha,
+        origins=[0 if e.shard is None else e.shard.offset for e in entries],
     )  # fmt: skip
     stats.merged = True
     stats.update_sq += (1 - alpha) ** 2 * squares
