@@ -96,30 +96,20 @@ def details_markdown(results: dict[str, Any]) -> str:
         "",
         *best_table(results, columns),
     ]  # fmt: skip
-    if results["differences"]:
-        lines += [
-            "",
-            "#### Differences against AdamW (chosen settings, test, paired by seed)",
-            "",
-            "Mean difference and 95% t-interval over seeds.",
-            "",
-            "| method | " + " | ".join(columns) + " |",
-            "|---|" + "---|" * len(columns),
-        ]
-        for method, difference in results["differences"].items():
-            cells = [fmt_interval(difference[c]) for c in columns]
-            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
-    if results.get("lora_differences"):
-        lines += [
-            "",
-            "#### Differences against LoRA-AdamW (chosen settings, test, paired by seed)",
-            "",
-            "| method | " + " | ".join(columns) + " |",
-            "|---|" + "---|" * len(columns),
-        ]
-        for method, difference in results["lora_differences"].items():
-            cells = [fmt_interval(difference[c]) for c in columns]
-            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    for key, against in (("differences", "AdamW"), ("lora_differences", "LoRA-AdamW")):
+        if results.get(key):
+            lines += [
+                "",
+                f"#### Differences against {against} (chosen settings, test, paired by seed)",
+                "",
+                "Mean difference and 95% t-interval over seeds.",
+                "",
+                "| method | " + " | ".join(columns) + " |",
+                "|---|" + "---|" * len(columns),
+            ]
+            for method, difference in results[key].items():
+                cells = [fmt_interval(difference[c]) for c in columns]
+                lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     if results["tax"]:
         lines += ["", "#### AdamW against SFT (test, paired by seed)", "",
                   "| lr | reward | capability |", "|---|---|---|"]  # fmt: skip

@@ -292,7 +292,9 @@ def _replicate(
     elif settings.track == "lora":
         models = _train_stages(stages, folder, settings, world, sft, tau, seed, ("adamw",))
         models += _merge_stages(stages, folder, settings, sft, models, folder)
-        models += _lora_stages(stages, folder, settings, world, sft, tau, seed)
+        models += _train_stages(
+            stages, folder, settings, world, sft, tau, seed, tuple(LORA_METHODS), lora=True
+        )
     else:
         models = _train_stages(stages, folder, settings, world, sft, tau, seed)
         models += _merge_stages(stages, folder, settings, sft, models, folder)
@@ -452,38 +454,19 @@ def _train_stages(
     tau: str,
     seed: int,
     methods: tuple[str, ...] | None = None,
+    lora: bool = False,
 ) -> list[_Model]:
     """The dpo track's runs (of ``methods``, all when None): ``omotool train --algo dpo`` on
-    the preference pairs."""
+    the preference pairs, in ``runs/``; with ``lora``, the lora track's adapters
+    (``--lora-r``/``--lora-alpha``, every linear layer but the head) in ``lora/runs/``."""
+    dpo = {"algo": "dpo", "beta": settings.beta, "epochs": settings.dpo_epochs,
+           "batch_size": settings.dpo_batch, "max_length": 96}  # fmt: skip
+    if lora:  # the adapters' runs key on these too; full AdamW's keys stay the dpo track's
+        dpo.update(lora_r=settings.lora_r, lora_alpha=settings.lora_alpha)
     return _grid_stages(
-        stages, folder, folder / "runs", settings, seed, ("train", {"world": world[0]}),
-        (sft, tau), world[1]["prefs-train"], _dpo_options(settings),
+        stages, folder, folder / "lora" / "runs" if lora else folder / "runs", settings, seed,
+        ("train", {"world": world[0]}), (sft, tau), world[1]["prefs-train"], dpo,
         methods or settings.methods(),
-    )  # fmt: skip
-
-
-def _dpo_options(settings: DemoSettings) -> dict[str, Any]:
-    return {"algo": "dpo", "beta": settings.beta, "epochs": settings.dpo_epochs,
-            "batch_size": settings.dpo_batch, "max_length": 96}  # fmt: skip
-
-
-def _lora_stages(
-    stages: _Stages,
-    folder: Path,
-    settings: DemoSettings,
-    world: tuple[str, dict[str, Path]],
-    sft: str,
-    tau: str,
-    seed: int,
-) -> list[_Model]:
-    """The lora track's adapters: the dpo track's runs with ``--lora-r``/``--lora-alpha``
-    (every linear layer but the head), in ``lora/runs/``."""
-    lora = {**_dpo_options(settings), "lora_r": settings.lora_r,
-            "lora_alpha": settings.lora_alpha}  # fmt: skip
-    return _grid_stages(
-        stages, folder, folder / "lora" / "runs", settings, seed,
-        ("train", {"world": world[0]}), (sft, tau), world[1]["prefs-train"], lora,
-        tuple(LORA_METHODS),
     )  # fmt: skip
 
 
