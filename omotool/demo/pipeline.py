@@ -112,7 +112,7 @@ class DemoSettings:
     lora_r: int = 8
     lora_alpha: float = 16.0  # scale s = lora_alpha / lora_r
     lora_lr_grid: tuple[float, ...] = (2e-4, 5e-4, 1e-3)  # LoRA-AdamW, LoRA-OnDARE
-    lora_ties_lr_grid: tuple[float, ...] = (1e-3, 2e-3, 4e-3)  # LoRA-OnTIES
+    lora_ties_lr_grid: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # LoRA-OnTIES
     lora_dare_alphas: tuple[float, ...] = (1e-3,)
     lora_ties_alphas: tuple[float, ...] = (1e-3,)
 
@@ -157,7 +157,7 @@ FAST = DemoSettings(
     grpo_lr_grid=(3e-5, 1e-4),
     grpo_ties_lr_grid=(3e-4, 3e-3),
     lora_lr_grid=(2e-4, 1e-3),
-    lora_ties_lr_grid=(1e-3, 4e-3),
+    lora_ties_lr_grid=(5e-4, 2e-3),
 )
 
 
