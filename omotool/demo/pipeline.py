@@ -111,7 +111,7 @@ class DemoSettings:
     # the lora track: the dpo track's full AdamW runs and these adapters (DPO options as above)
     lora_r: int = 8
     lora_alpha: float = 16.0  # scale s = lora_alpha / lora_r
-    lora_lr_grid: tuple[float, ...] = (2e-4, 5e-4, 1e-3)  # LoRA-AdamW, LoRA-OnDARE
+    lora_lr_grid: tuple[float, ...] = (1e-4, 2e-4, 5e-4)  # LoRA-AdamW, LoRA-OnDARE
     lora_ties_lr_grid: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # LoRA-OnTIES
     lora_dare_alphas: tuple[float, ...] = (1e-3,)
     lora_ties_alphas: tuple[float, ...] = (1e-3,)
