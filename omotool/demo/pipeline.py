@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omotool import __version__
+from omotool.demo.report import MERGING  # the methods that take an α
 from omotool.errors import OutputError, UsageError
 from omotool.io.formats import write_text_atomic
 
@@ -67,7 +68,6 @@ LORA_METHODS: dict[str, str] = {  # the lora track's adapters: name: omotool tra
     "lora-ondare": "dare",
     "lora-onties": "ties",
 }
-MERGING = ("ondare", "onties", "lora-ondare", "lora-onties")  # the methods that take an α
 
 
 @dataclass(frozen=True)
