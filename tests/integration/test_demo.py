@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -103,27 +104,35 @@ def test_second_run_is_cached_and_a_broken_stage_is_rebuilt(demo_run, tmp_path) 
     assert len(evaluated) == 1 + trained + len(FAST.merge_alphas)
 
 
+def _run_track(dpo_work: Path, tmp_path: Path, track: str) -> tuple[Path, dict]:
+    """``omotool demo --fast --track <track> --results`` in a copy of the DPO track's work
+    dir: the copy and the track's results, checked against the results file and the output."""
+    from typer.testing import CliRunner
+
+    from omotool.cli import app
+
+    work = tmp_path / "work"
+    shutil.copytree(dpo_work, work)
+    results_file = tmp_path / f"{track}.json"
+    result = CliRunner().invoke(
+        app, ["demo", "--fast", "--track", track, "--workdir", str(work), "--results",
+              str(results_file)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    results = json.loads((work / track / "results.json").read_text())
+    assert json.loads(results_file.read_text()) == results
+    assert summary_markdown(results) in result.output
+    return work, results
+
+
 def test_fast_grpo_track_shares_the_sft_stages(demo_run, tmp_path) -> None:
     """``omotool demo --fast --track grpo`` in the DPO track's work dir: the world, base, SFT
     and τ stages come from cache, GRPO runs train with the style rule as reward, and the
     report lands in ``grpo/``, leaving the DPO track's results as they were."""
-    from typer.testing import CliRunner
-
-    from omotool.cli import app
     from omotool.demo.pipeline import GRPO_METHODS, settings_for
 
-    work = tmp_path / "work"
-    shutil.copytree(demo_run[0], work)
-    dpo_results = (work / "results.json").read_text()
-    results_file = tmp_path / "grpo.json"
-    result = CliRunner().invoke(
-        app, ["demo", "--fast", "--track", "grpo", "--workdir", str(work), "--results",
-              str(results_file)],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    results = json.loads((work / "grpo" / "results.json").read_text())
-    assert json.loads(results_file.read_text()) == results
-    assert summary_markdown(results) in result.output
+    dpo_results = (demo_run[0] / "results.json").read_text()
+    work, results = _run_track(demo_run[0], tmp_path, "grpo")
     assert results["settings"]["track"] == "grpo" and set(results["best"]) == set(GRPO_METHODS)
     grid = settings_for(True, track="grpo")
     trained = [p for p in results["points"] if p["method"] in GRPO_METHODS]
@@ -155,22 +164,10 @@ def test_fast_lora_track_trains_adapters_beside_the_dpo_tracks_adamw(demo_run, t
     that move the model (their B factors leave zero, the merging ones log the projection),
     and the report lands in ``lora/``."""
     from safetensors.torch import load_file
-    from typer.testing import CliRunner
 
-    from omotool.cli import app
     from omotool.demo.pipeline import LORA_METHODS, settings_for
 
-    work = tmp_path / "work"
-    shutil.copytree(demo_run[0], work)
-    results_file = tmp_path / "lora.json"
-    result = CliRunner().invoke(
-        app, ["demo", "--fast", "--track", "lora", "--workdir", str(work), "--results",
-              str(results_file)],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    results = json.loads((work / "lora" / "results.json").read_text())
-    assert json.loads(results_file.read_text()) == results
-    assert summary_markdown(results) in result.output
+    work, results = _run_track(demo_run[0], tmp_path, "lora")
     methods = {"adamw", *LORA_METHODS}
     assert results["settings"]["track"] == "lora" and set(results["best"]) == methods
     grid = settings_for(True, track="lora")
