@@ -20,6 +20,7 @@ demo: install
 demo-docs: install
 	$(BIN)/omotool demo --workdir runs/demo --results docs/results/demo.json
 	$(BIN)/omotool demo --track grpo --workdir runs/demo --results docs/results/grpo.json
+	$(BIN)/omotool demo --track lora --workdir runs/demo --results docs/results/lora.json
 	$(BIN)/python scripts/render_docs.py
 
 docs: install

@@ -542,8 +542,9 @@ def demo(
     ),
     track: str = typer.Option(
         "dpo",
-        help="dpo (the paper's setting) or grpo (online RL from the SFT model with a rule "
-        "reward; shares the world, base, SFT and task vector stages; report in WORKDIR/grpo).",
+        help="dpo (the paper's setting), grpo (online RL from the SFT model with a rule "
+        "reward) or lora (the dpo track with LoRA adapters against full AdamW); grpo and lora "
+        "share the world, base, SFT and task vector stages; report in WORKDIR/<track>.",
     ),
     threads: int = typer.Option(
         1, min=1, help="CPU threads (the miniature's matrices are too small for more to pay)."
@@ -571,7 +572,8 @@ def demo(
     debug: bool = DebugOption,
 ) -> None:
     """Show the paper in miniature: per seed a world, pre-training, SFT, DPO with AdamW /
-    OnDARE / OnTIES / ChildTuning over their grids (or, --track grpo, GRPO with AdamW / OnDARE
+    OnDARE / OnTIES / ChildTuning over their grids (or, --track lora, LoRA-AdamW / LoRA-OnDARE /
+    LoRA-OnTIES against full AdamW; or, --track grpo, GRPO with AdamW / OnDARE
     / OnTIES), offline merges, evaluation on validation and test splits; then the report,
     verdicts and plot.
 

@@ -11,6 +11,7 @@ from typing import Any
 from omotool.demo.report import (
     FRONTIER,
     LABELS,
+    TAX_KEY,
     TRAINED,
     find_point,
     fmt_interval,
@@ -70,6 +71,14 @@ def summary_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lora_summary_markdown(results: dict[str, Any]) -> str:
+    """The lora track in one line (README): each verdict's word, from the results file."""
+    words = verdict_words(results)
+    seeds = results["settings"]["seeds"]
+    findings = "; ".join(f"{key}: {word}" for key, word in words.items() if key != TAX_KEY)
+    return f"LoRA track (rank {results['settings']['lora_r']}, {seeds} seeds): {findings}.\n"
+
+
 def details_markdown(results: dict[str, Any]) -> str:
     """The long form (docs/demo.md, report.md): per-task table, paired differences, AdamW's
     tax per learning rate, every setting with its frontier gap, and the verdicts."""
@@ -87,19 +96,20 @@ def details_markdown(results: dict[str, Any]) -> str:
         "",
         *best_table(results, columns),
     ]  # fmt: skip
-    if results["differences"]:
-        lines += [
-            "",
-            "#### Differences against AdamW (chosen settings, test, paired by seed)",
-            "",
-            "Mean difference and 95% t-interval over seeds.",
-            "",
-            "| method | " + " | ".join(columns) + " |",
-            "|---|" + "---|" * len(columns),
-        ]
-        for method, difference in results["differences"].items():
-            cells = [fmt_interval(difference[c]) for c in columns]
-            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    for key, against in (("differences", "AdamW"), ("lora_differences", "LoRA-AdamW")):
+        if results.get(key):
+            lines += [
+                "",
+                f"#### Differences against {against} (chosen settings, test, paired by seed)",
+                "",
+                "Mean difference and 95% t-interval over seeds.",
+                "",
+                "| method | " + " | ".join(columns) + " |",
+                "|---|" + "---|" * len(columns),
+            ]
+            for method, difference in results[key].items():
+                cells = [fmt_interval(difference[c]) for c in columns]
+                lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     if results["tax"]:
         lines += ["", "#### AdamW against SFT (test, paired by seed)", "",
                   "| lr | reward | capability |", "|---|---|---|"]  # fmt: skip
@@ -130,7 +140,9 @@ def details_markdown(results: dict[str, Any]) -> str:
 
 
 def report_markdown(results: dict[str, Any], plot: Path | None) -> str:
-    track = " (GRPO track)" if results["settings"].get("track") == "grpo" else ""
+    track = {"grpo": " (GRPO track)", "lora": " (LoRA track)"}.get(
+        results["settings"].get("track", "dpo"), ""
+    )
     lines = [f"# omotool demo{track}: online merging in miniature", "", details_markdown(results)]
     if plot is not None:
         lines += [f"![reward against tax]({plot.name})", ""]

@@ -24,6 +24,13 @@ the rule that judges the style at evaluation as its reward (a completion that cl
 "glad to help" scores 1), with AdamW, OnDARE and OnTIES over their own grids
 (``seed-<s>/grpo/runs/``), the offline-merge sweep of an AdamW run (``seed-<s>/grpo/merges``),
 the same evaluations, and its report in ``grpo/`` of the work dir.
+
+The ``lora`` track asks the dpo track's question of LoRA adapters: the same worlds, seeds, SFT
+models, τ, DPO data and options, with full AdamW (the dpo track's runs, ``seed-<s>/runs/adamw``,
+shared when both tracks run in one work dir) and ``omotool train --lora-r`` with AdamW, OnDARE
+and OnTIES over the LoRA grids (``seed-<s>/lora/runs/``), the dpo track's offline-merge sweep,
+the same evaluations (an adapter folder is evaluated merged into its SFT model), and its report
+in ``lora/`` of the work dir.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omotool import __version__
+from omotool.demo.report import MERGING  # the methods that take an α
 from omotool.errors import OutputError, UsageError
 from omotool.io.formats import write_text_atomic
 
@@ -53,15 +61,20 @@ METHODS: dict[str, str] = {  # name: omotool train --merge
     "onties": "ties",
     "childtuning": "dare",  # OnDARE with α = 0
 }
-TRACKS = ("dpo", "grpo")
+TRACKS = ("dpo", "grpo", "lora")
 GRPO_METHODS = ("adamw", "ondare", "onties")
+LORA_METHODS: dict[str, str] = {  # the lora track's adapters: name: omotool train --merge
+    "lora-adamw": "none",
+    "lora-ondare": "dare",
+    "lora-onties": "ties",
+}
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     """Every size and hyper-parameter of the miniature (see docs/demo.md for the choices)."""
 
-    track: str = "dpo"  # dpo (the paper's setting) or grpo (online RL with a rule reward)
+    track: str = "dpo"  # dpo (the paper's setting), grpo (online RL), lora (DPO, adapters)
     seeds: int = 4  # whole-pipeline replicates: world, base, SFT, τ and DPO
     entities: int = 24
     reversals: int = 800
@@ -95,13 +108,28 @@ class DemoSettings:
     grpo_generations: int = 4  # completions per prompt
     grpo_batch: int = 16  # completions per step (4 prompts)
     grpo_merge_lr: float = 1e-4  # the AdamW run that merge-offline sweeps
+    # the lora track: the dpo track's full AdamW runs and these adapters (DPO options as above)
+    lora_r: int = 8
+    lora_alpha: float = 16.0  # scale s = lora_alpha / lora_r
+    lora_lr_grid: tuple[float, ...] = (1e-4, 2e-4, 5e-4)  # LoRA-AdamW, LoRA-OnDARE
+    lora_ties_lr_grid: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # LoRA-OnTIES
+    lora_dare_alphas: tuple[float, ...] = (1e-3,)
+    lora_ties_alphas: tuple[float, ...] = (1e-3,)
 
     def methods(self) -> tuple[str, ...]:
         """The trained methods of the track."""
+        if self.track == "lora":
+            return ("adamw", *LORA_METHODS)
         return tuple(METHODS) if self.track == "dpo" else GRPO_METHODS
 
     def grid(self, method: str) -> list[tuple[float, float]]:
         """The (learning rate, α) settings ``method`` is trained at."""
+        if method == "lora-adamw":
+            return [(lr, 0.0) for lr in self.lora_lr_grid]
+        if method == "lora-ondare":
+            return [(lr, a) for lr in self.lora_lr_grid for a in self.lora_dare_alphas]
+        if method == "lora-onties":
+            return [(lr, a) for lr in self.lora_ties_lr_grid for a in self.lora_ties_alphas]
         grpo = self.track == "grpo"
         lrs = self.grpo_lr_grid if grpo else self.lr_grid
         if method in ("adamw", "childtuning"):  # AdamW merges nothing; ChildTuning: α = 0
@@ -128,6 +156,8 @@ FAST = DemoSettings(
     merge_alphas=(0.5,),
     grpo_lr_grid=(3e-5, 1e-4),
     grpo_ties_lr_grid=(3e-4, 3e-3),
+    lora_lr_grid=(2e-4, 1e-3),
+    lora_ties_lr_grid=(5e-4, 2e-3),
 )
 
 
@@ -239,7 +269,7 @@ def _run_demo(
 
 
 def report_folder(workdir: Path, track: str) -> Path:
-    """Where a track's report, results and plot go: the work dir (dpo) or its ``grpo/``."""
+    """Where a track's report, results and plot go: the work dir (dpo) or its ``<track>/``."""
     return workdir if track == "dpo" else workdir / track
 
 
@@ -259,6 +289,12 @@ def _replicate(
     if settings.track == "grpo":
         models = _grpo_stages(stages, folder, settings, world, sft, tau, seed)
         models += _merge_stages(stages, folder, settings, sft, models, folder / "grpo")
+    elif settings.track == "lora":
+        models = _train_stages(stages, folder, settings, world, sft, tau, seed, ("adamw",))
+        models += _merge_stages(stages, folder, settings, sft, models, folder)
+        models += _train_stages(
+            stages, folder, settings, world, sft, tau, seed, tuple(LORA_METHODS), lora=True
+        )
     else:
         models = _train_stages(stages, folder, settings, world, sft, tau, seed)
         models += _merge_stages(stages, folder, settings, sft, models, folder)
@@ -289,7 +325,7 @@ class _Model:
 
     path: Path
     digest: str
-    method: str  # sft | adamw | ondare | onties | childtuning | merge
+    method: str  # sft | adamw | ondare | onties | childtuning | lora-<...> | merge
     seed: int
     lr: float | None = None
     alpha: float | None = None  # the optimizer's α (OnDARE, OnTIES), or the merge weight
@@ -406,7 +442,7 @@ def _tau_stage(stages: _Stages, folder: Path, base: str, sft: str) -> str:
 
 def run_name(lr: float, alpha: float, method: str) -> str:
     """The folder of a run: ``lr-<lr>``, and ``-alpha-<α>`` for the methods that merge."""
-    return f"lr-{lr:g}" + (f"-alpha-{alpha:g}" if method in ("ondare", "onties") else "")
+    return f"lr-{lr:g}" + (f"-alpha-{alpha:g}" if method in MERGING else "")
 
 
 def _train_stages(
@@ -417,13 +453,20 @@ def _train_stages(
     sft: str,
     tau: str,
     seed: int,
+    methods: tuple[str, ...] | None = None,
+    lora: bool = False,
 ) -> list[_Model]:
-    """The dpo track's runs: ``omotool train --algo dpo`` on the preference pairs."""
+    """The dpo track's runs (of ``methods``, all when None): ``omotool train --algo dpo`` on
+    the preference pairs, in ``runs/``; with ``lora``, the lora track's adapters
+    (``--lora-r``/``--lora-alpha``, every linear layer but the head) in ``lora/runs/``."""
     dpo = {"algo": "dpo", "beta": settings.beta, "epochs": settings.dpo_epochs,
            "batch_size": settings.dpo_batch, "max_length": 96}  # fmt: skip
+    if lora:  # the adapters' runs key on these too; full AdamW's keys stay the dpo track's
+        dpo.update(lora_r=settings.lora_r, lora_alpha=settings.lora_alpha)
     return _grid_stages(
-        stages, folder, folder / "runs", settings, seed, ("train", {"world": world[0]}),
-        (sft, tau), world[1]["prefs-train"], dpo,
+        stages, folder, folder / "lora" / "runs" if lora else folder / "runs", settings, seed,
+        ("train", {"world": world[0]}), (sft, tau), world[1]["prefs-train"], dpo,
+        methods or settings.methods(),
     )  # fmt: skip
 
 
@@ -457,7 +500,7 @@ def _grpo_stages(
             "reward_pattern": STYLE_PATTERN}  # fmt: skip
     return _grid_stages(
         stages, folder, folder / "grpo" / "runs", settings, seed, ("grpo", {"data": data_digest}),
-        (sft, tau), prompts, grpo,
+        (sft, tau), prompts, grpo, settings.methods(),
     )  # fmt: skip
 
 
@@ -471,16 +514,17 @@ def _grid_stages(
     sources: tuple[str, str],
     dataset: Path,
     algorithm: dict[str, Any],
+    methods: tuple[str, ...],
 ) -> list[_Model]:
-    """Each method of the track over its grid, one stage per run in ``runs/<method>/``:
+    """Each of ``methods`` over its grid, one stage per run in ``runs/<method>/``:
     ``omotool train`` from the seed's SFT model on ``dataset`` with the ``algorithm`` options,
     the method's ``--merge``, learning rate and seed, and the merge options where it merges.
     ``stage``: the stage's name and what its key holds besides the options and the
     ``sources`` (the SFT and τ stages' digests)."""
     name, inputs_key = stage
     models = []
-    for method in settings.methods():
-        merge = METHODS[method]
+    for method in methods:
+        merge = {**METHODS, **LORA_METHODS}[method]
         for lr, alpha in settings.grid(method):
             out = runs / method / run_name(lr, alpha, method)
             options = {**algorithm, "merge": merge, "lr": lr, "seed": seed}

@@ -10,7 +10,9 @@ whose text is exactly ``report.summary_markdown`` / ``report.details_markdown`` 
 ``<!-- demo:robustness:... -->``: the same run against re-runs on other settings of the
 machine (``docs/results/demo-<variant>.json``, e.g. two threads). The GRPO track's section
 ``grpo-details`` renders ``docs/results/grpo.json`` (``omotool demo --track grpo --results``)
-the same way, and ``cost`` each committed run's command, machine, date and time (from the
+the same way, ``lora-details`` (docs/demo.md) and ``lora-summary`` (README.md: one line of
+verdicts) render ``docs/results/lora.json`` (``omotool demo --track lora --results``), and
+``cost`` each committed run's command, machine, date and time (from the
 results files' provenance). ``scripts/render_docs.py`` rewrites them (and the plots); a test
 fails when a document differs from the render.
 """
@@ -28,19 +30,32 @@ RESULTS = Path("docs/results/demo.json")
 PLOT = Path("docs/demo-tradeoff.png")
 GRPO_RESULTS = Path("docs/results/grpo.json")  # the grpo track's
 GRPO_PLOT = Path("docs/demo-grpo-tradeoff.png")
+LORA_RESULTS = Path("docs/results/lora.json")  # the lora track's
+LORA_PLOT = Path("docs/demo-lora-tradeoff.png")
 # document -> the sections it holds
 DOCUMENTS: dict[str, tuple[str, ...]] = {
-    "README.md": ("summary",),
-    "docs/demo.md": ("details", "robustness", "grpo-details", "cost"),
+    "README.md": ("summary", "lora-summary"),
+    "docs/demo.md": ("details", "robustness", "grpo-details", "lora-details", "cost"),
 }
 
 
 def render_sections(root: Path) -> dict[str, str]:
     """Every section's text, from the results files under ``root``."""
-    from omotool.demo.markdown import details_markdown, robustness_markdown, summary_markdown
+    from omotool.demo.markdown import (
+        details_markdown,
+        lora_summary_markdown,
+        robustness_markdown,
+        summary_markdown,
+    )
 
     results = load_results(root / RESULTS)
     grpo = load_results(root / GRPO_RESULTS, "--track grpo ", GRPO_RESULTS)
+    lora = (  # optional: the docs say how to make it until it is committed
+        load_results(root / LORA_RESULTS, "--track lora ", LORA_RESULTS)
+        if (root / LORA_RESULTS).exists()
+        else None
+    )
+    missing = f"Not made yet: `omotool demo --track lora --results {LORA_RESULTS}`.\n"
     variants = {
         path.stem.removeprefix("demo-"): load_results(path)
         for path in sorted((root / RESULTS.parent).glob("demo-*.json"))
@@ -50,12 +65,17 @@ def render_sections(root: Path) -> dict[str, str]:
         "details": details_markdown(results),
         "robustness": robustness_markdown(results, variants),
         "grpo-details": details_markdown(grpo),
-        "cost": cost_markdown(results, grpo, variants),
+        "lora-details": details_markdown(lora) if lora else missing,
+        "lora-summary": lora_summary_markdown(lora) if lora else missing,
+        "cost": cost_markdown(results, grpo, variants, lora),
     }
 
 
 def cost_markdown(
-    results: dict[str, Any], grpo: dict[str, Any], variants: dict[str, dict[str, Any]]
+    results: dict[str, Any],
+    grpo: dict[str, Any],
+    variants: dict[str, dict[str, Any]],
+    lora: dict[str, Any] | None = None,
 ) -> str:
     """One line per committed run: its command, machine, date and seconds (its provenance)."""
 
@@ -68,6 +88,7 @@ def cost_markdown(
         )
 
     rows = [("DPO track", results), ("GRPO track", grpo)]
+    rows += [("LoRA track", lora)] if lora is not None else []
     rows += [(f"DPO track, {name}", variant) for name, variant in variants.items()]
     lines = ["| run | command | date | machine | time |", "|---|---|---|---|---|"]
     lines += [line(n, r["provenance"], r["settings"]["seeds"]) for n, r in rows]
@@ -124,7 +145,9 @@ def render_documents(root: Path, plot: bool = True) -> list[str]:
         if new != text:
             write_text_atomic(root / name, new)
             changed.append(name)
-    for results, figure in ((RESULTS, PLOT), (GRPO_RESULTS, GRPO_PLOT)):
+    for results, figure in ((RESULTS, PLOT), (GRPO_RESULTS, GRPO_PLOT), (LORA_RESULTS, LORA_PLOT)):
+        if results == LORA_RESULTS and not (root / results).exists():
+            continue
         if plot and plot_frontiers(load_results(root / results), root / figure) is not None:
             changed.append(str(figure))
     return changed

@@ -33,8 +33,11 @@ from omotool.eval.runner import headline
 from omotool.eval.tasks import headline_name
 
 LABELS = {"sft": "SFT", "adamw": "AdamW", "ondare": "OnDARE", "onties": "OnTIES",
-          "childtuning": "ChildTuning", "merge": "AdamW + offline merge"}  # fmt: skip
-TRAINED = ("adamw", "ondare", "onties", "childtuning")
+          "childtuning": "ChildTuning", "lora-adamw": "LoRA-AdamW", "lora-ondare": "LoRA-OnDARE",
+          "lora-onties": "LoRA-OnTIES", "merge": "AdamW + offline merge"}  # fmt: skip
+TRAINED = ("adamw", "ondare", "onties", "childtuning", "lora-adamw", "lora-ondare", "lora-onties")
+MERGING = ("ondare", "onties", "lora-ondare", "lora-onties")  # the methods that take an α
+LORA_REFERENCE = "lora-adamw"  # what the merging adapters are also paired with
 FRONTIER = ("adamw", "merge", "sft")  # what AdamW's frontier is made of
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 Interval = dict[str, float | None]
@@ -76,7 +79,7 @@ def setting_name(point: dict[str, Any]) -> str:
     """``lr 3e-05``, ``lr 3e-05, α 0.001`` or ``α 0.5`` (a merge's weight)."""
     if point["method"] == "merge":
         return f"α {point['alpha']:g}"
-    if point["method"] in ("ondare", "onties"):
+    if point["method"] in MERGING:
         return f"lr {point['lr']:g}, α {point['alpha']:g}"
     return f"lr {point['lr']:g}"
 
@@ -121,6 +124,8 @@ def build_results(
         "frontier": _frontier_gaps(points, best),
         "tax": _tax(points, statistics.fmean(sft_half_widths) if sft_half_widths else 0.0),
     }
+    if any(method in MERGING and method.startswith("lora-") for method in best):
+        results["lora_differences"] = _differences(best, LORA_REFERENCE)  # the lora track's
     results["verdicts"] = verdicts(results)
     return results
 
@@ -153,14 +158,15 @@ def _by_seed(point: dict[str, Any]) -> dict[int, dict[str, float]]:
     return {r["seed"]: r["test"] for r in point["runs"]}
 
 
-def _differences(best: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each method's chosen point minus AdamW's, on test, paired by seed, 95% intervals."""
-    if "adamw" not in best:
+def _differences(best: dict[str, dict[str, Any]], against: str = "adamw") -> dict[str, Any]:
+    """Each method's chosen point minus ``against``'s, on test, paired by seed, 95% intervals
+    (against LoRA-AdamW: only the adapters that merge)."""
+    if against not in best:
         return {}
-    reference = _by_seed(best["adamw"])
+    reference = _by_seed(best[against])
     differences = {}
     for method, point in best.items():
-        if method == "adamw":
+        if method == against or (against == LORA_REFERENCE and method not in MERGING):
             continue
         mine = _by_seed(point)
         seeds = sorted(set(mine) & set(reference))
@@ -265,8 +271,8 @@ _TAX_WORDS = {"measurable": "a measurable tax", "not measurable": "no measurable
 TAX_KEY = "AdamW's tax"
 
 
-def overall_key(method: str) -> str:
-    return f"{LABELS[method]} vs AdamW overall"
+def overall_key(method: str, against: str = "adamw") -> str:
+    return f"{LABELS[method]} vs {LABELS[against]} overall"
 
 
 def frontier_key(method: str) -> str:
@@ -289,6 +295,8 @@ def verdict_words(results: dict[str, Any]) -> dict[str, str]:
         words[TAX_KEY] = _TAX_WORDS[results["tax"]["verdict"]]
     for method, difference in results["differences"].items():
         words[overall_key(method)] = _WORDS[judge(difference["overall"])]
+    for method, difference in results.get("lora_differences", {}).items():
+        words[overall_key(method, LORA_REFERENCE)] = _WORDS[judge(difference["overall"])]
     for method, entry in results["frontier"].items():
         words[frontier_key(method)] = _frontier_word(results, entry)
     return words
@@ -312,6 +320,13 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             f"{LABELS[method]} ({results['best'][method]['setting']}) against AdamW "
             f"({results['best']['adamw']['setting']}), overall: Δ "
             f"{fmt_interval(difference['overall'])}: {words[overall_key(method)]}"
+        )
+    for method, difference in results.get("lora_differences", {}).items():
+        lines.append(
+            f"{LABELS[method]} ({results['best'][method]['setting']}) against LoRA-AdamW "
+            f"({results['best'][LORA_REFERENCE]['setting']}), overall: Δ "
+            f"{fmt_interval(difference['overall'])}: "
+            f"{words[overall_key(method, LORA_REFERENCE)]}"
         )
     for method, entry in results["frontier"].items():
         gap = entry["settings"].get(entry["chosen"])
@@ -345,7 +360,11 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     lines: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for p in results["points"]:
         label = LABELS[p["method"]]
-        lines[f"{label}, α {p['alpha']:g}" if p["method"] == "ondare" else label].append(p)
+        several = p["method"] == "ondare" or (
+            p["method"] in MERGING and len({q["alpha"] for q in results["points"]
+                                            if q["method"] == p["method"]}) > 1
+        )  # fmt: skip
+        lines[f"{label}, α {p['alpha']:g}" if several else label].append(p)
     for label, points in lines.items():
         xs = [p["test"]["mean"]["capability"] for p in points]
         ys = [p["test"]["mean"]["reward"] for p in points]
@@ -367,6 +386,8 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     title = f"omotool demo: reward against alignment tax (means over {seeds} seed(s))"
     if results["settings"].get("track") == "grpo":
         title = f"omotool demo, GRPO: reward against tax (means over {seeds} seed(s))"
+    if results["settings"].get("track") == "lora":
+        title = f"omotool demo, LoRA: reward against tax (means over {seeds} seed(s))"
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)

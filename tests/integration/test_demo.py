@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -103,27 +104,35 @@ def test_second_run_is_cached_and_a_broken_stage_is_rebuilt(demo_run, tmp_path) 
     assert len(evaluated) == 1 + trained + len(FAST.merge_alphas)
 
 
+def _run_track(dpo_work: Path, tmp_path: Path, track: str) -> tuple[Path, dict]:
+    """``omotool demo --fast --track <track> --results`` in a copy of the DPO track's work
+    dir: the copy and the track's results, checked against the results file and the output."""
+    from typer.testing import CliRunner
+
+    from omotool.cli import app
+
+    work = tmp_path / "work"
+    shutil.copytree(dpo_work, work)
+    results_file = tmp_path / f"{track}.json"
+    result = CliRunner().invoke(
+        app, ["demo", "--fast", "--track", track, "--workdir", str(work), "--results",
+              str(results_file)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    results = json.loads((work / track / "results.json").read_text())
+    assert json.loads(results_file.read_text()) == results
+    assert summary_markdown(results) in result.output
+    return work, results
+
+
 def test_fast_grpo_track_shares_the_sft_stages(demo_run, tmp_path) -> None:
     """``omotool demo --fast --track grpo`` in the DPO track's work dir: the world, base, SFT
     and τ stages come from cache, GRPO runs train with the style rule as reward, and the
     report lands in ``grpo/``, leaving the DPO track's results as they were."""
-    from typer.testing import CliRunner
-
-    from omotool.cli import app
     from omotool.demo.pipeline import GRPO_METHODS, settings_for
 
-    work = tmp_path / "work"
-    shutil.copytree(demo_run[0], work)
-    dpo_results = (work / "results.json").read_text()
-    results_file = tmp_path / "grpo.json"
-    result = CliRunner().invoke(
-        app, ["demo", "--fast", "--track", "grpo", "--workdir", str(work), "--results",
-              str(results_file)],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    results = json.loads((work / "grpo" / "results.json").read_text())
-    assert json.loads(results_file.read_text()) == results
-    assert summary_markdown(results) in result.output
+    dpo_results = (demo_run[0] / "results.json").read_text()
+    work, results = _run_track(demo_run[0], tmp_path, "grpo")
     assert results["settings"]["track"] == "grpo" and set(results["best"]) == set(GRPO_METHODS)
     grid = settings_for(True, track="grpo")
     trained = [p for p in results["points"] if p["method"] in GRPO_METHODS]
@@ -147,3 +156,44 @@ def test_fast_grpo_track_shares_the_sft_stages(demo_run, tmp_path) -> None:
     assert (seed / "sft" / "model.safetensors").stat().st_mtime == (
         demo_run[0] / "seed-0" / "sft" / "model.safetensors"
     ).stat().st_mtime
+
+
+def test_fast_lora_track_trains_adapters_beside_the_dpo_tracks_adamw(demo_run, tmp_path) -> None:
+    """``omotool demo --fast --track lora`` in the DPO track's work dir: the shared stages and
+    full AdamW's runs and merges come from cache; LoRA-AdamW / -OnDARE / -OnTIES write adapters
+    that move the model (their B factors leave zero, the merging ones log the projection),
+    and the report lands in ``lora/``."""
+    from safetensors.torch import load_file
+
+    from omotool.demo.pipeline import LORA_METHODS, settings_for
+
+    work, results = _run_track(demo_run[0], tmp_path, "lora")
+    methods = {"adamw", *LORA_METHODS}
+    assert results["settings"]["track"] == "lora" and set(results["best"]) == methods
+    grid = settings_for(True, track="lora")
+    trained = [p for p in results["points"] if p["method"] in methods]
+    assert len(trained) == sum(len(grid.grid(m)) for m in methods)
+    assert set(results["differences"]) == set(LORA_METHODS)
+    assert set(results["lora_differences"]) == {"lora-ondare", "lora-onties"}
+    assert set(results["frontier"]) == set(LORA_METHODS)
+    assert results["tax"]["verdict"] == "not tested"  # one seed: no interval, no verdict
+    assert any(v.startswith("LoRA-OnTIES (") and "against LoRA-AdamW" in v
+               for v in results["verdicts"])  # fmt: skip
+    seed = work / "seed-0"
+    for method in LORA_METHODS:
+        lr, alpha = grid.grid(method)[-1]
+        run = seed / "lora" / "runs" / method / run_name(lr, alpha, method)
+        config = json.loads((run / "omotool.json").read_text())["config"]
+        assert config["lora_r"] == grid.lora_r and config["merge"] == LORA_METHODS[method]
+        weights = load_file(run / "adapter_model.safetensors")
+        assert any("lora_B" in name and t.abs().max() > 0 for name, t in weights.items())
+        assert not (run / "model.safetensors").exists()  # an adapter, not a whole model
+        evaluation = json.loads((seed / "eval" / f"lora__runs__{method}__{run.name}" /
+                                 "test.json").read_text())  # fmt: skip
+        assert evaluation["models"][0]["averages"]
+        if method != "lora-adamw":
+            metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            assert any("merge/lora_kept_share" in m for m in metrics)
+    # full AdamW's runs and merges are the DPO track's, cached
+    assert (seed / "runs" / "adamw").exists() and not (seed / "lora" / "runs" / "adamw").exists()
+    assert (work / "lora" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"

@@ -22,3 +22,16 @@ def test_each_track_trains_its_methods_over_its_grids() -> None:
 def test_an_unknown_track_is_refused() -> None:
     with pytest.raises(UsageError, match="--track 'ppo': choose one of dpo, grpo"):
         settings_for(False, track="ppo")
+
+
+def test_the_lora_track_trains_adapters_beside_full_adamw() -> None:
+    from omotool.demo.pipeline import LORA_METHODS, run_name
+
+    lora = settings_for(False, track="lora")
+    assert lora.methods() == ("adamw", *LORA_METHODS)
+    assert lora.grid("adamw") == settings_for(False).grid("adamw")  # the dpo track's runs
+    assert [lr for lr, _ in lora.grid("lora-adamw")] == list(lora.lora_lr_grid)
+    assert [lr for lr, _ in lora.grid("lora-onties")] == list(lora.lora_ties_lr_grid)
+    assert min(lora.lora_lr_grid) > max(lora.lr_grid)  # adapters need larger steps
+    assert run_name(1e-3, 1e-3, "lora-ondare") == "lr-0.001-alpha-0.001"
+    assert run_name(1e-3, 0.0, "lora-adamw") == "lr-0.001"

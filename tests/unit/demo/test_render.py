@@ -54,3 +54,17 @@ def test_cost_names_each_committed_run_with_its_seconds() -> None:
     for path in sorted((ROOT / RESULTS.parent).glob("*.json")):
         made = load_results(path)["provenance"]
         assert f"`{made['command']}`" in cost and f"{made['seconds']:.0f} s" in cost, path.name
+
+
+def test_lora_sections_say_how_to_make_a_missing_results_file(tmp_path) -> None:
+    import shutil
+
+    from omotool.demo.render import GRPO_RESULTS
+
+    for path in (RESULTS, GRPO_RESULTS):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / path, tmp_path / path)
+    sections = render_sections(tmp_path)
+    for name in ("lora-details", "lora-summary"):
+        assert "Not made yet: `omotool demo --track lora" in sections[name]
+    assert "LoRA track" not in sections["cost"]

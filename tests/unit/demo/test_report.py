@@ -178,3 +178,33 @@ def test_robustness_table_compares_verdicts(evaluations) -> None:
     assert "| AdamW's tax | a measurable tax | a measurable tax | a measurable tax |" in text
     same = robustness_markdown(results, {"same": results})
     assert f"{len(words)} of {len(words)} verdicts are the same in every run." in same
+
+
+def test_lora_track_pairs_the_merging_adapters_with_full_and_lora_adamw() -> None:
+    """The lora track: each adapter against full AdamW (its frontier too), and the merging
+    adapters also against LoRA-AdamW, each verdict on an interval over seeds."""
+    rows = []
+    for seed, noise in enumerate((0.0, 0.01, -0.01, 0.02)):
+        rows += [
+            (model("sft", seed), splits(0.1, 0.8)),
+            (model("adamw", seed, 5e-5, 0.0), splits(0.9 + noise, 0.4)),
+            (model("merge", seed, 5e-5, 0.5), splits(0.5, 0.7)),
+            (model("lora-adamw", seed, 2e-4, 0.0), splits(0.6 + noise, 0.7)),
+            (model("lora-ondare", seed, 2e-4, 1e-3), splits(0.6 + noise, 0.7 + noise)),
+            (model("lora-onties", seed, 1e-3, 1e-3), splits(0.8 + noise, 0.75)),
+        ]
+    results = build_results(DemoSettings(seeds=4, track="lora"), rows)
+    assert set(results["best"]) == {"adamw", "lora-adamw", "lora-ondare", "lora-onties"}
+    assert set(results["differences"]) == {"lora-adamw", "lora-ondare", "lora-onties"}
+    assert set(results["lora_differences"]) == {"lora-ondare", "lora-onties"}
+    onties = results["lora_differences"]["lora-onties"]["overall"]
+    assert onties["mean"] == pytest.approx(((0.8 + 0.75) - (0.6 + 0.7)) / 2)
+    words = verdict_words(results)
+    assert words["LoRA-OnTIES vs LoRA-AdamW overall"] == "better"  # the noise is shared
+    assert words["LoRA-OnDARE vs LoRA-AdamW overall"] == "not distinguishable"
+    assert words["LoRA-AdamW vs AdamW's frontier"] == "beyond"  # above the merge at 0.7
+    assert any(v.startswith("LoRA-OnTIES (lr 0.001, α 0.001) against LoRA-AdamW (lr 0.0002)")
+               for v in results["verdicts"])  # fmt: skip
+    assert "#### Differences against LoRA-AdamW" in details_markdown(results)
+    # the other tracks' results keep their keys
+    assert "lora_differences" not in build_results(DemoSettings(seeds=4), rows[:3])
