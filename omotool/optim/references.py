@@ -131,3 +131,15 @@ def build_references(
         references[name] = FlatDelta.from_dense(reference.view(shape)).to(local.device)
         references[name].sq_norm  # noqa: B018 - computed once here, not read during a step
     return references
+
+
+def adapter_task_vector(adapter: str | os.PathLike[str]) -> TaskVector:
+    """``τ`` of the SFT adapter folder ``adapter`` against its own base: ``s·B·A`` on each
+    adapted weight, 0 elsewhere (``io.adapters.AdapterDelta``), read on request. Its SFT
+    fingerprint is that of the adapter's model, as ``omotool delta BASE ADAPTER`` records it."""
+    from omotool.io.adapters import AdapterDelta
+    from omotool.io.reader import fingerprint
+
+    reader = AdapterDelta(adapter)
+    sft = {"path": str(reader.adapter.absolute()), "fingerprint": fingerprint(reader)}
+    return TaskVector(reader=reader, metadata={"sft": sft})
