@@ -146,8 +146,8 @@ class AdapterReader(ModelReader):
 class AdapterDelta(AdapterReader):
     """The task vector an SFT adapter folder stands for against its own base, read lazily:
     ``τ = s·B·A`` (float32, from the factors: no rounding of ``W₀ + s·B·A`` to the weight's
-    dtype and back) on each adapted weight, zeros of the weight's shape elsewhere. Names,
-    shapes and fingerprint are ``AdapterReader``'s (the fingerprint of the adapter's model)."""
+    dtype and back) on each adapted weight, zeros of the weight's shape elsewhere. Names and
+    shapes are ``AdapterReader``'s; fingerprint the adapter's model with an ``AdapterReader``."""
 
     def get(self, name: str) -> torch.Tensor:
         factors = self.adapted.get(self.aliases.get(name, name))

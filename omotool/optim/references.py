@@ -137,9 +137,10 @@ def adapter_task_vector(adapter: str | os.PathLike[str]) -> TaskVector:
     """``τ`` of the SFT adapter folder ``adapter`` against its own base: ``s·B·A`` on each
     adapted weight, 0 elsewhere (``io.adapters.AdapterDelta``), read on request. Its SFT
     fingerprint is that of the adapter's model, as ``omotool delta BASE ADAPTER`` records it."""
-    from omotool.io.adapters import AdapterDelta
+    from omotool.io.adapters import AdapterDelta, AdapterReader
     from omotool.io.reader import fingerprint
 
+    with AdapterReader(adapter) as model:  # (AdapterDelta's small tensors would sample τ)
+        sft = {"path": str(model.adapter.absolute()), "fingerprint": fingerprint(model)}
     reader = AdapterDelta(adapter)
-    sft = {"path": str(reader.adapter.absolute()), "fingerprint": fingerprint(reader)}
     return TaskVector(reader=reader, metadata={"sft": sft})
