@@ -414,3 +414,30 @@ def test_refusals_exit_1_or_2_on_the_command_line(cli, llama_pair, prefs, sft_ad
         out = tmp_path / f"out{code}"
         done = cli("train", *arguments, *common, "-o", out, expect=code)
         assert done.exit_code == code and not out.exists()
+
+
+@pytest.mark.slow
+def test_a_continued_sft_adapter_resumes_bit_identical(llama_pair, prefs, sft_adapter, tmp_path):
+    """Resumed from its step-1 checkpoint, a run that continues an SFT adapter ends where the
+    uninterrupted one did: the trained adapter comes from the checkpoint, the reference copy
+    is the SFT adapter again (made from --model, not from the checkpoint)."""
+    import shutil
+
+    options = dict(
+        model=str(sft_adapter), lora_r=2, lora_alpha=4.0, lora_dropout=0.0, merge="dare",
+        reserve_p=0.3, alpha=0.01, max_steps=2, save_steps=1,
+    )  # fmt: skip
+    whole = tmp_path / "whole"
+    run_training(lora_config(llama_pair, prefs, whole, **options))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoint-2")
+    (resumed / "adapter_model.safetensors").unlink()
+    saved = yaml.safe_load((resumed / "config.yaml").read_text())
+    (resumed / "config.yaml").write_text(yaml.safe_dump({**saved, "out": str(resumed)}))
+    watch = Watch()
+    config = lora_config(llama_pair, prefs, resumed, resume=True, **options)
+    assert run_training(config, callbacks=[watch]).resumed_from.endswith("checkpoint-1")
+    torch.testing.assert_close(watch.seen["ref_end"], logits(sft_policy(llama_pair, sft_adapter)))
+    a, b = (load_file(folder / "adapter_model.safetensors") for folder in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
