@@ -59,3 +59,14 @@ def test_lora_options_left_at_their_defaults_take_the_adapters(sft_adapter):
     check_sft_adapter(same)
     with pytest.raises(UsageError, match="--lora-r 8: .*--lora-r 2"):
         check_sft_adapter(TrainConfig(model=str(sft_adapter), lora_r=8))
+
+
+def test_a_base_given_with_an_adapter_must_be_its_base(llama_pair, sft_adapter):
+    from omotool.errors import InputError
+    from omotool.train.lora import check_adapter_base
+
+    own = TrainConfig(model=str(sft_adapter), lora_r=2, merge="ties", base=str(llama_pair[0]))
+    check_adapter_base(own)  # the same model: accepted (τ still from the factors)
+    other = TrainConfig(model=str(sft_adapter), lora_r=2, merge="ties", base=str(llama_pair[1]))
+    with pytest.raises(InputError, match="is not the base of the adapter"):
+        check_adapter_base(other)
