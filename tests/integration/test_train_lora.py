@@ -441,3 +441,20 @@ def test_a_continued_sft_adapter_resumes_bit_identical(llama_pair, prefs, sft_ad
     torch.testing.assert_close(watch.seen["ref_end"], logits(sft_policy(llama_pair, sft_adapter)))
     a, b = (load_file(folder / "adapter_model.safetensors") for folder in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grpo_continues_an_sft_adapter(llama_pair, sft_adapter, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"say {i}", "reference": "1"} for i in range(4)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = dict(
+        model=str(sft_adapter), lora_r=2, lora_alpha=TrainConfig().lora_alpha, algo="grpo",
+        reward=["exact"], num_generations=2, batch_size=2, max_completion_length=4, max_steps=1,
+        max_length=TrainConfig().max_length, merge="ties", reserve_p=0.2, alpha=0.01, beta=0.1,
+    )  # fmt: skip
+    watch = Watch()
+    out = tmp_path / "grpo"
+    run_training(lora_config(llama_pair, prompts, out, **options), callbacks=[watch])
+    sft = logits(sft_policy(llama_pair, sft_adapter))
+    torch.testing.assert_close(watch.seen["ref_end"], sft)  # with --beta: the SFT policy
+    torch.testing.assert_close(logits(sft_policy(llama_pair, out)), watch.seen["policy"])
