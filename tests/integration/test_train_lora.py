@@ -176,24 +176,29 @@ def test_online_merging_reaches_the_adapter(llama_pair, prefs, tmp_path, merge):
     assert not torch.allclose(logits(PeftModel.from_pretrained(sft, str(out))), before)
 
 
+def interrupted_copy(run: Path, copy: Path, last_checkpoint: str) -> Path:
+    """``run`` copied to ``copy`` as if stopped before ``last_checkpoint`` and the end."""
+    import shutil
+
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / last_checkpoint)
+    (copy / "adapter_model.safetensors").unlink()
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    (copy / "config.yaml").write_text(yaml.safe_dump({**saved, "out": str(copy)}))
+    return copy
+
+
 @pytest.mark.slow
 def test_lora_merging_resumes_bit_identical(llama_pair, prefs, tmp_path):
     """A run resumed from its step-2 checkpoint ends where the uninterrupted one did: the
     factors' Adam state and the merge's step count (which keys the masks) are restored."""
-    import shutil
-
     options = dict(
         merge="dare", base=str(llama_pair[0]), reserve_p=0.3, alpha=0.01, max_steps=4,
         save_steps=2, lora_dropout=0.0,
     )  # fmt: skip
     whole = tmp_path / "whole"
     run_training(lora_config(llama_pair, prefs, whole, **options))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / "checkpoint-4")
-    (resumed / "adapter_model.safetensors").unlink()
-    saved = yaml.safe_load((resumed / "config.yaml").read_text())
-    (resumed / "config.yaml").write_text(yaml.safe_dump({**saved, "out": str(resumed)}))
+    resumed = interrupted_copy(whole, tmp_path / "resumed", "checkpoint-4")
     config = lora_config(llama_pair, prefs, resumed, resume=True, **options)
     assert run_training(config).resumed_from.endswith("checkpoint-2")
     a, b = (load_file(folder / "adapter_model.safetensors") for folder in (whole, resumed))
@@ -421,20 +426,13 @@ def test_a_continued_sft_adapter_resumes_bit_identical(llama_pair, prefs, sft_ad
     """Resumed from its step-1 checkpoint, a run that continues an SFT adapter ends where the
     uninterrupted one did: the trained adapter comes from the checkpoint, the reference copy
     is the SFT adapter again (made from --model, not from the checkpoint)."""
-    import shutil
-
     options = dict(
         model=str(sft_adapter), lora_r=2, lora_alpha=4.0, lora_dropout=0.0, merge="dare",
         reserve_p=0.3, alpha=0.01, max_steps=2, save_steps=1,
     )  # fmt: skip
     whole = tmp_path / "whole"
     run_training(lora_config(llama_pair, prefs, whole, **options))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / "checkpoint-2")
-    (resumed / "adapter_model.safetensors").unlink()
-    saved = yaml.safe_load((resumed / "config.yaml").read_text())
-    (resumed / "config.yaml").write_text(yaml.safe_dump({**saved, "out": str(resumed)}))
+    resumed = interrupted_copy(whole, tmp_path / "resumed", "checkpoint-2")
     watch = Watch()
     config = lora_config(llama_pair, prefs, resumed, resume=True, **options)
     assert run_training(config, callbacks=[watch]).resumed_from.endswith("checkpoint-1")
