@@ -143,6 +143,22 @@ class AdapterReader(ModelReader):
         self._factors.close()
 
 
+class AdapterDelta(AdapterReader):
+    """The task vector an SFT adapter folder stands for against its own base, read lazily:
+    ``τ = s·B·A`` (float32, from the factors: no rounding of ``W₀ + s·B·A`` to the weight's
+    dtype and back) on each adapted weight, zeros of the weight's shape elsewhere. Names and
+    shapes are ``AdapterReader``'s; fingerprint the adapter's model with an ``AdapterReader``."""
+
+    def get(self, name: str) -> torch.Tensor:
+        factors = self.adapted.get(self.aliases.get(name, name))
+        if factors is None:
+            if name not in self:
+                raise self._no_tensor(name)
+            return torch.zeros(self.shape(name), dtype=torch.float32)
+        a, b = (self._factors.read(key).float() for key in factors)
+        return torch.mm(b, a).mul_(self.scale)
+
+
 def open_model(spec: str | os.PathLike[str], allow_pickle: bool = False) -> ModelReader:
     """A reader of the model in ``spec``: an ``AdapterReader`` for a LoRA adapter folder, else
     a ``ModelReader``."""

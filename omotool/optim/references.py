@@ -131,3 +131,16 @@ def build_references(
         references[name] = whole.to(local.device)
         references[name].sq_norm  # noqa: B018 - computed once here, not read during a step
     return references
+
+
+def adapter_task_vector(adapter: str | os.PathLike[str]) -> TaskVector:
+    """``τ`` of the SFT adapter folder ``adapter`` against its own base: ``s·B·A`` on each
+    adapted weight, 0 elsewhere (``io.adapters.AdapterDelta``), read on request. Its SFT
+    fingerprint is that of the adapter's model, as ``omotool delta BASE ADAPTER`` records it."""
+    from omotool.io.adapters import AdapterDelta, AdapterReader
+    from omotool.io.reader import fingerprint
+
+    with AdapterReader(adapter) as model:  # (AdapterDelta's small tensors would sample τ)
+        sft = {"path": str(model.adapter.absolute()), "fingerprint": fingerprint(model)}
+    reader = AdapterDelta(adapter)
+    return TaskVector(reader=reader, metadata={"sft": sft})

@@ -59,6 +59,13 @@ class TrainConfig(TrainOptions):
         check_config(self)
 
 
+def _adapter(config: TrainConfig) -> bool:
+    """``--model`` is an SFT adapter folder: ``τ`` comes from its factors (``train.lora``)."""
+    from omotool.io.adapters import is_adapter
+
+    return is_adapter(config.model)
+
+
 def check_config(config: TrainConfig) -> None:
     """Refuse what cannot run, before any model or data is read; an unset ``beta`` becomes
     the algorithm's TRL default (so that the saved config says which was used)."""
@@ -71,7 +78,7 @@ def check_config(config: TrainConfig) -> None:
     check_declared(config)
     check_lora(config)
     check_merge_options(config)
-    if config.merge != "none" and not (config.base or config.task_vector):
+    if config.merge != "none" and not (config.base or config.task_vector or _adapter(config)):
         raise UsageError(
             f"--merge {config.merge} merges with the SFT task vector: give --base BASE "
             "(computed at start) or --task-vector DIR (from `omotool delta`)."

@@ -47,20 +47,15 @@ def target_modules(config: Any) -> str | list[str]:
 
 
 def check_lora(config: Any) -> None:
-    """Refuse, before anything loads: an adapter folder as ``--model`` (not yet); a LoRA
-    option without ``--lora-r``; LoRA without the
+    """Refuse, before anything loads: an SFT adapter as ``--model`` that cannot be continued
+    as asked (``check_sft_adapter``); a LoRA option without ``--lora-r``; LoRA without the
     peft package; with ``--merge dare|ties``, what LoRA merging does not support yet (step-K,
     FSDP, DeepSpeed, 4-bit weights); ``--load-in-4bit`` without CUDA or bitsandbytes."""
-    from omotool.io.adapters import adapter_base, is_adapter
+    from omotool.io.adapters import is_adapter
     from omotool.train.options import train_options
 
     if config.model and is_adapter(config.model):
-        raise InputError(
-            f"--model {config.model} is a LoRA adapter folder: training starts from a whole "
-            "model for now. Write the adapter's model first: omotool merge-offline --sft "
-            f"{adapter_base(config.model)} --rlhf {config.model} --alpha 1 -o MERGED, then "
-            "--model MERGED."
-        )
+        check_sft_adapter(config)
     if not lora_on(config):
         for name, option in train_options().items():
             if option.lora and getattr(config, name) != default_of(type(config), name):
@@ -103,6 +98,125 @@ def check_lora(config: Any) -> None:
             raise UsageError(
                 "--load-in-4bit needs the bitsandbytes package: pip install bitsandbytes"
             )
+
+
+def check_sft_adapter(config: Any) -> None:
+    """``--model`` is a PEFT adapter folder (an SFT adapter over a base): training continues
+    that adapter, so it needs ``--lora-r`` equal to its rank, and ``--lora-alpha``,
+    ``--lora-target-modules`` and ``--use-rslora`` either left at their defaults (the adapter's
+    own are used) or equal to the adapter's; ``--lora-dropout`` may differ (a training setting).
+    Its base must be found and it must be plain LoRA (``AdapterReader``'s checks)."""
+    from omotool.io.adapters import AdapterReader
+
+    adapter = config.model
+    if not lora_on(config):
+        raise UsageError(
+            f"--model {adapter} is a LoRA adapter folder: give --lora-r with its rank to go on "
+            "training it, or train every weight of its model written whole first: omotool "
+            f"merge-offline --sft BASE --rlhf {adapter} --alpha 1 -o MERGED, then --model MERGED."
+        )
+    with AdapterReader(adapter):  # its base found, plain LoRA, every factor on a base weight
+        pass
+    saved = sft_adapter_config(adapter)
+    defaults = type(config)()
+    targets = target_modules(config)
+    given = {
+        "--lora-r": (config.lora_r, saved.r, config.lora_r != saved.r),
+        "--lora-alpha": (
+            config.lora_alpha,
+            saved.lora_alpha,
+            config.lora_alpha not in (defaults.lora_alpha, saved.lora_alpha),
+        ),
+        "--lora-target-modules": (
+            config.lora_target_modules,
+            ",".join(sorted(saved.target_modules))
+            if not isinstance(saved.target_modules, str)
+            else saved.target_modules,
+            targets != ALL_LINEAR and set(targets) != set(saved.target_modules),
+        ),
+        "--use-rslora": (
+            config.use_rslora,
+            bool(saved.use_rslora),
+            config.use_rslora and not saved.use_rslora,
+        ),
+    }
+    for option, (value, theirs, differs) in given.items():
+        if differs:
+            raise UsageError(
+                f"{option} {value}: --model {adapter} is a LoRA adapter with {option} {theirs}, "
+                f"and training goes on with that adapter; give {option} {theirs} or drop it."
+            )
+
+
+def sft_adapter_config(adapter: str) -> Any:
+    """The ``LoraConfig`` of the adapter folder ``adapter``, its base as found from here."""
+    from peft import LoraConfig
+
+    from omotool.io.adapters import adapter_base
+
+    saved = LoraConfig.from_pretrained(adapter)
+    saved.base_model_name_or_path = adapter_base(adapter)
+    return saved
+
+
+def load_policy(config: Any, dtype: Any) -> Any:
+    """The model training starts from: ``--model`` loaded (4-bit with ``--load-in-4bit``);
+    for an SFT adapter folder, its base with that adapter on, trainable (``PeftModel``), to
+    go on training it: the written adapter is then the SFT adapter trained further, over the
+    same base, and ``PeftModel.from_pretrained(base, run)`` is the trained policy."""
+    from transformers import AutoModelForCausalLM
+
+    from omotool.io.adapters import is_adapter
+
+    options = {"dtype": dtype, **model_load_options(config, dtype)}
+    if not is_adapter(config.model):
+        return AutoModelForCausalLM.from_pretrained(config.model, **options)
+    from peft import PeftModel
+
+    saved = sft_adapter_config(config.model)
+    if config.lora_dropout != type(config)().lora_dropout:
+        saved.lora_dropout = config.lora_dropout
+    base = AutoModelForCausalLM.from_pretrained(saved.base_model_name_or_path, **options)
+    return PeftModel.from_pretrained(base, config.model, config=saved, is_trainable=True)
+
+
+def check_adapter_base(config: Any) -> None:
+    """With an SFT adapter as ``--model``, ``τ = s·B·A`` is taken against the adapter's own
+    base; a ``--base`` given as well must be that model (same fingerprint), else refused."""
+    from omotool.io.adapters import adapter_base
+    from omotool.io.reader import ModelReader, fingerprint
+
+    if not config.base:
+        return
+    own = adapter_base(config.model)
+    with ModelReader(config.base) as given, ModelReader(own) as theirs:
+        if fingerprint(given) == fingerprint(theirs):
+            return
+    raise InputError(
+        f"--base {config.base} is not the base of the adapter --model {config.model} ({own}, "
+        "its base_model_name_or_path): τ comes from the adapter itself (s·B·A); drop --base."
+    )
+
+
+REFERENCE_ADAPTER = "ref"  # the adapter name TRL's trainers compute reference log-probs with
+
+
+def keep_sft_reference(model: Any) -> None:
+    """Make the reference of a run that continues an SFT adapter the SFT policy (base + SFT
+    adapter), not the bare base. TRL 1.16's DPO, KTO, GRPO and RLOO trainers, given a
+    ``PeftModel`` and no ``ref_model``, copy its adapter into a frozen one named ``"ref"`` and
+    compute reference log-probs with it active (with adapters off when there is none, the
+    bare base); this adds that copy where a trainer did not, so the reference never falls
+    back to the base. Call it before the first step (the adapter still the SFT one)."""
+    if REFERENCE_ADAPTER in model.peft_config:
+        return
+    model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
+    for name, param in model.named_parameters():
+        if ".default." in name:
+            copy = model.get_parameter(name.replace(".default.", f".{REFERENCE_ADAPTER}."))
+            copy.data.copy_(param.data)
+            copy.requires_grad_(False)
+    model.set_adapter("default")
 
 
 def model_config(config: Any, dtype: Any = None) -> Any:
@@ -154,7 +268,9 @@ def check_targets(config: Any, model_config: Any) -> None:
     """Refuse ``--lora-target-modules`` that name no module of ``--model`` (whose transformers
     config is ``model_config``), before its weights load: the adapter is built on an empty
     (meta-device) copy of the model, as PEFT would build it."""
-    if not lora_on(config):
+    from omotool.io.adapters import is_adapter
+
+    if not lora_on(config) or is_adapter(config.model):  # an adapter's targets are its own
         return
     import torch
     from peft import get_peft_model

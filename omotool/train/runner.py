@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from omotool.errors import InputError, OutputError, UsageError
+from omotool.io.adapters import adapter_base, is_adapter, tokenizer_folder
 from omotool.io.formats import fsync_path, write_text_atomic
 from omotool.train.algorithms import ALGORITHMS
 from omotool.train.arguments import MERGES, TrainConfig, optimizer_options, trl_arguments
@@ -40,7 +41,13 @@ from omotool.train.deepspeed import (
     init_deepspeed_comm,
 )
 from omotool.train.lora import check_targets as check_lora_targets
-from omotool.train.lora import lora_merging_trainer, lora_on, model_load_options, peft_config
+from omotool.train.lora import (
+    keep_sft_reference,
+    load_policy,
+    lora_merging_trainer,
+    lora_on,
+    peft_config,
+)
 from omotool.train.progress import is_main_process
 from omotool.train.rewards import load_reward, name_uniquely, parse_rewards, required_columns
 from omotool.train.trainer import completions_callback, metrics_callback, online_merging_trainer
@@ -53,16 +60,24 @@ __all__ = ["MERGES", "TrainConfig", "TrainResult", "run_training", "trl_argument
 
 
 def load_task_vector(config: TrainConfig) -> Any:
-    """The SFT task vector of ``config.model``; a given ``--task-vector`` must match it."""
-    from omotool.io.reader import ModelReader, fingerprint
+    """The SFT task vector of ``config.model``; a given ``--task-vector`` must match it. For
+    an SFT adapter folder, ``τ = s·B·A`` from its factors (``--base`` may be given only if it
+    is the adapter's base)."""
+    from omotool.io.adapters import is_adapter, open_model
+    from omotool.io.reader import fingerprint
     from omotool.optim import TaskVector
+    from omotool.optim.references import adapter_task_vector
+    from omotool.train.lora import check_adapter_base
 
+    if config.task_vector is None and is_adapter(config.model):
+        check_adapter_base(config)
+        return adapter_task_vector(config.model)
     if config.task_vector is None:
         return TaskVector.from_models(config.base, config.model)
     tau = TaskVector.load(config.task_vector)
     expected = tau.sft_fingerprint
     if expected is not None:
-        with ModelReader(config.model) as reader:
+        with open_model(config.model) as reader:
             actual = fingerprint(reader)
         if actual != expected:
             raise InputError(
@@ -216,7 +231,7 @@ def count_truncated(dataset: Any, max_length: int | None) -> int:
 def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Train per ``config`` (extra transformers ``callbacks``, e.g. a progress display)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
 
     config.validate()
@@ -230,8 +245,11 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
         check_generation_boundary(start, output, arguments)
     if config.deepspeed:
         init_deepspeed_comm()
+    continuing = is_adapter(config.model)  # an SFT adapter trained further (train.lora)
     with _loading(config.model):  # its config.json: a wrong --model fails before anything runs
-        model_config = AutoConfig.from_pretrained(config.model)
+        model_config = AutoConfig.from_pretrained(
+            adapter_base(config.model) if continuing else config.model
+        )
     check_lora_targets(config, model_config)
     specs = parse_rewards(config.reward, config.reward_model) if algorithm.online else []
     # Verifiers and Python functions first (an import error before any data or model is read),
@@ -269,10 +287,8 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     torch.manual_seed(config.seed)
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     with _loading(config.model):
-        model = AutoModelForCausalLM.from_pretrained(
-            config.model, dtype=dtype, **model_load_options(config, dtype)
-        )
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        model = load_policy(config, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(config.model))
     metrics = metrics_callback(metrics_path)
     interrupt = Interrupt(every=generation_buffer_steps(arguments))  # a resumable checkpoint
     merging = (
@@ -280,7 +296,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     )
     trainer_class = merging(algorithm.trainer_class(), tau, **optimizer_options(config))
     extra = {"reward_funcs": rewards} if algorithm.online else {}
-    if lora_on(config):  # TRL wraps the model in the adapter (omotool.train.lora)
+    if lora_on(config) and not continuing:  # TRL wraps the model in the adapter (train.lora)
         extra["peft_config"] = peft_config(config)
     try:
         trainer = trainer_class(
@@ -295,6 +311,8 @@ def run_training(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainRes
     except ValueError as exc:  # TRL's checks of the model, tokenizer and settings together
         name = algorithm.trainer.rpartition(":")[2]
         raise UsageError(f"TRL's {name} refuses this run: {exc}") from exc
+    if continuing:
+        keep_sft_reference(trainer.model)
     trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout
     if algorithm.online and (config.log_completions or config.print_completions):
         trainer.add_callback(_completions_log(trainer, config, output / COMPLETIONS_FILE))
@@ -368,12 +386,13 @@ def _metadata(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
     import trl
 
     from omotool import __version__
-    from omotool.io.reader import ModelReader, fingerprint
+    from omotool.io.adapters import open_model
+    from omotool.io.reader import fingerprint
 
     def described(path: str | None) -> dict[str, Any] | None:
         if path is None:
             return None
-        with ModelReader(path) as reader:
+        with open_model(path) as reader:  # an SFT adapter: the fingerprint of its model
             return {"path": str(Path(path).absolute()), "fingerprint": fingerprint(reader)}
 
     return {

@@ -120,3 +120,28 @@ def test_adapters_with_more_than_lora_factors_are_refused(adapter) -> None:
     (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(InputError, match="use_dora is not supported here"):
         open_model(folder)
+
+
+def test_adapter_delta_is_s_b_a_from_the_factors_and_zero_elsewhere(llama_pair, adapter) -> None:
+    from safetensors.torch import load_file
+
+    from omotool.io.adapters import AdapterDelta, AdapterReader
+    from omotool.io.reader import fingerprint
+    from omotool.optim.references import adapter_task_vector
+
+    folder, _ = adapter
+    factors = load_file(folder / "adapter_model.safetensors")
+    with AdapterDelta(folder) as delta:
+        for name in delta.names:
+            tau = delta.get(name)
+            assert tau.dtype == torch.float32 and tuple(tau.shape) == delta.shape(name)
+            if name not in delta.adapted:
+                assert not tau.any(), name
+                continue
+            a, b = (factors[key] for key in delta.adapted[name])
+            torch.testing.assert_close(tau, 2.0 * b @ a)  # s = 4 / 2
+            assert tau.abs().max() > 0
+    tv = adapter_task_vector(folder)
+    assert tv.sft_fingerprint == fingerprint(AdapterReader(folder))  # as `delta` records it
+    name = next(iter(AdapterReader(folder).adapted))
+    torch.testing.assert_close(tv.get(name), AdapterDelta(folder).get(name))
