@@ -235,6 +235,35 @@ def test_grpo_merges_on_the_real_model(sft: Path, tau: Path, data: Path) -> None
     assert not torch.equal(_tensor(out, EMBED), _tensor(sft, EMBED))
 
 
+def test_lora_ties_merges_through_the_adapter_on_the_real_model(
+    sft: Path, tau: Path, data: Path, tmp_path: Path
+) -> None:
+    """DPO with a rank-8 adapter on every linear layer and OnTIES: a PEFT adapter over the SFT
+    model, merged through the adapter's tangent space (its kept share logged), and ``omotool
+    eval`` reads the adapter folder as its merged model."""
+    from peft import PeftModel
+
+    out = _train(sft.parent / "dpo-lora-ties", model=str(sft), dataset=str(data / "prefs.jsonl"),
+                 algo="dpo", merge="ties", task_vector=str(tau), alpha=0.01, lr=1e-3,
+                 lora_r=8, lora_alpha=16.0)  # fmt: skip
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:1]
+    assert 0 < step["merge/lora_kept_share"] <= 1
+    model = AutoModelForCausalLM.from_pretrained(str(sft), dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(model, str(out))
+    factors = {n: p for n, p in tuned.named_parameters() if "lora_B" in n}
+    assert len(factors) == 30 * 7  # every linear layer of the 30 blocks, not the tied head
+    assert any(p.abs().max() > 0 for p in factors.values())  # the step moved B off its zeros
+    tasks = [{"name": "prose", "task": "perplexity", "data": str(data / "prose.txt"),
+              "category": "capability"}]  # fmt: skip
+    suite = {"baseline": str(sft), "batch_size": 2, "tasks": tasks}
+    (tmp_path / "suite.yaml").write_text(json.dumps(suite))
+    Cli()("eval", out, "--suite", tmp_path / "suite.yaml", "-o", tmp_path / "r")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    scores = [m["tasks"]["prose"]["scores"]["perplexity"]["value"] for m in report["models"]]
+    assert len(scores) == 2 and scores[0] != scores[1]  # the adapter is read, merged on load
+
+
 @pytest.fixture(scope="module")
 def merged(sft: Path, dpo) -> Path:
     out = sft.parent / "merged"
