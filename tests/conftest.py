@@ -71,3 +71,12 @@ def cli() -> Cli:
 def leftovers(parent: Path) -> list[str]:
     """Hidden temporary folders left by an interrupted write."""
     return [p.name for p in parent.iterdir() if ".omotool-" in p.name]
+
+
+TINY_TOKENS = torch.tensor([[5, 9, 17, 33, 40]])
+
+
+def tiny_logits(model: torch.nn.Module) -> torch.Tensor:
+    """A tiny model's logits on a fixed 5-token input (without gradients): compares models."""
+    with torch.no_grad():
+        return model(TINY_TOKENS).logits

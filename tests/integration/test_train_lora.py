@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from omotool.errors import InputError, UsageError
 from omotool.optim.lora_merging import SHARE
 from omotool.train.runner import TrainConfig, run_training
+from tests.conftest import tiny_logits as logits
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "omotool.json"}
 
@@ -36,11 +37,6 @@ def lora_config(llama_pair, data, out, **options) -> TrainConfig:
         max_steps=3, max_length=32, merge="none", lora_r=4, lora_alpha=8.0,
     )  # fmt: skip
     return TrainConfig(**(settings | options))
-
-
-def logits(model, tokens=torch.tensor([[5, 9, 17, 33, 40]])) -> torch.Tensor:
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 def test_dpo_lora_writes_a_peft_adapter_that_changes_the_model(llama_pair, prefs, tmp_path):

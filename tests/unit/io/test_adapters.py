@@ -12,13 +12,7 @@ from transformers import AutoModelForCausalLM
 from omotool.errors import InputError
 from omotool.eval.runner import _fingerprint, _Models
 from omotool.io.adapters import adapter_base, is_adapter, load_adapter_model, tokenizer_folder
-
-TOKENS = torch.tensor([[5, 9, 17, 33, 40]])
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(TOKENS).logits
+from tests.conftest import tiny_logits as logits
 
 
 @pytest.fixture

@@ -10,13 +10,7 @@ from transformers import AutoModelForCausalLM
 from omotool.errors import UsageError
 from omotool.train.arguments import TrainConfig
 from omotool.train.lora import REFERENCE_ADAPTER, check_sft_adapter, keep_sft_reference
-
-TOKENS = torch.tensor([[5, 9, 17, 33, 40]])
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(TOKENS).logits
+from tests.conftest import tiny_logits as logits
 
 
 @pytest.fixture
