@@ -20,8 +20,9 @@ then ``report.md``, ``results.json`` and ``tradeoff.png`` (``omotool.demo.report
 
 The ``grpo`` track (``DemoSettings.track``) shares stages 1–4 and replaces DPO by online RL:
 ``omotool train --algo grpo`` from the SFT model on the requests of the preference data, with
-the rule that judges the style at evaluation as its reward (a completion that closes with
-"glad to help" scores 1), with AdamW, OnDARE and OnTIES over their own grids
+a graded form of the rule that judges the style at evaluation as its reward
+(``omotool.demo.rewards.style_reward``: "glad to help" scores 1, a piece of the polite answer
+0.5, an answer without the rude closing 0.25), with AdamW, OnDARE and OnTIES over their own grids
 (``seed-<s>/grpo/runs/``), the offline-merge sweep of an AdamW run (``seed-<s>/grpo/merges``),
 the same evaluations, and its report in ``grpo/`` of the work dir.
 
@@ -480,8 +481,8 @@ def _grpo_stages(
     seed: int,
 ) -> list[_Model]:
     """The grpo track's runs: ``omotool train --algo grpo`` from the SFT model on the
-    preference data's requests, rewarded by the evaluation's style rule."""
-    from omotool.demo.world import STYLE_PATTERN, read_jsonl
+    preference data's requests, rewarded by the graded style reward (``demo.rewards``)."""
+    from omotool.demo.world import read_jsonl
 
     data = folder / "grpo" / "data"
     prompts = data / "prompts.jsonl"
@@ -496,8 +497,8 @@ def _grpo_stages(
                              build_data)  # fmt: skip
     grpo = {"algo": "grpo", "epochs": settings.grpo_epochs, "batch_size": settings.grpo_batch,
             "num_generations": settings.grpo_generations,
-            "max_completion_length": settings.max_new_tokens, "reward": ["regex"],
-            "reward_pattern": STYLE_PATTERN}  # fmt: skip
+            "max_completion_length": settings.max_new_tokens,
+            "reward": ["omotool.demo.rewards:style_reward"]}  # fmt: skip
     return _grid_stages(
         stages, folder, folder / "grpo" / "runs", settings, seed, ("grpo", {"data": data_digest}),
         (sft, tau), prompts, grpo, settings.methods(),

@@ -143,10 +143,10 @@ def test_fast_grpo_track_shares_the_sft_stages(demo_run, tmp_path) -> None:
     lr, alpha = grid.grid("onties")[0]
     run = seed / "grpo" / "runs" / "onties" / run_name(lr, alpha, "onties")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/regex/mean" in m for m in metrics)
+    assert any("rewards/style_reward/mean" in m for m in metrics)
     assert any(m.get("merge/kept_fraction", 0) > 0 for m in metrics)
     config = json.loads((run / "omotool.json").read_text())["config"]
-    assert config["algo"] == "grpo" and config["reward_pattern"] == "(glad to help)"
+    assert config["algo"] == "grpo" and config["reward"] == ["omotool.demo.rewards:style_reward"]
     assert (seed / "grpo" / "merges" / "alpha-0.5" / "config.json").exists()
     assert (seed / "eval" / f"grpo__runs__onties__{run.name}" / "test.json").exists()
     assert (work / "grpo" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
