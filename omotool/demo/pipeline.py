@@ -22,9 +22,8 @@ The ``grpo`` track (``DemoSettings.track``) runs stages 1–4 in a world of its 
 answers are polite more often (``grpo_style_rate``: sampled completions must differ in reward
 for GRPO to learn), under ``grpo/seed-<s>/``, and replaces DPO by online RL:
 ``omotool train --algo grpo`` from the SFT model on the requests of the preference data, with
-a graded form of the rule that judges the style at evaluation as its reward
-(``omotool.demo.rewards.style_reward``: "glad to help" scores 1, a piece of the polite answer
-0.5, an answer without the rude closing 0.25), with AdamW, OnDARE and OnTIES over their own grids
+the rule that judges the style at evaluation as its reward (a completion that closes with
+"glad to help" scores 1), with AdamW, OnDARE and OnTIES over their own grids
 (``grpo/seed-<s>/grpo/runs/``), the offline-merge sweep of an AdamW run (``.../grpo/merges``),
 the same evaluations, and its report in ``grpo/`` of the work dir.
 
@@ -497,8 +496,8 @@ def _grpo_stages(
     seed: int,
 ) -> list[_Model]:
     """The grpo track's runs: ``omotool train --algo grpo`` from the SFT model on the
-    preference data's requests, rewarded by the graded style reward (``demo.rewards``)."""
-    from omotool.demo.world import read_jsonl
+    preference data's requests, rewarded by the evaluation's style rule."""
+    from omotool.demo.world import STYLE_PATTERN, read_jsonl
 
     data = folder / "grpo" / "data"
     prompts = data / "prompts.jsonl"
@@ -513,8 +512,8 @@ def _grpo_stages(
                              build_data)  # fmt: skip
     grpo = {"algo": "grpo", "epochs": settings.grpo_epochs, "batch_size": settings.grpo_batch,
             "num_generations": settings.grpo_generations,
-            "max_completion_length": settings.max_new_tokens,
-            "reward": ["omotool.demo.rewards:style_reward"]}  # fmt: skip
+            "max_completion_length": settings.max_new_tokens, "reward": ["regex"],
+            "reward_pattern": STYLE_PATTERN}  # fmt: skip
     return _grid_stages(
         stages, folder, folder / "grpo" / "runs", settings, seed, ("grpo", {"data": data_digest}),
         (sft, tau), prompts, grpo, settings.methods(),

@@ -128,7 +128,7 @@ def _run_track(dpo_work: Path, tmp_path: Path, track: str) -> tuple[Path, dict]:
 def test_fast_grpo_track_builds_its_own_world(demo_run, tmp_path) -> None:
     """``omotool demo --fast --track grpo`` in the DPO track's work dir: its world (more polite
     SFT answers), base, SFT and τ stages go to ``grpo/seed-<s>/``, GRPO runs train with the
-    graded style reward, and the report lands in ``grpo/``, leaving the DPO track's stages and
+    style rule as reward, and the report lands in ``grpo/``, leaving the DPO track's stages and
     results as they were."""
     from omotool.demo.pipeline import GRPO_METHODS, settings_for
 
@@ -146,10 +146,10 @@ def test_fast_grpo_track_builds_its_own_world(demo_run, tmp_path) -> None:
     lr, alpha = grid.grid("onties")[0]
     run = seed / "grpo" / "runs" / "onties" / run_name(lr, alpha, "onties")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/style_reward/mean" in m for m in metrics)
+    assert any("rewards/regex/mean" in m for m in metrics)
     assert any(m.get("merge/kept_fraction", 0) > 0 for m in metrics)
     config = json.loads((run / "omotool.json").read_text())["config"]
-    assert config["algo"] == "grpo" and config["reward"] == ["omotool.demo.rewards:style_reward"]
+    assert config["algo"] == "grpo" and config["reward_pattern"] == "(glad to help)"
     assert (seed / "grpo" / "merges" / "alpha-0.5" / "config.json").exists()
     assert (seed / "eval" / f"grpo__runs__onties__{run.name}" / "test.json").exists()
     assert (work / "grpo" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
