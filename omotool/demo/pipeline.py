@@ -18,11 +18,13 @@ an interrupted run resumes at the stage it was in), under ``seed-<s>/``:
 
 then ``report.md``, ``results.json`` and ``tradeoff.png`` (``omotool.demo.report``).
 
-The ``grpo`` track (``DemoSettings.track``) shares stages 1–4 and replaces DPO by online RL:
+The ``grpo`` track (``DemoSettings.track``) runs stages 1–4 in a world of its own, whose SFT
+answers are polite more often (``grpo_style_rate``: sampled completions must differ in reward
+for GRPO to learn), under ``grpo/seed-<s>/``, and replaces DPO by online RL:
 ``omotool train --algo grpo`` from the SFT model on the requests of the preference data, with
 the rule that judges the style at evaluation as its reward (a completion that closes with
 "glad to help" scores 1), with AdamW, OnDARE and OnTIES over their own grids
-(``seed-<s>/grpo/runs/``), the offline-merge sweep of an AdamW run (``seed-<s>/grpo/merges``),
+(``grpo/seed-<s>/grpo/runs/``), the offline-merge sweep of an AdamW run (``.../grpo/merges``),
 the same evaluations, and its report in ``grpo/`` of the work dir.
 
 The ``lora`` track asks the dpo track's question of LoRA adapters: the same worlds, seeds, SFT
@@ -108,6 +110,7 @@ class DemoSettings:
     grpo_generations: int = 4  # completions per prompt
     grpo_batch: int = 16  # completions per step (4 prompts)
     grpo_merge_lr: float = 1e-4  # the AdamW run that merge-offline sweeps
+    grpo_style_rate: float = 0.4  # the grpo track's world: SFT samples the polite answer
     # the lora track: the dpo track's full AdamW runs and these adapters (DPO options as above)
     lora_r: int = 8
     lora_alpha: float = 16.0  # scale s = lora_alpha / lora_r
@@ -115,6 +118,10 @@ class DemoSettings:
     lora_ties_lr_grid: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # LoRA-OnTIES
     lora_dare_alphas: tuple[float, ...] = (1e-3,)
     lora_ties_alphas: tuple[float, ...] = (1e-3,)
+
+    def world_style_rate(self) -> float:
+        """The share of polite SFT answers in the track's world."""
+        return self.grpo_style_rate if self.track == "grpo" else self.style_rate
 
     def methods(self) -> tuple[str, ...]:
         """The trained methods of the track."""
@@ -257,7 +264,8 @@ def _run_demo(
     stages = _Stages(workdir, progress)
     evaluations = []
     for seed in range(settings.seeds):
-        evaluations += _replicate(stages, workdir / f"seed-{seed}", settings, seed, placement)
+        folder = seeds_folder(workdir, settings) / f"seed-{seed}"
+        evaluations += _replicate(stages, folder, settings, seed, placement)
     results = build_results(settings, evaluations)
     seconds = time.perf_counter() - started
     results["provenance"] = provenance(command, seconds)
@@ -271,6 +279,14 @@ def _run_demo(
 def report_folder(workdir: Path, track: str) -> Path:
     """Where a track's report, results and plot go: the work dir (dpo) or its ``<track>/``."""
     return workdir if track == "dpo" else workdir / track
+
+
+def seeds_folder(workdir: Path, settings: DemoSettings) -> Path:
+    """Where the ``seed-<s>/`` pipelines go: the work dir, shared by the tracks with the dpo
+    track's world, or ``<track>/`` for a track with a world of its own (grpo: more polite
+    SFT answers), whose world, base, SFT and τ stages would otherwise replace the shared ones."""
+    own_world = settings.world_style_rate() != settings.style_rate
+    return workdir / settings.track if own_world else workdir
 
 
 def _replicate(
@@ -339,13 +355,13 @@ def _world_stage(
     folder = folder / "world"
     key = {**common, "stage": "world", "entities": settings.entities,
            "reversals": settings.reversals, "brief_polite": settings.brief_polite,
-           "style_rate": settings.style_rate, "held_out": settings.held_out,
+           "style_rate": settings.world_style_rate(), "held_out": settings.held_out,
            "max_new_tokens": settings.max_new_tokens}  # fmt: skip
 
     def build() -> None:
         world = make_world(
             common["seed"], settings.entities, reversals=settings.reversals,
-            brief_polite=settings.brief_polite, style_rate=settings.style_rate,
+            brief_polite=settings.brief_polite, style_rate=settings.world_style_rate(),
             held_out=settings.held_out,
         )  # fmt: skip
         paths = write_world(world, folder)

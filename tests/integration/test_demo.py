@@ -125,10 +125,11 @@ def _run_track(dpo_work: Path, tmp_path: Path, track: str) -> tuple[Path, dict]:
     return work, results
 
 
-def test_fast_grpo_track_shares_the_sft_stages(demo_run, tmp_path) -> None:
-    """``omotool demo --fast --track grpo`` in the DPO track's work dir: the world, base, SFT
-    and τ stages come from cache, GRPO runs train with the style rule as reward, and the
-    report lands in ``grpo/``, leaving the DPO track's results as they were."""
+def test_fast_grpo_track_builds_its_own_world(demo_run, tmp_path) -> None:
+    """``omotool demo --fast --track grpo`` in the DPO track's work dir: its world (more polite
+    SFT answers), base, SFT and τ stages go to ``grpo/seed-<s>/``, GRPO runs train with the
+    style rule as reward, and the report lands in ``grpo/``, leaving the DPO track's stages and
+    results as they were."""
     from omotool.demo.pipeline import GRPO_METHODS, settings_for
 
     dpo_results = (demo_run[0] / "results.json").read_text()
@@ -139,7 +140,9 @@ def test_fast_grpo_track_shares_the_sft_stages(demo_run, tmp_path) -> None:
     assert len(trained) == sum(len(grid.grid(m)) for m in GRPO_METHODS)
     assert {p["method"] for p in results["points"]} == {*GRPO_METHODS, "sft", "merge"}
     assert (work / "results.json").read_text() == dpo_results
-    seed = work / "seed-0"
+    seed = work / "grpo" / "seed-0"
+    world = json.loads((seed / "world" / "demo-stage.json").read_text())["key"]
+    assert world["style_rate"] == grid.grpo_style_rate != grid.style_rate
     lr, alpha = grid.grid("onties")[0]
     run = seed / "grpo" / "runs" / "onties" / run_name(lr, alpha, "onties")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -150,10 +153,10 @@ def test_fast_grpo_track_shares_the_sft_stages(demo_run, tmp_path) -> None:
     assert (seed / "grpo" / "merges" / "alpha-0.5" / "config.json").exists()
     assert (seed / "eval" / f"grpo__runs__onties__{run.name}" / "test.json").exists()
     assert (work / "grpo" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
-    # the shared stages were not rebuilt
-    stamp = json.loads((seed / "sft" / "demo-stage.json").read_text())
+    # the dpo track's stages were not rebuilt
+    stamp = json.loads((work / "seed-0" / "sft" / "demo-stage.json").read_text())
     assert stamp == json.loads((demo_run[0] / "seed-0" / "sft" / "demo-stage.json").read_text())
-    assert (seed / "sft" / "model.safetensors").stat().st_mtime == (
+    assert (work / "seed-0" / "sft" / "model.safetensors").stat().st_mtime == (
         demo_run[0] / "seed-0" / "sft" / "model.safetensors"
     ).stat().st_mtime
 
