@@ -396,7 +396,7 @@ def eval_(
     data: str | None = typer.Option(None, help="Data of --task (.jsonl, .json, .csv, .txt)."),
     ref_model: str | None = typer.Option(None, help="Reference model of --task preference."),
     reward_model: str | None = typer.Option(None, help="Classifier of --task reward_model."),
-    extract: str = typer.Option("exact", help="--task generate: exact, regex or last_number."),
+    extract: str = typer.Option("exact", help="--task generate: exact, regex, last_number or contains."),
     pattern: str | None = typer.Option(None, help="--task generate --extract regex: pattern."),
     lm_tasks: str | None = typer.Option(
         None, help="--task lm_eval: harness task names, comma-separated (e.g. gsm8k,mmlu)."
@@ -543,8 +543,9 @@ def demo(
     track: str = typer.Option(
         "dpo",
         help="dpo (the paper's setting), grpo (online RL from the SFT model with a rule "
-        "reward) or lora (the dpo track with LoRA adapters against full AdamW); grpo and lora "
-        "share the world, base, SFT and task vector stages; report in WORKDIR/<track>.",
+        "reward, in worlds of its own whose SFT answers are polite more often) or lora (the "
+        "dpo track with LoRA adapters against full AdamW, sharing its stages); report in "
+        "WORKDIR/<track>.",
     ),
     threads: int = typer.Option(
         1, min=1, help="CPU threads (the miniature's matrices are too small for more to pay)."

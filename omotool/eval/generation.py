@@ -12,7 +12,9 @@ batch stops generating once every row has written a stop sequence (or EOS). Extr
 - ``regex``: the first match of ``pattern`` (its first group if it has one) equals the
   reference (or the reference's own match);
 - ``last_number``: the last number in the answer equals the last number in the reference,
-  numerically (GSM8K style: a reference ``"... #### 1,234"`` gives 1234).
+  numerically (GSM8K style: a reference ``"... #### 1,234"`` gives 1234);
+- ``contains``: the answer states the reference as whole words, in any case (``Paris`` in
+  ``The capital of France is Paris.``, not ``Rome`` in ``Romeo``).
 ``accuracy`` with a Wilson interval; the answers are returned for the report.
 """
 
@@ -32,7 +34,7 @@ from omotool.errors import UsageError
 from omotool.eval.preference import TaskScores
 from omotool.eval.stats import proportion_interval
 
-EXTRACTORS = ("exact", "regex", "last_number")
+EXTRACTORS = ("exact", "regex", "last_number", "contains")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
@@ -163,6 +165,11 @@ def is_correct(answer: str, reference: str, extract: str, pattern: str | None = 
     if extract == "last_number":
         got, want = last_number(answer), last_number(reference)
         return got is not None and want is not None and got == want
+    if extract == "contains":
+        wanted = reference.strip()
+        return bool(wanted) and re.search(
+            rf"(?<!\w){re.escape(wanted)}(?!\w)", answer, re.IGNORECASE
+        ) is not None
 
     def grab(text: str) -> str | None:  # regex
         match = compiled.search(text) if compiled is not None else None

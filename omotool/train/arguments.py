@@ -170,7 +170,7 @@ def check_rewards(config: TrainConfig) -> None:
     if not specs:
         raise UsageError(
             f"--algo {config.algo} learns from rewards: give --reward (exact, regex, last_number, "
-            "or path/to/file.py:function) or --reward-model DIR, several if you like."
+            "contains, or path/to/file.py:function) or --reward-model DIR, several if you like."
         )
     verifiers = [spec.source for spec in specs if spec.kind == "verifier"]
     if "regex" in verifiers and not config.reward_pattern:
@@ -184,7 +184,7 @@ def check_rewards(config: TrainConfig) -> None:
     if config.reference_field != defaults.reference_field and not verifiers:
         raise UsageError(
             f"--reference-field {config.reference_field} is read by the verifiers only "
-            "(--reward exact, regex, last_number): add one, or drop it."
+            "(--reward exact, regex, last_number, contains): add one, or drop it."
         )
     if config.reward_weights is not None and len(config.reward_weights) != len(specs):
         raise UsageError(

@@ -128,8 +128,8 @@ class TrainOptions:
     )  # fmt: skip
 
     reward: list[str] = _opt(
-        [], "Reward (repeatable): exact, regex, last_number (verifiers: the completion against "
-        "the --reference-field column), or file.py:function / module:function (TRL's reward "
+        [], "Reward (repeatable): exact, regex, last_number, contains (verifiers: the completion "
+        "against the --reference-field column), or file.py:function / module:function (TRL's reward "
         "function signature).", ONLINE, online=True,
     )  # fmt: skip
     reward_model: list[str] = _opt(

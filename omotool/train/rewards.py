@@ -4,7 +4,7 @@ TRL calls a reward function as ``f(prompts=..., completions=..., completion_ids=
 with the dataset's other columns as keyword arguments (one value per completion) and wants one
 float per completion (``None``: this reward does not apply to that completion). Three kinds:
 
-- a **verifier** (``--reward exact|regex|last_number``): 1.0 when the completion matches the
+- a **verifier** (``--reward exact|regex|last_number|contains``): 1.0 when the completion matches the
   row's reference column under ``omotool.eval.generation.is_correct`` (the code ``omotool eval
   generate`` scores with), else 0.0;
 - a **Python function** (``--reward path/to/file.py:name`` or ``package.module:name``) with
@@ -37,7 +37,7 @@ from typing import Any
 from omotool.errors import InputError, UsageError
 from omotool.eval.generation import EXTRACTORS, check_extract, is_correct
 
-VERIFIERS = EXTRACTORS  # exact, regex, last_number
+VERIFIERS = EXTRACTORS  # exact, regex, last_number, contains
 # The keyword arguments TRL passes besides the dataset's columns.
 TRL_ARGUMENTS = frozenset(
     {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",

@@ -1,5 +1,6 @@
 """The ``generate`` task: answers generated for ``prompt`` rows, compared with ``reference``
-(``eval/generation.py``); options ``extract`` (exact, regex, last_number) and ``pattern``."""
+(``eval/generation.py``); options ``extract`` (exact, regex, last_number,
+contains) and ``pattern``."""
 
 from __future__ import annotations
 

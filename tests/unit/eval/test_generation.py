@@ -94,6 +94,10 @@ def test_extractors() -> None:
     assert is_correct("Answer: (B) because", "B", "regex", r"\(([A-D])\)")
     assert is_correct("Answer: (B)", "Answer: (B)", "regex", r"\(([A-D])\)")
     assert not is_correct("no choice", "B", "regex", r"\(([A-D])\)")
+    assert is_correct("The capital of France is Paris.", "paris", "contains")
+    assert is_correct("It is H2O (water).", "H2O", "contains")
+    assert not is_correct("Romeo and Juliet", "Rome", "contains")  # whole words only
+    assert not is_correct("anything", " ", "contains")  # an empty reference matches nothing
     with pytest.raises(UsageError, match="needs a pattern"):
         is_correct("a", "a", "regex")
     with pytest.raises(UsageError, match="unknown extract"):
