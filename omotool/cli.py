@@ -396,7 +396,9 @@ def eval_(
     data: str | None = typer.Option(None, help="Data of --task (.jsonl, .json, .csv, .txt)."),
     ref_model: str | None = typer.Option(None, help="Reference model of --task preference."),
     reward_model: str | None = typer.Option(None, help="Classifier of --task reward_model."),
-    extract: str = typer.Option("exact", help="--task generate: exact, regex, last_number or contains."),
+    extract: str = typer.Option(
+        "exact", help="--task generate: exact, regex, last_number or contains."
+    ),
     pattern: str | None = typer.Option(None, help="--task generate --extract regex: pattern."),
     lm_tasks: str | None = typer.Option(
         None, help="--task lm_eval: harness task names, comma-separated (e.g. gsm8k,mmlu)."

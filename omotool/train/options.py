@@ -128,9 +128,9 @@ class TrainOptions:
     )  # fmt: skip
 
     reward: list[str] = _opt(
-        [], "Reward (repeatable): exact, regex, last_number, contains (verifiers: the completion "
-        "against the --reference-field column), or file.py:function / module:function (TRL's reward "
-        "function signature).", ONLINE, online=True,
+        [], "Reward (repeatable): exact, regex, last_number, contains (verifiers: the "
+        "completion against the --reference-field column), or file.py:function / "
+        "module:function (TRL's reward function signature).", ONLINE, online=True,
     )  # fmt: skip
     reward_model: list[str] = _opt(
         [], "Reward model folder: a 1-output sequence classifier (repeatable).", ONLINE,
