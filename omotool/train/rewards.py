@@ -5,8 +5,8 @@ with the dataset's other columns as keyword arguments (one value per completion)
 float per completion (``None``: this reward does not apply to that completion). Three kinds:
 
 - a **verifier** (``--reward exact|regex|last_number|contains``): 1.0 when the completion
-  matches the row's reference column under ``omotool.eval.generation.is_correct`` (the code ``omotool eval
-  generate`` scores with), else 0.0;
+  matches the row's reference column under ``omotool.eval.generation.is_correct`` (the code
+  ``omotool eval generate`` scores with), else 0.0;
 - a **Python function** (``--reward path/to/file.py:name`` or ``package.module:name``) with
   TRL's signature, plain or ``async def`` (TRL awaits those on its event loop, concurrently);
 - a **reward model** (``--reward-model DIR``): a one-output sequence classifier scored by
