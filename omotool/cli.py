@@ -545,12 +545,21 @@ def demo(
     track: str = typer.Option(
         "dpo",
         help="dpo (the paper's setting), grpo (online RL from the SFT model with a rule "
-        "reward, in worlds of its own whose SFT answers are polite more often) or lora (the "
-        "dpo track with LoRA adapters against full AdamW, sharing its stages); report in "
-        "WORKDIR/<track>.",
+        "reward, in worlds of its own whose SFT answers are polite more often), lora (the "
+        "dpo track with LoRA adapters against full AdamW, sharing its stages) or real (DPO on "
+        "SmolLM2-135M-Instruct from `make real-model`, one seed); report in WORKDIR/<track>.",
     ),
-    threads: int = typer.Option(
-        1, min=1, help="CPU threads (the miniature's matrices are too small for more to pay)."
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="--track real: the base model folder. [default: $OMOTOOL_SMOLLM2_DIR or "
+        "models/smollm2-135m-instruct]",
+    ),
+    threads: int | None = typer.Option(
+        None,
+        min=1,
+        help="CPU threads. [default: 1 for the miniature (its matrices are too small for more "
+        "to pay), torch's default for --track real]",
     ),
     results_file: Path | None = typer.Option(
         None,
@@ -580,17 +589,23 @@ def demo(
     / OnTIES), offline merges, evaluation on validation and test splits; then the report,
     verdicts and plot.
 
-    Everything is made here (data, tokenizer, models); nothing is downloaded. Stages are
-    cached in --workdir: run it again to resume or to re-draw the report.
+    Everything is made here (data, tokenizer, models); nothing is downloaded (--track real
+    reads the model `make real-model` wrote). Stages are cached in --workdir: run it again to
+    resume or to re-draw the report.
     """
     from omotool.demo.markdown import summary_markdown
     from omotool.demo.pipeline import run_demo, settings_for
     from omotool.demo.report import write_results
+    from omotool.errors import UsageError
     from omotool.eval.device import resolve_placement
 
     placement = resolve_placement(device, dtype)
     _quiet_libraries()
     settings = settings_for(fast, seeds, track)
+    if model is not None and track != "real":
+        raise UsageError("--model names the real track's base model: give --track real too.")
+    if threads is None and track != "real":
+        threads = 1
 
     def show(stage: str, message: str) -> None:
         if not json_output:
@@ -598,8 +613,9 @@ def demo(
 
     command = " ".join(["omotool", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else None
     result = run_demo(
-        workdir, settings, progress=show, threads=threads, command=command, placement=placement
-    )
+        workdir, settings, progress=show, threads=threads, command=command, placement=placement,
+        model=model,
+    )  # fmt: skip
     if results_file is not None:
         write_results(result.results, results_file)
     if json_output:

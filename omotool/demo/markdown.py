@@ -45,10 +45,11 @@ def best_table(results: dict[str, Any], columns: list[str] | None = None) -> lis
         "| method | setting | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
-    sft = next((p for p in results["points"] if p["method"] == "sft"), None)
-    if sft:
-        cells = [_cell(sft["test"], c, seeds) for c in columns]
-        lines.append("| SFT | | " + " | ".join(cells) + " |")
+    for method in ("base", "sft"):  # the base model: the real track's
+        point = next((p for p in results["points"] if p["method"] == method), None)
+        if point:
+            cells = [_cell(point["test"], c, seeds) for c in columns]
+            lines.append(f"| {LABELS[method]} | | " + " | ".join(cells) + " |")
     for method, position in results["best"].items():
         point = find_point(results, method, position)
         cells = [_cell(point["test"], c, seeds) for c in columns]
@@ -123,7 +124,7 @@ def details_markdown(results: dict[str, Any]) -> str:
               "| method | setting | validation overall | reward | capability | overall | "
               "gap to AdamW's frontier |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in results["points"]:
-        if p["method"] == "sft":
+        if p["method"] in ("sft", "base"):
             continue
         gaps = results["frontier"].get(p["method"], {}).get("settings", {})
         name = setting_name(p)
@@ -140,7 +141,7 @@ def details_markdown(results: dict[str, Any]) -> str:
 
 
 def report_markdown(results: dict[str, Any], plot: Path | None) -> str:
-    track = {"grpo": " (GRPO track)", "lora": " (LoRA track)"}.get(
+    track = {"grpo": " (GRPO track)", "lora": " (LoRA track)", "real": " (real-model track)"}.get(
         results["settings"].get("track", "dpo"), ""
     )
     lines = [f"# omotool demo{track}: online merging in miniature", "", details_markdown(results)]

@@ -63,7 +63,7 @@ METHODS: dict[str, str] = {  # name: omotool train --merge
     "onties": "ties",
     "childtuning": "dare",  # OnDARE with α = 0
 }
-TRACKS = ("dpo", "grpo", "lora")
+TRACKS = ("dpo", "grpo", "lora", "real")
 GRPO_METHODS = ("adamw", "ondare", "onties")
 LORA_METHODS: dict[str, str] = {  # the lora track's adapters: name: omotool train --merge
     "lora-adamw": "none",
@@ -118,6 +118,21 @@ class DemoSettings:
     lora_ties_lr_grid: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # LoRA-OnTIES
     lora_dare_alphas: tuple[float, ...] = (1e-3,)
     lora_ties_alphas: tuple[float, ...] = (1e-3,)
+    # the real track (SmolLM2-135M-Instruct; omotool.demo.real): data sizes, SFT, DPO grids
+    real_sft_rows: int = 960
+    real_pref_rows: int = 64
+    real_eval_rows: int = 40  # sums and requests per evaluation split
+    real_prose: int = 16  # paragraphs per evaluation split
+    real_facts: int = 0  # candidate facts asked (0: all)
+    real_sft_lr: float = 1e-4
+    real_sft_batch: int = 16
+    real_dpo_epochs: float = 2.0
+    real_dpo_batch: int = 8
+    real_lr_grid: tuple[float, ...] = (3e-5, 1e-4)  # AdamW, OnDARE
+    real_ties_lr_grid: tuple[float, ...] = (3e-4, 6e-4)  # OnTIES
+    real_dare_alphas: tuple[float, ...] = (1e-3,)
+    real_ties_alphas: tuple[float, ...] = (1e-3,)
+    real_merge_lr: float = 1e-4
 
     def world_style_rate(self) -> float:
         """The share of polite SFT answers in the track's world."""
@@ -127,7 +142,7 @@ class DemoSettings:
         """The trained methods of the track."""
         if self.track == "lora":
             return ("adamw", *LORA_METHODS)
-        return tuple(METHODS) if self.track == "dpo" else GRPO_METHODS
+        return tuple(METHODS) if self.track == "dpo" else GRPO_METHODS  # grpo, real
 
     def grid(self, method: str) -> list[tuple[float, float]]:
         """The (learning rate, α) settings ``method`` is trained at."""
@@ -137,19 +152,20 @@ class DemoSettings:
             return [(lr, a) for lr in self.lora_lr_grid for a in self.lora_dare_alphas]
         if method == "lora-onties":
             return [(lr, a) for lr in self.lora_ties_lr_grid for a in self.lora_ties_alphas]
-        grpo = self.track == "grpo"
-        lrs = self.grpo_lr_grid if grpo else self.lr_grid
+        prefix = {"grpo": "grpo_", "real": "real_"}.get(self.track, "")
+        lrs = getattr(self, f"{prefix}lr_grid")
         if method in ("adamw", "childtuning"):  # AdamW merges nothing; ChildTuning: α = 0
             return [(lr, 0.0) for lr in lrs]
         if method == "onties":
-            ties_lrs, alphas = (
-                (self.grpo_ties_lr_grid, self.grpo_ties_alphas)
-                if grpo
-                else (self.ties_lr_grid, self.ties_alphas)
-            )
-            return [(lr, alpha) for lr in ties_lrs for alpha in alphas]
-        alphas = self.grpo_dare_alphas if grpo else self.dare_alphas
-        return [(lr, alpha) for lr in lrs for alpha in alphas]
+            ties_lrs = getattr(self, f"{prefix}ties_lr_grid")
+            return [(lr, a) for lr in ties_lrs for a in getattr(self, f"{prefix}ties_alphas")]
+        return [(lr, a) for lr in lrs for a in getattr(self, f"{prefix}dare_alphas")]
+
+    def merge_lr_of_track(self) -> float:
+        """The learning rate of the AdamW run that merge-offline sweeps."""
+        return {"grpo": self.grpo_merge_lr, "real": self.real_merge_lr}.get(
+            self.track, self.merge_lr
+        )
 
 
 FAST = DemoSettings(
@@ -165,6 +181,12 @@ FAST = DemoSettings(
     grpo_ties_lr_grid=(3e-4, 3e-3),
     lora_lr_grid=(2e-4, 1e-3),
     lora_ties_lr_grid=(5e-4, 2e-3),
+    real_sft_rows=320,
+    real_pref_rows=32,
+    real_eval_rows=16,
+    real_prose=4,
+    real_lr_grid=(1e-4,),
+    real_ties_lr_grid=(6e-4,),
 )
 
 
@@ -224,6 +246,7 @@ def run_demo(
     threads: int | None = 1,
     command: str | None = None,
     placement: Placement | None = None,
+    model: str | None = None,
 ) -> DemoRun:
     """Run (or resume) the demo in ``workdir``; see the module docstring for the stages.
 
@@ -234,14 +257,15 @@ def run_demo(
     ``placement``: the device and dtype of the evaluation stages (``omotool eval``'s
     ``--device``/``--dtype``); the CPU in float32 when not given, as the committed results.
     Another placement is part of the evaluation stages' keys; the default is not, so the
-    stages cached before it could be chosen are still found."""
+    stages cached before it could be chosen are still found.
+    ``model``: the real track's base model folder (``omotool.demo.real.resolve_model``)."""
     import torch
 
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_demo(workdir, settings, progress, command, placement)
+        return _run_demo(workdir, settings, progress, command, placement, model)
     finally:
         torch.set_num_threads(previous)
 
@@ -252,21 +276,30 @@ def _run_demo(
     progress: Progress | None,
     command: str | None,
     placement: Placement | None = None,
+    model: str | None = None,
 ) -> DemoRun:
     from omotool.demo.markdown import write_demo_report
     from omotool.demo.provenance import provenance
+    from omotool.demo.real import gate_verdicts, real_replicate, resolve_model, sft_gate
     from omotool.demo.report import build_results, plot_frontiers
 
     if settings.track not in TRACKS:
         raise UsageError(f"track {settings.track!r}: choose one of {', '.join(TRACKS)}.")
+    real = resolve_model(model) if settings.track == "real" else None
     started = time.perf_counter()
     workdir = _claim_workdir(Path(workdir).resolve())
     stages = _Stages(workdir, progress)
     evaluations = []
     for seed in range(settings.seeds):
         folder = seeds_folder(workdir, settings) / f"seed-{seed}"
-        evaluations += _replicate(stages, folder, settings, seed, placement)
+        if real is not None:
+            evaluations += real_replicate(stages, folder, settings, seed, placement, real)
+        else:
+            evaluations += _replicate(stages, folder, settings, seed, placement)
     results = build_results(settings, evaluations)
+    if real is not None:
+        results["sft_gate"] = sft_gate(results)
+        results["verdicts"] = gate_verdicts(results)
     seconds = time.perf_counter() - started
     results["provenance"] = provenance(command, seconds)
     out = report_folder(workdir, settings.track)
@@ -285,7 +318,7 @@ def seeds_folder(workdir: Path, settings: DemoSettings) -> Path:
     """Where the ``seed-<s>/`` pipelines go: the work dir, shared by the tracks with the dpo
     track's world, or ``<track>/`` for a track with a world of its own (grpo: more polite
     SFT answers), whose world, base, SFT and τ stages would otherwise replace the shared ones."""
-    own_world = settings.world_style_rate() != settings.style_rate
+    own_world = settings.world_style_rate() != settings.style_rate or settings.track == "real"
     return workdir / settings.track if own_world else workdir
 
 
@@ -567,7 +600,7 @@ def _merge_stages(
     ``parent / "merges"``."""
     from omotool.merge_offline import MergeConfig, alpha_folder, run_merge
 
-    merge_lr = settings.grpo_merge_lr if settings.track == "grpo" else settings.merge_lr
+    merge_lr = settings.merge_lr_of_track()
     run = next(r for r in runs if r.method == "adamw" and r.lr == merge_lr)
     out = parent / "merges"
     alphas = ",".join(f"{a:g}" for a in settings.merge_alphas)
@@ -613,7 +646,8 @@ def _eval_stages(
     suites = {split: load_suite(world[1][f"suite-{split}"]) for split in SPLITS}
     evaluated = []
     for model in models:
-        name = str(model.path.relative_to(folder)).replace("/", "__")
+        inside = model.path.is_relative_to(folder)  # the real track's base model is not
+        name = str(model.path.relative_to(folder)).replace("/", "__") if inside else model.method
         out = folder / "eval" / name
         key = {"stage": "eval", "world": world[0], "model": model.digest, "alpha": model.alpha,
                **where}  # fmt: skip
@@ -635,8 +669,11 @@ def _eval_stages(
 
 
 def settings_for(fast: bool, seeds: int | None = None, track: str = "dpo") -> DemoSettings:
-    """The full or ``--fast`` settings of ``track``, with ``seeds`` if given."""
+    """The full or ``--fast`` settings of ``track``, with ``seeds`` if given (the real track:
+    one seed unless given, see docs/real-model.md)."""
     if track not in TRACKS:
         raise UsageError(f"--track {track!r}: choose one of {', '.join(TRACKS)}.")
     chosen = replace(FAST if fast else DemoSettings(), track=track)
+    if track == "real":
+        chosen = replace(chosen, seeds=1)
     return replace(chosen, seeds=seeds) if seeds is not None else chosen

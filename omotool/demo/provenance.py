@@ -1,4 +1,5 @@
-"""Where a demo result came from: version, commit, command, machine, threads, date, time.
+"""Where a demo result came from: version, commit, command, machine, threads, date, time and
+the process's peak memory.
 
 Stored in the results file beside the numbers, so a table rendered from it can say which code
 on which machine printed it, and a reader can tell a re-run from a copy."""
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 # Keys that differ between two runs of the same code on the same machine.
-VOLATILE = ("date", "seconds")
+VOLATILE = ("date", "seconds", "peak_memory_gb")
 
 
 def provenance(command: str | None, seconds: float) -> dict[str, Any]:
@@ -32,7 +33,18 @@ def provenance(command: str | None, seconds: float) -> dict[str, Any]:
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
         "seconds": round(seconds, 1),
+        "peak_memory_gb": peak_memory_gb(),
     }
+
+
+def peak_memory_gb() -> float | None:
+    """The largest resident memory of this process so far, in GB (None where unknown)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak * (1 if platform.system() == "Darwin" else 1024) / 1e9, 2)
 
 
 def source_commit() -> str | None:

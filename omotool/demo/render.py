@@ -13,8 +13,10 @@ machine (``docs/results/demo-<variant>.json``, e.g. two threads). The GRPO track
 the same way, ``lora-details`` (docs/demo.md) and ``lora-summary`` (README.md: one line of
 verdicts) render ``docs/results/lora.json`` (``omotool demo --track lora --results``), and
 ``cost`` each committed run's command, machine, date and time (from the
-results files' provenance). ``scripts/render_docs.py`` rewrites them (and the plots); a test
-fails when a document differs from the render.
+results files' provenance). ``real-details`` (docs/real-model.md) renders
+``docs/results/real.json`` (``omotool demo --track real --results``).
+``scripts/render_docs.py`` rewrites them (and the plots); a test fails when a document differs
+from the render.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ GRPO_RESULTS = Path("docs/results/grpo.json")  # the grpo track's
 GRPO_PLOT = Path("docs/demo-grpo-tradeoff.png")
 LORA_RESULTS = Path("docs/results/lora.json")  # the lora track's
 LORA_PLOT = Path("docs/demo-lora-tradeoff.png")
+REAL_RESULTS = Path("docs/results/real.json")  # the real track's
+REAL_PLOT = Path("docs/demo-real-tradeoff.png")
 # document -> the sections it holds
 DOCUMENTS: dict[str, tuple[str, ...]] = {
     "README.md": ("summary", "lora-summary"),
     "docs/demo.md": ("details", "robustness", "grpo-details", "lora-details", "cost"),
+    "docs/real-model.md": ("real-details",),
 }
 
 
@@ -55,6 +60,11 @@ def render_sections(root: Path) -> dict[str, str]:
         if (root / LORA_RESULTS).exists()
         else None
     )
+    real = (
+        load_results(root / REAL_RESULTS, "--track real ", REAL_RESULTS)
+        if (root / REAL_RESULTS).exists()
+        else None
+    )
     missing = f"Not made yet: `omotool demo --track lora --results {LORA_RESULTS}`.\n"
     variants = {
         path.stem.removeprefix("demo-"): load_results(path)
@@ -67,7 +77,10 @@ def render_sections(root: Path) -> dict[str, str]:
         "grpo-details": details_markdown(grpo),
         "lora-details": details_markdown(lora) if lora else missing,
         "lora-summary": lora_summary_markdown(lora) if lora else missing,
-        "cost": cost_markdown(results, grpo, variants, lora),
+        "real-details": details_markdown(real)
+        if real
+        else f"Not made yet: `omotool demo --track real --results {REAL_RESULTS}`.\n",
+        "cost": cost_markdown(results, grpo, variants, lora, real),
     }
 
 
@@ -76,6 +89,7 @@ def cost_markdown(
     grpo: dict[str, Any],
     variants: dict[str, dict[str, Any]],
     lora: dict[str, Any] | None = None,
+    real: dict[str, Any] | None = None,
 ) -> str:
     """One line per committed run: its command, machine, date and seconds (its provenance)."""
 
@@ -84,13 +98,15 @@ def cost_markdown(
         return (
             f"| {name} | `{made.get('command')}` | {made.get('date')} | {made.get('cpu')}, "
             f"ATen {made.get('cpu_capability')}, {made.get('threads')} thread(s) | "
-            f"{seconds:.0f} s ({seconds / 60:.1f} min; {seconds / seeds:.0f} s a seed) |"
+            f"{seconds:.0f} s ({seconds / 60:.1f} min; {seconds / seeds:.0f} s a seed) | "
+            + (f"{made['peak_memory_gb']:.1f} GB |" if made.get("peak_memory_gb") else "|")
         )
 
     rows = [("DPO track", results), ("GRPO track", grpo)]
     rows += [("LoRA track", lora)] if lora is not None else []
+    rows += [("Real-model track", real)] if real is not None else []
     rows += [(f"DPO track, {name}", variant) for name, variant in variants.items()]
-    lines = ["| run | command | date | machine | time |", "|---|---|---|---|---|"]
+    lines = ["| run | command | date | machine | time | peak memory |", "|---|---|---|---|---|---|"]
     lines += [line(n, r["provenance"], r["settings"]["seeds"]) for n, r in rows]
     return "\n".join(lines) + "\n"
 
@@ -145,8 +161,10 @@ def render_documents(root: Path, plot: bool = True) -> list[str]:
         if new != text:
             write_text_atomic(root / name, new)
             changed.append(name)
-    for results, figure in ((RESULTS, PLOT), (GRPO_RESULTS, GRPO_PLOT), (LORA_RESULTS, LORA_PLOT)):
-        if results == LORA_RESULTS and not (root / results).exists():
+    figures = ((RESULTS, PLOT), (GRPO_RESULTS, GRPO_PLOT), (LORA_RESULTS, LORA_PLOT),
+               (REAL_RESULTS, REAL_PLOT))  # fmt: skip
+    for results, figure in figures:
+        if results in (LORA_RESULTS, REAL_RESULTS) and not (root / results).exists():
             continue
         if plot and plot_frontiers(load_results(root / results), root / figure) is not None:
             changed.append(str(figure))

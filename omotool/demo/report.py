@@ -32,9 +32,10 @@ from omotool.errors import UsageError
 from omotool.eval.runner import headline
 from omotool.eval.tasks import headline_name
 
-LABELS = {"sft": "SFT", "adamw": "AdamW", "ondare": "OnDARE", "onties": "OnTIES",
-          "childtuning": "ChildTuning", "lora-adamw": "LoRA-AdamW", "lora-ondare": "LoRA-OnDARE",
-          "lora-onties": "LoRA-OnTIES", "merge": "AdamW + offline merge"}  # fmt: skip
+LABELS = {"base": "Base model", "sft": "SFT", "adamw": "AdamW", "ondare": "OnDARE",
+          "onties": "OnTIES", "childtuning": "ChildTuning", "lora-adamw": "LoRA-AdamW",
+          "lora-ondare": "LoRA-OnDARE", "lora-onties": "LoRA-OnTIES",
+          "merge": "AdamW + offline merge"}  # fmt: skip
 TRAINED = ("adamw", "ondare", "onties", "childtuning", "lora-adamw", "lora-ondare", "lora-onties")
 MERGING = ("ondare", "onties", "lora-ondare", "lora-onties")  # the methods that take an α
 LORA_REFERENCE = "lora-adamw"  # what the merging adapters are also paired with
@@ -44,11 +45,22 @@ Interval = dict[str, float | None]
 
 
 def _scores(evaluation: dict[str, Any]) -> dict[str, float]:
-    scores = {name: headline(task) for name, task in evaluation["tasks"].items()}
+    """Each task's headline score (a task without one, e.g. perplexity: its first score),
+    the reward and capability averages and their mean, ``overall``."""
+    scores = {name: _score(task) for name, task in evaluation["tasks"].items()}
     averages = evaluation["averages"]
     scores["reward"], scores["capability"] = averages["reward"], averages["capability"]
     scores["overall"] = (scores["reward"] + scores["capability"]) / 2
     return scores
+
+
+def _score(task: dict[str, Any]) -> float:
+    value = headline(task)
+    if value is None and not task["failed"] and task["scores"]:
+        value = next(iter(task["scores"].values()))["value"]
+    if value is None:
+        raise UsageError(f"task {task['task']!r} has no score to report")
+    return value
 
 
 def _summary(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -211,7 +223,7 @@ def _frontier_gaps(points: list[dict[str, Any]], best: dict[str, Any]) -> dict[s
     frontiers = {seed: pareto(candidates) for seed, candidates in frontiers.items()}
     summary: dict[str, Any] = {}
     for p in points:
-        if p["method"] in FRONTIER:
+        if p["method"] in FRONTIER or p["method"] == "base":  # base: the real track's start
             continue
         gaps = []
         for run in p["runs"]:
@@ -368,10 +380,11 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
     for label, points in lines.items():
         xs = [p["test"]["mean"]["capability"] for p in points]
         ys = [p["test"]["mean"]["reward"] for p in points]
-        if points[0]["method"] == "sft":
+        if points[0]["method"] in ("sft", "base"):
             std = points[0]["test"]["std"]
             axes.errorbar(
-                xs, ys, xerr=[std["capability"]], yerr=[std["reward"]], fmt="k*", capsize=3,
+                xs, ys, xerr=[std["capability"]], yerr=[std["reward"]], capsize=3,
+                fmt="k*" if points[0]["method"] == "sft" else "kx",
                 markersize=10, label=f"{label} (± std over seeds)",
             )  # fmt: skip
             continue
@@ -388,6 +401,8 @@ def plot_frontiers(results: dict[str, Any], path: Path) -> Path | None:
         title = f"omotool demo, GRPO: reward against tax (means over {seeds} seed(s))"
     if results["settings"].get("track") == "lora":
         title = f"omotool demo, LoRA: reward against tax (means over {seeds} seed(s))"
+    if results["settings"].get("track") == "real":
+        title = f"omotool demo, SmolLM2-135M: reward against tax ({seeds} seed(s))"
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)

@@ -167,9 +167,10 @@ def is_correct(answer: str, reference: str, extract: str, pattern: str | None = 
         return got is not None and want is not None and got == want
     if extract == "contains":
         wanted = reference.strip()
-        return bool(wanted) and re.search(
-            rf"(?<!\w){re.escape(wanted)}(?!\w)", answer, re.IGNORECASE
-        ) is not None
+        return (
+            bool(wanted)
+            and re.search(rf"(?<!\w){re.escape(wanted)}(?!\w)", answer, re.IGNORECASE) is not None
+        )
 
     def grab(text: str) -> str | None:  # regex
         match = compiled.search(text) if compiled is not None else None
