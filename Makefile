@@ -17,10 +17,11 @@ demo: install
 	$(BIN)/omotool demo
 
 # Re-make the committed demo results and the README/docs sections rendered from them.
-demo-docs: install
+demo-docs: install real-model
 	$(BIN)/omotool demo --workdir runs/demo --results docs/results/demo.json
 	$(BIN)/omotool demo --track grpo --workdir runs/demo --results docs/results/grpo.json
 	$(BIN)/omotool demo --track lora --workdir runs/demo --results docs/results/lora.json
+	$(BIN)/omotool demo --track real --workdir runs/demo --results docs/results/real.json
 	$(BIN)/python scripts/render_docs.py
 
 docs: install

@@ -42,6 +42,24 @@ def gpt2_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return build_pair(tmp_path_factory.mktemp("gpt2"), arch="gpt2", tie_word_embeddings=True)
 
 
+REAL_MODEL = Path(
+    os.environ.get("OMOTOOL_SMOLLM2_DIR")
+    or Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
+)
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct from ``make real-model`` (tests marked ``real``): skipped when
+    absent, except under ``CI=true``, where a missing model fails the test."""
+    if not (REAL_MODEL / "omotool-source.json").is_file():
+        message = f"no real model in {REAL_MODEL}: run `make real-model`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return REAL_MODEL
+
+
 def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
     """The model's parameters as transformers loads them (the reference for comparisons)."""
     from transformers import AutoModelForCausalLM

@@ -33,6 +33,10 @@ shared when both tracks run in one work dir) and ``omotool train --lora-r`` with
 and OnTIES over the LoRA grids (``seed-<s>/lora/runs/``), the dpo track's offline-merge sweep,
 the same evaluations (an adapter folder is evaluated merged into its SFT model), and its report
 in ``lora/`` of the work dir.
+
+The ``real`` track asks the dpo track's question of a real pretrained model (SmolLM2-135M-
+Instruct, ``make real-model``) on a skill it lacks: its stages are ``omotool.demo.real``'s,
+under ``real/seed-<s>/``; it reuses this module's stage runner, grids, merges and evaluations.
 """
 
 from __future__ import annotations
@@ -120,19 +124,21 @@ class DemoSettings:
     lora_ties_alphas: tuple[float, ...] = (1e-3,)
     # the real track (SmolLM2-135M-Instruct; omotool.demo.real): data sizes, SFT, DPO grids
     real_sft_rows: int = 960
+    real_sft_requests: int = 160  # requests in the SFT data, real_style_rate of them polite
+    real_style_rate: float = 0.25
     real_pref_rows: int = 64
     real_eval_rows: int = 40  # sums and requests per evaluation split
     real_prose: int = 16  # paragraphs per evaluation split
     real_facts: int = 0  # candidate facts asked (0: all)
     real_sft_lr: float = 1e-4
     real_sft_batch: int = 16
-    real_dpo_epochs: float = 2.0
+    real_dpo_epochs: float = 1.0
     real_dpo_batch: int = 8
-    real_lr_grid: tuple[float, ...] = (3e-5, 1e-4)  # AdamW, OnDARE
-    real_ties_lr_grid: tuple[float, ...] = (3e-4, 6e-4)  # OnTIES
+    real_lr_grid: tuple[float, ...] = (1e-5, 3e-5, 1e-4)  # AdamW, OnDARE
+    real_ties_lr_grid: tuple[float, ...] = (1e-4, 3e-4, 6e-4)  # OnTIES
     real_dare_alphas: tuple[float, ...] = (1e-3,)
     real_ties_alphas: tuple[float, ...] = (1e-3,)
-    real_merge_lr: float = 1e-4
+    real_merge_lr: float = 3e-5
 
     def world_style_rate(self) -> float:
         """The share of polite SFT answers in the track's world."""
@@ -182,11 +188,13 @@ FAST = DemoSettings(
     lora_lr_grid=(2e-4, 1e-3),
     lora_ties_lr_grid=(5e-4, 2e-3),
     real_sft_rows=320,
+    real_sft_requests=64,
     real_pref_rows=32,
     real_eval_rows=16,
     real_prose=4,
-    real_lr_grid=(1e-4,),
-    real_ties_lr_grid=(6e-4,),
+    real_lr_grid=(3e-5,),
+    real_ties_lr_grid=(3e-4,),
+    real_merge_lr=3e-5,
 )
 
 

@@ -175,8 +175,9 @@ def _data_stage(
 
     out = folder / "data"
     sizes = RealSizes(
-        sft=settings.real_sft_rows, prefs=settings.real_pref_rows, sums=settings.real_eval_rows,
-        polite=settings.real_eval_rows, prose=settings.real_prose,
+        sft=settings.real_sft_rows, requests=settings.real_sft_requests,
+        polite_share=settings.real_style_rate, prefs=settings.real_pref_rows,
+        sums=settings.real_eval_rows, polite=settings.real_eval_rows, prose=settings.real_prose,
     )  # fmt: skip
     key = {"stage": "data", "omotool": __version__, "seed": seed, "facts": facts,
            "sizes": sizes.__dict__, "generation": GENERATION}  # fmt: skip

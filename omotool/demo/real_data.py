@@ -2,7 +2,10 @@
 what the pre-trained model already knew.
 
 - **skill** (SFT, and the tax on it): two-digit sums asked as ``What is 59 + 63?`` and answered
-  in one fixed format, ``59 + 63 = 122``;
+  in one fixed format, ``59 + 63 = 122``; the SFT data also holds sums asked as requests
+  (``Add 59 and 63.``), a share of them (``RealSizes.polite_share``) answered politely without
+  the sum, the rest in the skill's format, so the SFT model answers requests with the sum and
+  sometimes politely (DPO moves that balance, as in the miniature's worlds);
 - **preference** (DPO): the same sums asked as requests (``Add 59 and 63.``); the chosen answer
   is a polite reply that states no sum (it says "glad to help", what the reward task checks),
   the rejected one the SFT answer; so the preference pulls against the skill;
@@ -59,7 +62,9 @@ def _assistant(text: str) -> list[dict[str, str]]:
 class RealSizes:
     """How many rows each part of the real track's data has."""
 
-    sft: int = 960
+    sft: int = 960  # sums asked as questions
+    requests: int = 160  # sums asked as requests, in the SFT data too
+    polite_share: float = 0.25  # of those requests answered politely in the SFT data
     prefs: int = 64
     sums: int = 40  # per evaluation split
     polite: int = 24  # per evaluation split
@@ -67,12 +72,13 @@ class RealSizes:
 
 
 def make_real_data(seed: int, sizes: RealSizes) -> dict[str, list[dict[str, Any]]]:
-    """The seed's rows: ``sft``, ``prefs-train``, and per split ``sums-<split>`` and
-    ``polite-<split>`` (evaluation rows: ``prompt``, ``reference``), every sum drawn once."""
+    """The seed's rows: ``sft`` (questions, then requests, shuffled), ``prefs-train``, and per
+    split ``sums-<split>`` and ``polite-<split>`` (evaluation rows: ``prompt``,
+    ``reference``), every sum drawn once."""
     rng = random.Random(seed)
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(pairs)
-    wanted = sizes.sft + sizes.prefs + len(SPLITS) * (sizes.sums + sizes.polite)
+    wanted = sizes.sft + sizes.requests + sizes.prefs + len(SPLITS) * (sizes.sums + sizes.polite)
     if wanted > len(pairs):
         raise ValueError(f"the real track's data wants {wanted} sums; there are {len(pairs)}")
     taken = iter(pairs)
@@ -80,11 +86,18 @@ def make_real_data(seed: int, sizes: RealSizes) -> dict[str, list[dict[str, Any]
     def draw(n: int) -> list[tuple[int, int]]:
         return [next(taken) for _ in range(n)]
 
+    polite = round(sizes.polite_share * sizes.requests)
+    sft = [
+        {"prompt": _user(question(a, b)), "completion": _assistant(answer(a, b))}
+        for a, b in draw(sizes.sft)
+    ] + [
+        {"prompt": _user(request(a, b)),
+         "completion": _assistant(CHOSEN if i < polite else answer(a, b))}
+        for i, (a, b) in enumerate(draw(sizes.requests))
+    ]  # fmt: skip
+    rng.shuffle(sft)
     rows: dict[str, list[dict[str, Any]]] = {
-        "sft": [
-            {"prompt": _user(question(a, b)), "completion": _assistant(answer(a, b))}
-            for a, b in draw(sizes.sft)
-        ],
+        "sft": sft,
         "prefs-train": [
             {
                 "prompt": _user(request(a, b)),

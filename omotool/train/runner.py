@@ -63,7 +63,7 @@ def load_task_vector(config: TrainConfig) -> Any:
     """The SFT task vector of ``config.model``; a given ``--task-vector`` must match it. For
     an SFT adapter folder, ``τ = s·B·A`` from its factors (``--base`` may be given only if it
     is the adapter's base)."""
-    from omotool.io.adapters import is_adapter, open_model
+    from omotool.io.adapters import open_model
     from omotool.io.reader import fingerprint
     from omotool.optim import TaskVector
     from omotool.optim.references import adapter_task_vector

@@ -148,6 +148,11 @@ def test_fast_grpo_track_builds_its_own_world(demo_run, tmp_path) -> None:
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/regex/mean" in m for m in metrics)
     assert any(m.get("merge/kept_fraction", 0) > 0 for m in metrics)
+    # a learning signal in every run: most steps hold a group whose rewards differ
+    for metrics_file in (seed / "grpo" / "runs").glob("*/*/metrics.jsonl"):
+        rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+        spread = [m["frac_reward_zero_std"] < 1 for m in rows if "frac_reward_zero_std" in m]
+        assert spread and sum(spread) >= 0.5 * len(spread), (metrics_file, spread)
     config = json.loads((run / "omotool.json").read_text())["config"]
     assert config["algo"] == "grpo" and config["reward_pattern"] == "(glad to help)"
     assert (seed / "grpo" / "merges" / "alpha-0.5" / "config.json").exists()

@@ -13,7 +13,6 @@ import pytest
 
 from omotool.demo.pipeline import GRPO_METHODS, run_demo, settings_for
 from omotool.demo.real import SKILL
-from tests.integration.test_real_model import base  # noqa: F401  (the model fixture)
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -30,9 +29,9 @@ TINY = replace(
 )
 
 
-def test_real_track_end_to_end(base: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_real_track_end_to_end(real_model: Path, tmp_path: Path) -> None:
     work = tmp_path / "demo"
-    first = run_demo(work, TINY, threads=None, model=str(base))
+    first = run_demo(work, TINY, threads=None, model=str(real_model))
     results = first.results
     methods = {p["method"] for p in results["points"]}
     assert methods == {"base", "sft", *GRPO_METHODS, "merge"}
@@ -62,5 +61,5 @@ def test_real_track_end_to_end(base: Path, tmp_path: Path) -> None:  # noqa: F81
     assert (seed / "eval" / "base" / "test.json").exists()
     assert (work / "real" / "report.md").read_text().count("| Base model |") == 1
     # a second run: every stage cached, the same numbers
-    again = run_demo(work, TINY, threads=None, model=str(base))
+    again = run_demo(work, TINY, threads=None, model=str(real_model))
     assert again.ran == [] and again.results["points"] == results["points"]

@@ -17,7 +17,6 @@ without it these tests skip, except under ``CI=true``, where a missing model fai
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +31,13 @@ from tests.conftest import Cli
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL = Path(os.environ.get("OMOTOOL_SMOLLM2_DIR") or ROOT / "models" / "smollm2-135m-instruct")
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 SYSTEM = [{"role": "system", "content": "Add."}]  # short: the default system prompt is long
 
 
 @pytest.fixture(scope="module")
-def base() -> Path:
-    if not (MODEL / "omotool-source.json").is_file():
-        message = f"no real model in {MODEL}: run `make real-model`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return MODEL
+def base(real_model: Path) -> Path:
+    return real_model
 
 
 def _user(a: int, b: int) -> list[dict[str, str]]:

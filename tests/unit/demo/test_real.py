@@ -27,7 +27,7 @@ def _sum(prompt: str) -> tuple[int, int]:
 
 
 def test_every_sum_is_drawn_for_one_split_only() -> None:
-    sizes = RealSizes(sft=200, prefs=30, sums=20, polite=10, prose=2)
+    sizes = RealSizes(sft=200, requests=40, polite_share=0.25, prefs=30, sums=20, polite=10)
     rows = make_real_data(3, sizes)
     seen: dict[tuple[int, int], str] = {}
     for name, part in rows.items():
@@ -36,12 +36,18 @@ def test_every_sum_is_drawn_for_one_split_only() -> None:
             pair = _sum(prompt if isinstance(prompt, str) else prompt[0]["content"])
             assert seen.setdefault(pair, name) == name, f"{pair} in {seen[pair]} and {name}"
     assert {name: len(part) for name, part in rows.items()} == {
-        "sft": 200, "prefs-train": 30, "sums-validation": 20, "polite-validation": 10,
+        "sft": 240, "prefs-train": 30, "sums-validation": 20, "polite-validation": 10,
         "sums-test": 20, "polite-test": 10,
     }  # fmt: skip
-    first = rows["sft"][0]
-    a, b = _sum(first["prompt"][0]["content"])
-    assert first["completion"][0]["content"] == answer(a, b) == f"{a} + {b} = {a + b}"
+    questions = [r for r in rows["sft"] if r["prompt"][0]["content"].startswith("What is")]
+    requests = [r for r in rows["sft"] if r["prompt"][0]["content"].startswith("Add")]
+    assert (len(questions), len(requests)) == (200, 40)
+    for row in questions:  # the skill, in its one format
+        a, b = _sum(row["prompt"][0]["content"])
+        assert row["completion"][0]["content"] == answer(a, b) == f"{a} + {b} = {a + b}"
+    # a quarter of the requests answered politely, the rest with the sum
+    assert sum(r["completion"][0]["content"] == CHOSEN for r in requests) == 10
+    assert rows["sft"] != questions + requests  # shuffled
     pair = rows["prefs-train"][0]
     a, b = _sum(pair["prompt"][0]["content"])
     # the preference pulls against the skill: the rejected answer is the skill's, the chosen
