@@ -141,10 +141,13 @@ def details_markdown(results: dict[str, Any]) -> str:
 
 
 def report_markdown(results: dict[str, Any], plot: Path | None) -> str:
-    track = {"grpo": " (GRPO track)", "lora": " (LoRA track)", "real": " (real-model track)"}.get(
-        results["settings"].get("track", "dpo"), ""
-    )
-    lines = [f"# omotool demo{track}: online merging in miniature", "", details_markdown(results)]
+    name = results["settings"].get("track", "dpo")
+    track = {"grpo": " (GRPO track)", "lora": " (LoRA track)", "real": " (real-model track)"}
+    subject = "on SmolLM2-135M-Instruct" if name == "real" else "in miniature"
+    lines = [
+        f"# omotool demo{track.get(name, '')}: online merging {subject}", "",
+        details_markdown(results),
+    ]  # fmt: skip
     if plot is not None:
         lines += [f"![reward against tax]({plot.name})", ""]
     return "\n".join(lines)

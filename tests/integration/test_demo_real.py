@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 TINY = replace(
     settings_for(True, track="real"),
     real_sft_rows=48,
+    real_sft_requests=16,
     real_pref_rows=8,
     real_eval_rows=4,
     real_prose=2,
