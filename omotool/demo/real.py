@@ -36,8 +36,12 @@ from omotool.errors import InputError
 from omotool.io.formats import write_text_atomic
 
 if TYPE_CHECKING:
-    from omotool.demo.pipeline import DemoSettings, _Model, _Stages
+    from omotool.demo.stages import _Model, _Stages
     from omotool.eval.device import Placement
+
+# ``settings`` below is a ``pipeline.DemoSettings`` (its ``real_*`` fields); not imported here,
+# since ``pipeline`` imports this module
+DemoSettings = Any
 
 DEFAULT_MODEL = Path("models") / "smollm2-135m-instruct"  # where `make real-model` writes it
 MODEL_ENV = "OMOTOOL_SMOLLM2_DIR"
@@ -85,13 +89,7 @@ def real_replicate(
     model: Path,
 ) -> list[tuple[_Model, dict[str, Any]]]:
     """One seed of the real track (see module docstring)."""
-    from omotool.demo.pipeline import (
-        _eval_stages,
-        _grid_stages,
-        _merge_stages,
-        _Model,
-        _train,
-    )
+    from omotool.demo.stages import _eval_stages, _grid_stages, _merge_stages, _Model, _train
 
     base = model_digest(model)
     facts = _facts_stage(stages, folder.parent / "facts", settings, model, base, placement)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from omotool.demo.markdown import summary_markdown
-from omotool.demo.pipeline import FAST, METHODS, run_demo, run_name
+from omotool.demo.pipeline import FAST, METHODS, run_demo
 from omotool.demo.provenance import VOLATILE
+from omotool.demo.stages import run_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 

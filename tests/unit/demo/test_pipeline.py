@@ -25,7 +25,8 @@ def test_an_unknown_track_is_refused() -> None:
 
 
 def test_the_lora_track_trains_adapters_beside_full_adamw() -> None:
-    from omotool.demo.pipeline import LORA_METHODS, run_name
+    from omotool.demo.pipeline import LORA_METHODS
+    from omotool.demo.stages import run_name
 
     lora = settings_for(False, track="lora")
     assert lora.methods() == ("adamw", *LORA_METHODS)
