@@ -317,6 +317,7 @@ def train(
     shown = [] if json_output or not stderr.is_terminal else [progress_callback(stderr)]
     result = run_training(cfg, callbacks=shown)
     main = is_main_process()  # under torchrun every rank returns the result: one prints it
+    _release_process_group()
     if json_output:
         if main:
             stdout.print_json(json.dumps(dataclasses.asdict(result)))
@@ -328,6 +329,17 @@ def train(
             _error(f"interrupted at step {result.steps}; a checkpoint was saved. Continue "
                    "with the same command and --resume.")  # fmt: skip
         raise typer.Exit(130)
+
+
+def _release_process_group() -> None:
+    """Under torchrun: wait for every rank, then tear the process group down, so that no rank
+    aborts at interpreter exit in a communication thread still alive (seen with DeepSpeed on
+    gloo: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _train_table(cfg: Any, result: Any, online: bool) -> Table:

@@ -177,14 +177,16 @@ def _data_stage(
         polite_share=settings.real_style_rate, prefs=settings.real_pref_rows,
         sums=settings.real_eval_rows, polite=settings.real_eval_rows, prose=settings.real_prose,
     )  # fmt: skip
+    prose = prose_paragraphs(sizes.prose)  # CPython's own text: it differs between versions
+    prose_digest = hashlib.sha256(json.dumps(prose, sort_keys=True).encode()).hexdigest()[:16]
     key = {"stage": "data", "omotool": __version__, "seed": seed, "facts": facts,
-           "sizes": sizes.__dict__, "generation": GENERATION}  # fmt: skip
+           "sizes": sizes.__dict__, "generation": GENERATION, "prose": prose_digest}  # fmt: skip
 
     def build() -> None:
         out.mkdir(parents=True, exist_ok=True)
         for name, rows in make_real_data(seed, sizes).items():
             write_text_atomic(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        for split, paragraphs in prose_paragraphs(sizes.prose).items():
+        for split, paragraphs in prose.items():
             write_text_atomic(out / f"prose-{split}.txt", "\n\n".join(paragraphs) + "\n")
         for split in SPLITS:
             known = (folder.parent / "facts" / f"facts-{split}.jsonl").read_text(encoding="utf-8")

@@ -142,10 +142,11 @@ def prose_paragraphs(count: int) -> dict[str, list[str]]:
     """``count`` paragraphs of English prose per evaluation split, from CPython's
     ``pydoc_data.topics`` (the help texts of the language reference): paragraphs of 300–700
     characters, no code (no indented line, no ``::``), mostly letters; in topic order, split
-    alternately."""
+    alternately, each paragraph once (some topics repeat one). The text, and so the choice,
+    depends on the Python version."""
     from pydoc_data.topics import topics
 
-    found = []
+    found: list[str] = []
     for name in sorted(topics):
         for paragraph in topics[name].split("\n\n"):
             if any(line.startswith(" ") for line in paragraph.splitlines()):
@@ -155,7 +156,14 @@ def prose_paragraphs(count: int) -> dict[str, list[str]]:
             if 300 <= len(text) <= 700 and "::" not in text and text.count(". ") >= 2 \
                     and letters > 0.93:  # fmt: skip
                 found.append(text)
-    if len(found) < len(SPLITS) * count:
+    chosen: dict[str, list[str]] = {split: [] for split in SPLITS}
+    seen: set[str] = set()
+    for i, text in enumerate(found):  # alternately; a paragraph some topics repeat: once
+        split = SPLITS[i % len(SPLITS)]
+        if text not in seen and len(chosen[split]) < count:
+            chosen[split].append(text)
+        seen.add(text)
+    if any(len(texts) < count for texts in chosen.values()):
         wanted = len(SPLITS) * count
-        raise ValueError(f"pydoc_data has {len(found)} prose paragraphs; {wanted} wanted")
-    return {split: found[i :: len(SPLITS)][:count] for i, split in enumerate(SPLITS)}
+        raise ValueError(f"pydoc_data has {len(seen)} prose paragraphs; {wanted} wanted")
+    return chosen

@@ -78,6 +78,7 @@ def test_prose_is_paragraphs_of_english_without_code() -> None:
     prose = prose_paragraphs(16)
     assert [len(p) for p in prose.values()] == [16, 16]
     assert not set(prose["validation"]) & set(prose["test"])
+    assert all(len(set(texts)) == 16 for texts in prose.values())  # a repeated one: once
     for paragraph in prose["validation"] + prose["test"]:
         assert 300 <= len(paragraph) <= 700 and "::" not in paragraph and "\n" not in paragraph
     with pytest.raises(ValueError, match="prose paragraphs"):
