@@ -606,8 +606,9 @@ def demo(
     resume or to re-draw the report.
     """
     from omotool.demo.markdown import summary_markdown
-    from omotool.demo.pipeline import run_demo, settings_for
+    from omotool.demo.pipeline import run_demo
     from omotool.demo.report import write_results
+    from omotool.demo.settings import settings_for
     from omotool.errors import UsageError
     from omotool.eval.device import resolve_placement
 

@@ -33,15 +33,12 @@ import yaml
 
 from omotool import __version__
 from omotool.errors import InputError
-from omotool.io.formats import write_text_atomic
+from omotool.io.formats import write_jsonl, write_text_atomic
 
 if TYPE_CHECKING:
+    from omotool.demo.settings import DemoSettings
     from omotool.demo.stages import _Model, _Stages
     from omotool.eval.device import Placement
-
-# ``settings`` below is a ``pipeline.DemoSettings`` (its ``real_*`` fields); not imported here,
-# since ``pipeline`` imports this module
-DemoSettings = Any
 
 DEFAULT_MODEL = Path("models") / "smollm2-135m-instruct"  # where `make real-model` writes it
 MODEL_ENV = "OMOTOOL_SMOLLM2_DIR"
@@ -89,7 +86,14 @@ def real_replicate(
     model: Path,
 ) -> list[tuple[_Model, dict[str, Any]]]:
     """One seed of the real track (see module docstring)."""
-    from omotool.demo.stages import _eval_stages, _grid_stages, _merge_stages, _Model, _train
+    from omotool.demo.stages import (
+        _eval_stages,
+        _grid_stages,
+        _merge_stages,
+        _Model,
+        _tau_stage,
+        _train,
+    )
 
     base = model_digest(model)
     facts = _facts_stage(stages, folder.parent / "facts", settings, model, base, placement)
@@ -134,9 +138,10 @@ def _facts_stage(
     def build() -> None:
         from omotool.eval.device import resolve_placement
         from omotool.eval.generation import GenerationSettings, generate_answers
+        from omotool.eval.runner import load_causal_lm
 
         where = placement or resolve_placement("cpu", "float32")
-        loaded, tokenizer = _load(model, where)
+        loaded, tokenizer = load_causal_lm(str(model), where)
         answers = generate_answers(
             loaded, tokenizer, [c["prompt"] for c in candidates],
             GenerationSettings(max_new_tokens=GENERATION["max_new_tokens"],
@@ -144,20 +149,11 @@ def _facts_stage(
         )  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         rows = [{**c, "answer": a} for c, a in zip(candidates, answers, strict=True)]
-        write_text_atomic(out / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(out / "answers.jsonl", rows)
         for split, kept in kept_facts(candidates, answers).items():
-            write_text_atomic(
-                out / f"facts-{split}.jsonl", "".join(json.dumps(r) + "\n" for r in kept)
-            )
+            write_jsonl(out / f"facts-{split}.jsonl", kept)
 
     return stages.run("facts", out, key, build)
-
-
-def _load(model: Path, placement: Placement) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=placement.dtype)
-    return loaded.to(placement.device).eval(), AutoTokenizer.from_pretrained(model)
 
 
 def _data_stage(
@@ -175,7 +171,7 @@ def _data_stage(
     sizes = RealSizes(
         sft=settings.real_sft_rows, requests=settings.real_sft_requests,
         polite_share=settings.real_style_rate, prefs=settings.real_pref_rows,
-        sums=settings.real_eval_rows, polite=settings.real_eval_rows, prose=settings.real_prose,
+        sums=settings.real_sums_rows, polite=settings.real_polite_rows, prose=settings.real_prose,
     )  # fmt: skip
     prose = prose_paragraphs(sizes.prose)  # CPython's own text: it differs between versions
     prose_digest = hashlib.sha256(json.dumps(prose, sort_keys=True).encode()).hexdigest()[:16]
@@ -185,7 +181,7 @@ def _data_stage(
     def build() -> None:
         out.mkdir(parents=True, exist_ok=True)
         for name, rows in make_real_data(seed, sizes).items():
-            write_text_atomic(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            write_jsonl(out / f"{name}.jsonl", rows)
         for split, paragraphs in prose.items():
             write_text_atomic(out / f"prose-{split}.txt", "\n\n".join(paragraphs) + "\n")
         for split in SPLITS:
@@ -212,15 +208,6 @@ def _data_stage(
     digest = stages.run("data", out, key, build)
     paths = {p.stem: p for p in out.iterdir() if p.suffix in (".jsonl", ".txt", ".yaml")}
     return digest, paths
-
-
-def _tau_stage(stages: _Stages, folder: Path, model: Path, base: str, sft: str) -> str:
-    from omotool.delta import DeltaConfig, compute_delta
-
-    out = folder / "tau"
-    config = DeltaConfig(base=str(model), sft=str(folder / "sft"), out=str(out))
-    key = {"stage": "tau", "base": base, "sft": sft}
-    return stages.run("delta", out, key, lambda: compute_delta(config))
 
 
 def sft_gate(results: dict[str, Any]) -> dict[str, Any] | None:

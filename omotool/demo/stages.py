@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class TrackSettings(Protocol):
-    """What the shared stages read of a track's settings (``pipeline.DemoSettings``)."""
+    """What the shared stages read of a track's settings (``settings.DemoSettings``)."""
 
     reserve_p: float
     merge_alphas: tuple[float, ...]
@@ -109,6 +109,17 @@ def _train(out: Path, **options: Any) -> None:
     result = run_training(TrainConfig(out=str(out), overwrite=True, **options))
     if result.interrupted:  # Ctrl-C: the stage stays unfinished (no marker) and is redone
         raise KeyboardInterrupt
+
+
+def _tau_stage(stages: _Stages, folder: Path, base_model: Path, base: str, sft: str) -> str:
+    """τ = θ_sft − θ_base (``omotool delta``) into ``folder/tau``, from ``base_model`` and
+    ``folder/sft``; keyed by the digests of both (``base``, ``sft``)."""
+    from omotool.delta import DeltaConfig, compute_delta
+
+    out = folder / "tau"
+    key = {"stage": "tau", "base": base, "sft": sft}
+    config = DeltaConfig(base=str(base_model), sft=str(folder / "sft"), out=str(out))
+    return stages.run("delta", out, key, lambda: compute_delta(config))
 
 
 def run_name(lr: float, alpha: float, method: str) -> str:

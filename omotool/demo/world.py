@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from omotool.io.formats import write_text_atomic
+from omotool.io.formats import write_jsonl, write_text_atomic
 
 LETTERS = "abcdefghjkmnpr"
 COLORS = ("red", "blue", "green", "yellow", "black", "white")
@@ -213,10 +213,6 @@ def make_world(
     return world
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
 def _conversational(row: dict[str, str]) -> dict[str, Any]:
     """The row as TRL's conversational format, so the trainers apply the chat template."""
     chat = {"prompt": [{"role": "user", "content": row["prompt"]}]}
@@ -238,13 +234,13 @@ def write_world(world: World, folder: Path) -> dict[str, Path]:
         "prefs_test": folder / "prefs-test.jsonl",
     }
     write_text_atomic(paths["corpus"], "\n".join(world.corpus) + "\n")
-    _write_jsonl(paths["sft"], [_conversational(r) for r in world.sft])
-    _write_jsonl(paths["prefs"], [_conversational(r) for r in world.preferences])
-    _write_jsonl(paths["prefs_test"], [_conversational(r) for r in world.preference_test])
+    write_jsonl(paths["sft"], [_conversational(r) for r in world.sft])
+    write_jsonl(paths["prefs"], [_conversational(r) for r in world.preferences])
+    write_jsonl(paths["prefs_test"], [_conversational(r) for r in world.preference_test])
     for split, tasks in world.evaluation.items():
         for name, rows in tasks.items():
             paths[f"{name}-{split}"] = folder / f"{name}-{split}.jsonl"
-            _write_jsonl(paths[f"{name}-{split}"], rows)
+            write_jsonl(paths[f"{name}-{split}"], rows)
     return paths
 
 

@@ -34,6 +34,24 @@ from omotool.eval.tasks import FIRST_SCORE, TASKS, TaskRun, TaskSpec, headline_n
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
+def load_causal_lm(path: str, placement: Placement) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of the causal LM in ``path`` (a model folder, a hub name, or a
+    PEFT adapter folder, loaded as its base with the adapter merged in), in evaluation mode
+    on ``placement``; ``InputError`` when it does not load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from omotool.errors import InputError
+    from omotool.io.adapters import is_adapter, load_adapter_model, tokenizer_folder
+
+    load = load_adapter_model if is_adapter(path) else AutoModelForCausalLM.from_pretrained
+    try:
+        model = placed(load(path, **load_options(placement)), placement)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path))
+    except (OSError, ValueError) as error:
+        raise InputError(f"model {path} does not load: {error}") from None
+    return model, tokenizer
+
+
 class _Models:
     """Models and tokenizers by path, loaded on first use and held until ``release``: causal
     LMs (``get``) and reward models (``reward_model``); and the reference log-probabilities of
@@ -55,20 +73,7 @@ class _Models:
     def get(self, path: str) -> tuple[Any, Any]:
         key = self.key(path)
         if key not in self.loaded:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            from omotool.errors import InputError
-            from omotool.io.adapters import is_adapter, load_adapter_model, tokenizer_folder
-
-            # a PEFT adapter folder (omotool train --lora-r) is its base with it merged in
-            load = load_adapter_model if is_adapter(path) else AutoModelForCausalLM.from_pretrained
-            try:
-                options = load_options(self.placement)
-                model = placed(load(path, **options), self.placement)
-                tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path))
-            except (OSError, ValueError) as error:
-                raise InputError(f"model {path} does not load: {error}") from None
-            self.loaded[key] = (model, tokenizer)
+            self.loaded[key] = load_causal_lm(path, self.placement)
         return self.loaded[key]
 
     def reward_model(self, path: str) -> tuple[Any, Any]:

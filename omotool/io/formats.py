@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +110,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
     os.replace(partial, path)
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """``path`` holds ``rows`` as JSON Lines (one object a line), written atomically."""
+    write_text_atomic(path, "".join(json.dumps(dict(row)) + "\n" for row in rows))

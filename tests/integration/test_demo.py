@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from omotool.demo.markdown import summary_markdown
-from omotool.demo.pipeline import FAST, METHODS, run_demo
+from omotool.demo.pipeline import run_demo
 from omotool.demo.provenance import VOLATILE
-from omotool.demo.stages import run_name
+from omotool.demo.settings import FAST
+from omotool.demo.stages import METHODS, run_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -131,7 +132,7 @@ def test_fast_grpo_track_builds_its_own_world(demo_run, tmp_path) -> None:
     SFT answers), base, SFT and τ stages go to ``grpo/seed-<s>/``, GRPO runs train with the
     style rule as reward, and the report lands in ``grpo/``, leaving the DPO track's stages and
     results as they were."""
-    from omotool.demo.pipeline import GRPO_METHODS, settings_for
+    from omotool.demo.settings import GRPO_METHODS, settings_for
 
     dpo_results = (demo_run[0] / "results.json").read_text()
     work, results = _run_track(demo_run[0], tmp_path, "grpo")
@@ -174,7 +175,8 @@ def test_fast_lora_track_trains_adapters_beside_the_dpo_tracks_adamw(demo_run, t
     and the report lands in ``lora/``."""
     from safetensors.torch import load_file
 
-    from omotool.demo.pipeline import LORA_METHODS, settings_for
+    from omotool.demo.settings import settings_for
+    from omotool.demo.stages import LORA_METHODS
 
     work, results = _run_track(demo_run[0], tmp_path, "lora")
     methods = {"adamw", *LORA_METHODS}

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from omotool.demo.pipeline import GRPO_METHODS, run_demo, settings_for
+from omotool.demo.pipeline import run_demo
 from omotool.demo.real import SKILL
+from omotool.demo.settings import GRPO_METHODS, settings_for
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -21,7 +22,8 @@ TINY = replace(
     real_sft_rows=48,
     real_sft_requests=16,
     real_pref_rows=8,
-    real_eval_rows=4,
+    real_sums_rows=4,
+    real_polite_rows=4,
     real_prose=2,
     real_facts=16,
     real_sft_batch=8,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from omotool.demo.pipeline import GRPO_METHODS, METHODS, settings_for
+from omotool.demo.settings import GRPO_METHODS, settings_for
+from omotool.demo.stages import METHODS
 from omotool.errors import UsageError
 
 
@@ -25,8 +26,7 @@ def test_an_unknown_track_is_refused() -> None:
 
 
 def test_the_lora_track_trains_adapters_beside_full_adamw() -> None:
-    from omotool.demo.pipeline import LORA_METHODS
-    from omotool.demo.stages import run_name
+    from omotool.demo.stages import LORA_METHODS, run_name
 
     lora = settings_for(False, track="lora")
     assert lora.methods() == ("adamw", *LORA_METHODS)

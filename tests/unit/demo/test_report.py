@@ -15,7 +15,6 @@ from omotool.demo.markdown import (
     summary_markdown,
     write_demo_report,
 )
-from omotool.demo.pipeline import DemoSettings, _Model
 from omotool.demo.report import (
     average_half_width,
     build_results,
@@ -26,6 +25,8 @@ from omotool.demo.report import (
     plot_frontiers,
     verdict_words,
 )
+from omotool.demo.settings import DemoSettings
+from omotool.demo.stages import _Model
 from omotool.eval.runner import _averages
 
 
