@@ -36,7 +36,9 @@ in ``lora/`` of the work dir.
 
 The ``real`` track asks the dpo track's question of a real pretrained model (SmolLM2-135M-
 Instruct, ``make real-model``) on a skill it lacks: its stages are ``omotool.demo.real``'s,
-under ``real/seed-<s>/``; it reuses this module's stage runner, grids, merges and evaluations.
+under ``real/seed-<s>/``; it shares the stage runner, grids, merges and evaluations of
+``omotool.demo.stages`` with the other tracks; ``omotool.demo.settings`` holds every track's
+sizes and grids.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The demo's settings per track."""
+"""The demo's settings per track (``omotool.demo.settings``)."""
 
 from __future__ import annotations
 
